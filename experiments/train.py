@@ -1,0 +1,37 @@
+"""Trains one model from a config and prints its test metrics (the entry point for single runs).
+
+  python experiments/train.py --config=configs/scenes.py --workdir=runs/scenes
+  python experiments/train.py --config=configs/scenes.py:task=depth --workdir=runs/stl_depth
+Re-running the same command resumes from the workdir's latest checkpoint.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from mtl_jax import report  # noqa: E402
+from mtl_jax import train  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/scenes.py", "Experiment config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "runs/scenes", "Directory for checkpoints, metrics and results.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  try:
+    results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except train.NonFiniteLossError as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(3)
+  print(report.results_table(results))
+  print(f"Results written to {os.path.join(_WORKDIR.value, train.RESULTS_FILE)}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,1 @@
+"""Input data: procedural scenes (the embedded default), toy problems, TFDS pipelines, corruptions."""

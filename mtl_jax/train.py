@@ -1,0 +1,431 @@
+"""Training: the train state, one jit-compiled train step, evaluation, and the resumable loop.
+
+A step is a pure function of (state, batch): `batch -> model -> losses [B, T] -> weighting ->
+optax update`. Everything a resumed run needs is in the state (parameters, optimizer and
+weighting state, RNG, step; the data order is a function of seed and step) or in the small
+JSON progress record saved beside it, so re-running the same command after any interruption
+continues exactly where the last checkpoint left off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+from absl import logging
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from mtl_jax import checkpoint as checkpoint_lib
+from mtl_jax import metric_writers
+from mtl_jax import metrics as metrics_lib
+from mtl_jax import models as models_lib
+from mtl_jax import optim
+from mtl_jax import tasks as tasks_lib
+from mtl_jax import weighting as weighting_lib
+from mtl_jax.data import pipeline
+from mtl_jax.data import registry as data_registry
+
+RESULTS_FILE = "results.json"
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Training produced a non-finite loss or gradient; the message names the step and task."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training, as one pytree (checkpointed whole)."""
+
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  weighting_params: Any
+  weighting_state: Any
+  opt_state: Any
+  rng: jax.Array
+
+  @property
+  def trainable(self) -> dict[str, Any]:
+    """The pytree the optimizer updates: model parameters and weighting parameters."""
+    return {"model": self.params, "weighting": self.weighting_params}
+
+
+@dataclasses.dataclass
+class Experiment:
+  """The static pieces of a run, built once from the config."""
+
+  config: ml_collections.ConfigDict
+  dataset: data_registry.Dataset
+  tasks: list[tasks_lib.Task]
+  model: models_lib.MultiTaskModel
+  weighting: weighting_lib.Weighting
+  optimizer: optax.GradientTransformation
+  steps_per_epoch: int
+  total_steps: int
+
+  @property
+  def task_names(self) -> list[str]:
+    return [task.name for task in self.tasks]
+
+  @property
+  def input_shape(self) -> tuple[int, ...]:
+    example = self.dataset.splits["train"].batch(np.arange(1))["image"]
+    return tuple(example.shape[1:])
+
+
+def build_experiment(config: ml_collections.ConfigDict, dataset: data_registry.Dataset | None = None) -> Experiment:
+  """Builds dataset, tasks, model, weighting and optimizer from a config.
+
+  Args:
+    config: an experiment config (see configs/base.py).
+    dataset: an already loaded dataset to reuse (sweeps load it once).
+
+  Raises:
+    ValueError: for unknown names (listing the valid ones) or inconsistent settings.
+  """
+  optim.check_optimizer_name(config.optimizer.name)
+  weighting = weighting_lib.get_weighting(config.method.name, config.method)
+  if dataset is None:
+    dataset = data_registry.load_dataset(config.dataset)
+  tasks = dataset.select_tasks(list(config.tasks))
+  head_specs = {task.name: models_lib.HeadSpec(output_channels=task.output_channels, dense=task.dense) for task in tasks}
+  model = models_lib.build_model(config.model, head_specs)
+  batch_size = int(config.training.batch_size)
+  per_epoch = pipeline.steps_per_epoch(len(dataset.splits["train"]), batch_size)
+  total_steps = int(config.training.num_epochs) * per_epoch
+  if total_steps <= 0:
+    raise ValueError(f"config.training.num_epochs must be positive, got {config.training.num_epochs}.")
+  optimizer = optim.make_optimizer(config.optimizer, per_epoch)
+  return Experiment(config, dataset, tasks, model, weighting, optimizer, per_epoch, total_steps)
+
+
+def init_state(experiment: Experiment, seed: int) -> TrainState:
+  """Initial train state: model and weighting parameters, optimizer state, RNG."""
+  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed))
+  variables = models_lib.init_model(experiment.model, init_rng, (1, *experiment.input_shape))
+  weighting_params, weighting_state = experiment.weighting.init(len(experiment.tasks))
+  trainable = {"model": variables["params"], "weighting": weighting_params}
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=variables["params"],
+      batch_stats=variables.get("batch_stats", {}),
+      weighting_params=weighting_params,
+      weighting_state=weighting_state,
+      opt_state=experiment.optimizer.init(trainable),
+      rng=train_rng,
+  )
+
+
+def apply_model(model, params, batch_stats, images, train: bool):
+  """Runs the model; returns (predictions, new batch_stats)."""
+  variables = {"params": params}
+  if batch_stats:
+    variables["batch_stats"] = batch_stats
+    if train:
+      predictions, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
+      return predictions, updates["batch_stats"]
+  return model.apply(variables, images, train=train), batch_stats
+
+
+def make_train_step(
+    model: models_lib.MultiTaskModel,
+    tasks: Sequence[tasks_lib.Task],
+    weighting: weighting_lib.Weighting,
+    optimizer: optax.GradientTransformation,
+) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
+  """Returns the pure train step `(state, batch) -> (new state, metrics)`; jit it at the call site.
+
+  The metrics hold the total loss, per-task batch-mean losses [T] and the global gradient norm,
+  which the loop uses to stop on non-finite values before anything is saved.
+  """
+  if weighting.kind != "loss":
+    raise ValueError(
+        f"Method {weighting.name!r} is a {weighting.kind}-based weighting, which this train step does not "
+        "support; use a loss-based method."
+    )
+
+  def loss_fn(trainable, state: TrainState, batch, rng):
+    predictions, batch_stats = apply_model(model, trainable["model"], state.batch_stats, batch["image"], train=True)
+    task_losses = jnp.mean(tasks_lib.losses_matrix(tasks, predictions, batch), axis=0)
+    total, weighting_state, aux = weighting.combine(
+        task_losses, trainable["weighting"], state.weighting_state, rng, state.step
+    )
+    return total, (task_losses, batch_stats, weighting_state, aux)
+
+  def train_step(state: TrainState, batch):
+    rng, step_rng = jax.random.split(state.rng)
+    gradient_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (total, (task_losses, batch_stats, weighting_state, aux)), grads = gradient_fn(
+        state.trainable, state, batch, step_rng
+    )
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+    trainable = optax.apply_updates(state.trainable, updates)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=trainable["model"],
+        batch_stats=batch_stats,
+        weighting_params=trainable["weighting"],
+        weighting_state=weighting_state,
+        opt_state=opt_state,
+        rng=rng,
+    )
+    step_metrics = {"loss": total, "task_losses": task_losses, "grad_norm": optax.global_norm(grads)}
+    if "weights" in aux:
+      step_metrics["task_weights"] = aux["weights"]
+    return new_state, step_metrics
+
+  return train_step
+
+
+def make_eval_step(model: models_lib.MultiTaskModel, tasks: Sequence[tasks_lib.Task]):
+  """Returns `(params, batch_stats, batch, mask) -> statistics`, additive across batches."""
+
+  def eval_step(params, batch_stats, batch, mask):
+    predictions, _ = apply_model(model, params, batch_stats, batch["image"], train=False)
+    losses = tasks_lib.losses_matrix(tasks, predictions, batch)
+    weights = mask.astype(jnp.float32)
+    statistics = {}
+    for index, task in enumerate(tasks):
+      task_statistics = dict(task.metric_statistics(predictions[task.name], batch, mask))
+      task_statistics["loss_sum"] = jnp.sum(losses[:, index] * weights)
+      statistics[task.name] = task_statistics
+    statistics["_count"] = jnp.sum(weights)
+    return statistics
+
+  return eval_step
+
+
+class Evaluator:
+  """Evaluates a state on a split: flat 'task/metric' values plus 'task/loss'."""
+
+  def __init__(self, experiment: Experiment):
+    self.experiment = experiment
+    self._eval_step = jax.jit(make_eval_step(experiment.model, experiment.tasks))
+
+  def __call__(self, state: TrainState, split: str) -> dict[str, float]:
+    source = self.experiment.dataset.splits[split]
+    batch_size = int(self.experiment.config.training.eval_batch_size)
+    totals = None
+    for batch, mask in pipeline.eval_batches(source, batch_size):
+      statistics = jax.device_get(self._eval_step(state.params, state.batch_stats, batch, mask))
+      totals = statistics if totals is None else jax.tree_util.tree_map(np.add, totals, statistics)
+    count = float(totals.pop("_count"))
+    flat = tasks_lib.compute_metrics(
+        self.experiment.tasks,
+        {name: {key: value for key, value in stats.items() if key != "loss_sum"} for name, stats in totals.items()},
+    )
+    for name, stats in totals.items():
+      flat[f"{name}/loss"] = float(stats["loss_sum"]) / count
+    return flat
+
+
+def selection_score(
+    experiment: Experiment, validation: Mapping[str, float], baseline: Mapping[str, float] | None
+) -> tuple[str, float]:
+  """The validation score that picks the best checkpoint (lower is better).
+
+  Multi-task runs with an STL baseline use Δm; otherwise (STL runs, or no baseline given) the
+  sum of validation task losses.
+  """
+  if baseline and len(experiment.tasks) > 1:
+    directions = tasks_lib.flat_directions(experiment.tasks)
+    value = metrics_lib.delta_m(validation, baseline, directions, variant=experiment.config.delta_m.variant)
+    return "validation_delta_m", value
+  return "validation_loss", float(sum(validation[f"{name}/loss"] for name in experiment.task_names))
+
+
+def _load_baselines(config: ml_collections.ConfigDict) -> tuple[dict | None, dict | None]:
+  paths = list(config.delta_m.baseline)
+  if not paths:
+    return None, None
+  return metrics_lib.load_baseline(paths, split="validation"), metrics_lib.load_baseline(paths, split="test")
+
+
+def _check_finite(step: int, step_metrics: Mapping[str, np.ndarray], task_names: Sequence[str], where: str) -> None:
+  task_losses = np.asarray(step_metrics["task_losses"])
+  bad_tasks = [name for name, value in zip(task_names, task_losses) if not np.isfinite(value)]
+  if bad_tasks:
+    values = ", ".join(f"{name}={task_losses[task_names.index(name)]}" for name in bad_tasks)
+    raise NonFiniteLossError(f"Non-finite loss at step {step} in task(s) {', '.join(bad_tasks)} ({values}). {where}")
+  for key in ("loss", "grad_norm"):
+    if not np.isfinite(np.asarray(step_metrics[key])):
+      raise NonFiniteLossError(
+          f"Non-finite {key} at step {step} (task losses finite: "
+          f"{dict(zip(task_names, task_losses.tolist()))}). {where}"
+      )
+
+
+def config_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The settings a checkpoint must agree with to be resumed (JSON-able)."""
+  return json.loads(json.dumps({
+      "dataset": config.dataset.name,
+      "tasks": list(config.tasks),
+      "model": config.model.to_dict(),
+      "method": config.method.name,
+      "optimizer": config.optimizer.name,
+  }, default=str))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset: data_registry.Dataset | None = None) -> dict:
+  """Trains a model from config, keeping the best validation state, and writes test results.
+
+  Re-running with the same workdir resumes from the latest checkpoint; a finished run only
+  re-reads its results.
+
+  Args:
+    config: an experiment config.
+    workdir: the run directory (checkpoints, metrics.jsonl, tensorboard/, results.json).
+    dataset: an already loaded dataset to reuse.
+
+  Returns:
+    The results dict also written to `workdir/results.json`.
+  """
+  results_path = os.path.join(workdir, RESULTS_FILE)
+  if os.path.exists(results_path):
+    with open(results_path) as file:
+      results = json.load(file)
+    if results.get("fingerprint") == config_fingerprint(config):
+      metric_writers.status(f"{workdir}: finished run found, reusing {RESULTS_FILE}.")
+      return results
+    raise ValueError(f"{results_path} belongs to a different config ({results.get('fingerprint')}); "
+                     "use another --workdir.")
+  experiment = build_experiment(config, dataset)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as file:
+    file.write(config.to_json_best_effort(indent=2))
+  baseline_validation, baseline_test = _load_baselines(config)
+  training = config.training
+  writer = metric_writers.MetricWriter(workdir, console=False)
+  checkpointer = checkpoint_lib.Checkpointer(workdir, asynchronous=bool(training.get("async_checkpoints", True)))
+  evaluator = Evaluator(experiment)
+  train_step = jax.jit(make_train_step(experiment.model, experiment.tasks, experiment.weighting, experiment.optimizer))
+
+  state = init_state(experiment, int(config.seed))
+  fingerprint = config_fingerprint(config)
+  progress: dict[str, Any] = {"best_score": None, "best_step": None, "history": [], "evals_since_best": 0,
+                              "fingerprint": fingerprint, "skipped_steps": 0}
+  restored = checkpointer.restore(state)
+  if restored is not None:
+    state, progress = restored
+    if progress.get("fingerprint") != fingerprint:
+      raise ValueError(f"The checkpoint in {workdir} was written by a different config: "
+                       f"{progress.get('fingerprint')} != {fingerprint}. Use another --workdir.")
+    metric_writers.status(f"Resuming from step {int(state.step)} in {workdir}.")
+
+  task_names = experiment.task_names
+  per_epoch = experiment.steps_per_epoch
+  eval_every = max(1, int(training.eval_every_epochs)) * per_epoch
+  log_every = max(1, int(training.log_every_steps))
+  checkpoint_every = int(training.checkpoint_every_steps)
+  patience = int(training.get("early_stopping_patience", 0))
+  skip_non_finite = training.get("on_non_finite", "stop") == "skip"
+  label = f"[{config.method.name}/{config.optimizer.name} lr={config.optimizer.learning_rate:g} seed={config.seed}] "
+  report = metric_writers.ProgressReport(experiment.total_steps, int(state.step), label)
+  metric_writers.status(
+      f"{label}training {experiment.model.encoder.__class__.__name__} on {config.dataset.name} tasks {task_names}: "
+      f"{experiment.total_steps} steps ({config.training.num_epochs} epochs x {per_epoch}), workdir {workdir}"
+  )
+  interval_sums: dict[str, np.ndarray] = {}
+  interval_count = 0
+  stopped_early = bool(progress.get("stopped_early", False))
+
+  def save_latest(step: int):
+    checkpointer.save(step, state, progress)
+
+  start = int(state.step)
+  batches = pipeline.train_batches(experiment.dataset.splits["train"], int(training.batch_size), int(config.seed),
+                                   start, experiment.total_steps, experiment.dataset.augment)
+  last_saved = checkpointer.latest_step()
+  for step, batch in batches:
+    if stopped_early:
+      break
+    new_state, step_metrics = train_step(state, batch)
+    step_metrics = jax.device_get(step_metrics)
+    try:
+      _check_finite(step, step_metrics, task_names,
+                    f"Training stopped; the last good checkpoint (step {last_saved}) in {workdir} is intact.")
+    except NonFiniteLossError as error:
+      if not skip_non_finite:
+        checkpointer.wait_until_finished()
+        writer.close()
+        raise
+      logging.warning("Skipping step: %s", error)
+      progress["skipped_steps"] = int(progress.get("skipped_steps", 0)) + 1
+      # The step is dropped but the data position still advances.
+      state = state.replace(step=state.step + 1, rng=new_state.rng)
+      continue
+    state = new_state
+    for key in ("loss", "grad_norm"):
+      interval_sums[key] = interval_sums.get(key, 0.0) + step_metrics[key]
+    interval_sums["task_losses"] = interval_sums.get("task_losses", 0.0) + step_metrics["task_losses"]
+    interval_count += 1
+    done = step + 1
+    if done % log_every == 0 or done == experiment.total_steps:
+      scalars = {"train/loss": interval_sums["loss"] / interval_count,
+                 "train/grad_norm": interval_sums["grad_norm"] / interval_count}
+      for name, value in zip(task_names, interval_sums["task_losses"] / interval_count):
+        scalars[f"train/{name}_loss"] = value
+      speed = report(done)
+      scalars.update({f"progress/{key}": value for key, value in speed.items()})
+      writer.write_scalars(done, scalars)
+      metric_writers.status(report.line(done, speed) + f"  loss {scalars['train/loss']:.4f}")
+      interval_sums, interval_count = {}, 0
+    if done % eval_every == 0 or done == experiment.total_steps:
+      validation = evaluator(state, "validation")
+      criterion, score = selection_score(experiment, validation, baseline_validation)
+      writer.write_scalars(done, {**{f"validation/{k}": v for k, v in validation.items()}, criterion: score})
+      improved = progress["best_score"] is None or score < progress["best_score"]
+      progress["history"].append({"step": done, criterion: score})
+      if improved:
+        progress.update(best_score=score, best_step=done, evals_since_best=0, criterion=criterion)
+        checkpointer.save(done, state, progress, best=True)
+      else:
+        progress["evals_since_best"] += 1
+      metric_writers.status(f"{label}epoch {done // per_epoch}: {criterion} {score:.4f}"
+                            f"{'  (best)' if improved else ''}")
+      if patience and progress["evals_since_best"] >= patience:
+        progress["stopped_early"] = stopped_early = True
+        metric_writers.status(f"{label}early stopping at step {done}: no improvement in {patience} evaluations.")
+      save_latest(done)
+      last_saved = done
+    elif checkpoint_every and done % checkpoint_every == 0:
+      save_latest(done)
+      last_saved = done
+
+  checkpointer.wait_until_finished()
+  best = checkpointer.restore(state, best=True)
+  best_state = best[0] if best is not None else state
+  results = {
+      "fingerprint": fingerprint,
+      "tasks": task_names,
+      "directions": tasks_lib.flat_directions(experiment.tasks),
+      "best_step": progress.get("best_step"),
+      "selection": {"criterion": progress.get("criterion"), "score": progress.get("best_score")},
+      "skipped_steps": progress.get("skipped_steps", 0),
+      "validation": evaluator(best_state, "validation"),
+      "test": evaluator(best_state, "test"),
+      "config": json.loads(config.to_json_best_effort()),
+  }
+  if baseline_test and len(task_names) > 1:
+    directions = results["directions"]
+    variant = config.delta_m.variant
+    results["delta_m"] = {
+        "test": metrics_lib.delta_m(results["test"], baseline_test, directions, variant=variant),
+        "validation": metrics_lib.delta_m(results["validation"], baseline_validation, directions, variant=variant),
+        "variant": variant,
+    }
+  writer.write_scalars(experiment.total_steps, {f"test/{k}": v for k, v in results["test"].items()})
+  writer.close()
+  checkpointer.close()
+  temporary = results_path + ".tmp"
+  with open(temporary, "w") as file:
+    json.dump(results, file, indent=2)
+  os.replace(temporary, results_path)
+  return results
