@@ -33,8 +33,8 @@ def get_config(argument: str | None = None) -> ml_collections.ConfigDict:
       # Stands for eps -> 0 (exactly 0 would make 0/0 on frozen or untouched parameters).
       tiny_eps=1e-30,
       # float64: 'equal' means below equal_tolerance, 'differ' means above differ_threshold.
-      equal_tolerance=1e-9,
-      differ_threshold=1e-7,
+      equal_tolerance=1e-8,
+      differ_threshold=1e-6,
   ))
   config.app_a2 = ml_collections.ConfigDict(dict(
       seed=0,
@@ -63,5 +63,7 @@ def get_config(argument: str | None = None) -> ml_collections.ConfigDict:
       tolerance=1e-4,
       # Methods to classify; empty = every registered method.
       methods=(),
+      # Also classify one Adam per task (not a registry method; costs one more compile).
+      include_per_task_adam=True,
   ))
   return config

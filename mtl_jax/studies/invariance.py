@@ -33,8 +33,9 @@ import optax
 from mtl_jax import optim
 
 GROUPS = ("backbone", "head_0", "head_1")
-OPTIMIZERS = ("sgd", "adam", "per_task_adam")
-WEIGHTINGS = ("ew", "uw_o")
+# 'switch' chooses by traced flags (use_adam, use_uw_o), so one compiled program covers them all.
+OPTIMIZERS = ("sgd", "adam", "per_task_adam", "switch")
+WEIGHTINGS = ("ew", "uw_o", "switch")
 
 
 class TinyMultiTask(nn.Module):
@@ -95,7 +96,9 @@ class Recipe:
 
 
 def make_simulator(model: TinyMultiTask, recipe: Recipe, targets_scale: Sequence[float]):
-  """Returns `simulate(params, inputs [K, B, 1], alphas [T], train_backbone, lr, eps) -> records`.
+  """Returns `simulate(params, inputs [K, B, 1], alphas [T], train_backbone, lr, eps, use_adam=0,
+  use_uw_o=0) -> records`; the two flags matter only for the 'switch' optimizer / weighting
+  (SGD without momentum vs Adam; EW vs UW-O).
 
   The objective of task t is alpha_t L_t (EW) or alpha_t L_t / (sg[alpha_t L_t] + epsilon)
   (UW-O), with L_t the L1 loss against the target scale_t x. Per-task gradients come from one
@@ -117,13 +120,16 @@ def make_simulator(model: TinyMultiTask, recipe: Recipe, targets_scale: Sequence
     predictions = model.apply({"params": params}, inputs)
     return jnp.mean(jnp.abs(predictions - inputs * scales), axis=0)
 
-  def objectives(params, inputs, alphas):
+  def objectives(params, inputs, alphas, use_uw_o):
     scaled = alphas * task_losses(params, inputs)
+    normalised = scaled / (jax.lax.stop_gradient(scaled) + recipe.uw_o_epsilon)
     if recipe.weighting == "uw_o":
-      return scaled / (jax.lax.stop_gradient(scaled) + recipe.uw_o_epsilon)
+      return normalised
+    if recipe.weighting == "switch":
+      return jnp.where(use_uw_o > 0, normalised, scaled)
     return scaled
 
-  def simulate(params, inputs, alphas, train_backbone, learning_rate, eps):
+  def simulate(params, inputs, alphas, train_backbone, learning_rate, eps, use_adam=0.0, use_uw_o=0.0):
     def mask(tree):
       return {name: jax.tree_util.tree_map(lambda leaf: jnp.where(train_backbone > 0, leaf, jnp.zeros_like(leaf))
                                            if name.startswith("backbone") else leaf, layer)
@@ -131,7 +137,7 @@ def make_simulator(model: TinyMultiTask, recipe: Recipe, targets_scale: Sequence
 
     if recipe.optimizer == "per_task_adam":
       optimizer = optim.scale_by_per_task_adam(num_tasks, recipe.b1, recipe.b2, eps)
-    elif recipe.optimizer == "adam":
+    elif recipe.optimizer in ("adam", "switch"):
       optimizer = optax.scale_by_adam(recipe.b1, recipe.b2, eps)
     else:
       optimizer = optax.trace(recipe.momentum) if recipe.momentum else optax.identity()
@@ -139,11 +145,13 @@ def make_simulator(model: TinyMultiTask, recipe: Recipe, targets_scale: Sequence
     def step(carry, batch):
       params, opt_state = carry
       losses = task_losses(params, batch)
-      per_task = jax.jacrev(objectives)(params, batch, alphas)  # leaves [T, ...]
+      per_task = jax.jacrev(objectives)(params, batch, alphas, use_uw_o)  # leaves [T, ...]
       per_task = jax.vmap(mask)(per_task)
       total = jax.tree_util.tree_map(lambda leaf: jnp.sum(leaf, axis=0), per_task)
       direction, opt_state = optimizer.update(per_task if recipe.optimizer == "per_task_adam" else total,
                                               opt_state, params)
+      if recipe.optimizer == "switch":
+        direction = jax.tree_util.tree_map(lambda a, g: jnp.where(use_adam > 0, a, g), direction, total)
       updates = mask(jax.tree_util.tree_map(lambda leaf: -learning_rate * leaf, direction))
       params = optax.apply_updates(params, updates)
       record = {"loss": losses, "scaled_loss": alphas * losses, "grad_norm": _group_norms(total),
@@ -189,16 +197,37 @@ def run_invariance_check(config: ml_collections.ConfigDict) -> dict:
     scales = tuple(config.targets_scale)
     initial = jax.device_get(_group_vectors(params))
 
-    def runs(recipe, settings):
-      """settings: list of (alphas, train_backbone, lr, eps) -> list of records (numpy)."""
-      simulate = make_simulator(model, dataclasses.replace(recipe, record_params=True), scales)
-      stacked = [jnp.stack([jnp.asarray(s[i], jnp.float64) for s in settings]) for i in range(4)]
-      batched = jax.jit(jax.vmap(simulate, in_axes=(None, None, 0, 0, 0, 0)))
-      records = jax.device_get(batched(params, inputs, *stacked))
-      return [jax.tree_util.tree_map(lambda leaf, i=i: leaf[i], records) for i in range(len(settings))]
+    # Every run is declared first and then executed in two compiled programs: the SGD/Adam x
+    # EW/UW-O family (flags traced) and one Adam per task.
+    declared: list[tuple] = []
 
-    def displacement(record, group):
-      return record["params"][group] - initial[group][None]
+    def declare(alphas_, train, lr_, eps_, use_adam=0.0, use_uw_o=0.0, per_task=False):
+      declared.append((per_task, (alphas_, train, lr_, eps_, use_adam, use_uw_o)))
+      return len(declared) - 1
+
+    sgd_scaled, sgd_unscaled = declare(alphas, 0.0, lr, eps), declare(ones, 0.0, lr, eps)
+    sgd_per_lr = [declare(ones, 0.0, lr * float(a), eps) for a in check.alphas]
+    adam_tiny = declare(alphas, 0.0, lr, tiny, 1.0), declare(ones, 0.0, lr, tiny, 1.0)
+    adam_eps = declare(alphas, 0.0, lr, eps, 1.0), declare(ones, 0.0, lr, eps, 1.0)
+    adam_effective = [declare(ones, 0.0, lr, eps / float(a), 1.0) for a in check.alphas]
+    adam_trainable = declare(alphas, 1.0, lr, tiny, 1.0), declare(ones, 1.0, lr, tiny, 1.0)
+    uw_o_sgd = declare(alphas, 1.0, lr, eps, 0.0, 1.0), declare(ones, 1.0, lr, eps, 0.0, 1.0)
+    uw_o_adam = declare(alphas, 1.0, lr, eps, 1.0, 1.0), declare(ones, 1.0, lr, eps, 1.0, 1.0)
+    per_task_runs = (declare(alphas, 1.0, lr, tiny, per_task=True), declare(ones, 1.0, lr, tiny, per_task=True))
+
+    done: dict[int, Any] = {}
+    families = [(False, Recipe("switch", "switch", uw_o_epsilon=0.0)), (True, Recipe("per_task_adam"))]
+    for per_task, recipe in families:
+      indices = [index for index, (kind, _) in enumerate(declared) if kind == per_task]
+      simulate = make_simulator(model, dataclasses.replace(recipe, record_params=True), scales)
+      stacked = [jnp.stack([jnp.asarray(declared[index][1][k], jnp.float64) for index in indices]) for k in range(6)]
+      batched = jax.jit(jax.vmap(simulate, in_axes=(None, None, 0, 0, 0, 0, 0, 0)))
+      records = jax.device_get(batched(params, inputs, *stacked))
+      for position, index in enumerate(indices):
+        done[index] = jax.tree_util.tree_map(lambda leaf, p=position: leaf[p], records)
+
+    def displacement(index, group):
+      return done[index]["params"][group] - initial[group][None]
 
     def add(setting, group, compared, predicted, a, b, reference):
       value = _relative(a, b, reference)
@@ -207,47 +236,33 @@ def run_invariance_check(config: ml_collections.ConfigDict) -> dict:
       rows.append(dict(setting=setting, group=group, compared=compared, predicted=predicted,
                        relative_difference=value, ok=bool(ok)))
 
+    def compare(setting, group, compared, predicted, a, b):
+      add(setting, group, compared, predicted, displacement(a, group), displacement(b, group), displacement(b, group))
+
     heads = [group for group in GROUPS if group.startswith("head")]
+    same = "trajectory(alpha) vs trajectory(1)"
     # SGD with a frozen backbone: weights are per-task learning rates.
-    sgd = Recipe("sgd", momentum=float(check.sgd_momentum))
-    settings = [(alphas, 0.0, lr, eps), (ones, 0.0, lr, eps)] + [(ones, 0.0, lr * float(a), eps) for a in check.alphas]
-    scaled, unscaled, *per_lr = runs(sgd, settings)
     for t, head in enumerate(heads):
-      first_scaled = displacement(scaled, head)[:1]
-      first_unscaled = float(check.alphas[t]) * displacement(unscaled, head)[:1]
+      first_unscaled = float(check.alphas[t]) * displacement(sgd_unscaled, head)[:1]
       add("SGD, frozen backbone", head, "first update(alpha) vs alpha * first update(1)", "equal",
-          first_scaled, first_unscaled, first_unscaled)
-      add("SGD, frozen backbone", head, "trajectory(alpha, lr) vs trajectory(1, alpha_t lr)", "equal",
-          displacement(scaled, head), displacement(per_lr[t], head), displacement(per_lr[t], head))
-      add("SGD, frozen backbone", head, "trajectory(alpha) vs trajectory(1)", "differ",
-          displacement(scaled, head), displacement(unscaled, head), displacement(unscaled, head))
+          displacement(sgd_scaled, head)[:1], first_unscaled, first_unscaled)
+      compare("SGD, frozen backbone", head, "trajectory(alpha, lr) vs trajectory(1, alpha_t lr)", "equal",
+              sgd_scaled, sgd_per_lr[t])
+      compare("SGD, frozen backbone", head, same, "differ", sgd_scaled, sgd_unscaled)
     # Adam with a frozen backbone: the scale cancels except through eps (effective eps / alpha_t).
-    adam = Recipe("adam")
-    settings = [(alphas, 0.0, lr, tiny), (ones, 0.0, lr, tiny), (alphas, 0.0, lr, eps), (ones, 0.0, lr, eps)]
-    settings += [(ones, 0.0, lr, eps / float(a)) for a in check.alphas]
-    scaled_tiny, unscaled_tiny, scaled_eps, unscaled_eps, *effective = runs(adam, settings)
     for t, head in enumerate(heads):
-      add(f"Adam, frozen backbone, eps={tiny:g}", head, "trajectory(alpha) vs trajectory(1)", "equal",
-          displacement(scaled_tiny, head), displacement(unscaled_tiny, head), displacement(unscaled_tiny, head))
-      add(f"Adam, frozen backbone, eps={eps:g}", head, "trajectory(alpha) vs trajectory(1)", "differ",
-          displacement(scaled_eps, head), displacement(unscaled_eps, head), displacement(unscaled_eps, head))
-      add(f"Adam, frozen backbone, eps={eps:g}", head, "trajectory(alpha, eps) vs trajectory(1, eps/alpha_t)",
-          "equal", displacement(scaled_eps, head), displacement(effective[t], head),
-          displacement(effective[t], head))
+      compare(f"Adam, frozen backbone, eps={tiny:g}", head, same, "equal", *adam_tiny)
+      compare(f"Adam, frozen backbone, eps={eps:g}", head, same, "differ", *adam_eps)
+      compare(f"Adam, frozen backbone, eps={eps:g}", head, "trajectory(alpha, eps) vs trajectory(1, eps/alpha_t)",
+              "equal", adam_eps[0], adam_effective[t])
     # Adam with a trainable backbone: nothing cancels.
-    scaled, unscaled = runs(adam, [(alphas, 1.0, lr, tiny), (ones, 1.0, lr, tiny)])
     for group in GROUPS:
-      add(f"Adam, trainable backbone, eps={tiny:g}", group, "trajectory(alpha) vs trajectory(1)", "differ",
-          displacement(scaled, group), displacement(unscaled, group), displacement(unscaled, group))
+      compare(f"Adam, trainable backbone, eps={tiny:g}", group, same, "differ", *adam_trainable)
     # Fully invariant recipes: UW-O (with SGD and with Adam) and one Adam per task.
-    full = [(Recipe("sgd", "uw_o", momentum=float(check.sgd_momentum), uw_o_epsilon=0.0), "UW-O + SGD", eps),
-            (Recipe("adam", "uw_o", uw_o_epsilon=0.0), "UW-O + Adam", eps),
-            (Recipe("per_task_adam"), f"EW + per-task Adam, eps={tiny:g}", tiny)]
-    for recipe, label, recipe_eps in full:
-      scaled, unscaled = runs(recipe, [(alphas, 1.0, lr, recipe_eps), (ones, 1.0, lr, recipe_eps)])
+    for label, pair in (("UW-O + SGD", uw_o_sgd), ("UW-O + Adam", uw_o_adam),
+                        (f"EW + per-task Adam, eps={tiny:g}", per_task_runs)):
       for group in GROUPS:
-        add(f"{label}, trainable backbone", group, "trajectory(alpha) vs trajectory(1)", "equal",
-            displacement(scaled, group), displacement(unscaled, group), displacement(unscaled, group))
+        compare(f"{label}, trainable backbone", group, same, "equal", *pair)
   header = ("| setting | group | compared | predicted | max relative difference | ok |\n"
             "|---|---|---|---|---|---|")
   lines = [header] + [f"| {r['setting']} | {r['group']} | {r['compared']} | {r['predicted']} | "
@@ -404,7 +419,7 @@ def classify_methods(config: ml_collections.ConfigDict, train_config: ml_collect
                                   if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf, tree)
 
   rows, skipped = [], {}
-  candidates = names + ["per_task_adam"]
+  candidates = names + (["per_task_adam"] if settings.include_per_task_adam else [])
   x64 = jax.enable_x64(True)
   x64.__enter__()
   # float64 throughout: in float32, Adam blows the rounding noise of near-zero gradient
