@@ -85,4 +85,14 @@ def get_config() -> ml_collections.ConfigDict:
       probe_learning_rate=0.05,
       figure_path="",  # '' = <workdir>/corruptions.png
   ))
+  # The optimizer x method study (mtl_jax/sweep.py, experiments/sweep.py): the grid, and whether
+  # runs differing only in seed/lr train as one vmapped program (mtl_jax/multirun.py).
+  config.sweep = ml_collections.ConfigDict(dict(
+      methods=("ew", "uw", "rlw", "uw_o"),
+      optimizers=("adam", "sgd"),
+      lr_grid=(0.05, 0.005, 0.0005),
+      stl_lr_grid=(0.005, 0.0005),
+      seeds=(0, 1),
+      vmap=True,
+  ))
   return config
