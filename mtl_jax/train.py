@@ -474,7 +474,8 @@ def _train_and_evaluate(config, workdir, dataset, guard: preemption_lib.Preempti
 
     try:
       _check_finite(step, step_metrics, task_names,
-                    f"Training stopped; the last good checkpoint (step {last_saved}) in {workdir} is intact.",
+                    f"Training stopped; the last good checkpoint (step {last_saved}) in {workdir} is intact."
+                    if last_saved is not None else "Training stopped; no checkpoint had been written yet.",
                     locate_gradients)
     except NonFiniteLossError as error:
       if not skip_non_finite:
