@@ -16,6 +16,7 @@ import pytest
 
 from configs import test as test_config
 from mtl_jax import checkpoint as checkpoint_lib
+from mtl_jax import compilation_cache
 from mtl_jax import preemption
 from mtl_jax import train
 from mtl_jax.data import pipeline
@@ -23,17 +24,16 @@ from mtl_jax.data import registry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The fault tests train the same small model many times, in this process and in subprocesses;
-# a shared persistent compilation cache makes every run after the first skip XLA compilation.
-COMPILATION_CACHE = os.path.join(tempfile.gettempdir(), f"mtl_jax_test_compilation_cache_{os.getuid()}")
-jax.config.update("jax_compilation_cache_dir", COMPILATION_CACHE)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+# the persistent compilation cache (shared through its environment variable) makes every run
+# after the first skip XLA compilation.
+COMPILATION_CACHE = compilation_cache.enable()
 
 
 def subprocess_environment(**extra):
   """The environment for a training subprocess, sharing the compilation cache."""
-  return {**os.environ, "JAX_COMPILATION_CACHE_DIR": COMPILATION_CACHE,
-          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0", **extra}
+  return {**os.environ, compilation_cache.ENVIRONMENT_VARIABLE: COMPILATION_CACHE or "", **extra}
+
+
 EPOCHS = 6
 # The in-process preempted run stops here (mid-epoch: steps_per_epoch is 4).
 STOP_STEP = 10
