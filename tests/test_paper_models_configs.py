@@ -79,6 +79,11 @@ def test_deeplabv3_resnet50_full_size_parameter_count():
     expected = 2048 * 256 * (1 + 27 + 1) + 5 * 256 * 256 + 256 * 256 * 9 + 256 * channels + channels
     expected += 2 * 256 * 7  # Norm scales and biases of the 7 conv-norm-ReLU layers.
     assert models.count_parameters(heads[task]) == expected
+  # Every parameter lives in a layers.Conv or layers.Affine (what the Gramian engine captures).
+  for path, _ in jax.tree_util.tree_flatten_with_path(shapes["params"])[0]:
+    assert path[-1].key in ("kernel", "bias", "scale") and (path[-2].key.endswith("_conv")
+                                                           or path[-2].key.startswith("Affine")
+                                                           or path[-2].key == "conv_output"), path
   predictions = jax.eval_shape(lambda variables: model.apply(variables, jnp.zeros((2, 128, 256, 3)), train=False),
                                shapes)
   assert predictions["segmentation"].shape == (2, 128, 256, 7) and predictions["depth"].shape == (2, 128, 256, 1)
