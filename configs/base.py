@@ -19,6 +19,12 @@ def get_config() -> ml_collections.ConfigDict:
       seed=0,
       max_objects=5,
       data_dir="",
+      # TFDS datasets (celeb_a, cityscapes, nyuv2): validation hold-out from 'train'
+      # (-1 = the dataset's default: 595 Cityscapes, 159 NYUv2), its seed, and augmentation.
+      validation_size=-1,
+      validation_seed=0,
+      augment=True,
+      scales=(1.0, 1.2, 1.5),
   ))
   config.tasks = ("segmentation", "depth", "normals")
   config.model = ml_collections.ConfigDict(dict(
@@ -30,6 +36,8 @@ def get_config() -> ml_collections.ConfigDict:
       head_hidden_channels=16,
       head_hidden=(),
       resnet_stem="cifar",
+      # A local .npz / .msgpack of encoder variables to start from ('' = random init).
+      pretrained_backbone="",
   ))
   config.method = ml_collections.ConfigDict(dict(
       name="ew",

@@ -121,6 +121,8 @@ def init_state(experiment: Experiment, seed: int) -> TrainState:
   """Initial train state: model and weighting parameters, optimizer state, RNG."""
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed))
   variables = models_lib.init_model(experiment.model, init_rng, (1, *experiment.input_shape))
+  # Pretrained encoder weights from a local file, if configured (random init otherwise).
+  variables = models_lib.load_backbone(variables, experiment.config.model.get("pretrained_backbone", ""))
   weighting_params, weighting_state = experiment.weighting.init(len(experiment.tasks))
   trainable = {"model": variables["params"], "weighting": weighting_params}
   return TrainState(
