@@ -18,21 +18,24 @@ from mtl_jax import weighting
 from mtl_jax.weighting import gramian_based as gb
 from mtl_jax.weighting import solvers
 
-SETTINGS = settings(max_examples=25, deadline=None)
+SETTINGS = settings(max_examples=20, deadline=None)
 DIMENSION = 8
 SOLVER_ITERATIONS = 1000
 
-# One jitted function per method (shapes vary only over a few task counts).
+# One jitted function per method (shapes vary only over a few task counts); cheap test-only
+# compilation, since each runs on a handful of tiny inputs.
+_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0,
+                                                    "xla_llvm_disable_expensive_passes": True})
 WEIGHTS = {
-    "mgda": jax.jit(lambda g: gb.mgda_weights(g, SOLVER_ITERATIONS)),
-    "upgrad": jax.jit(lambda g: gb.upgrad_weights(g, SOLVER_ITERATIONS)),
-    "nash_mtl": jax.jit(lambda g: gb.nash_mtl_weights(g, 50, 0.0)),
-    "nash_mtl_clipped": jax.jit(lambda g: gb.nash_mtl_weights(g, 50, 1.0)),
-    "cagrad": jax.jit(lambda g: gb.cagrad_weights(g, 0.5, 1, 20, SOLVER_ITERATIONS)),
-    "aligned_mtl": jax.jit(gb.aligned_mtl_weights),
-    "imtl": jax.jit(gb.imtl_g_weights),
-    "pcgrad": jax.jit(gb.pcgrad_weights),
-    "gradvac": jax.jit(functools.partial(gb.gradvac_weights, beta=0.5)),
+    "mgda": _jit(lambda g: gb.mgda_weights(g, SOLVER_ITERATIONS)),
+    "upgrad": _jit(lambda g: gb.upgrad_weights(g, SOLVER_ITERATIONS)),
+    "nash_mtl": _jit(lambda g: gb.nash_mtl_weights(g, 50, 0.0)),
+    "nash_mtl_clipped": _jit(lambda g: gb.nash_mtl_weights(g, 50, 1.0)),
+    "cagrad": _jit(lambda g: gb.cagrad_weights(g, 0.5, 1, 20, SOLVER_ITERATIONS)),
+    "aligned_mtl": _jit(gb.aligned_mtl_weights),
+    "imtl": _jit(gb.imtl_g_weights),
+    "pcgrad": _jit(gb.pcgrad_weights),
+    "gradvac": _jit(functools.partial(gb.gradvac_weights, beta=0.5)),
 }
 GRAMIAN_METHODS = ("imtl", "pcgrad", "cagrad", "aligned_mtl", "mgda", "nash_mtl", "upgrad", "gradvac")
 
@@ -204,7 +207,7 @@ def test_pcgrad_and_gradvac_equal_sequential_coordinate_projections(tasks, seed)
 
 
 @SETTINGS
-@given(method=st.sampled_from(sorted(TEXTBOOK)), tasks=st.integers(2, 4), seed=st.integers(0, 10**6))
+@given(method=st.sampled_from(sorted(TEXTBOOK)), tasks=st.integers(2, 3), seed=st.integers(0, 10**6))
 def test_permuting_rows_permutes_weights(method, tasks, seed):
   jacobian = _jacobian(seed, tasks)
   permutation = np.random.default_rng(seed).permutation(tasks)
@@ -213,7 +216,7 @@ def test_permuting_rows_permutes_weights(method, tasks, seed):
 
 
 @SETTINGS
-@given(tasks=st.integers(2, 4), seed=st.integers(0, 10**6))
+@given(tasks=st.integers(2, 3), seed=st.integers(0, 10**6))
 def test_permuting_rows_permutes_pcgrad_and_gradvac_weights_with_their_orders(tasks, seed):
   jacobian = _jacobian(seed, tasks)
   permutation = np.random.default_rng(seed).permutation(tasks)
@@ -234,7 +237,7 @@ def test_permuting_rows_permutes_pcgrad_and_gradvac_weights_with_their_orders(ta
 
 
 @SETTINGS
-@given(method=st.sampled_from(["mgda", "upgrad"]), tasks=st.integers(2, 5), seed=st.integers(0, 10**6),
+@given(method=st.sampled_from(["mgda", "upgrad"]), tasks=st.integers(2, 4), seed=st.integers(0, 10**6),
        conflicting=st.booleans())
 def test_non_conflicting_methods_never_oppose_a_row(method, tasks, seed, conflicting):
   jacobian = _jacobian(seed, tasks)
@@ -287,7 +290,7 @@ def test_nash_mtl_solves_its_optimality_condition():
     jacobian = _jacobian(seed, 4)
     gramian = jacobian @ jacobian.T
     normalised = gramian / np.linalg.norm(gramian)
-    alpha = np.asarray(jax.jit(lambda g: solvers.nash_bargaining(g, 50))(jnp.asarray(normalised, jnp.float32)))
+    alpha = np.asarray(_jit(lambda g: solvers.nash_bargaining(g, 50))(jnp.asarray(normalised, jnp.float32)))
     assert np.all(alpha > 0)
     # (Ĝ + ridge·I) α = 1/α, with the solver's documented ridge 1e-6.
     np.testing.assert_allclose(alpha * (normalised @ alpha) + 1e-6 * alpha**2, 1.0, atol=2e-4)

@@ -63,7 +63,7 @@ class Weighting:
       aux is a dict of metrics; 'weights' is logged as the task weights.
     description: one line shown in listings and reports.
     jacobian_mode: for kind 'jacobian', one of JACOBIAN_MODES.
-    make_optimizer: when set, (optimizer config, steps_per_epoch, num_tasks) -> the optax
+    make_optimizer: when set, (optimizer config, steps_per_epoch, task names) -> the optax
       transformation that replaces `optim.make_optimizer` (AdaTask, MTL-IO).
     after_update: when set, (task losses after the update on the same batch [T], state) -> new
       state; the train step runs one more forward pass for it (FAMO).
