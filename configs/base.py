@@ -43,6 +43,23 @@ def get_config() -> ml_collections.ConfigDict:
       name="ew",
       uw_initial_log_variance=-0.5,
       uw_o_epsilon=1e-8,
+      # Gradient methods: the rows of the Gramian, 'task' | 'sample' | 'sample_task'
+      # (per-sample levels need norm group/layer/none).
+      level="task",
+      # Fixed iteration counts of the JAX solvers (MGDA, UPGrad, CAGrad's inner QP).
+      solver_iterations=1000,
+      cagrad_c=0.5,
+      cagrad_rescale=1,
+      cagrad_outer_iterations=20,
+      gradvac_beta=0.5,
+      imtl_loss_scaling=True,
+      nash_mtl_iterations=50,
+      nash_mtl_max_norm=1.0,
+      graddrop_leak=0.0,
+      dwa_temperature=2.0,
+      gradnorm_alpha=1.5,
+      famo_learning_rate=0.025,
+      famo_weight_decay=1e-3,
   ))
   config.optimizer = ml_collections.ConfigDict(dict(
       name="adam",

@@ -25,6 +25,7 @@ import optax
 
 from mtl_jax import checkpoint as checkpoint_lib
 from mtl_jax import config_validation
+from mtl_jax import method_steps
 from mtl_jax import metric_writers
 from mtl_jax import metrics as metrics_lib
 from mtl_jax import models as models_lib
@@ -99,7 +100,8 @@ def build_experiment(config: ml_collections.ConfigDict, dataset: data_registry.D
   # --- reliability: validate the config, then the data, before building anything ---
   config_validation.validate_config(config, dataset)
   optim.check_optimizer_name(config.optimizer.name)
-  weighting = weighting_lib.get_weighting(config.method.name, config.method)
+  # Fails fast on an unknown method name, before the dataset is loaded.
+  weighting_lib.get_weighting(config.method.name, {**config.method.to_dict(), "steps_per_epoch": 1})
   if dataset is None:
     dataset = data_registry.load_dataset(config.dataset)
     config_validation.validate_config(config, dataset)
@@ -113,7 +115,14 @@ def build_experiment(config: ml_collections.ConfigDict, dataset: data_registry.D
   total_steps = int(config.training.num_epochs) * per_epoch
   if total_steps <= 0:
     raise ValueError(f"config.training.num_epochs must be positive, got {config.training.num_epochs}.")
-  optimizer = optim.make_optimizer(config.optimizer, per_epoch)
+  # --- gradient-weighting methods (branch `methods`): epoch-based methods (DWA) need the epoch
+  # length; AdaTask and MTL-IO bring their own per-task optimizer.
+  weighting = weighting_lib.get_weighting(config.method.name, {**config.method.to_dict(), "steps_per_epoch": per_epoch})
+  if weighting.make_optimizer is not None:
+    optimizer = weighting.make_optimizer(config.optimizer, per_epoch, [task.name for task in tasks])
+  else:
+    optimizer = optim.make_optimizer(config.optimizer, per_epoch)
+  # --- end gradient-weighting methods.
   return Experiment(config, dataset, tasks, model, weighting, optimizer, per_epoch, total_steps)
 
 
@@ -123,7 +132,12 @@ def init_state(experiment: Experiment, seed: int) -> TrainState:
   variables = models_lib.init_model(experiment.model, init_rng, (1, *experiment.input_shape))
   # Pretrained encoder weights from a local file, if configured (random init otherwise).
   variables = models_lib.load_backbone(variables, experiment.config.model.get("pretrained_backbone", ""))
-  weighting_params, weighting_state = experiment.weighting.init(len(experiment.tasks))
+  num_tasks = len(experiment.tasks)
+  if experiment.weighting.kind == "gramian":
+    # Gramian weightings size their parameters and state by the rows at config.method.level.
+    num_tasks = weighting_lib.num_rows(experiment.config.method.get("level", "task"), num_tasks,
+                                       int(experiment.config.training.batch_size))
+  weighting_params, weighting_state = experiment.weighting.init(num_tasks)
   trainable = {"model": variables["params"], "weighting": weighting_params}
   return TrainState(
       step=jnp.zeros((), jnp.int32),
@@ -152,17 +166,22 @@ def make_train_step(
     tasks: Sequence[tasks_lib.Task],
     weighting: weighting_lib.Weighting,
     optimizer: optax.GradientTransformation,
+    level: str = "task",
 ) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
   """Returns the pure train step `(state, batch) -> (new state, metrics)`; jit it at the call site.
 
   The metrics hold the total loss, per-task batch-mean losses [T] and the global gradient norm,
-  which the loop uses to stop on non-finite values before anything is saved.
+  which the loop uses to stop on non-finite values before anything is saved. Gramian and
+  Jacobian methods get their steps from `method_steps` (rows of the Gramian at `level`, see
+  weighting.LEVELS); the loss-weighting step below is unchanged for them.
   """
+  # --- gradient-weighting methods (branch `methods`).
   if weighting.kind != "loss":
-    raise ValueError(
-        f"Method {weighting.name!r} is a {weighting.kind}-based weighting, which this train step does not "
-        "support; use a loss-based method."
-    )
+    return method_steps.make_method_step(model, tasks, weighting, optimizer, level)
+  if weighting.after_update is not None:
+    loss_step = make_train_step(model, tasks, dataclasses.replace(weighting, after_update=None), optimizer)
+    return method_steps.with_after_update(loss_step, model, tasks, weighting)
+  # --- end gradient-weighting methods.
 
   def loss_fn(trainable, state: TrainState, batch, rng):
     predictions, batch_stats = apply_model(model, trainable["model"], state.batch_stats, batch["image"], train=True)
@@ -411,7 +430,8 @@ def _train_and_evaluate(config, workdir, dataset, guard: preemption_lib.Preempti
   writer = metric_writers.MetricWriter(workdir, console=False)
   checkpointer = checkpoint_lib.Checkpointer(workdir, asynchronous=bool(training.get("async_checkpoints", True)))
   evaluator = Evaluator(experiment)
-  train_step = jax.jit(make_train_step(experiment.model, experiment.tasks, experiment.weighting, experiment.optimizer))
+  train_step = jax.jit(make_train_step(experiment.model, experiment.tasks, experiment.weighting, experiment.optimizer,
+                                       level=config.method.get("level", "task")))
 
   state = init_state(experiment, int(config.seed))
   fingerprint = config_fingerprint(config)

@@ -33,11 +33,11 @@ def _config(**values):
 
 
 CASES = [
-    ({"method.name": "pcgradd"}, "config.method.name", "valid methods: ew"),
+    ({"method.name": "pcgradd"}, "config.method.name", "valid methods: adatask, aligned_mtl"),
     ({"optimizer.name": "rmsprop"}, "config.optimizer.name", "valid optimizers: adam, sgd, signsgd, adamw"),
     ({"model.encoder": "vgg"}, "config.model.encoder", "valid encoders: mlp, small_cnn, segnet, resnet18"),
     ({"model.norm": "instance"}, "config.model.norm", "valid norms: batch, group, layer, none"),
-    ({"dataset.name": "imagenet"}, "config.dataset.name", "valid datasets: scenes"),
+    ({"dataset.name": "imagenet"}, "config.dataset.name", "valid datasets: celeb_a, cityscapes, nyuv2, scenes"),
     ({"training.on_non_finite": "ignore"}, "config.training.on_non_finite", "valid choices: stop, skip"),
     ({"delta_m.variant": "mean"}, "config.delta_m.variant", "valid variants: flat, per_task"),
     ({"model.encoder": "resnet18", "model.resnet_stem": "tiny"}, "config.model.resnet_stem", "valid stems: imagenet"),
