@@ -44,7 +44,6 @@ functions are jit-able when `model` and `tasks` are closed over (or static).
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import flax.linen as nn
