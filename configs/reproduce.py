@@ -10,7 +10,9 @@ skipped with a note in the report.
 
 import ml_collections
 
+from configs import adam_invariance
 from configs import base
+from configs import toy
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -32,4 +34,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.sweep.stl_lr_grid = (0.005, 0.0005)
   config.sweep.seeds = (0, 1)
   config.sweep.vmap = True
+  # Studies with their own configs (they train no scenes model), shortened where noted.
+  config.invariance = adam_invariance.get_config()
+  config.invariance.app_a2.num_epochs = 30
+  config.toy = toy.get_config()
+  config.robustness.finetune_epochs = 2
+  config.robustness.probe_steps = 200
   return config

@@ -20,9 +20,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mtl_jax import gramian as gramian_lib
 from mtl_jax import tasks as tasks_lib
+from mtl_jax import weighting as weighting_lib
 from mtl_jax.weighting import Weighting
-from mtl_jax.weighting import _reference_gramian
 
 Batch = Mapping[str, jax.Array]
 
@@ -34,8 +35,30 @@ def scale_gradient(value: jax.Array, scale: jax.Array) -> jax.Array:
 
 
 def rows_gramian(model, params, batch_stats, batch, tasks, level):
-  """The one call site of the Gramian: (G [R, R], task losses [T]); swap in the engine here."""
-  return _reference_gramian.rows_gramian(model, params, batch_stats, batch, tasks, level)
+  """The Gramian of the rows' encoder gradients at `level`, and the task batch-mean losses [T].
+
+  Rows follow `weighting.base.LEVELS`: task rows are the batch-mean losses L_t (exact under
+  every norm, train-mode batch norm included); per-sample rows are L_it / B ('sample_task') or
+  sum_t L_it / B ('sample'), so every level's rows sum to the EW objective. Per-sample rows come
+  from the engine's fast path, which never materialises B·T·P gradients.
+
+  Raises:
+    ValueError: for per-sample levels with train-mode batch norm, which couples the samples.
+  """
+  level = weighting_lib.check_level(level)
+  if level == "task":
+    return gramian_lib.task_level_gramian(model, params, batch_stats, batch, tasks)
+  if batch_stats:
+    raise ValueError(
+        f"config.method.level={level!r} needs per-sample gradients, which train-mode batch norm does not "
+        "define (its statistics couple the samples of a batch); use config.model.norm = 'group', 'layer' or "
+        "'none', or level 'task'.")
+  captured = gramian_lib.capture(model, params, batch_stats, batch, tasks, train=True)
+  full = gramian_lib.fast_gramian_from_capture(captured)
+  batch_size = full.shape[0]
+  # The engine's rows are L_t(x_i); the step's rows are L_it / B (and their sum over t).
+  rows = gramian_lib.rows_gramian(full, level) / (batch_size * batch_size)
+  return rows, jnp.mean(captured.losses, axis=0)
 
 
 def _encode(model, params, batch_stats, images):
@@ -131,7 +154,7 @@ def _per_task_feature_gradients(model, tasks, state, batch):
     return jnp.mean(_head_losses(model, tasks, heads, [features] * num_tasks, batch), axis=0)
 
   losses, head_pullback = jax.vjp(head_losses, features, params["heads"])
-  feature_gradients, head_gradients = jax.vmap(head_pullback)(jnp.eye(num_tasks, dtype=losses.dtype))
+  feature_gradients, head_gradients = gramian_lib.stacked_vjp(head_pullback, jnp.eye(num_tasks, dtype=losses.dtype))
   # Head t's parameters only appear in L_t, so summing the rows gives each head its own gradient.
   head_gradients = jax.tree_util.tree_map(lambda leaf: jnp.sum(leaf, axis=0), head_gradients)
   return features, pullback, batch_stats, feature_gradients, head_gradients, losses
@@ -161,7 +184,7 @@ def make_per_task_optimizer_step(model, tasks, weighting: Weighting, optimizer) 
     rng, _ = jax.random.split(state.rng)
     _, pullback, batch_stats, feature_gradients, head_gradients, losses = _per_task_feature_gradients(
         model, tasks, state, batch)
-    (encoder_gradients,) = jax.vmap(pullback)(feature_gradients)
+    (encoder_gradients,) = gramian_lib.stacked_vjp(pullback, feature_gradients)
     grads = {"model": {"encoder": encoder_gradients, "heads": head_gradients},
              "weighting": jax.tree_util.tree_map(jnp.zeros_like, state.weighting_params)}
     summed = {"encoder": jax.tree_util.tree_map(lambda leaf: jnp.sum(leaf, axis=0), encoder_gradients),

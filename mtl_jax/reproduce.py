@@ -24,13 +24,40 @@ Study = Callable[[ml_collections.ConfigDict, str], markdown.StudyResult]
 
 # Study name -> (section title, candidate (module, function) pairs, tried in order).
 PLUGINS: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
-    "invariance": ("Adam's partial loss-scale invariance",
-                   (("mtl_jax.invariance", "run_invariance_check"), ("mtl_jax.toy", "run_toy"))),
+    "invariance": ("Adam's partial loss-scale invariance and the 2-D toy",
+                   (("mtl_jax.reproduce", "invariance_study"),)),
     "conflicts": ("Gradient conflicts: inter-task vs inter-sample",
-                  (("mtl_jax.conflicts", "run_conflict_study"),)),
+                  (("mtl_jax.conflicts", "run_conflicts"),)),
     "robustness": ("Robustness of MTL vs STL features under corruptions",
                    (("mtl_jax.robustness", "run_robustness"),)),
 }
+
+
+def invariance_study(config: ml_collections.ConfigDict, workdir: str) -> markdown.StudyResult:
+  """SPEC sections 1 and 3: the exact invariance check, the App. A2 runs and the toy table."""
+  from mtl_jax.studies import invariance  # pylint: disable=import-outside-toplevel
+  from mtl_jax.studies import toy  # pylint: disable=import-outside-toplevel
+
+  os.makedirs(workdir, exist_ok=True)
+  check = invariance.run_invariance_check(config.invariance)
+  held = sum(row["ok"] for row in check["rows"])
+  parts = [f"**Exact check (float64):** {held} of {len(check['rows'])} predictions held"
+           f"{'' if check['all_ok'] else ' — some FAILED, see the table'}.", check["markdown"]]
+  app = invariance.run_app_a2(config.invariance, workdir, progress=metric_writers.status)
+  parts.append("**App. A2 runs** (final-epoch mean loss per head and setting): " + "; ".join(
+      f"{run}: " + ", ".join(f"{setting} " + "/".join(f"{value:.3g}" for value in values)
+                             for setting, values in settings.items())
+      for run, settings in app["summary"].items()))
+  toy_results = toy.run_toy(config.toy, workdir)
+  converged = {key: sum(value is not None for value in row) for key, row in toy_results["table"].items()}
+  parts.append("**2-D toy** (iterations to the minimum of the mean loss; tolerance: distance "
+               f"< {config.toy.distance_tolerance:g} or mean-loss gap < {config.toy.loss_gap_tolerance:g}; "
+               f"{toy_results['num_runs']} runs in {toy_results['run_seconds']:.1f} s after compilation). "
+               "Learning rates at which every start converged: " +
+               ", ".join(f"{key} {count}/{len(config.toy.learning_rates)}" for key, count in converged.items()) + ".")
+  parts.append(toy_results["markdown"])
+  figures = list(app["figures"]) + ([toy_results["figure"]] if toy_results.get("figure") else [])
+  return markdown.StudyResult(PLUGINS["invariance"][0], "\n\n".join(parts), figures)
 
 
 def optimizer_study(config: ml_collections.ConfigDict, workdir: str) -> markdown.StudyResult:

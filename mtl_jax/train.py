@@ -25,6 +25,7 @@ import optax
 
 from mtl_jax import checkpoint as checkpoint_lib
 from mtl_jax import config_validation
+from mtl_jax import gramian as gramian_lib
 from mtl_jax import method_steps
 from mtl_jax import metric_writers
 from mtl_jax import metrics as metrics_lib
@@ -311,7 +312,7 @@ def make_gradient_locator(experiment: Experiment) -> Callable[[TrainState, Mappi
     return total
 
   def finite_flags(state, batch):
-    per_task = jax.jacrev(task_losses_fn)(state.params, state, batch)
+    per_task = gramian_lib.jacobian_rows(lambda params: task_losses_fn(params, state, batch), state.params)
     per_task = jax.tree_util.tree_map(lambda g: jnp.all(jnp.isfinite(g), axis=tuple(range(1, g.ndim))), per_task)
     total = jax.grad(total_fn)(state.trainable, state, batch)
     return per_task, jax.tree_util.tree_map(lambda g: jnp.all(jnp.isfinite(g)), total)

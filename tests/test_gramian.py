@@ -248,3 +248,41 @@ def test_reductions_on_a_known_gramian():
   np.testing.assert_allclose(reduced["row_norms"], np.linalg.norm(rows, axis=-1), rtol=1e-5)
   with pytest.raises(ValueError, match="valid choices: task, sample, sample_task"):
     gramian.rows_gramian(full, "pixel")
+
+
+def _eager_task_jacobian(experiment, state, batch):
+  """[T, P] encoder gradients of the batch-mean task losses, one eager jax.grad per task."""
+
+  def task_loss(encoder, index):
+    params = {**state.params, "encoder": encoder}
+    variables = {"params": params}
+    if state.batch_stats:
+      variables["batch_stats"] = state.batch_stats
+      predictions, _ = experiment.model.apply(variables, batch["image"], train=True, mutable=["batch_stats"])
+    else:
+      predictions = experiment.model.apply(variables, batch["image"], train=True)
+    return jnp.mean(tasks_lib.losses_matrix(experiment.tasks, predictions, batch)[:, index])
+
+  rows = []
+  for index in range(len(experiment.tasks)):
+    gradient = jax.grad(task_loss)(state.params["encoder"], index)
+    rows.append(np.concatenate([np.ravel(leaf) for leaf in jax.tree_util.tree_leaves(gradient)]))
+  return np.stack(rows)
+
+
+@pytest.mark.parametrize("norm", ["group", "batch"])
+def test_jitted_task_level_gramian_equals_eager_per_task_gradients(norm):
+  # Pins the XLA CPU trap documented in gramian.stacked_vjp: jit(jacrev) over conv kernels was wrong.
+  from configs import test as test_config
+  from mtl_jax import train
+
+  config = test_config.get_config()
+  config.model.norm = norm
+  experiment = train.build_experiment(config)
+  state = train.init_state(experiment, 0)
+  batch = experiment.dataset.splits["train"].batch(np.arange(8))
+  jacobian = _eager_task_jacobian(experiment, state, batch)
+  jitted = jax.jit(lambda params: gramian.task_level_gramian(
+      experiment.model, params, state.batch_stats, batch, experiment.tasks)[0])
+  np.testing.assert_allclose(np.asarray(jitted(state.params)), jacobian @ jacobian.T,
+                             rtol=1e-4, atol=1e-6 * np.max(np.abs(jacobian @ jacobian.T)))

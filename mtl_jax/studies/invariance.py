@@ -332,7 +332,8 @@ def _model_groups(params) -> dict[str, jax.Array]:
 
 
 def _per_task_adam_step(experiment, tasks, optimizer):
-  """A train step with one Adam per task on all parameters (the per-task gradients from jacrev)."""
+  """A train step with one Adam per task on all parameters (per-task gradients, one VJP each)."""
+  from mtl_jax import gramian as gramian_lib
   from mtl_jax import tasks as tasks_lib
   from mtl_jax import train as train_lib
 
@@ -341,7 +342,7 @@ def _per_task_adam_step(experiment, tasks, optimizer):
       predictions, _ = train_lib.apply_model(experiment.model, params, state.batch_stats, batch["image"], True)
       return jnp.mean(tasks_lib.losses_matrix(tasks, predictions, batch), axis=0)
 
-    per_task = jax.jacrev(task_losses)(state.params)
+    per_task = gramian_lib.jacobian_rows(task_losses, state.params)
     updates, opt_state = optimizer.update(per_task, state.opt_state, state.params)
     return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                          opt_state=opt_state), {}
