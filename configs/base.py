@@ -120,4 +120,13 @@ def get_config() -> ml_collections.ConfigDict:
       seeds=(0, 1),
       vmap=True,
   ))
+  # --- Scaling out (mtl_jax/sharding.py): the batch split over a 'data' mesh axis. ---
+  config.sharding = ml_collections.ConfigDict(dict(
+      data_axis_size=-1,  # devices on the 'data' axis; -1 = all. Used only with > 1 device.
+      fsdp=False,  # split large parameters and optimizer moments over 'data' (big encoders).
+      fsdp_min_size=2**14,  # leaves with fewer elements stay replicated under fsdp.
+      # 'auto': jax.distributed.initialize() when the environment names several hosts
+      # (TPU pod slice, SLURM, JAX_COORDINATOR_ADDRESS); 'on' always; 'off' never.
+      distributed="auto",
+  ))
   return config

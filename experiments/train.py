@@ -22,6 +22,7 @@ from mtl_jax import compilation_cache  # noqa: E402
 from mtl_jax import config_validation  # noqa: E402
 from mtl_jax import preemption  # noqa: E402
 from mtl_jax import report  # noqa: E402
+from mtl_jax import sharding  # noqa: E402
 from mtl_jax import train  # noqa: E402
 from mtl_jax.data import validation  # noqa: E402
 
@@ -32,6 +33,8 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/scenes", "Directory for checkpoi
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # Multi-host jobs connect before anything touches a device (a no-op on one host).
+  sharding.initialize_distributed(_CONFIG.value)
   compilation_cache.enable()
   try:
     results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

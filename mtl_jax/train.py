@@ -33,6 +33,7 @@ from mtl_jax import metrics as metrics_lib
 from mtl_jax import models as models_lib
 from mtl_jax import optim
 from mtl_jax import preemption as preemption_lib
+from mtl_jax import sharding as sharding_lib
 from mtl_jax import tasks as tasks_lib
 from mtl_jax import weighting as weighting_lib
 from mtl_jax.data import pipeline
@@ -464,6 +465,13 @@ def _train_and_evaluate(config, workdir, dataset, guard: preemption_lib.Preempti
                                        level=config.method.get("level", "task")))
 
   state = init_state(experiment, int(config.seed))
+  # --- sharding: data parallelism when there are several devices (one device: unchanged). ---
+  mesh = sharding_lib.make_mesh(config) if jax.device_count() > 1 else None
+  if mesh is not None:
+    train_step, state = sharding_lib.shard_training(
+        config, mesh, make_train_step(experiment.model, experiment.tasks, experiment.weighting, experiment.optimizer),
+        state)
+  # --- end sharding ---
   fingerprint = config_fingerprint(config)
   progress: dict[str, Any] = {"best_score": None, "best_step": None, "history": [], "evals_since_best": 0,
                               "fingerprint": fingerprint, "skipped_steps": 0}
@@ -516,6 +524,8 @@ def _train_and_evaluate(config, workdir, dataset, guard: preemption_lib.Preempti
       metric_writers.status(message)
       raise preemption_lib.Preempted(message, step, workdir, guard.signal_name)
     # --- end reliability ---
+    if mesh is not None:  # sharding: this host's rows into one global batch split over 'data'.
+      batch = sharding_lib.global_batch(batch, mesh)
     new_state, step_metrics = train_step(state, batch)
     step_metrics = jax.device_get(step_metrics)
 
