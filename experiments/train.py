@@ -14,6 +14,7 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from mtl_jax import compilation_cache  # noqa: E402
 from mtl_jax import report  # noqa: E402
 from mtl_jax import train  # noqa: E402
 
@@ -24,6 +25,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/scenes", "Directory for checkpoi
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  compilation_cache.enable()
   try:
     results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except train.NonFiniteLossError as error:

@@ -146,6 +146,10 @@ def build_model(config: Any, head_specs: Mapping[str, HeadSpec]) -> MultiTaskMod
 
 
 def init_model(model: nn.Module, rng: jax.Array, input_shape: Sequence[int]) -> dict[str, Any]:
-  """Initialises on a batch of zeros; returns {'params': ..., maybe 'batch_stats': ...}."""
-  variables = model.init(rng, jnp.zeros(tuple(input_shape), jnp.float32), train=False)
-  return dict(variables)
+  """Initialises on a batch of zeros; returns {'params': ..., maybe 'batch_stats': ...}.
+
+  The whole initialisation is one compiled program: run eagerly, every distinct parameter shape
+  would compile its own random-number kernel, which takes seconds per shape on a CPU.
+  """
+  initialise = jax.jit(lambda key: model.init(key, jnp.zeros(tuple(input_shape), jnp.float32), train=False))
+  return dict(initialise(rng))
