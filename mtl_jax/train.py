@@ -23,6 +23,7 @@ import numpy as np
 import optax
 
 from mtl_jax import checkpoint as checkpoint_lib
+from mtl_jax import conflicts as conflicts_lib
 from mtl_jax import metric_writers
 from mtl_jax import metrics as metrics_lib
 from mtl_jax import models as models_lib
@@ -343,9 +344,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset:
   batches = pipeline.train_batches(experiment.dataset.splits["train"], int(training.batch_size), int(config.seed),
                                    start, experiment.total_steps, experiment.dataset.augment)
   last_saved = checkpointer.latest_step()
+  conflict_probe = conflicts_lib.make_probe(experiment, config, workdir)  # Gradient conflicts (SPEC §4).
   for step, batch in batches:
     if stopped_early:
       break
+    if conflict_probe is not None:  # Gradient conflicts: probes the pre-step parameters on this batch.
+      conflict_probe.maybe_probe(step, state, batch)
     new_state, step_metrics = train_step(state, batch)
     step_metrics = jax.device_get(step_metrics)
     try:
@@ -367,6 +371,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset:
     interval_sums["task_losses"] = interval_sums.get("task_losses", 0.0) + step_metrics["task_losses"]
     interval_count += 1
     done = step + 1
+    if conflict_probe is not None and done % per_epoch == 0:  # Gradient conflicts: per-epoch statistics.
+      conflict_probe.end_epoch(done // per_epoch, done, writer)
     if done % log_every == 0 or done == experiment.total_steps:
       scalars = {"train/loss": interval_sums["loss"] / interval_count,
                  "train/grad_norm": interval_sums["grad_norm"] / interval_count}
