@@ -18,5 +18,5 @@ def get_config(argument: str | None = None) -> ml_collections.ConfigDict:
   config = base.get_config()
   config.tasks = ("attributes",)
   config.model.encoder = "small_cnn"  # Global-average-pooled [B, C] output: every task is per-image.
-  config.model.features = (16, 32, 32)
+  config.model.features = (16, 32)
   return conflicts_dense.apply_study_settings(config, argument)

@@ -47,5 +47,5 @@ def get_config(argument: str | None = None) -> ml_collections.ConfigDict:
   config = base.get_config()
   config.tasks = ("segmentation", "depth", "normals")
   config.model.encoder = "small_cnn"  # Dense (full-resolution) output because the heads are dense.
-  config.model.features = (16, 16, 16)
+  config.model.features = (16, 16)
   return apply_study_settings(config, argument)
