@@ -19,6 +19,12 @@ def get_config() -> ml_collections.ConfigDict:
       seed=0,
       max_objects=5,
       data_dir="",
+      # TFDS datasets (celeb_a, cityscapes, nyuv2): validation hold-out from 'train'
+      # (-1 = the dataset's default: 595 Cityscapes, 159 NYUv2), its seed, and augmentation.
+      validation_size=-1,
+      validation_seed=0,
+      augment=True,
+      scales=(1.0, 1.2, 1.5),
   ))
   config.tasks = ("segmentation", "depth", "normals")
   config.model = ml_collections.ConfigDict(dict(
@@ -30,11 +36,30 @@ def get_config() -> ml_collections.ConfigDict:
       head_hidden_channels=16,
       head_hidden=(),
       resnet_stem="cifar",
+      # A local .npz / .msgpack of encoder variables to start from ('' = random init).
+      pretrained_backbone="",
   ))
   config.method = ml_collections.ConfigDict(dict(
       name="ew",
       uw_initial_log_variance=-0.5,
       uw_o_epsilon=1e-8,
+      # Gradient methods: the rows of the Gramian, 'task' | 'sample' | 'sample_task'
+      # (per-sample levels need norm group/layer/none).
+      level="task",
+      # Fixed iteration counts of the JAX solvers (MGDA, UPGrad, CAGrad's inner QP).
+      solver_iterations=1000,
+      cagrad_c=0.5,
+      cagrad_rescale=1,
+      cagrad_outer_iterations=20,
+      gradvac_beta=0.5,
+      imtl_loss_scaling=True,
+      nash_mtl_iterations=50,
+      nash_mtl_max_norm=1.0,
+      graddrop_leak=0.0,
+      dwa_temperature=2.0,
+      gradnorm_alpha=1.5,
+      famo_learning_rate=0.025,
+      famo_weight_decay=1e-3,
   ))
   config.optimizer = ml_collections.ConfigDict(dict(
       name="adam",
@@ -84,6 +109,16 @@ def get_config() -> ml_collections.ConfigDict:
       probe_steps=300,
       probe_learning_rate=0.05,
       figure_path="",  # '' = <workdir>/corruptions.png
+  ))
+  # The optimizer x method study (mtl_jax/sweep.py, experiments/sweep.py): the grid, and whether
+  # runs differing only in seed/lr train as one vmapped program (mtl_jax/multirun.py).
+  config.sweep = ml_collections.ConfigDict(dict(
+      methods=("ew", "uw", "rlw", "uw_o"),
+      optimizers=("adam", "sgd"),
+      lr_grid=(0.05, 0.005, 0.0005),
+      stl_lr_grid=(0.005, 0.0005),
+      seeds=(0, 1),
+      vmap=True,
   ))
   # --- Gradient conflicts (mtl_jax/conflicts.py probe, experiments/conflicts.py, SPEC section 4). ---
   config.conflicts = ml_collections.ConfigDict(dict(

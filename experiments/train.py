@@ -3,6 +3,9 @@
   python experiments/train.py --config=configs/scenes.py --workdir=runs/scenes
   python experiments/train.py --config=configs/scenes.py:task=depth --workdir=runs/stl_depth
 Re-running the same command resumes from the workdir's latest checkpoint.
+
+Exit status: 0 done; 75 stopped by SIGTERM/SIGINT after saving a checkpoint (rerun to resume);
+2 bad config, data or workdir; 3 non-finite loss or gradient; 4 no intact checkpoint.
 """
 
 import os
@@ -14,9 +17,13 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from mtl_jax import checkpoint  # noqa: E402
 from mtl_jax import compilation_cache  # noqa: E402
+from mtl_jax import config_validation  # noqa: E402
+from mtl_jax import preemption  # noqa: E402
 from mtl_jax import report  # noqa: E402
 from mtl_jax import train  # noqa: E402
+from mtl_jax.data import validation  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/scenes.py", "Experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/scenes", "Directory for checkpoints, metrics and results.")
@@ -28,9 +35,18 @@ def main(argv):
   compilation_cache.enable()
   try:
     results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except preemption.Preempted:
+    # The loop has already printed where it stopped and how to resume.
+    sys.exit(preemption.PREEMPTED_EXIT_CODE)
+  except (config_validation.ConfigError, validation.DataError) as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
   except train.NonFiniteLossError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(3)
+  except checkpoint.CheckpointError as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(4)
   print(report.results_table(results))
   print(f"Results written to {os.path.join(_WORKDIR.value, train.RESULTS_FILE)}")
 

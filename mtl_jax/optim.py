@@ -12,8 +12,10 @@ rate applied last. Two facts follow that the rest of the project relies on:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -97,3 +99,55 @@ def make_optimizer(
     parts.append(optax.add_decayed_weights(weight_decay))
   parts.append(optax.scale_by_learning_rate(schedule))
   return optax.chain(*parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# One Adam per task (AdaTask-style), used by the loss-scale invariance study.
+
+
+class PerTaskAdamState(NamedTuple):
+  """Per-task first and second moments: every leaf has a leading task axis [T, ...]."""
+
+  count: Any
+  mu: Any
+  nu: Any
+
+
+def scale_by_per_task_adam(num_tasks: int, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
+                           ) -> optax.GradientTransformation:
+  """Adam with separate moments per task, summed over tasks: invariant to per-task loss scales.
+
+  Unlike other transformations, `update` takes the PER-TASK gradients, a pytree whose leaves
+  have a leading task axis [T, *param_shape], and returns an update shaped like the
+  parameters: sum_t m_hat_t / (sqrt(v_hat_t) + eps). Put it first in a chain (e.g. followed by
+  `optax.scale_by_learning_rate`). A task whose gradient on a leaf is always zero (another
+  task's head) contributes 0 there.
+
+  Args:
+    num_tasks: T.
+    b1, b2, eps: Adam's decay rates and denominator constant.
+
+  Returns:
+    An optax GradientTransformation with state PerTaskAdamState.
+  """
+
+  def init(params):
+    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros((num_tasks, *jnp.shape(p)), jnp.result_type(p)), params)
+    return PerTaskAdamState(count=jnp.zeros((), jnp.int32), mu=zeros, nu=zeros)
+
+  def update(task_gradients, state, params=None):
+    del params
+    count = state.count + 1
+    mu = jax.tree_util.tree_map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, task_gradients)
+    nu = jax.tree_util.tree_map(lambda v, g: b2 * v + (1 - b2) * g * g, state.nu, task_gradients)
+    first_correction, second_correction = 1 - b1**count, 1 - b2**count
+
+    def direction(m, v):
+      denominator = jnp.sqrt(v / second_correction) + eps
+      # 0/0 (a task that never touched this leaf, with eps = 0) contributes nothing.
+      ratio = jnp.where(denominator > 0, (m / first_correction) / jnp.where(denominator > 0, denominator, 1), 0)
+      return jnp.sum(ratio, axis=0)
+
+    return jax.tree_util.tree_map(direction, mu, nu), PerTaskAdamState(count=count, mu=mu, nu=nu)
+
+  return optax.GradientTransformation(init, update)

@@ -9,6 +9,7 @@ continues exactly where the last checkpoint left off.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -23,15 +24,20 @@ import numpy as np
 import optax
 
 from mtl_jax import checkpoint as checkpoint_lib
+from mtl_jax import config_validation
 from mtl_jax import conflicts as conflicts_lib
+from mtl_jax import gramian as gramian_lib
+from mtl_jax import method_steps
 from mtl_jax import metric_writers
 from mtl_jax import metrics as metrics_lib
 from mtl_jax import models as models_lib
 from mtl_jax import optim
+from mtl_jax import preemption as preemption_lib
 from mtl_jax import tasks as tasks_lib
 from mtl_jax import weighting as weighting_lib
 from mtl_jax.data import pipeline
 from mtl_jax.data import registry as data_registry
+from mtl_jax.data import validation as data_validation
 
 RESULTS_FILE = "results.json"
 
@@ -89,13 +95,21 @@ def build_experiment(config: ml_collections.ConfigDict, dataset: data_registry.D
     dataset: an already loaded dataset to reuse (sweeps load it once).
 
   Raises:
-    ValueError: for unknown names (listing the valid ones) or inconsistent settings.
+    config_validation.ConfigError: a bad config value (names the key and the valid choices).
+    data_validation.DataError: the dataset's first batches do not fit the tasks.
+    ValueError: for other inconsistent settings.
   """
+  # --- reliability: validate the config, then the data, before building anything ---
+  config_validation.validate_config(config, dataset)
   optim.check_optimizer_name(config.optimizer.name)
-  weighting = weighting_lib.get_weighting(config.method.name, config.method)
+  # Fails fast on an unknown method name, before the dataset is loaded.
+  weighting_lib.get_weighting(config.method.name, {**config.method.to_dict(), "steps_per_epoch": 1})
   if dataset is None:
     dataset = data_registry.load_dataset(config.dataset)
+    config_validation.validate_config(config, dataset)
   tasks = dataset.select_tasks(list(config.tasks))
+  data_validation.check_dataset(dataset, tasks)
+  # --- end reliability ---
   head_specs = {task.name: models_lib.HeadSpec(output_channels=task.output_channels, dense=task.dense) for task in tasks}
   model = models_lib.build_model(config.model, head_specs)
   batch_size = int(config.training.batch_size)
@@ -103,7 +117,14 @@ def build_experiment(config: ml_collections.ConfigDict, dataset: data_registry.D
   total_steps = int(config.training.num_epochs) * per_epoch
   if total_steps <= 0:
     raise ValueError(f"config.training.num_epochs must be positive, got {config.training.num_epochs}.")
-  optimizer = optim.make_optimizer(config.optimizer, per_epoch)
+  # --- gradient-weighting methods (branch `methods`): epoch-based methods (DWA) need the epoch
+  # length; AdaTask and MTL-IO bring their own per-task optimizer.
+  weighting = weighting_lib.get_weighting(config.method.name, {**config.method.to_dict(), "steps_per_epoch": per_epoch})
+  if weighting.make_optimizer is not None:
+    optimizer = weighting.make_optimizer(config.optimizer, per_epoch, [task.name for task in tasks])
+  else:
+    optimizer = optim.make_optimizer(config.optimizer, per_epoch)
+  # --- end gradient-weighting methods.
   return Experiment(config, dataset, tasks, model, weighting, optimizer, per_epoch, total_steps)
 
 
@@ -111,7 +132,14 @@ def init_state(experiment: Experiment, seed: int) -> TrainState:
   """Initial train state: model and weighting parameters, optimizer state, RNG."""
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed))
   variables = models_lib.init_model(experiment.model, init_rng, (1, *experiment.input_shape))
-  weighting_params, weighting_state = experiment.weighting.init(len(experiment.tasks))
+  # Pretrained encoder weights from a local file, if configured (random init otherwise).
+  variables = models_lib.load_backbone(variables, experiment.config.model.get("pretrained_backbone", ""))
+  num_tasks = len(experiment.tasks)
+  if experiment.weighting.kind == "gramian":
+    # Gramian weightings size their parameters and state by the rows at config.method.level.
+    num_tasks = weighting_lib.num_rows(experiment.config.method.get("level", "task"), num_tasks,
+                                       int(experiment.config.training.batch_size))
+  weighting_params, weighting_state = experiment.weighting.init(num_tasks)
   trainable = {"model": variables["params"], "weighting": weighting_params}
   return TrainState(
       step=jnp.zeros((), jnp.int32),
@@ -140,17 +168,22 @@ def make_train_step(
     tasks: Sequence[tasks_lib.Task],
     weighting: weighting_lib.Weighting,
     optimizer: optax.GradientTransformation,
+    level: str = "task",
 ) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
   """Returns the pure train step `(state, batch) -> (new state, metrics)`; jit it at the call site.
 
   The metrics hold the total loss, per-task batch-mean losses [T] and the global gradient norm,
-  which the loop uses to stop on non-finite values before anything is saved.
+  which the loop uses to stop on non-finite values before anything is saved. Gramian and
+  Jacobian methods get their steps from `method_steps` (rows of the Gramian at `level`, see
+  weighting.LEVELS); the loss-weighting step below is unchanged for them.
   """
+  # --- gradient-weighting methods (branch `methods`).
   if weighting.kind != "loss":
-    raise ValueError(
-        f"Method {weighting.name!r} is a {weighting.kind}-based weighting, which this train step does not "
-        "support; use a loss-based method."
-    )
+    return method_steps.make_method_step(model, tasks, weighting, optimizer, level)
+  if weighting.after_update is not None:
+    loss_step = make_train_step(model, tasks, dataclasses.replace(weighting, after_update=None), optimizer)
+    return method_steps.with_after_update(loss_step, model, tasks, weighting)
+  # --- end gradient-weighting methods.
 
   def loss_fn(trainable, state: TrainState, batch, rng):
     predictions, batch_stats = apply_model(model, trainable["model"], state.batch_stats, batch["image"], train=True)
@@ -249,7 +282,62 @@ def _load_baselines(config: ml_collections.ConfigDict) -> tuple[dict | None, dic
   return metrics_lib.load_baseline(paths, split="validation"), metrics_lib.load_baseline(paths, split="test")
 
 
-def _check_finite(step: int, step_metrics: Mapping[str, np.ndarray], task_names: Sequence[str], where: str) -> None:
+def _path_name(path) -> str:
+  return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def _non_finite_paths(tree, limit: int = 6) -> str:
+  """'a/b/kernel, c/bias (and N more)' for the leaves of a bool tree that are False."""
+  bad = [_path_name(path) for path, finite in jax.tree_util.tree_flatten_with_path(tree)[0] if not bool(finite)]
+  shown = ", ".join(bad[:limit])
+  return shown + (f" (and {len(bad) - limit} more)" if len(bad) > limit else "")
+
+
+def make_gradient_locator(experiment: Experiment) -> Callable[[TrainState, Mapping[str, np.ndarray]], str]:
+  """Returns `(state, batch) -> description` of which parameters get non-finite gradients, and from which task.
+
+  Only called after a step reported a non-finite gradient norm (the step itself computes one global
+  norm, so the hot path pays nothing); it recomputes the gradient of each task's loss (a Jacobian
+  over tasks) and of the weighted total, and names the parameter paths, e.g. 'encoder/Conv_0/kernel'.
+  """
+  model, tasks, weighting = experiment.model, experiment.tasks, experiment.weighting
+
+  def task_losses_fn(params, state, batch):
+    predictions, _ = apply_model(model, params, state.batch_stats, batch["image"], train=True)
+    return jnp.mean(tasks_lib.losses_matrix(tasks, predictions, batch), axis=0)
+
+  def total_fn(trainable, state, batch):
+    _, step_rng = jax.random.split(state.rng)
+    task_losses = task_losses_fn(trainable["model"], state, batch)
+    total, _, _ = weighting.combine(task_losses, trainable["weighting"], state.weighting_state, step_rng, state.step)
+    return total
+
+  def finite_flags(state, batch):
+    per_task = gramian_lib.jacobian_rows(lambda params: task_losses_fn(params, state, batch), state.params)
+    per_task = jax.tree_util.tree_map(lambda g: jnp.all(jnp.isfinite(g), axis=tuple(range(1, g.ndim))), per_task)
+    total = jax.grad(total_fn)(state.trainable, state, batch)
+    return per_task, jax.tree_util.tree_map(lambda g: jnp.all(jnp.isfinite(g)), total)
+
+  finite_flags = jax.jit(finite_flags)
+
+  def locate(state, batch) -> str:
+    per_task, total = jax.device_get(finite_flags(state, batch))
+    parts = []
+    for index, task in enumerate(tasks):
+      paths = _non_finite_paths(jax.tree_util.tree_map(lambda flags: flags[index], per_task))
+      if paths:
+        parts.append(f"gradient of task {task.name!r} loss is non-finite in {paths}")
+    if not parts:
+      paths = _non_finite_paths(total)
+      parts.append(f"every task's gradient is finite, but after weighting {weighting.name!r} non-finite in "
+                   f"{paths or 'no parameter on recomputation (non-deterministic overflow?)'}")
+    return "; ".join(parts)
+
+  return locate
+
+
+def _check_finite(step: int, step_metrics: Mapping[str, np.ndarray], task_names: Sequence[str], where: str,
+                  locate_gradients: Callable[[], str] | None = None) -> None:
   task_losses = np.asarray(step_metrics["task_losses"])
   bad_tasks = [name for name, value in zip(task_names, task_losses) if not np.isfinite(value)]
   if bad_tasks:
@@ -257,37 +345,76 @@ def _check_finite(step: int, step_metrics: Mapping[str, np.ndarray], task_names:
     raise NonFiniteLossError(f"Non-finite loss at step {step} in task(s) {', '.join(bad_tasks)} ({values}). {where}")
   for key in ("loss", "grad_norm"):
     if not np.isfinite(np.asarray(step_metrics[key])):
+      located = f" The {locate_gradients()}." if key == "grad_norm" and locate_gradients is not None else ""
       raise NonFiniteLossError(
           f"Non-finite {key} at step {step} (task losses finite: "
-          f"{dict(zip(task_names, task_losses.tolist()))}). {where}"
+          f"{dict(zip(task_names, task_losses.tolist()))}).{located} {where}"
       )
 
 
 def config_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The settings a checkpoint must agree with to be resumed (JSON-able)."""
+  """The settings a checkpoint must agree with to be resumed (JSON-able).
+
+  Everything that changes the trajectory of a run is in it (training length, logging and
+  checkpoint cadence are not: a run may be extended or resumed with other cadences).
+  """
   return json.loads(json.dumps({
-      "dataset": config.dataset.name,
+      "seed": config.seed,
+      "dataset": config.dataset.to_dict(),
       "tasks": list(config.tasks),
       "model": config.model.to_dict(),
-      "method": config.method.name,
-      "optimizer": config.optimizer.name,
+      "method": config.method.to_dict(),
+      "optimizer": config.optimizer.to_dict(),
+      "batch_size": config.training.batch_size,
   }, default=str))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset: data_registry.Dataset | None = None) -> dict:
+def _mismatch_error(what: str, saved: Mapping[str, Any] | None, current: Mapping[str, Any]) -> None:
+  """Raises a ConfigError naming every key where a saved fingerprint differs from the config's."""
+  mismatches = checkpoint_lib.fingerprint_mismatches(saved, current)
+  if mismatches:
+    raise config_validation.ConfigError(
+        f"{what} was written by a different config ({'; '.join(mismatches)}); use another --workdir "
+        "or the original config.")
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    dataset: data_registry.Dataset | None = None,
+    preemption: preemption_lib.PreemptionGuard | None = None,
+) -> dict:
   """Trains a model from config, keeping the best validation state, and writes test results.
 
   Re-running with the same workdir resumes from the latest checkpoint; a finished run only
-  re-reads its results.
+  re-reads its results. On SIGTERM/SIGINT the current step finishes, a checkpoint of it is
+  written, and `preemption.Preempted` is raised (see mtl_jax/preemption.py).
 
   Args:
     config: an experiment config.
     workdir: the run directory (checkpoints, metrics.jsonl, tensorboard/, results.json).
     dataset: an already loaded dataset to reuse.
+    preemption: the guard to obey (a sweep passes its own); by default the innermost active
+      guard, or a new one installed for this call.
 
   Returns:
     The results dict also written to `workdir/results.json`.
+
+  Raises:
+    preemption.Preempted: stopped by a signal after checkpointing; rerun to resume.
+    NonFiniteLossError: a non-finite loss or gradient with on_non_finite='stop'.
+    config_validation.ConfigError: a bad config, or a workdir written by a different config.
+    checkpoint.CheckpointError: checkpoints exist but none is intact.
   """
+  with contextlib.ExitStack() as stack:
+    guard = preemption or preemption_lib.active_guard()
+    if guard is None:
+      guard = stack.enter_context(preemption_lib.PreemptionGuard())
+    return _train_and_evaluate(config, workdir, dataset, guard)
+
+
+def _train_and_evaluate(config, workdir, dataset, guard: preemption_lib.PreemptionGuard) -> dict:
+  """train_and_evaluate under a preemption guard."""
   results_path = os.path.join(workdir, RESULTS_FILE)
   if os.path.exists(results_path):
     with open(results_path) as file:
@@ -295,8 +422,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset:
     if results.get("fingerprint") == config_fingerprint(config):
       metric_writers.status(f"{workdir}: finished run found, reusing {RESULTS_FILE}.")
       return results
-    raise ValueError(f"{results_path} belongs to a different config ({results.get('fingerprint')}); "
-                     "use another --workdir.")
+    _mismatch_error(results_path, results.get("fingerprint"), config_fingerprint(config))
   experiment = build_experiment(config, dataset)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as file:
@@ -306,18 +432,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset:
   writer = metric_writers.MetricWriter(workdir, console=False)
   checkpointer = checkpoint_lib.Checkpointer(workdir, asynchronous=bool(training.get("async_checkpoints", True)))
   evaluator = Evaluator(experiment)
-  train_step = jax.jit(make_train_step(experiment.model, experiment.tasks, experiment.weighting, experiment.optimizer))
+  train_step = jax.jit(make_train_step(experiment.model, experiment.tasks, experiment.weighting, experiment.optimizer,
+                                       level=config.method.get("level", "task")))
 
   state = init_state(experiment, int(config.seed))
   fingerprint = config_fingerprint(config)
   progress: dict[str, Any] = {"best_score": None, "best_step": None, "history": [], "evals_since_best": 0,
                               "fingerprint": fingerprint, "skipped_steps": 0}
-  restored = checkpointer.restore(state)
+  checkpoint_dir = os.path.join(workdir, checkpoint_lib.LATEST)
+  restored = checkpointer.restore(
+      state, check_progress=lambda saved: _mismatch_error(f"The checkpoint in {checkpoint_dir}",
+                                                          saved.get("fingerprint"), fingerprint))
   if restored is not None:
     state, progress = restored
-    if progress.get("fingerprint") != fingerprint:
-      raise ValueError(f"The checkpoint in {workdir} was written by a different config: "
-                       f"{progress.get('fingerprint')} != {fingerprint}. Use another --workdir.")
     metric_writers.status(f"Resuming from step {int(state.step)} in {workdir}.")
 
   task_names = experiment.task_names
@@ -344,17 +471,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset:
   batches = pipeline.train_batches(experiment.dataset.splits["train"], int(training.batch_size), int(config.seed),
                                    start, experiment.total_steps, experiment.dataset.augment)
   last_saved = checkpointer.latest_step()
+  locator = None
   conflict_probe = conflicts_lib.make_probe(experiment, config, workdir)  # Gradient conflicts (SPEC §4).
   for step, batch in batches:
     if stopped_early:
       break
+    # --- reliability: preemption. `step` steps are done; save exactly this state and stop. ---
+    if guard.should_stop(step):
+      if last_saved != step:
+        save_latest(step)
+      checkpointer.wait_until_finished()
+      writer.close()
+      checkpointer.close()
+      message = (f"{label}stopped by {guard.signal_name} after {step} of {experiment.total_steps} steps; "
+                 f"checkpoint saved in {os.path.join(workdir, checkpoint_lib.LATEST)}. "
+                 "Re-run the same command to resume.")
+      metric_writers.status(message)
+      raise preemption_lib.Preempted(message, step, workdir, guard.signal_name)
+    # --- end reliability ---
     if conflict_probe is not None:  # Gradient conflicts: probes the pre-step parameters on this batch.
       conflict_probe.maybe_probe(step, state, batch)
     new_state, step_metrics = train_step(state, batch)
     step_metrics = jax.device_get(step_metrics)
+
+    def locate_gradients(state=state, batch=batch):
+      nonlocal locator
+      locator = locator or make_gradient_locator(experiment)
+      return locator(state, batch)
+
     try:
       _check_finite(step, step_metrics, task_names,
-                    f"Training stopped; the last good checkpoint (step {last_saved}) in {workdir} is intact.")
+                    f"Training stopped; the last good checkpoint (step {last_saved}) in {workdir} is intact."
+                    if last_saved is not None else "Training stopped; no checkpoint had been written yet.",
+                    locate_gradients)
     except NonFiniteLossError as error:
       if not skip_non_finite:
         checkpointer.wait_until_finished()

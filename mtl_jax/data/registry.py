@@ -85,7 +85,20 @@ def load_scenes(config: ml_collections.ConfigDict) -> Dataset:
   return Dataset("scenes", splits, tasks, attribute_tasks=tuple(scenes.ATTRIBUTE_NAMES))
 
 
+def _tfds_loader(name: str) -> Callable[[ml_collections.ConfigDict], Dataset]:
+  """A loader that imports mtl_jax.data.tfds_datasets only when the dataset is used."""
+
+  def load(config: ml_collections.ConfigDict) -> Dataset:
+    from mtl_jax.data import tfds_datasets  # Lazy: it imports this module, and TFDS.
+
+    return tfds_datasets.LOADERS[name](config)
+
+  return load
+
+
 _LOADERS: dict[str, Callable[[ml_collections.ConfigDict], Dataset]] = {"scenes": load_scenes}
+# The paper's datasets (TFDS array_record files; see README.md, 'Datasets').
+_LOADERS.update({name: _tfds_loader(name) for name in ("celeb_a", "cityscapes", "nyuv2")})
 
 
 def dataset_names() -> tuple[str, ...]:

@@ -1,5 +1,7 @@
 """Models for multi-task learning: shared encoders, task heads, and the model that joins them."""
 
+from mtl_jax.models.deeplab import ASPPHead
+from mtl_jax.models.deeplab import DilatedResNet50
 from mtl_jax.models.encoders import MLPEncoder
 from mtl_jax.models.encoders import ResNet18
 from mtl_jax.models.encoders import SegNet
@@ -15,8 +17,12 @@ from mtl_jax.models.multitask import Heads
 from mtl_jax.models.multitask import MultiTaskModel
 from mtl_jax.models.multitask import build_model
 from mtl_jax.models.multitask import init_model
+from mtl_jax.models.pretrained import load_backbone
+from mtl_jax.models.pretrained import save_backbone
 
 __all__ = [
+    "ASPPHead",
+    "DilatedResNet50",
     "ENCODERS",
     "DenseHead",
     "GlobalHead",
@@ -30,6 +36,8 @@ __all__ = [
     "build_model",
     "count_parameters",
     "init_model",
+    "load_backbone",
     "max_pool_with_mask",
     "max_unpool",
+    "save_backbone",
 ]

@@ -15,14 +15,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mtl_jax.models import deeplab
 from mtl_jax.models import encoders
 from mtl_jax.models import heads as heads_lib
 from mtl_jax.models import layers
 
-ENCODERS = ("mlp", "small_cnn", "segnet", "resnet18")
+ENCODERS = ("mlp", "small_cnn", "segnet", "resnet18", "deeplabv3_resnet50")
 # Encoders whose output is per-pixel [B, H, W, C]; the others are global [B, D]. small_cnn is
 # dense when any head needs it.
-DENSE_ENCODERS = ("segnet",)
+DENSE_ENCODERS = ("segnet", "deeplabv3_resnet50")
 GLOBAL_ENCODERS = ("mlp", "resnet18")
 
 
@@ -98,6 +99,8 @@ def build_encoder(config: Any, dense_output: bool) -> nn.Module:
     )
   if name == "segnet":
     return encoders.SegNet(width_multiplier=width_multiplier, norm=norm)
+  if name == "deeplabv3_resnet50":
+    return deeplab.DilatedResNet50(width_multiplier=width_multiplier, norm=norm)
   return encoders.ResNet18(
       width_multiplier=width_multiplier, norm=norm, stem=config.get("resnet_stem", "imagenet")
   )
@@ -107,8 +110,9 @@ def build_model(config: Any, head_specs: Mapping[str, HeadSpec]) -> MultiTaskMod
   """A MultiTaskModel from a `model` ConfigDict and one HeadSpec per task.
 
   Config keys (missing ones take the defaults shown): encoder (one of ENCODERS, required),
-  norm ('batch'), width_multiplier (1.0; segnet, resnet18), hidden ((256, 256); mlp),
-  features ((16, 32, 32); small_cnn), head_hidden_channels (64; dense heads), head_hidden
+  norm ('batch'), width_multiplier (1.0; segnet, resnet18, deeplabv3_resnet50), hidden ((256, 256); mlp),
+  features ((16, 32, 32); small_cnn), head_hidden_channels (64; dense heads other than
+  deeplabv3_resnet50's ASPP heads, which have 256 x width_multiplier channels), head_hidden
   ((); global heads, () = linear), resnet_stem ('imagenet'; resnet18).
   """
   if not head_specs:
@@ -124,6 +128,7 @@ def build_model(config: Any, head_specs: Mapping[str, HeadSpec]) -> MultiTaskMod
         f"{', '.join(DENSE_ENCODERS + ('small_cnn',))}."
     )
   encoder = build_encoder(config, dense_output=bool(dense_tasks))
+  width_multiplier = float(config.get("width_multiplier", 1.0))
   # MTAN initialises every SegNet conv, including the heads', with Xavier-normal.
   head_kernel_init = (
       nn.initializers.xavier_normal() if name == "segnet" else nn.initializers.lecun_normal()
@@ -132,7 +137,13 @@ def build_model(config: Any, head_specs: Mapping[str, HeadSpec]) -> MultiTaskMod
   head_hidden = _int_tuple(config.get("head_hidden", ()))
   task_heads: dict[str, nn.Module] = {}
   for task, spec in head_specs.items():
-    if spec.dense:
+    # --- DeepLabV3: every dense task gets its own ASPP head (upsampling to the input size).
+    if spec.dense and name == "deeplabv3_resnet50":
+      task_heads[task] = deeplab.ASPPHead(
+          int(spec.output_channels), channels=encoders.scaled_width(256, width_multiplier), norm=encoder.norm
+      )
+    # --- end DeepLabV3.
+    elif spec.dense:
       task_heads[task] = heads_lib.DenseHead(
           int(spec.output_channels),
           hidden_channels=head_hidden_channels,

@@ -17,6 +17,30 @@ import ml_collections
 # 'jacobian': needs the task gradients' coordinates.
 KINDS = ("loss", "gramian", "jacobian")
 
+# What the rows of a Gramian are: 'task' (one row per task, the batch-mean loss L_t), 'sample'
+# (one row per sample, its loss summed over tasks, divided by B) or 'sample_task' (one row per
+# (sample, task), L_it / B). Each level's rows sum to the EW objective Σ_t L_t, so a
+# sum-convention method without conflicts reproduces EW's step at every level.
+LEVELS = ("task", "sample", "sample_task")
+
+# How a 'jacobian' weighting uses coordinates: 'features' (combine maps the per-task gradients
+# with respect to the shared features to one feature cotangent), 'per_task_optimizer' (the
+# per-task gradients of the shared parameters go, stacked, to an optimizer built by
+# `make_optimizer`), 'sequential' (one optimizer step per task in turn, each on a fresh gradient).
+JACOBIAN_MODES = ("features", "per_task_optimizer", "sequential")
+
+
+def check_level(level: str) -> str:
+  """Returns level, or raises a ValueError naming config.method.level and the valid levels."""
+  if level not in LEVELS:
+    raise ValueError(f"Unknown config.method.level {level!r}; valid levels: {', '.join(LEVELS)}.")
+  return level
+
+
+def num_rows(level: str, num_tasks: int, batch_size: int) -> int:
+  """The number of Gramian rows R at a level."""
+  return {"task": num_tasks, "sample": batch_size, "sample_task": batch_size * num_tasks}[check_level(level)]
+
 
 @dataclasses.dataclass(frozen=True)
 class Weighting:
@@ -25,10 +49,24 @@ class Weighting:
   Attributes:
     name: registry name.
     kind: one of KINDS; tells the train step which inputs the method needs.
-    init: num_tasks -> (trainable parameters, state); either may be an empty dict.
-    combine: for kind 'loss': (task_losses [T], params, state, rng, step) ->
-      (total loss, new state, aux metrics dict). Other kinds define their own signature.
+    init: for kinds 'loss' and 'jacobian', num_tasks -> (trainable parameters, state); for
+      kind 'gramian', the number of Gramian rows R (see `num_rows`). Either may be {}.
+    combine: by kind,
+      'loss': (task_losses [T], params, state, rng, step) -> (total loss, new state, aux);
+      'gramian': (gramian [R, R], task_losses [T], params, state, rng, step) ->
+        (weights [R], new state, aux); the train step then descends Σ_r stop_gradient(w_r) L_r
+        on the shared parameters. aux may hold 'weighting_loss', a scalar differentiable in
+        params, which the optimizer minimises for the weighting's own parameters;
+      'jacobian' with jacobian_mode 'features': (feature_gradients [T, *features.shape],
+        features, params, state, rng, step) -> (feature cotangent, new state, aux);
+      'jacobian' with another mode: unused (the method lives in its optimizer).
+      aux is a dict of metrics; 'weights' is logged as the task weights.
     description: one line shown in listings and reports.
+    jacobian_mode: for kind 'jacobian', one of JACOBIAN_MODES.
+    make_optimizer: when set, (optimizer config, steps_per_epoch, task names) -> the optax
+      transformation that replaces `optim.make_optimizer` (AdaTask, MTL-IO).
+    after_update: when set, (task losses after the update on the same batch [T], state) -> new
+      state; the train step runs one more forward pass for it (FAMO).
   """
 
   name: str
@@ -36,6 +74,9 @@ class Weighting:
   init: Callable[[int], tuple[Any, Any]]
   combine: Callable[..., Any]
   description: str = ""
+  jacobian_mode: str = ""
+  make_optimizer: Callable[..., Any] | None = None
+  after_update: Callable[..., Any] | None = None
 
 
 WeightingFactory = Callable[[ml_collections.ConfigDict], Weighting]

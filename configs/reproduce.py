@@ -1,0 +1,43 @@
+"""The main job's config: a small version of all four studies on the embedded scenes (2 CPU cores).
+
+Launch:
+  python experiments/reproduce.py --config=configs/reproduce.py --workdir=runs/reproduce
+The optimizer study trains STL baselines (3 tasks x 2 lr x 2 seeds) and
+len(methods) x 2 optimizers x 3 lr x 2 seeds MTL runs of a small CNN; runs that differ only in
+seed and lr train as one compiled program (config.sweep.vmap). Methods not in this build are
+skipped with a note in the report.
+"""
+
+import ml_collections
+
+from configs import adam_invariance
+from configs import base
+from configs import toy
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = base.get_config()
+  config.dataset.height, config.dataset.width = 16, 32
+  config.dataset.num_train, config.dataset.num_validation, config.dataset.num_test = 128, 32, 32
+  config.model.encoder = "small_cnn"
+  config.model.features = (8, 16)
+  config.model.norm = "group"
+  config.model.head_hidden_channels = 8
+  config.training.num_epochs = 3
+  config.training.batch_size = 16
+  config.training.eval_batch_size = 32
+  config.training.log_every_steps = 8
+  config.training.checkpoint_every_steps = 0
+  config.sweep.methods = ("ew", "uw", "rlw", "uw_o", "imtl", "pcgrad", "cagrad", "aligned_mtl")
+  config.sweep.optimizers = ("adam", "sgd")
+  config.sweep.lr_grid = (0.05, 0.005, 0.0005)
+  config.sweep.stl_lr_grid = (0.005, 0.0005)
+  config.sweep.seeds = (0, 1)
+  config.sweep.vmap = True
+  # Studies with their own configs (they train no scenes model), shortened where noted.
+  config.invariance = adam_invariance.get_config()
+  config.invariance.app_a2.num_epochs = 30
+  config.toy = toy.get_config()
+  config.robustness.finetune_epochs = 2
+  config.robustness.probe_steps = 200
+  return config

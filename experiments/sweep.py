@@ -1,0 +1,38 @@
+"""Runs (or resumes) the optimizer x method study and writes its tables and figure.
+
+  python experiments/sweep.py --config=configs/sweep_scenes.py --workdir=runs/sweep_scenes
+  python experiments/sweep.py --config=configs/sweep_paper.py:nyuv2_segnet --workdir=runs/paper/nyu_segnet
+Outputs in the workdir: stl/ and mtl/ run directories, sweep.json / sweep.csv (every run and
+its status), delta_m.md/.csv, metrics.md/.csv, pareto.md, parallel_coordinates.png.
+Re-running the same command skips finished runs.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from mtl_jax import sweep  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/sweep_scenes.py", "Sweep config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "runs/sweep_scenes", "Directory of the sweep's runs and tables.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  result = sweep.run_sweep(_CONFIG.value, _WORKDIR.value)
+  markdown, _ = sweep.delta_m_table(result.selections)
+  print(markdown)
+  print()
+  print(sweep.pareto_table(result.pareto_counts))
+  print("\n".join(f"{name}: {path}" for name, path in result.files.items()))
+
+
+if __name__ == "__main__":
+  app.run(main)

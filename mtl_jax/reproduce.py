@@ -1,0 +1,185 @@
+"""The main job: a small version of all four studies, written into one report.md.
+
+Each study is a function `(config, workdir) -> StudyResult` in the registry `STUDIES`. The
+optimizer × method sweep lives here; the other three are plug-ins imported lazily from the
+modules named in `PLUGINS`, so this build runs (and says "not available in this build" in the
+report) when a study module has not landed yet.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import time
+import traceback
+from typing import Callable, Mapping, Sequence
+
+import ml_collections
+
+from mtl_jax import metric_writers
+from mtl_jax import sweep as sweep_lib
+from mtl_jax.report import markdown
+
+Study = Callable[[ml_collections.ConfigDict, str], markdown.StudyResult]
+
+# Study name -> (section title, candidate (module, function) pairs, tried in order).
+PLUGINS: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
+    "invariance": ("Adam's partial loss-scale invariance and the 2-D toy",
+                   (("mtl_jax.reproduce", "invariance_study"),)),
+    "conflicts": ("Gradient conflicts: inter-task vs inter-sample",
+                  (("mtl_jax.conflicts", "run_conflicts"),)),
+    "robustness": ("Robustness of MTL vs STL features under corruptions",
+                   (("mtl_jax.robustness", "run_robustness"),)),
+}
+
+
+def invariance_study(config: ml_collections.ConfigDict, workdir: str) -> markdown.StudyResult:
+  """SPEC sections 1 and 3: the exact invariance check, the App. A2 runs and the toy table."""
+  from mtl_jax.studies import invariance  # pylint: disable=import-outside-toplevel
+  from mtl_jax.studies import toy  # pylint: disable=import-outside-toplevel
+
+  os.makedirs(workdir, exist_ok=True)
+  check = invariance.run_invariance_check(config.invariance)
+  held = sum(row["ok"] for row in check["rows"])
+  parts = [f"**Exact check (float64):** {held} of {len(check['rows'])} predictions held"
+           f"{'' if check['all_ok'] else ' — some FAILED, see the table'}.", check["markdown"]]
+  app = invariance.run_app_a2(config.invariance, workdir, progress=metric_writers.status)
+  parts.append("**App. A2 runs** (final-epoch mean loss per head and setting): " + "; ".join(
+      f"{run}: " + ", ".join(f"{setting} " + "/".join(f"{value:.3g}" for value in values)
+                             for setting, values in settings.items())
+      for run, settings in app["summary"].items()))
+  toy_results = toy.run_toy(config.toy, workdir)
+  converged = {key: sum(value is not None for value in row) for key, row in toy_results["table"].items()}
+  parts.append("**2-D toy** (iterations to the minimum of the mean loss; tolerance: distance "
+               f"< {config.toy.distance_tolerance:g} or mean-loss gap < {config.toy.loss_gap_tolerance:g}; "
+               f"{toy_results['num_runs']} runs in {toy_results['run_seconds']:.1f} s after compilation). "
+               "Learning rates at which every start converged: " +
+               ", ".join(f"{key} {count}/{len(config.toy.learning_rates)}" for key, count in converged.items()) + ".")
+  parts.append(toy_results["markdown"])
+  figures = list(app["figures"]) + ([toy_results["figure"]] if toy_results.get("figure") else [])
+  return markdown.StudyResult(PLUGINS["invariance"][0], "\n\n".join(parts), figures)
+
+
+def optimizer_study(config: ml_collections.ConfigDict, workdir: str) -> markdown.StudyResult:
+  """The optimizer × method sweep with STL baselines, Δm tables and Pareto counts."""
+  result = sweep_lib.run_sweep(config, workdir)
+  grid = config.sweep
+  parts = [
+      f"Grid: methods {', '.join(grid.methods)} × optimizers {', '.join(grid.optimizers)} × lr "
+      f"{', '.join(f'{rate:g}' for rate in grid.lr_grid)} × seeds {', '.join(str(seed) for seed in grid.seeds)}; "
+      f"STL baselines (Adam) per task over lr {', '.join(f'{rate:g}' for rate in grid.stl_lr_grid)}. "
+      "Best lr per (method, optimizer) on mean validation Δm; test values are mean ± std over seeds.",
+  ]
+  if result.notes:
+    parts.append("\n".join(f"- Note: {note}" for note in result.notes))
+  chosen = ", ".join(f"{task} {choice.learning_rate:g}" for task, choice in result.stl_choices.items())
+  parts.append(f"STL lr chosen on validation loss: {chosen}.")
+  findings = markdown.optimizer_findings(result.selections, result.pareto_counts)
+  if findings:
+    parts.append("**Findings (from the numbers below):**\n\n" + "\n".join(findings))
+  delta_markdown, _ = sweep_lib.delta_m_table(result.selections)
+  metric_markdown, _ = sweep_lib.metric_table(result.selections, result.directions)
+  parts += ["### Δm (%) at the best lr", delta_markdown, "### Test metrics at the best lr", metric_markdown,
+            "### Pareto analysis (one point per seed at the best lr)", sweep_lib.pareto_table(result.pareto_counts),
+            f"Tables as CSV: `{os.path.join(workdir, 'delta_m.csv')}`, `{os.path.join(workdir, 'metrics.csv')}`; "
+            f"run index: `{os.path.join(workdir, 'sweep.csv')}`."]
+  figures = [result.files["parallel_coordinates.png"]] if "parallel_coordinates.png" in result.files else []
+  return markdown.StudyResult("Optimizer choice vs MTL method", "\n\n".join(parts), figures)
+
+
+def _as_result(title: str, value) -> markdown.StudyResult:
+  """Accepts what a plug-in returns: a StudyResult, a markdown string, or a dict with 'markdown'."""
+  if isinstance(value, markdown.StudyResult):
+    return value
+  if isinstance(value, str):
+    return markdown.StudyResult(title, value)
+  if isinstance(value, Mapping) and "markdown" in value:
+    return markdown.StudyResult(value.get("title", title), value["markdown"], list(value.get("figures", [])))
+  raise TypeError(f"Study {title!r} returned {type(value).__name__}; expected StudyResult, str or a dict "
+                  "with 'markdown'.")
+
+
+def plugin_study(name: str) -> Study:
+  """A study that imports its implementation on first use; unavailable modules give a placeholder."""
+  title, candidates = PLUGINS[name]
+
+  def study(config: ml_collections.ConfigDict, workdir: str) -> markdown.StudyResult:
+    for module_name, function_name in candidates:
+      try:
+        module = importlib.import_module(module_name)
+      except ModuleNotFoundError as error:
+        if error.name and module_name.startswith(error.name):
+          continue
+        raise
+      function = getattr(module, function_name, None)
+      if function is not None:
+        return _as_result(title, function(config, workdir))
+    tried = ", ".join(f"{module}.{function}" for module, function in candidates)
+    return markdown.StudyResult(title, f"Not available in this build (looked for {tried}).", available=False)
+
+  return study
+
+
+STUDIES: dict[str, Study] = {
+    "optimizers": optimizer_study,
+    **{name: plugin_study(name) for name in PLUGINS},
+}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, studies: Sequence[str] | None = None,
+        registry: Mapping[str, Study] | None = None) -> str:
+  """Runs the studies in order (each in `workdir/<study>`) and writes `workdir/report.md`.
+
+  A study that raises is reported as failed in its section; the others still run, and the
+  first error is re-raised after the report is written.
+
+  Args:
+    config: the reproduce config (configs/reproduce.py).
+    workdir: the job directory.
+    studies: names to run, default all of the registry in order.
+    registry: study name -> function, default STUDIES.
+
+  Returns:
+    The report path.
+  """
+  registry = dict(registry or STUDIES)
+  names = list(studies or registry)
+  unknown = [name for name in names if name not in registry]
+  if unknown:
+    raise ValueError(f"Unknown studies {unknown}; valid: {', '.join(registry)}.")
+  os.makedirs(workdir, exist_ok=True)
+  sections, timings, first_error = [], [], None
+  start = time.perf_counter()
+  for index, name in enumerate(names):
+    metric_writers.status(f"[reproduce] study {index + 1}/{len(names)}: {name} "
+                          f"(elapsed {metric_writers.format_duration(time.perf_counter() - start)})")
+    study_start = time.perf_counter()
+    try:
+      section = registry[name](config, os.path.join(workdir, name))
+    except Exception as error:  # pylint: disable=broad-except
+      # One broken study must not cost the measurements of the others.
+      first_error = first_error or error
+      section = markdown.StudyResult(name, f"**Failed:** `{type(error).__name__}: {error}`\n\n```\n"
+                                     f"{traceback.format_exc(limit=5)}```", available=False)
+    seconds = time.perf_counter() - study_start
+    timings.append((name, seconds, section.available))
+    sections.append(section)
+    metric_writers.status(f"[reproduce] {name} done in {metric_writers.format_duration(seconds)}")
+  total = time.perf_counter() - start
+  preamble = (
+      "Small-scale reproduction of the four studies of \"Examining Common Paradigms in Multi-Task Learning\" "
+      f"on the embedded scenes data ({config.dataset.height}x{config.dataset.width}, model "
+      f"{config.model.encoder}, {config.training.num_epochs} epochs). Every statement below is computed from "
+      "this job's runs; at this size the numbers are noisy and need not match the paper.\n\n"
+      "| study | status | time |\n|---|---|---|\n"
+      + "\n".join(f"| {name} | {'ran' if ok else 'not run'} | {metric_writers.format_duration(seconds)} |"
+                  for name, seconds, ok in timings)
+      + f"\n\nTotal time: {metric_writers.format_duration(total)}."
+  )
+  path = os.path.join(workdir, "report.md")
+  with open(path, "w") as file:
+    file.write(markdown.assemble("Reproduction report", preamble, sections, workdir))
+  metric_writers.status(f"[reproduce] report written to {path} (total {metric_writers.format_duration(total)})")
+  if first_error is not None:
+    raise first_error
+  return path

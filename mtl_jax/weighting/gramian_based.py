@@ -1,0 +1,391 @@
+"""Gradient weightings that need only the Gramian of the rows' gradients: one small pure function each.
+
+Every method here ends in a direction d = Σ_k w_k g_k over the rows' gradients g_k (tasks,
+samples or (sample, task) pairs, see `LEVELS`) whose weights w are a function of the Gramian
+G_kl = ⟨g_k, g_l⟩ alone (plus state and a random key). The train step therefore computes G,
+calls `combine`, and takes one ordinary backward pass of Σ_k stop_gradient(w_k) L_k. Each
+factory's docstring says why its direction has this form and which conventions it follows
+(LibMTL's, unless stated otherwise: sum or mean over rows, constants, defaults).
+
+Signature of `combine` for kind 'gramian' (see base.Weighting):
+  (gramian [R, R], task_losses [T], params, state, rng, step) -> (weights [R], new_state, aux)
+`aux` may hold 'weighting_loss', a scalar differentiable in params that the optimizer
+minimises for the weighting's own parameters (IMTL-L's loss scales, GradNorm's weights).
+
+All weightings normalise G by its mean diagonal first (`solvers.normalise`); their weights are
+invariant to that scale, so this only conditions the solvers.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from mtl_jax.weighting import solvers
+from mtl_jax.weighting.base import Weighting, check_level, register
+
+EPSILON = solvers.EPSILON
+
+
+def _no_parameters(num_rows: int):
+  del num_rows
+  return {}, {}
+
+
+def _row_orders(rng: jax.Array, size: int) -> jax.Array:
+  """[R, R]: for each row, an independent random order of all rows (PCGrad, GradVac)."""
+  return jax.vmap(lambda key: jax.random.permutation(key, size))(jax.random.split(rng, size))
+
+
+# ----------------------------------------------------------------------------------------------
+# The pure weight functions (also the reference for tests and benchmarks).
+
+
+def pcgrad_weights(gramian: jax.Array, orders: jax.Array) -> jax.Array:
+  """PCGrad's weights: d = Σ_i pc_i, pc_i = g_i projected in turn off every conflicting g_j.
+
+  Each projected gradient stays a combination pc_i = Σ_k C_ik g_k of the rows, so its inner
+  products are C_i G[:, j] and the projection pc_i -= (⟨pc_i, g_j⟩ / ‖g_j‖²) g_j only changes
+  C_ij: the whole procedure runs on G. Follows LibMTL: each row i visits all rows (itself
+  included) in its own random order, projects onto the *original* g_j, and the rows' projected
+  gradients are summed (sum convention: no conflict gives Σ_k g_k, the EW direction).
+
+  Args:
+    gramian: [R, R].
+    orders: [R, R] integer; orders[i] is the order in which row i visits the rows.
+
+  Returns:
+    weights [R] (the column sums of C).
+  """
+  gramian, _ = solvers.normalise(gramian)
+  size = gramian.shape[0]
+  squared_norms = jnp.diag(gramian)
+
+  def project_row(row, order):
+    def visit(coefficients, other):
+      inner = coefficients @ gramian[:, other]
+      factor = jnp.where(inner < 0, inner / (squared_norms[other] + EPSILON), 0.0)
+      return coefficients - factor * jax.nn.one_hot(other, size), None
+
+    coefficients, _ = jax.lax.scan(visit, jax.nn.one_hot(row, size), order)
+    return coefficients
+
+  return jnp.sum(jax.vmap(project_row)(jnp.arange(size), orders), axis=0)
+
+
+def gradvac_weights(
+    gramian: jax.Array, targets: jax.Array, orders: jax.Array, beta: float
+) -> tuple[jax.Array, jax.Array]:
+  """GradVac's weights and updated similarity targets (LibMTL, whole-model group).
+
+  Like PCGrad, pc_i = Σ_k C_ik g_k; for each other row j (random order) whose cosine with
+  pc_i is below the running target φ_ij, GradVac adds a multiple of g_j that lifts the cosine
+  to φ_ij; the multiple depends only on ‖pc_i‖, ‖g_j‖ and the cosine, all read off G. The
+  targets are an exponential moving average (rate beta) of the observed cosines (state).
+  Sum convention, as LibMTL.
+
+  Args:
+    gramian: [R, R].
+    targets: [R, R] the similarity targets φ (zeros at start).
+    orders: [R, R] as in `pcgrad_weights` (a row's own index is skipped).
+    beta: EMA rate of the targets.
+
+  Returns:
+    (weights [R], new targets [R, R]).
+  """
+  gramian, _ = solvers.normalise(gramian)
+  size = gramian.shape[0]
+  norms = jnp.sqrt(jnp.maximum(jnp.diag(gramian), 0.0))
+
+  def vaccinate_row(row, order, row_targets):
+    def visit(carry, other):
+      coefficients, row_targets = carry
+      skip = other == row
+      projected_norm = jnp.sqrt(jnp.maximum(coefficients @ gramian @ coefficients, 0.0))
+      cosine = (coefficients @ gramian[:, other]) / (projected_norm * norms[other] + EPSILON)
+      cosine = jnp.clip(cosine, -1.0, 1.0)
+      target = row_targets[other]
+      amount = projected_norm * (target * jnp.sqrt(1.0 - cosine**2) - cosine * jnp.sqrt(1.0 - target**2)) / (
+          norms[other] * jnp.sqrt(1.0 - target**2) + EPSILON)
+      apply = (cosine < target) & ~skip
+      coefficients = coefficients + jnp.where(apply, amount, 0.0) * jax.nn.one_hot(other, size)
+      updated = (1.0 - beta) * target + beta * cosine
+      row_targets = row_targets.at[other].set(jnp.where(skip, target, updated))
+      return (coefficients, row_targets), None
+
+    (coefficients, row_targets), _ = jax.lax.scan(visit, (jax.nn.one_hot(row, size), row_targets), order)
+    return coefficients, row_targets
+
+  coefficients, new_targets = jax.vmap(vaccinate_row)(jnp.arange(size), orders, targets)
+  return jnp.sum(coefficients, axis=0), new_targets
+
+
+def imtl_g_weights(gramian: jax.Array) -> jax.Array:
+  """IMTL-G's weights: the d = Σ α_k g_k, Σ α_k = 1, with equal projections on every unit gradient.
+
+  LibMTL solves α_{2..R} = g_1 Uᵀ (D Uᵀ)⁻¹ with D_k = g_1 - g_k and U_k = u_1 - u_k
+  (u = g/‖g‖), α_1 = 1 - Σ α_k; every entry of g_1Uᵀ and DUᵀ is ⟨g_a, g_b⟩ / ‖g_b‖, a Gramian
+  entry. A pseudo-inverse keeps degenerate cases (identical or zero gradients) finite.
+  """
+  gramian, _ = solvers.normalise(gramian)
+  size = gramian.shape[0]
+  if size == 1:
+    return jnp.ones((1,), jnp.float32)
+  norms = jnp.sqrt(jnp.maximum(jnp.diag(gramian), 0.0))
+  inverse_norms = jnp.where(norms > 0, 1.0 / jnp.maximum(norms, EPSILON), 0.0)
+  # against_unit[a, b] = ⟨g_a, u_b⟩.
+  against_unit = gramian * inverse_norms[None, :]
+  reference = against_unit[0, 0] - against_unit[0, 1:]                       # g_1 Uᵀ, [R-1]
+  differences = (against_unit[0, 0] - against_unit[0, 1:][None, :]
+                 - against_unit[1:, 0][:, None] + against_unit[1:, 1:])      # D Uᵀ, [R-1, R-1]
+  alpha = reference @ jnp.linalg.pinv(differences, rtol=1e-6)
+  return jnp.concatenate([1.0 - jnp.sum(alpha, keepdims=True), alpha])
+
+
+def cagrad_weights(gramian: jax.Array, c: float, rescale: int, outer_iterations: int,
+                   inner_iterations: int) -> jax.Array:
+  """CAGrad's weights: d = (g_0 + λ g_w) / (1 + c²) with g_0 the mean row gradient (LibMTL).
+
+  w = argmin_{w ∈ simplex} wᵀ G b + c‖g_0‖ √(wᵀGw + 1e-8) (b = 1/R: the dual problem in
+  LibMTL), λ = c‖g_0‖ / ‖g_w‖, ‖g_0‖² = mean(G), ‖g_w‖² = wᵀGw: all from G, so d = Σ_k
+  (1/R + λ w_k)/(1 + c²) g_k. Mean convention, as LibMTL. The dual is solved by
+  majorise-minimise: √x ≤ x/(2η) + η/2 with η the current √(wᵀGw + 1e-8) turns each outer step
+  into a simplex QP, solved by accelerated projected gradient; the objective never increases.
+
+  Args:
+    gramian: [R, R].
+    c: the conflict-averse radius (0.5 in the study).
+    rescale: 0 (none), 1 (divide by 1 + c², the study's setting) or 2 (divide by 1 + c).
+    outer_iterations, inner_iterations: fixed iteration counts of the solver.
+  """
+  gramian, _ = solvers.normalise(gramian)
+  size = gramian.shape[0]
+  mean_norm = jnp.sqrt(jnp.maximum(jnp.mean(gramian), 0.0) + EPSILON)
+  radius = c * mean_norm + EPSILON
+  linear = gramian @ jnp.full((size,), 1.0 / size, jnp.float32)
+  largest = solvers.largest_eigenvalue(gramian)
+
+  def outer(_, weights):
+    eta = jnp.sqrt(jnp.maximum(weights @ gramian @ weights, 0.0) + EPSILON)
+    curvature = radius / eta
+
+    def gradient(w):
+      return linear + curvature * (gramian @ w)
+
+    step = 1.0 / (curvature * largest + EPSILON)
+    return solvers.accelerated_projected_gradient(gradient, solvers.project_to_simplex, weights, step,
+                                                  inner_iterations)
+
+  weights = jax.lax.fori_loop(0, outer_iterations, outer, jnp.full((size,), 1.0 / size, jnp.float32))
+  combined_norm = jnp.sqrt(jnp.maximum(weights @ gramian @ weights, 0.0))
+  multiplier = radius / (combined_norm + EPSILON)
+  direction = 1.0 / size + multiplier * weights
+  divisor = {0: 1.0, 1: 1.0 + c**2, 2: 1.0 + c}[int(rescale)]
+  return direction / divisor
+
+
+def aligned_mtl_weights(gramian: jax.Array, relative_tolerance: float = 1e-5) -> jax.Array:
+  """Aligned-MTL's weights: column sums of B = √σ_min V Σ^{-1/2} Vᵀ with G = V Σ Vᵀ (LibMTL).
+
+  Aligning the rows' gradients makes the singular values of the gradient matrix equal: the
+  aligned rows are B J, with B built from the eigen-decomposition of G alone, and d = 1ᵀ B J
+  (sum convention, as LibMTL). Eigenvalues below relative_tolerance · λ_max count as zero
+  (rank truncation; float32 needs a looser threshold than LibMTL's machine epsilon).
+  """
+  gramian, _ = solvers.normalise(gramian)
+  eigenvalues, vectors = jnp.linalg.eigh(gramian)
+  kept = eigenvalues > relative_tolerance * jnp.maximum(eigenvalues[-1], EPSILON)
+  smallest = jnp.min(jnp.where(kept, eigenvalues, jnp.inf))
+  smallest = jnp.where(jnp.any(kept), smallest, 0.0)
+  inverse_roots = jnp.where(kept, 1.0 / jnp.sqrt(jnp.where(kept, eigenvalues, 1.0)), 0.0)
+  alignment = jnp.sqrt(smallest) * (vectors * inverse_roots[None, :]) @ vectors.T
+  return jnp.sum(alignment, axis=0)
+
+
+def mgda_weights(gramian: jax.Array, iterations: int) -> jax.Array:
+  """MGDA's weights: the min-norm point of the convex hull of the rows, min_{w ∈ simplex} wᵀGw.
+
+  The objective ‖Σ w_k g_k‖² = wᵀGw is a function of G only. Weights sum to 1 (LibMTL's
+  MinNormSolver with gradient normalisation 'none'); solved by accelerated projected gradient.
+  """
+  gramian, _ = solvers.normalise(gramian)
+  return solvers.min_norm_simplex(gramian, iterations)
+
+
+def upgrad_weights(gramian: jax.Array, iterations: int) -> jax.Array:
+  """UPGrad's weights: the mean of every row's gradient projected onto the dual cone of the rows.
+
+  The projection of g_i onto {d : J d ≥ 0} is Jᵀv with v = argmin_{v ≥ e_i} vᵀGv (its dual),
+  so d = Jᵀ (1/R) Σ_i v_i (TorchJD's mean preference, without its regulariser). Each
+  projection is in the dual cone, so the average has a non-negative inner product with every
+  row's gradient.
+  """
+  gramian, _ = solvers.normalise(gramian)
+  size = gramian.shape[0]
+  projections = solvers.project_onto_dual_cone(gramian, jnp.eye(size, dtype=jnp.float32), iterations)
+  return jnp.mean(projections, axis=0)
+
+
+def nash_mtl_weights(gramian: jax.Array, iterations: int, max_norm: float) -> jax.Array:
+  """Nash-MTL's weights: α > 0 solving Ĝα = 1/α with Ĝ = G / ‖G‖_F, then d clipped to max_norm.
+
+  The Nash bargaining solution among the rows is d = Σ α_k g_k with (Gα)_k = 1/α_k, a
+  condition on G only. Like LibMTL, G is normalised by its Frobenius norm and the direction's
+  norm (√(αᵀGα), also from G) is clipped to max_norm (0 disables). LibMTL reaches α with
+  cvxpy's concave-convex procedure; here a damped Newton solver (`solvers.nash_bargaining`)
+  finds the exact stationary point.
+  """
+  gramian = solvers.symmetric(gramian)
+  frobenius = jnp.sqrt(jnp.sum(gramian**2))
+  normalised = gramian / jnp.where(frobenius > 0, frobenius, 1.0)
+  alpha = solvers.nash_bargaining(normalised, iterations)
+  if max_norm > 0:
+    norm = jnp.sqrt(jnp.maximum(alpha @ gramian @ alpha, 0.0))
+    alpha = alpha * jnp.minimum(1.0, max_norm / (norm + 1e-6))
+  return alpha
+
+
+# ----------------------------------------------------------------------------------------------
+# Registered weightings.
+
+
+def _level(options: ml_collections.ConfigDict) -> str:
+  return check_level(options.get("level", "task"))
+
+
+def _gramian_weighting(name, combine, description, init=_no_parameters):
+  return Weighting(name, "gramian", init, combine, description)
+
+
+@register("pcgrad")
+def pcgrad(options: ml_collections.ConfigDict) -> Weighting:
+  """PCGrad (Yu et al. 2020), random order per row each step; see `pcgrad_weights`."""
+  del options
+
+  def combine(gramian, task_losses, params, state, rng, step):
+    del task_losses, params, step
+    weights = pcgrad_weights(gramian, _row_orders(rng, gramian.shape[0]))
+    return weights, state, {"weights": weights}
+
+  return _gramian_weighting("pcgrad", combine, "projecting conflicting gradients (random order)")
+
+
+@register("gradvac")
+def gradvac(options: ml_collections.ConfigDict) -> Weighting:
+  """GradVac (Wang et al. 2021) with EMA rate `gradvac_beta`; see `gradvac_weights`."""
+  beta = float(options.get("gradvac_beta", 0.5))
+
+  def init(num_rows):
+    return {}, {"targets": jnp.zeros((num_rows, num_rows), jnp.float32)}
+
+  def combine(gramian, task_losses, params, state, rng, step):
+    del task_losses, params, step
+    weights, targets = gradvac_weights(gramian, state["targets"], _row_orders(rng, gramian.shape[0]), beta)
+    return weights, {"targets": targets}, {"weights": weights}
+
+  return _gramian_weighting("gradvac", combine, "gradient vaccine (EMA cosine targets)", init)
+
+
+@register("imtl")
+def imtl(options: ml_collections.ConfigDict) -> Weighting:
+  """IMTL (Liu et al. 2021): IMTL-G on the Gramian, plus IMTL-L loss scales at level 'task'.
+
+  IMTL-L (LibMTL's hybrid 'IMTL', on by default via `imtl_loss_scaling`) learns log-scales s_t:
+  the gradients are those of e^{s_t} L_t (Gramian D G D, D = diag(e^s)), and s is trained by the
+  model's optimizer on Σ_t e^{s_t} L_t - s_t. The model's weights are then α_t e^{s_t}.
+  """
+  loss_scaling = bool(options.get("imtl_loss_scaling", True)) and _level(options) == "task"
+
+  def init(num_rows):
+    if loss_scaling:
+      return {"log_scale": jnp.zeros((num_rows,), jnp.float32)}, {}
+    return {}, {}
+
+  def combine(gramian, task_losses, params, state, rng, step):
+    del rng, step
+    aux = {}
+    if loss_scaling:
+      scales = jnp.exp(params["log_scale"])
+      fixed = jax.lax.stop_gradient(scales)
+      weights = imtl_g_weights(gramian * fixed[:, None] * fixed[None, :]) * fixed
+      aux["weighting_loss"] = jnp.sum(scales * jax.lax.stop_gradient(task_losses) - params["log_scale"])
+    else:
+      weights = imtl_g_weights(gramian)
+    aux["weights"] = weights
+    return weights, state, aux
+
+  return _gramian_weighting("imtl", combine, "impartial MTL (IMTL-G, with IMTL-L at task level)", init)
+
+
+@register("cagrad")
+def cagrad(options: ml_collections.ConfigDict) -> Weighting:
+  """CAGrad (Liu et al. 2021), c = `cagrad_c` (0.5), rescale = `cagrad_rescale` (1)."""
+  c = float(options.get("cagrad_c", 0.5))
+  rescale = int(options.get("cagrad_rescale", 1))
+  if rescale not in (0, 1, 2):
+    raise ValueError(f"config.method.cagrad_rescale must be 0, 1 or 2, got {rescale}.")
+  outer = int(options.get("cagrad_outer_iterations", 20))
+  inner = int(options.get("solver_iterations", 1000))
+
+  def combine(gramian, task_losses, params, state, rng, step):
+    del task_losses, params, rng, step
+    weights = cagrad_weights(gramian, c, rescale, outer, inner)
+    return weights, state, {"weights": weights}
+
+  return _gramian_weighting("cagrad", combine, f"conflict-averse gradient (c={c:g})")
+
+
+@register("aligned_mtl")
+def aligned_mtl(options: ml_collections.ConfigDict) -> Weighting:
+  """Aligned-MTL (Senushkin et al. 2023); see `aligned_mtl_weights`."""
+  del options
+
+  def combine(gramian, task_losses, params, state, rng, step):
+    del task_losses, params, rng, step
+    weights = aligned_mtl_weights(gramian)
+    return weights, state, {"weights": weights}
+
+  return _gramian_weighting("aligned_mtl", combine, "aligned MTL (equalised singular values)")
+
+
+@register("mgda")
+def mgda(options: ml_collections.ConfigDict) -> Weighting:
+  """MGDA (Sener & Koltun 2018) min-norm weights; see `mgda_weights`."""
+  iterations = int(options.get("solver_iterations", 1000))
+
+  def combine(gramian, task_losses, params, state, rng, step):
+    del task_losses, params, rng, step
+    weights = mgda_weights(gramian, iterations)
+    return weights, state, {"weights": weights}
+
+  return _gramian_weighting("mgda", combine, "multiple-gradient descent (min-norm point)")
+
+
+@register("upgrad")
+def upgrad(options: ml_collections.ConfigDict) -> Weighting:
+  """UPGrad (Quinton & Rey 2024, TorchJD); see `upgrad_weights`."""
+  iterations = int(options.get("solver_iterations", 1000))
+
+  def combine(gramian, task_losses, params, state, rng, step):
+    del task_losses, params, rng, step
+    weights = upgrad_weights(gramian, iterations)
+    return weights, state, {"weights": weights}
+
+  return _gramian_weighting("upgrad", combine, "unconflicting projections of gradients")
+
+
+@register("nash_mtl")
+def nash_mtl(options: ml_collections.ConfigDict) -> Weighting:
+  """Nash-MTL (Navon et al. 2022), `nash_mtl_iterations` Newton steps, `nash_mtl_max_norm` clip."""
+  iterations = int(options.get("nash_mtl_iterations", 50))
+  max_norm = float(options.get("nash_mtl_max_norm", 1.0))
+
+  def combine(gramian, task_losses, params, state, rng, step):
+    del task_losses, params, rng, step
+    weights = nash_mtl_weights(gramian, iterations, max_norm)
+    return weights, state, {"weights": weights}
+
+  return _gramian_weighting("nash_mtl", combine, "Nash bargaining among tasks")
+
+

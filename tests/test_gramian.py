@@ -1,0 +1,288 @@
+"""Tests for mtl_jax.gramian: fast path against vmap(grad), Gramian properties, reductions, BN modes."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from mtl_jax import gramian
+from mtl_jax import models
+from mtl_jax import tasks as tasks_lib
+
+BATCH = 4
+RELATIVE_TOLERANCE = 1e-5
+TASKS = (
+    tasks_lib.BinaryAttribute(name="smiling", index=0),
+    tasks_lib.Classification(name="digit", num_classes=3),
+    tasks_lib.BinaryAttribute(name="glasses", index=1),
+)
+
+
+@functools.lru_cache(maxsize=None)
+def setup(encoder: str, norm: str, seed: int = 0):
+  """(model, variables, batch) for a tiny encoder; random inputs drawn from `seed`."""
+  config = ml_collections.ConfigDict(
+      dict(
+          encoder=encoder, norm=norm, hidden=(16, 12), features=(4, 6), width_multiplier=0.0625,
+          head_hidden=(5,),
+      )
+  )
+  specs = {task.name: models.HeadSpec(task.output_channels, dense=False) for task in TASKS}
+  model = models.build_model(config, specs)
+  size = 32 if encoder == "segnet" else 8
+  variables = models.init_model(model, jax.random.PRNGKey(seed), (1, size, size, 3))
+  keys = jax.random.split(jax.random.PRNGKey(seed + 100), 4)
+  batch = {
+      "image": jax.random.normal(keys[0], (BATCH, size, size, 3)),
+      "attributes": (jax.random.uniform(keys[1], (BATCH, 2)) > 0.5).astype(jnp.float32),
+      "label": jax.random.randint(keys[2], (BATCH,), 0, 3),
+  }
+  if norm == "batch":
+    # Running statistics that differ from the batch's, so 'eval' is a distinct definition.
+    variables["batch_stats"] = jax.tree_util.tree_map(
+        lambda leaf: leaf + 0.3 * jax.random.uniform(keys[3], leaf.shape), variables["batch_stats"]
+    )
+  return model, variables, batch
+
+
+# Each case compiles a few programs; on 2 shared CPU cores the full grid (SegNet alone takes
+# minutes) exceeds this file's time budget, so the default run covers every norm kind and both
+# conv strategies once, and MTL_JAX_SLOW_TESTS=1 runs the whole encoder x norm grid.
+_SLOW = pytest.mark.skipif(
+    os.environ.get("MTL_JAX_SLOW_TESTS") != "1", reason="slow: set MTL_JAX_SLOW_TESTS=1"
+)
+CASES = [
+    ("mlp", "layer"),
+    ("mlp", "none"),
+    ("mlp", "batch"),
+    ("small_cnn", "group"),
+    pytest.param("mlp", "group", marks=_SLOW),
+    pytest.param("small_cnn", "layer", marks=_SLOW),
+    pytest.param("small_cnn", "none", marks=_SLOW),
+    pytest.param("small_cnn", "batch", marks=_SLOW),
+    pytest.param("segnet", "group", marks=_SLOW),
+]
+
+
+def reductions(full):
+  return {
+      "task": gramian.rows_gramian(full, "task"),
+      "sample": gramian.rows_gramian(full, "sample"),
+      "sample_task": gramian.rows_gramian(full, "sample_task"),
+      "sample_of_task_1": gramian.sample_gramian(full, task=1),
+      "row_norms": gramian.row_norms(full),
+  }
+
+
+@pytest.mark.parametrize("encoder,norm", CASES)
+def test_fast_matches_reference_and_direct_gradients(encoder, norm):
+  model, variables, batch = setup(encoder, norm, seed=len(encoder) + len(norm))
+  params, batch_stats = variables["params"], variables.get("batch_stats", {})
+  mode = "eval" if norm == "batch" else "error"
+  train = norm != "batch"
+  # The SegNet case checks only fast against reference: its extra programs cost minutes to compile.
+  direct = encoder != "segnet"
+
+  @jax.jit
+  def everything(params, batch):
+    fast = gramian.compute_gramian(model, params, batch_stats, batch, TASKS, "fast", mode)
+    # The reference Gramian is rows rowsᵀ of these vmap(grad) rows (checked separately below).
+    rows = gramian.per_sample_gradients(
+        model, params, batch_stats, batch, TASKS, range(BATCH), range(len(TASKS)), mode
+    )
+    if not direct:
+      return fast, rows, None, None
+    reduced = reductions(fast)
+    if encoder == "mlp" and norm == "layer":
+      # compute_gramian's own reference path (the same Jacobian, contracted on device).
+      reference = gramian.compute_gramian(model, params, batch_stats, batch, TASKS, "reference", mode)
+      fast = jnp.stack([fast, reference])
+
+    def mean_losses(encoder_params):
+      full = {**params, "encoder": encoder_params}
+      losses = gramian.per_sample_losses(model, full, batch_stats, batch, TASKS, train=train)
+      return jnp.mean(losses, axis=0)
+
+    task_gradients = gramian._flatten_rows(jax.jacrev(mean_losses)(params["encoder"]), 1)
+    return fast, rows, task_gradients, reduced
+
+  fast, rows, task_gradients, reduced = jax.device_get(everything(params, batch))
+  if fast.ndim == 5:
+    fast, reference_on_device = fast
+    assert relative_error(reference_on_device, fast) < RELATIVE_TOLERANCE
+  rows = np.asarray(rows, np.float64)
+  reference = np.einsum("itp,jsp->itjs", rows, rows)
+  assert fast.shape == (BATCH, len(TASKS), BATCH, len(TASKS))
+  assert fast.dtype == np.float32
+  assert relative_error(fast, reference) < RELATIVE_TOLERANCE
+
+  matrix = np.asarray(fast, np.float64).reshape(BATCH * len(TASKS), -1)
+  scale = np.abs(matrix).max()
+  np.testing.assert_allclose(matrix, matrix.T, rtol=0, atol=1e-6 * scale)
+  assert np.linalg.eigvalsh((matrix + matrix.T) / 2).min() > -1e-5 * scale
+  if not direct:
+    return
+
+  # The mean of per-sample gradients is each task's batch gradient.
+  np.testing.assert_allclose(
+      rows.mean(axis=0), task_gradients, rtol=1e-4, atol=1e-6 * np.abs(rows).max()
+  )
+  # Reductions against inner products of directly computed gradients.
+  summed = rows.sum(axis=1)
+  flat = rows.reshape(BATCH * len(TASKS), -1)
+  expected = {
+      "task": task_gradients @ task_gradients.T,
+      "sample": summed @ summed.T,
+      "sample_task": flat @ flat.T,
+      "sample_of_task_1": rows[:, 1] @ rows[:, 1].T,
+      "row_norms": np.linalg.norm(rows, axis=-1),
+  }
+  for name, value in expected.items():
+    np.testing.assert_allclose(reduced[name], value, rtol=1e-4, atol=1e-6 * scale, err_msg=name)
+
+
+def relative_error(actual, expected) -> float:
+  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+  return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
+
+
+def test_fast_loss_and_grads_match_autodiff_with_row_weights():
+  model, variables, batch = setup("small_cnn", "group", seed=3)
+  params = variables["params"]
+  row_weights = jax.random.uniform(jax.random.PRNGKey(7), (BATCH, len(TASKS)))
+
+  @jax.jit
+  def run(params, batch):
+    equal = gramian.loss_grads_and_gramian(model, params, {}, batch, TASKS)
+    weighted = gramian.loss_grads_and_gramian(
+        model, params, {}, batch, TASKS, weights_fn=lambda g, losses: row_weights
+    )
+    plain = gramian.loss_grads_and_gramian(model, params, {}, batch, TASKS, with_gramian=False)
+
+    def weighted_loss(params):
+      return jnp.sum(row_weights * gramian.per_sample_losses(model, params, {}, batch, TASKS))
+
+    return equal, weighted, plain, jax.grad(weighted_loss)(params)
+
+  equal, weighted, plain, expected_weighted = run(params, batch)
+  np.testing.assert_allclose(equal.loss, plain.loss, rtol=1e-6)
+  for actual, expected in [(equal.grads, plain.grads), (weighted.grads, expected_weighted)]:
+    assert jax.tree_util.tree_structure(actual) == jax.tree_util.tree_structure(expected)
+    for leaf, expected_leaf in zip(jax.tree_util.tree_leaves(actual), jax.tree_util.tree_leaves(expected)):
+      np.testing.assert_allclose(leaf, expected_leaf, rtol=1e-4, atol=1e-6)
+  assert plain.gramian is None and equal.gramian.shape == (BATCH, 3, BATCH, 3)
+
+
+def test_batch_norm_modes():
+  model, variables, batch = setup("mlp", "batch", seed=5)
+  params, batch_stats = variables["params"], variables["batch_stats"]
+  for path in gramian.PATHS:
+    with pytest.raises(ValueError, match="batch normalisation"):
+      gramian.compute_gramian(model, params, batch_stats, batch, TASKS, path)
+  with pytest.raises(ValueError, match="only available on the 'reference' path"):
+    gramian.compute_gramian(model, params, batch_stats, batch, TASKS, "fast", "batch_statistics")
+  with pytest.raises(ValueError, match="valid choices"):
+    gramian.compute_gramian(model, params, batch_stats, batch, TASKS, "fast", "train")
+
+  @jax.jit
+  def run(params, batch):
+    coupled = gramian.compute_gramian(
+        model, params, batch_stats, batch, TASKS, "reference", "batch_statistics"
+    )
+    rows = gramian.per_sample_gradients(
+        model, params, batch_stats, batch, TASKS, range(BATCH), range(3), "batch_statistics"
+    )
+    return coupled, rows, gramian.task_level_gramian(model, params, batch_stats, batch, TASKS)
+
+  coupled, rows, (task_level, task_losses) = run(params, batch)
+  # Rows of the training-mode Jacobian still average to the batch-mean task gradients.
+  scale = float(jnp.abs(task_level).max())
+  np.testing.assert_allclose(gramian.task_gramian(coupled), task_level, rtol=1e-4, atol=1e-6 * scale)
+  flat = rows.reshape(BATCH * 3, -1)
+  np.testing.assert_allclose(
+      gramian.rows_gramian(coupled, "sample_task"), flat @ flat.T, rtol=1e-4, atol=1e-6 * scale
+  )
+  expected_losses = jnp.mean(
+      gramian.per_sample_losses(model, params, batch_stats, batch, TASKS, train=True), axis=0
+  )
+  np.testing.assert_allclose(task_losses, expected_losses, rtol=1e-6)
+
+
+@pytest.mark.parametrize("positions", [1, 5])
+def test_ghost_and_materialised_layer_gramians_agree(positions):
+  keys = jax.random.split(jax.random.PRNGKey(positions), 2)
+  inputs = jax.random.normal(keys[0], (3, positions, 7))
+  output_gradients = jax.random.normal(keys[1], (2, 3, positions, 4))
+  ghost, materialised = jax.jit(
+      lambda inputs, gradients: [
+          gramian._linear_contribution(inputs, gradients, True, strategy)
+          for strategy in gramian.STRATEGIES
+      ]
+  )(inputs, output_gradients)
+  inputs, output_gradients = np.asarray(inputs, np.float64), np.asarray(output_gradients, np.float64)
+  per_row = np.einsum("bpk,tbpn->tbkn", inputs, output_gradients).reshape(2, 3, -1)
+  per_row = np.concatenate([per_row, output_gradients.sum(axis=2)], axis=-1)
+  expected = np.einsum("tbp,scp->tbsc", per_row, per_row)
+  assert relative_error(ghost, expected) < RELATIVE_TOLERANCE
+  assert relative_error(materialised, expected) < RELATIVE_TOLERANCE
+
+
+def test_layer_strategy_prefers_ghost_for_few_positions():
+  assert gramian.layer_strategy(128, 3, 1, 3072, 256) == "ghost"
+  assert gramian.layer_strategy(128, 3, 1024, 27, 16) == "materialise"
+
+
+def test_reductions_on_a_known_gramian():
+  rows = np.random.default_rng(0).normal(size=(3, 2, 5))
+  full = np.einsum("itp,jsp->itjs", rows, rows).astype(np.float32)
+  reduced = jax.jit(reductions)(full)
+  mean = rows.mean(axis=0)
+  np.testing.assert_allclose(reduced["task"], mean @ mean.T, rtol=1e-5)
+  np.testing.assert_allclose(reduced["sample"], rows.sum(1) @ rows.sum(1).T, rtol=1e-5)
+  np.testing.assert_allclose(reduced["row_norms"], np.linalg.norm(rows, axis=-1), rtol=1e-5)
+  with pytest.raises(ValueError, match="valid choices: task, sample, sample_task"):
+    gramian.rows_gramian(full, "pixel")
+
+
+def _eager_task_jacobian(experiment, state, batch):
+  """[T, P] encoder gradients of the batch-mean task losses, one eager jax.grad per task."""
+
+  def task_loss(encoder, index):
+    params = {**state.params, "encoder": encoder}
+    variables = {"params": params}
+    if state.batch_stats:
+      variables["batch_stats"] = state.batch_stats
+      predictions, _ = experiment.model.apply(variables, batch["image"], train=True, mutable=["batch_stats"])
+    else:
+      predictions = experiment.model.apply(variables, batch["image"], train=True)
+    return jnp.mean(tasks_lib.losses_matrix(experiment.tasks, predictions, batch)[:, index])
+
+  rows = []
+  for index in range(len(experiment.tasks)):
+    gradient = jax.grad(task_loss)(state.params["encoder"], index)
+    rows.append(np.concatenate([np.ravel(leaf) for leaf in jax.tree_util.tree_leaves(gradient)]))
+  return np.stack(rows)
+
+
+@pytest.mark.parametrize("norm", ["group", "batch"])
+def test_jitted_task_level_gramian_equals_eager_per_task_gradients(norm):
+  # Pins the XLA CPU trap documented in gramian.stacked_vjp: jit(jacrev) over conv kernels was wrong.
+  from configs import test as test_config
+  from mtl_jax import train
+
+  config = test_config.get_config()
+  config.model.norm = norm
+  experiment = train.build_experiment(config)
+  state = train.init_state(experiment, 0)
+  batch = experiment.dataset.splits["train"].batch(np.arange(8))
+  jacobian = _eager_task_jacobian(experiment, state, batch)
+  jitted = jax.jit(lambda params: gramian.task_level_gramian(
+      experiment.model, params, state.batch_stats, batch, experiment.tasks)[0])
+  np.testing.assert_allclose(np.asarray(jitted(state.params)), jacobian @ jacobian.T,
+                             rtol=1e-4, atol=1e-6 * np.max(np.abs(jacobian @ jacobian.T)))

@@ -1,0 +1,190 @@
+"""Tests of the sweep: grid and naming, resume, lr selection, Pareto counts, multi-run training, the report."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from configs import test as test_config
+from mtl_jax import multirun
+from mtl_jax import reproduce
+from mtl_jax import sweep
+from mtl_jax import train
+from mtl_jax.data import registry
+from mtl_jax.report import markdown
+
+DIRECTIONS = {"a/acc": True, "b/err": False}
+
+
+def _sweep_config(**grid):
+  config = test_config.get_config()
+  config.training.num_epochs = 1
+  for key, value in grid.items():
+    config.sweep[key] = value
+  return config.lock()
+
+
+@pytest.fixture(scope="module")
+def dataset():
+  return registry.load_dataset(_sweep_config().dataset)
+
+
+def test_grid_expansion_naming_and_unknown_methods():
+  config = _sweep_config(methods=("ew", "no_such_method", "adatask"), optimizers=("adam", "sgd"),
+                         lr_grid=(0.01, 0.001), stl_lr_grid=(0.005,), seeds=(0, 1))
+  stl = sweep.stl_grid(config)
+  assert len(stl) == len(config.tasks) * 1 * 2
+  assert stl[0].path == "stl/segmentation-adam-lr0.005-seed0"
+  runs, notes = sweep.mtl_grid(config)
+  assert len(runs) == 1 * 2 * 2 * 2  # only ew is known here
+  assert {run.path for run in runs} >= {"mtl/ew-sgd-lr0.01-seed1", "mtl/ew-adam-lr0.001-seed0"}
+  assert len({run.path for run in runs}) == len(runs)
+  assert any("no_such_method" in note for note in notes)
+  run = sweep.run_config(config, runs[0], baseline=("x",))
+  assert (run.method.name, run.optimizer.name, run.seed, tuple(run.delta_m.baseline)) == ("ew", "adam", 0, ("x",))
+  assert tuple(sweep.run_config(config, stl[0]).tasks) == ("segmentation",)
+  with pytest.raises(ValueError, match="valid optimizers"):
+    sweep.mtl_grid(_sweep_config(optimizers=("adamax",)))
+
+
+def _write_results(workdir, spec, validation, test, delta=None):
+  run_dir = os.path.join(workdir, spec.path)
+  os.makedirs(run_dir, exist_ok=True)
+  results = {"validation": validation, "test": test}
+  if delta is not None:
+    results["delta_m"] = {"validation": delta[0], "test": delta[1], "variant": "flat"}
+  with open(os.path.join(run_dir, "results.json"), "w") as file:
+    json.dump(results, file)
+
+
+def test_stl_choice_uses_mean_validation_loss_and_same_seed(tmp_path):
+  workdir = str(tmp_path)
+  specs = [sweep.RunSpec("stl", "a", "adam", rate, seed) for rate in (0.1, 0.01) for seed in (0, 1)]
+  losses = {(0.1, 0): 1.0, (0.1, 1): 5.0, (0.01, 0): 2.0, (0.01, 1): 2.0}  # means 3.0 vs 2.0
+  for spec in specs:
+    _write_results(workdir, spec, {"a/loss": losses[(spec.learning_rate, spec.seed)]}, {})
+  choices, baselines = sweep.choose_stl(workdir, specs)
+  assert choices["a"].learning_rate == 0.01
+  assert baselines[1] == [os.path.join(workdir, "stl/a-adam-lr0.01-seed1")]
+  # An MTL seed without an STL run of its own falls back to the first STL seed.
+  assert sweep.baseline_for(baselines, 7) == baselines[0]
+
+
+def test_best_lr_selection_and_mean_std():
+  def record(rate, seed, validation, test_delta, acc):
+    return sweep.RunSpec("mtl", "ew", "adam", rate, seed), {
+        "delta_m": {"validation": validation, "test": test_delta}, "test": {"a/acc": acc, "b/err": 1.0}}
+  records = dict([
+      record(0.1, 0, 1.0, 10.0, 0.5), record(0.1, 1, 3.0, 12.0, 0.7),   # mean validation 2.0
+      record(0.01, 0, 2.0, 20.0, 0.1), record(0.01, 1, 2.5, 22.0, 0.2),  # mean 2.25
+  ])
+  records[sweep.RunSpec("mtl", "ew", "adam", 0.5, 0)] = None            # diverged: never chosen
+  records[sweep.RunSpec("mtl", "ew", "adam", 0.5, 1)] = {"delta_m": {"validation": -99.0, "test": 0.0},
+                                                         "test": {"a/acc": 1.0, "b/err": 0.0}}
+  (selection,) = sweep.select_best(records)
+  assert selection.learning_rate == 0.1
+  assert math.isinf(selection.validation_delta_m[0.5])
+  assert selection.mean_std("delta_m") == pytest.approx((11.0, 1.0))
+  assert selection.mean_std("a/acc") == pytest.approx((0.6, 0.1))
+  table, table_csv = sweep.delta_m_table([selection])
+  assert "11.00 ± 1.00 (0.1)" in table
+  assert table_csv.splitlines()[1].startswith("ew,adam,0.1,11.0,1.0,2")
+  metric_markdown, _ = sweep.metric_table([selection], DIRECTIONS)
+  assert "0.6000 ± 0.1000" in metric_markdown
+
+
+def test_pareto_counts_match_a_hand_count():
+  def selection(optimizer, method, points):
+    return sweep.Selection(method, optimizer, 0.1, {0.1: 0.0}, seeds=list(range(len(points))),
+                           test=[{"a/acc": acc, "b/err": err} for acc, err in points],
+                           test_delta_m=[0.0] * len(points))
+  # acc higher-better, err lower-better.
+  adam = selection("adam", "ew", [(0.9, 0.3), (0.5, 0.1), (0.4, 0.5)])
+  sgd = selection("sgd", "ew", [(0.8, 0.2), (0.3, 0.6)])
+  # By hand: front = adam (0.9,0.3), adam (0.5,0.1), sgd (0.8,0.2). adam (0.4,0.5) is dominated by
+  # sgd (0.8,0.2); no sgd run dominates the other two adam runs. sgd (0.8,0.2) is not dominated
+  # by any adam run; sgd (0.3,0.6) is.
+  points, counts = sweep.pareto_analysis([adam, sgd], DIRECTIONS)
+  assert counts == {"adam": {"runs": 3, "po_full": 2, "po_other": 2}, "sgd": {"runs": 2, "po_full": 1, "po_other": 1}}
+  assert [point.on_front for point in points] == [True, True, False, True, False]
+  findings = markdown.optimizer_findings([adam, sgd], counts)
+  assert any("2/3" in line for line in findings)
+
+
+def _group_configs(rates_and_seeds):
+  configs = []
+  for rate, seed in rates_and_seeds:
+    config = test_config.get_config()
+    config.seed = seed
+    config.optimizer.learning_rate = rate
+    config.optimizer.lr_decay_every_epochs = 1  # the step-decay schedule must survive the rescaling
+    config.training.num_epochs = 2
+    configs.append(config.lock())
+  return configs
+
+
+def test_train_group_writes_the_same_results_as_sequential_runs(tmp_path, dataset):
+  configs = _group_configs([(1e-3, 0), (3e-3, 1)])
+  grouped = multirun.train_group(configs, [str(tmp_path / f"group{i}") for i in range(2)], dataset)
+  for index, config in enumerate(configs):
+    sequential = train.train_and_evaluate(config, str(tmp_path / f"single{index}"), dataset)
+    assert grouped[index]["fingerprint"] == sequential["fingerprint"]
+    assert grouped[index]["best_step"] == sequential["best_step"]
+    for split in ("validation", "test"):
+      for key, value in sequential[split].items():
+        assert grouped[index][split][key] == pytest.approx(value, rel=1e-4, abs=1e-6), (split, key)
+    # A grouped run's results are reused by the sequential trainer (interchangeable formats).
+    reused = train.train_and_evaluate(config, str(tmp_path / f"group{index}"), dataset)
+    assert reused["test"] == grouped[index]["test"]
+
+
+def test_tiny_end_to_end_sweep_and_resume(tmp_path, dataset, monkeypatch):
+  config = _sweep_config(methods=("ew",), optimizers=("adam", "sgd"), lr_grid=(0.01,), stl_lr_grid=(0.005,),
+                         seeds=(0,), vmap=True)
+  config.unlock()
+  config.tasks = ("segmentation", "depth")
+  config.lock()
+  result = sweep.run_sweep(config, str(tmp_path), dataset)
+  assert [(s.method, s.optimizer, s.learning_rate) for s in result.selections] == [("ew", "adam", 0.01),
+                                                                                    ("ew", "sgd", 0.01)]
+  assert all(np.isfinite(s.mean_std("delta_m")[0]) for s in result.selections)
+  assert sum(count["runs"] for count in result.pareto_counts.values()) == 2
+  for name in ("sweep.json", "sweep.csv", "delta_m.md", "delta_m.csv", "metrics.csv", "parallel_coordinates.png"):
+    assert os.path.getsize(os.path.join(str(tmp_path), name)) > 0
+  index = json.load(open(tmp_path / "sweep.json"))
+  assert len(index) == 4 and all(entry["status"] == "finished" for entry in index)
+  mtl_run = json.load(open(tmp_path / "mtl/ew-adam-lr0.01-seed0/results.json"))
+  assert mtl_run["config"]["delta_m"]["baseline"] == [str(tmp_path / "stl/segmentation-adam-lr0.005-seed0"),
+                                                      str(tmp_path / "stl/depth-adam-lr0.005-seed0")]
+
+  def no_training(*args, **kwargs):
+    raise AssertionError("a finished run was trained again")
+
+  monkeypatch.setattr(multirun, "train_group", no_training)
+  monkeypatch.setattr(train, "train_and_evaluate", no_training)
+  again = sweep.run_sweep(config, str(tmp_path), dataset)
+  assert [s.test_delta_m for s in again.selections] == [s.test_delta_m for s in result.selections]
+
+
+def test_report_assembly_with_missing_and_failing_studies(tmp_path):
+  def fake_optimizers(config, workdir):
+    figure = os.path.join(workdir, "figure.png")
+    os.makedirs(workdir, exist_ok=True)
+    open(figure, "w").close()
+    return markdown.StudyResult("Optimizers", "Adam beat SGD on Δm for 1 of 1 methods.", [figure])
+
+  def broken(config, workdir):
+    raise RuntimeError("boom")
+
+  registry_ = {"optimizers": fake_optimizers, "invariance": reproduce.plugin_study("invariance"), "broken": broken}
+  with pytest.raises(RuntimeError, match="boom"):
+    reproduce.run(_sweep_config(), str(tmp_path), registry=registry_)
+  text = open(tmp_path / "report.md").read()
+  assert "Adam beat SGD on Δm for 1 of 1 methods." in text
+  assert "](optimizers/figure.png)" in text
+  assert "Not available in this build" in text
+  assert "RuntimeError: boom" in text
+  with pytest.raises(ValueError, match="Unknown studies"):
+    reproduce.run(_sweep_config(), str(tmp_path), studies=["nope"], registry=registry_)
