@@ -134,7 +134,10 @@ def get_config() -> ml_collections.ConfigDict:
       zero_tolerance=1e-12,  # Rows with squared norm <= this x the largest have no direction.
       # Parameter ratio: coordinates with |g| <= this x max |g| of their gradient count as zero.
       sign_tolerance=1e-6,
-      # experiments/conflicts.py: one training run per architecture, each overriding config.model.
+      # The study (experiments/conflicts.py, mtl_jax/conflict_study.py): settings 'dense' (scenes
+      # dense tasks), 'attributes' (12 scene attributes) or 'config' (config.tasks), each trained
+      # once per architecture; an architecture overrides config.model with its heads entry.
+      settings=("dense", "attributes"),
       architectures=("small_heads", "large_heads"),
       heads=ml_collections.ConfigDict(dict(
           small_heads=ml_collections.ConfigDict(dict(head_hidden_channels=8, head_hidden=())),

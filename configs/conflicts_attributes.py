@@ -10,13 +10,10 @@ paper subsamples CelebA's 40. The encoder pools its features globally; the heads
 
 import ml_collections
 
-from configs import base
-from configs import conflicts_dense
+from configs import conflicts
 
 
 def get_config(argument: str | None = None) -> ml_collections.ConfigDict:
-  config = base.get_config()
-  config.tasks = ("attributes",)
-  config.model.encoder = "small_cnn"  # Global-average-pooled [B, C] output: every task is per-image.
-  config.model.features = (16, 32)
-  return conflicts_dense.apply_study_settings(config, argument)
+  config = conflicts.get_config(argument)
+  config.conflicts.settings = ("attributes",)
+  return config

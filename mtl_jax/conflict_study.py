@@ -1,11 +1,12 @@
 """The gradient-conflict study (SPEC section 4): train with the conflict probe, plot, and summarise.
 
-`run_conflicts(config, workdir)` trains one EW run per head architecture named in
-`config.conflicts.architectures` (each overriding `config.model` with
+`run_conflicts(config, workdir)` runs every setting in `config.conflicts.settings` ('dense':
+the dense scenes tasks; 'attributes': the 12 scene attributes, a CelebA-like setting; 'config':
+the config's own tasks). For each setting, `run_setting` trains one run per head architecture
+named in `config.conflicts.architectures` (each overriding `config.model` with
 `config.conflicts.heads[<architecture>]`) with the probe of `mtl_jax.conflicts` switched on,
 then draws the per-epoch figures and writes `summary.md`, whose verdicts on the paper's findings
-are computed from the measured numbers. `run_study(configs, workdir)` does this for several
-settings (e.g. dense scenes tasks and the 12 scene attributes) and joins their summaries.
+are computed from the measured numbers; the settings' summaries are joined in one summary.md.
 """
 
 from __future__ import annotations
@@ -23,6 +24,13 @@ from mtl_jax import metric_writers
 from mtl_jax import train as train_lib
 from mtl_jax.data import registry as data_registry
 
+# Study settings: the tasks each one trains ('config' keeps the config's own tasks).
+SETTINGS = {
+    "dense": {"tasks": ("segmentation", "depth", "normals")},
+    "attributes": {"tasks": ("attributes",)},
+    "config": {},
+}
+DEFAULT_PROBE_EVERY_STEPS = 5
 SUMMARY_FILE = "summary.md"
 RESULTS_FILE = "conflicts_study.json"
 FIGURE_FILE = "conflicts.png"
@@ -233,13 +241,23 @@ def _verdict(holds: bool, epochs_holding: int | None = None, epochs: int | None 
 
 
 def summary_markdown(config: ml_collections.ConfigDict, runs: Mapping[str, Sequence[Mapping[str, Any]]],
-                     found: Mapping[str, Any], figures: Sequence[str], title: str) -> str:
-  """The markdown summary of one setting: what was measured, tables, and the findings' verdicts."""
+                     found: Mapping[str, Any], figures: Sequence[str], title: str, level: int = 2,
+                     figure_folder: str | None = "") -> str:
+  """The markdown summary of one setting: what was measured, tables, and the findings' verdicts.
+
+  Args:
+    config, runs, found, figures, title: the setting's config, records, `findings`, figure
+      paths and name.
+    level: the heading level of the setting's title (subsections one deeper).
+    figure_folder: figure links are `<figure_folder>/<file name>` ('' = beside the summary);
+      None leaves them out (a report that places the figures itself).
+  """
+  heading, subheading = "#" * level, "#" * (level + 1)
   options = config.conflicts
   first = next((records[0] for records in runs.values() if records), None)
   tasks = first["tasks"] if first else list(config.tasks)
   lines = [
-      f"## Gradient conflicts: {title}",
+      f"{heading} Gradient conflicts: {title}",
       "",
       f"Dataset `{config.dataset.name}` ({config.dataset.height}x{config.dataset.width}, "
       f"{config.dataset.num_train} training images), tasks {', '.join(config.tasks)}; encoder "
@@ -262,12 +280,12 @@ def summary_markdown(config: ml_collections.ConfigDict, runs: Mapping[str, Seque
   ]
   for architecture, records in runs.items():
     heads = dict(config.conflicts.heads[architecture]) if architecture in config.conflicts.heads else {}
-    lines += [f"### {architecture} ({', '.join(f'{k}={v}' for k, v in heads.items())})", ""]
+    lines += [f"{subheading} {architecture} ({', '.join(f'{k}={v}' for k, v in heads.items())})", ""]
     if not records:
       lines += ["No probe records (was probe_every_steps > 0 and at least one epoch trained?).", ""]
       continue
     lines += _table(records) + [""]
-  lines += ["### Findings (from the numbers above)", ""]
+  lines += [f"{subheading} Findings (from the numbers above)", ""]
   for architecture in runs:
     if architecture not in found:
       continue
@@ -290,28 +308,44 @@ def summary_markdown(config: ml_collections.ConfigDict, runs: Mapping[str, Seque
           f"- Larger heads shrink the {PAIR_LABELS[pair]} cosine spread {_verdict(entry['holds'])} "
           f"(std {_format(entry['large_heads_std'])} with large heads vs {_format(entry['small_heads_std'])} "
           "with small heads).")
-  lines += ["", *[f"![{os.path.basename(path)}]({os.path.basename(path)})" for path in figures], ""]
+  if figure_folder is not None:
+    lines += [""] + [f"![{os.path.basename(path)}]({os.path.join(figure_folder, os.path.basename(path))})"
+                     for path in figures]
+  lines.append("")
   return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------- study
 
 
-def run_conflicts(config: ml_collections.ConfigDict, workdir: str, dataset: data_registry.Dataset | None = None,
-                  title: str | None = None) -> dict[str, Any]:
-  """Trains each architecture with the probe, then writes figures, summary.md and the results JSON.
+def setting_config(config: ml_collections.ConfigDict, setting: str) -> ml_collections.ConfigDict:
+  """`config` with the tasks of a study setting (see SETTINGS) and the probe switched on."""
+  if setting not in SETTINGS:
+    raise ValueError(f"Unknown config.conflicts.settings entry {setting!r}; valid: {', '.join(SETTINGS)}.")
+  overrides = dict(SETTINGS[setting])
+  if int(config.conflicts.probe_every_steps) <= 0:
+    overrides["conflicts.probe_every_steps"] = DEFAULT_PROBE_EVERY_STEPS
+  # [choice] The study needs no per-epoch model selection: evaluate (and checkpoint) once, at the end.
+  overrides["training.eval_every_epochs"] = int(config.training.num_epochs)
+  return _with_overrides(config, **overrides)
+
+
+def run_setting(config: ml_collections.ConfigDict, workdir: str, dataset: data_registry.Dataset | None = None,
+                title: str | None = None) -> dict[str, Any]:
+  """One setting: trains each architecture with the probe, then writes figures, summary.md and JSON.
 
   Finished runs in `workdir/<architecture>` are reused (training resumes or re-reads results).
 
   Args:
-    config: a conflicts config (configs/conflicts_dense.py, configs/conflicts_attributes.py).
-    workdir: the study directory.
+    config: a config with the probe on (config.conflicts.probe_every_steps > 0), e.g. from
+      `setting_config`.
+    workdir: the setting's directory.
     dataset: an already loaded dataset to reuse.
     title: the setting's name in the summary (default: dataset and tasks).
 
   Returns:
     {'summary': markdown, 'figures': [paths], 'findings': ..., 'runs': {architecture: run dir},
-    'records': {architecture: per-epoch records}}.
+    'records': {architecture: per-epoch records}, 'title': title}.
   """
   if int(config.conflicts.probe_every_steps) <= 0:
     raise ValueError("config.conflicts.probe_every_steps must be positive for the conflict study "
@@ -338,40 +372,48 @@ def run_conflicts(config: ml_collections.ConfigDict, workdir: str, dataset: data
   found = findings(runs)
   summary = summary_markdown(config, runs, found, figures, title)
   results = {"summary": summary, "figures": figures, "findings": found, "runs": run_dirs, "records": runs,
-             "title": title}
+             "title": title, "config": config}
   _write(workdir, results)
   return results
 
 
-def run_study(configs: Mapping[str, ml_collections.ConfigDict], workdir: str) -> dict[str, Any]:
-  """`run_conflicts` for several settings in `workdir/<name>`, with a joint summary.md.
+def run_conflicts(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """The whole study: every setting in `config.conflicts.settings` in `workdir/<setting>`, one summary.
+
+  Each setting takes `config` (dataset, model, training sizes) with its own tasks; a probe
+  interval of 0 (the training default, probe off) means the paper's 5 here. Used by
+  experiments/conflicts.py and by the reproduce job.
 
   Args:
-    configs: {setting name: conflicts config}, e.g. {'dense': ..., 'attributes': ...}.
+    config: any experiment config (configs/conflicts*.py, configs/reproduce.py, ...).
     workdir: the study directory.
 
   Returns:
-    {'summary': joint markdown, 'settings': {name: run_conflicts result}, 'figures': [paths]}.
+    {'markdown' (= 'summary'): the joint summary, also in workdir/summary.md, 'figures': [paths],
+    'title', 'settings': {setting: `run_setting` result}}.
   """
+  names = list(config.conflicts.settings)
+  if not names:
+    raise ValueError(f"config.conflicts.settings is empty; name at least one of {', '.join(SETTINGS)}.")
+  configs = {name: setting_config(config, name) for name in names}
   settings, datasets = {}, {}
-  for name, config in configs.items():
-    # Settings on the same data settings share one rendered dataset.
-    key = json.dumps(config.dataset.to_dict(), sort_keys=True, default=str)
+  for name, setting in configs.items():
+    # Settings on the same data share one loaded (rendered) dataset.
+    key = json.dumps(setting.dataset.to_dict(), sort_keys=True, default=str)
     if key not in datasets:
-      datasets[key] = data_registry.load_dataset(config.dataset)
-    settings[name] = run_conflicts(config, os.path.join(workdir, name), datasets[key], title=name)
-  summary = "\n".join(
-      ["# Gradient conflicts: inter-task vs inter-sample (SPEC section 4)", ""]
-      + [_relink(result["summary"], name) for name, result in settings.items()])
+      datasets[key] = data_registry.load_dataset(setting.dataset)
+    settings[name] = run_setting(setting, os.path.join(workdir, name), datasets[key], title=name)
+  def render(level, linked):
+    return "\n".join(summary_markdown(result["config"], result["records"], result["findings"], result["figures"],
+                                     name, level, name if linked else None) for name, result in settings.items())
+
+  summary = "# Gradient conflicts: inter-task vs inter-sample (SPEC section 4)\n\n" + render(2, True)
   figures = [path for result in settings.values() for path in result["figures"]]
-  results = {"summary": summary, "settings": settings, "figures": figures}
+  # 'markdown' is for a report that nests it under its own section heading and places the figures.
+  results = {"summary": summary, "markdown": render(3, False), "figures": figures, "settings": settings,
+             "title": "Gradient conflicts: inter-task vs inter-sample"}
   _write(workdir, results)
   return results
-
-
-def _relink(summary: str, folder: str) -> str:
-  """Figure links of a setting's summary, made relative to the parent folder."""
-  return summary.replace("](conflicts", f"]({folder}/conflicts")
 
 
 def _write(workdir: str, results: Mapping[str, Any]) -> None:
@@ -379,4 +421,12 @@ def _write(workdir: str, results: Mapping[str, Any]) -> None:
   with open(os.path.join(workdir, SUMMARY_FILE), "w") as file:
     file.write(results["summary"])
   with open(os.path.join(workdir, RESULTS_FILE), "w") as file:
-    json.dump(conflicts_lib.json_safe(results), file, indent=1)
+    json.dump(conflicts_lib.json_safe(_without_configs(results)), file, indent=1)
+
+
+def _without_configs(value: Any) -> Any:
+  """A results dict with ConfigDicts dropped (each run directory has its config.json)."""
+  if isinstance(value, Mapping) and not isinstance(value, ml_collections.ConfigDict):
+    return {key: _without_configs(item) for key, item in value.items()
+            if not isinstance(item, ml_collections.ConfigDict)}
+  return value

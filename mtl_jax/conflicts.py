@@ -362,7 +362,8 @@ class ConflictProbe:
   current parameters, and, with `parameter_ratio`, the materialised gradients of the same rows
   for the conflicting-parameter ratio. `end_epoch` summarises the epoch's probes, writes them as
   scalars 'conflicts/<pair type>/<measure>/<statistic>' and rewrites conflicts.jsonl / .csv in
-  the workdir (one record per epoch, so a resumed run replaces a repeated epoch).
+  the workdir (one record per epoch, so a resumed run replaces a repeated epoch; after a resume
+  in the middle of an epoch that epoch's record holds only the probes after the resume).
   """
 
   def __init__(self, model, tasks: Sequence[tasks_lib.Task], options: Mapping[str, Any],
@@ -475,3 +476,11 @@ def make_probe(experiment, config, workdir: str | None) -> ConflictProbe | None:
   if options is None or int(options.get("probe_every_steps", 0)) <= 0:
     return None
   return ConflictProbe(experiment.model, experiment.tasks, options, workdir, seed=int(config.seed))
+
+
+def run_conflicts(config, workdir: str) -> dict[str, Any]:
+  """The conflict study, `mtl_jax.conflict_study.run_conflicts` (here for the reproduce job's lookup)."""
+  # Imported on use: the study imports mtl_jax.train, which imports this module for the probe.
+  from mtl_jax import conflict_study  # pylint: disable=import-outside-toplevel
+
+  return conflict_study.run_conflicts(config, workdir)

@@ -262,34 +262,45 @@ def test_findings_follow_the_numbers_whatever_they_are():
   assert "**holds on average only** (1/2 epochs)" in summary
 
 
-def test_config_arguments_and_architectures_are_checked():
+def test_config_arguments_settings_and_architectures_are_checked():
   assert conflicts_attributes.get_config("large_heads").conflicts.architectures == ("large_heads",)
   assert conflicts_dense.get_config().conflicts.architectures == ("small_heads", "large_heads")
   with pytest.raises(ValueError, match="small_heads, large_heads"):
     conflicts_dense.get_config("huge_heads")
   with pytest.raises(ValueError, match="valid: large_heads, small_heads"):
     conflict_study.architecture_config(conflicts_dense.get_config(), "medium")
+  # Any config works (the reproduce job passes its own): a probe interval of 0 becomes 5.
+  config = test_config.get_config()
+  assert config.conflicts.probe_every_steps == 0
+  setting = conflict_study.setting_config(config, "attributes")
+  assert setting.tasks == ("attributes",) and setting.conflicts.probe_every_steps == 5
+  assert conflict_study.setting_config(config, "config").tasks == config.tasks
+  with pytest.raises(ValueError, match="valid: dense, attributes, config"):
+    conflict_study.setting_config(config, "celeba")
 
 
-def test_run_conflicts_end_to_end(tiny, tmp_path):
-  _, dataset, _, _ = tiny
+def test_run_conflicts_end_to_end(tmp_path):
   config = conflict_study._with_overrides(  # pylint: disable=protected-access
       conflicts_dense.get_config("small_heads"),
       **{"dataset.num_train": 64, "dataset.num_validation": 16, "dataset.num_test": 16, "model.features": (8, 8),
-         "training.num_epochs": 2, "training.eval_every_epochs": 2, "training.eval_batch_size": 16,
-         "conflicts.probe_every_steps": 2, "conflicts.max_samples": 4})
-  results = conflict_study.run_conflicts(config, str(tmp_path), dataset, title="tiny")
-  records = results["records"]["small_heads"]
+         "training.num_epochs": 2, "training.eval_batch_size": 16, "conflicts.probe_every_steps": 2,
+         "conflicts.max_samples": 4})
+  # The entry point the reproduce job looks up.
+  results = conflicts.run_conflicts(config, str(tmp_path))
+  records = results["settings"]["dense"]["records"]["small_heads"]
   # 4 steps per epoch, a probe every 2 steps: 2 probes per epoch, 4 samples x 3 tasks each.
   assert [record["epoch"] for record in records] == [1, 2]
   assert all(record["probes"] == 2 and record["inter_task"]["pairs"] == 2 * 4 * 3 for record in records)
   assert all(-1 <= record["inter_sample"]["cosine"]["p2_5"] <= record["inter_sample"]["cosine"]["p97_5"] <= 1
              for record in records)
+  assert len(results["figures"]) == 2
   for path in results["figures"]:
     assert os.path.getsize(path) > 1000
   summary = open(tmp_path / conflict_study.SUMMARY_FILE).read()
   assert summary == results["summary"] and "group normalisation" in summary
-  assert "inter-sample cosine spread >= inter-task spread **" in summary
-  metrics = [json.loads(line) for line in open(tmp_path / "small_heads" / "metrics.jsonl")]
+  assert "### Gradient conflicts: dense" in results["markdown"] and "](" not in results["markdown"]
+  assert "inter-sample cosine spread >= inter-task spread **" in summary and "](dense/conflicts.png)" in summary
+  metrics = [json.loads(line) for line in open(tmp_path / "dense" / "small_heads" / "metrics.jsonl")]
   assert any("conflicts/inter_sample/cosine/mean" in line for line in metrics)
-  assert json.load(open(tmp_path / conflict_study.RESULTS_FILE))["findings"]["small_heads"]["epochs"] == 2
+  saved = json.load(open(tmp_path / "dense" / conflict_study.RESULTS_FILE))
+  assert saved["findings"]["small_heads"]["epochs"] == 2
