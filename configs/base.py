@@ -129,4 +129,29 @@ def get_config() -> ml_collections.ConfigDict:
       # (TPU pod slice, SLURM, JAX_COORDINATOR_ADDRESS); 'on' always; 'off' never.
       distributed="auto",
   ))
+  # --- Gradient conflicts (mtl_jax/conflicts.py probe, experiments/conflicts.py, SPEC section 4). ---
+  config.conflicts = ml_collections.ConfigDict(dict(
+      # Probe every k training steps (0 = no probe; ordinary training is untouched).
+      probe_every_steps=0,
+      max_samples=8,  # Samples of the batch per probe (0 = all).
+      max_tasks=8,  # Tasks per run, a fixed random subset when there are more (0 = all).
+      path="fast",  # Gramian path: 'fast' or 'reference'.
+      # Per-sample gradients under batch norm: 'error', 'eval' or 'batch_statistics' (reference
+      # path only); see mtl_jax/gramian.py. The conflict configs use group norm instead.
+      batch_norm="error",
+      parameter_ratio=True,  # Also materialise the probed rows for the conflicting-parameter ratio.
+      zero_tolerance=1e-12,  # Rows with squared norm <= this x the largest have no direction.
+      # Parameter ratio: coordinates with |g| <= this x max |g| of their gradient count as zero.
+      sign_tolerance=1e-6,
+      # The study (experiments/conflicts.py, mtl_jax/conflict_study.py): settings 'dense' (scenes
+      # dense tasks), 'attributes' (12 scene attributes) or 'config' (config.tasks), each trained
+      # once per architecture; an architecture overrides config.model with its heads entry.
+      settings=("dense", "attributes"),
+      architectures=("small_heads", "large_heads"),
+      heads=ml_collections.ConfigDict(dict(
+          small_heads=ml_collections.ConfigDict(dict(head_hidden_channels=8, head_hidden=())),
+          large_heads=ml_collections.ConfigDict(dict(head_hidden_channels=64, head_hidden=(64, 64))),
+      )),
+  ))
+  # --- End of gradient conflicts. ---
   return config

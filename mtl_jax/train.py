@@ -26,6 +26,7 @@ import optax
 
 from mtl_jax import checkpoint as checkpoint_lib
 from mtl_jax import config_validation
+from mtl_jax import conflicts as conflicts_lib
 from mtl_jax import gramian as gramian_lib
 from mtl_jax import method_steps
 from mtl_jax import metric_writers
@@ -508,6 +509,7 @@ def _train_and_evaluate(config, workdir, dataset, guard: preemption_lib.Preempti
                                    start, experiment.total_steps, experiment.dataset.augment)
   last_saved = checkpointer.latest_step()
   locator = None
+  conflict_probe = conflicts_lib.make_probe(experiment, config, workdir)  # Gradient conflicts (SPEC §4).
   for step, batch in batches:
     if stopped_early:
       break
@@ -526,6 +528,8 @@ def _train_and_evaluate(config, workdir, dataset, guard: preemption_lib.Preempti
     # --- end reliability ---
     if mesh is not None:  # sharding: this host's rows into one global batch split over 'data'.
       batch = sharding_lib.global_batch(batch, mesh)
+    if conflict_probe is not None:  # Gradient conflicts: probes the pre-step parameters on this batch.
+      conflict_probe.maybe_probe(step, state, batch)
     new_state, step_metrics = train_step(state, batch)
     step_metrics = jax.device_get(step_metrics)
 
@@ -555,6 +559,8 @@ def _train_and_evaluate(config, workdir, dataset, guard: preemption_lib.Preempti
     interval_sums["task_losses"] = interval_sums.get("task_losses", 0.0) + step_metrics["task_losses"]
     interval_count += 1
     done = step + 1
+    if conflict_probe is not None and done % per_epoch == 0:  # Gradient conflicts: per-epoch statistics.
+      conflict_probe.end_epoch(done // per_epoch, done, writer)
     if done % log_every == 0 or done == experiment.total_steps:
       scalars = {"train/loss": interval_sums["loss"] / interval_count,
                  "train/grad_norm": interval_sums["grad_norm"] / interval_count}
