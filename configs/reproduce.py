@@ -18,12 +18,12 @@ from configs import toy
 def get_config() -> ml_collections.ConfigDict:
   config = base.get_config()
   config.dataset.height, config.dataset.width = 16, 32
-  config.dataset.num_train, config.dataset.num_validation, config.dataset.num_test = 128, 32, 32
+  config.dataset.num_train, config.dataset.num_validation, config.dataset.num_test = 192, 48, 48
   config.model.encoder = "small_cnn"
   config.model.features = (8, 16)
   config.model.norm = "group"
   config.model.head_hidden_channels = 8
-  config.training.num_epochs = 3
+  config.training.num_epochs = 4
   config.training.batch_size = 16
   config.training.eval_batch_size = 32
   config.training.log_every_steps = 8

@@ -29,7 +29,7 @@ PLUGINS: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
     "conflicts": ("Gradient conflicts: inter-task vs inter-sample",
                   (("mtl_jax.conflicts", "run_conflicts"),)),
     "robustness": ("Robustness of MTL vs STL features under corruptions",
-                   (("mtl_jax.robustness", "run_robustness"),)),
+                   (("mtl_jax.reproduce", "robustness_study"),)),
 }
 
 
@@ -58,6 +58,25 @@ def invariance_study(config: ml_collections.ConfigDict, workdir: str) -> markdow
   parts.append(toy_results["markdown"])
   figures = list(app["figures"]) + ([toy_results["figure"]] if toy_results.get("figure") else [])
   return markdown.StudyResult(PLUGINS["invariance"][0], "\n\n".join(parts), figures)
+
+
+def robustness_study(config: ml_collections.ConfigDict, workdir: str) -> markdown.StudyResult:
+  """SPEC section 5: frozen-encoder head fine-tuning under corruptions, δ per task, linear probes."""
+  from mtl_jax import robustness  # pylint: disable=import-outside-toplevel
+
+  results = robustness.run_robustness(config, workdir)
+  findings = []
+  for run, delta in results["delta"].items():
+    per_task = delta["per_task"]
+    better = [task for task, value in per_task.items() if value < 0]
+    findings.append(
+        f"- {run}: mean δ {delta['mean']:+.4f} ({'MTL features degraded less' if delta['mean'] < 0 else 'MTL features degraded more'}"
+        f" than STL on average); δ < 0 on {len(better)} of {len(per_task)} tasks"
+        f"{' (' + ', '.join(better) + ')' if better else ''}.")
+  body = robustness.report_markdown(results).split("\n", 1)[1].strip()
+  text = "**Findings (from the numbers below):**\n\n" + "\n".join(findings) + "\n\n" + body
+  figure = os.path.join(workdir, robustness.FIGURE_FILE)
+  return markdown.StudyResult(PLUGINS["robustness"][0], text, [figure] if os.path.exists(figure) else [])
 
 
 def optimizer_study(config: ml_collections.ConfigDict, workdir: str) -> markdown.StudyResult:
