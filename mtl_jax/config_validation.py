@@ -9,6 +9,8 @@ to their owners. Checks that need the loaded dataset (task names) run when one i
 
 from __future__ import annotations
 
+import copy
+
 import numbers
 import os
 from typing import Any, Callable, Sequence
@@ -203,3 +205,16 @@ def validate_config(
       checker.fail("delta_m.baseline", f"{path!r} does not exist; give STL run directories or results.json files.")
   if checker.problems:
     raise ConfigError("\n".join(checker.problems))
+
+
+def with_overrides(config: ml_collections.ConfigDict, **values) -> ml_collections.ConfigDict:
+  """A deep copy of config with dotted keys ('training.num_epochs') set to the given values."""
+  result = copy.deepcopy(config)
+  with result.unlocked():
+    for key, value in values.items():
+      target = result
+      *parents, leaf = key.split(".")
+      for parent in parents:
+        target = target[parent]
+      target[leaf] = value
+  return result

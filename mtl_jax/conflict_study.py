@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 import ml_collections
 import numpy as np
 
+from mtl_jax import config_validation
 from mtl_jax import conflicts as conflicts_lib
 from mtl_jax import metric_writers
 from mtl_jax import train as train_lib
@@ -49,25 +50,13 @@ MEASURE_LABELS = {
 }
 
 
-def _with_overrides(config: ml_collections.ConfigDict, **values) -> ml_collections.ConfigDict:
-  result = copy.deepcopy(config)
-  with result.unlocked():
-    for key, value in values.items():
-      target = result
-      *parents, leaf = key.split(".")
-      for parent in parents:
-        target = target[parent]
-      target[leaf] = value
-  return result
-
-
 def architecture_config(config: ml_collections.ConfigDict, architecture: str) -> ml_collections.ConfigDict:
   """`config` with the model's head sizes taken from `config.conflicts.heads[architecture]`."""
   heads = config.conflicts.heads
   if architecture not in heads:
     raise ValueError(f"Unknown config.conflicts.architectures entry {architecture!r}; valid: "
                      f"{', '.join(heads.keys())} (defined in config.conflicts.heads).")
-  return _with_overrides(config, **{f"model.{key}": value for key, value in heads[architecture].items()})
+  return config_validation.with_overrides(config, **{f"model.{key}": value for key, value in heads[architecture].items()})
 
 
 # ------------------------------------------------------------------------------------- findings
@@ -327,7 +316,7 @@ def setting_config(config: ml_collections.ConfigDict, setting: str) -> ml_collec
     overrides["conflicts.probe_every_steps"] = DEFAULT_PROBE_EVERY_STEPS
   # [choice] The study needs no per-epoch model selection: evaluate (and checkpoint) once, at the end.
   overrides["training.eval_every_epochs"] = int(config.training.num_epochs)
-  return _with_overrides(config, **overrides)
+  return config_validation.with_overrides(config, **overrides)
 
 
 def run_setting(config: ml_collections.ConfigDict, workdir: str, dataset: data_registry.Dataset | None = None,

@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from mtl_jax import config_validation
 from mtl_jax import checkpoint as checkpoint_lib
 from mtl_jax import metric_writers
 from mtl_jax import tasks as tasks_lib
@@ -438,18 +439,6 @@ def run_probes(runs: Sequence[Run], dataset: data_registry.Dataset, settings: ml
 # ----------------------------------------------------------------------------- the study
 
 
-def _with_overrides(config: ml_collections.ConfigDict, **values) -> ml_collections.ConfigDict:
-  result = copy.deepcopy(config)
-  with result.unlocked():
-    for key, value in values.items():
-      target = result
-      *parents, leaf = key.split(".")
-      for parent in parents:
-        target = target[parent]
-      target[leaf] = value
-  return result
-
-
 def prepare_runs(config: ml_collections.ConfigDict, workdir: str, dataset: data_registry.Dataset
                  ) -> tuple[list[str], list[str]]:
   """Trains one STL run per task, then each prepare method's MTL run (Δm-selected against them).
@@ -462,12 +451,12 @@ def prepare_runs(config: ml_collections.ConfigDict, workdir: str, dataset: data_
   stl_dirs = []
   for task in config.tasks:
     run_dir = os.path.join(workdir, "runs", f"stl_{task}")
-    train_lib.train_and_evaluate(_with_overrides(config, tasks=(task,)), run_dir, dataset)
+    train_lib.train_and_evaluate(config_validation.with_overrides(config, tasks=(task,)), run_dir, dataset)
     stl_dirs.append(run_dir)
   mtl_dirs = []
   for method in config.robustness.prepare_methods:
     run_dir = os.path.join(workdir, "runs", f"mtl_{method}")
-    run_config = _with_overrides(config, **{"method.name": method, "delta_m.baseline": tuple(stl_dirs)})
+    run_config = config_validation.with_overrides(config, **{"method.name": method, "delta_m.baseline": tuple(stl_dirs)})
     train_lib.train_and_evaluate(run_config, run_dir, dataset)
     mtl_dirs.append(run_dir)
   return mtl_dirs, stl_dirs

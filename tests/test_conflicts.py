@@ -13,6 +13,7 @@ import pytest
 from configs import conflicts_attributes
 from configs import conflicts_dense
 from configs import test as test_config
+from mtl_jax import config_validation
 from mtl_jax import conflict_study
 from mtl_jax import conflicts
 from mtl_jax import gramian as gramian_lib
@@ -226,7 +227,7 @@ def test_probe_equals_statistics_of_reference_per_sample_gradients(tiny, tmp_pat
 
 def test_probe_refuses_training_mode_batch_norm_by_default(tiny):
   config, dataset, _, _ = tiny
-  config = conflict_study._with_overrides(config, **{"model.norm": "batch"})  # pylint: disable=protected-access
+  config = config_validation.with_overrides(config, **{"model.norm": "batch"})  # pylint: disable=protected-access
   experiment = train.build_experiment(config, dataset)
   state = train.init_state(experiment, 0)
   probe = conflicts.ConflictProbe(experiment.model, experiment.tasks, {"probe_every_steps": 1}, None)
@@ -280,7 +281,7 @@ def test_config_arguments_settings_and_architectures_are_checked():
 
 
 def test_run_conflicts_end_to_end(tmp_path):
-  config = conflict_study._with_overrides(  # pylint: disable=protected-access
+  config = config_validation.with_overrides(  # pylint: disable=protected-access
       conflicts_dense.get_config("small_heads"),
       **{"dataset.num_train": 64, "dataset.num_validation": 16, "dataset.num_test": 16, "model.features": (8, 8),
          "training.num_epochs": 2, "training.eval_batch_size": 16, "conflicts.probe_every_steps": 2,
