@@ -4,7 +4,9 @@ Runs are cached per test process, so the uninterrupted reference run (and the ru
 signal) are trained once and compared against by test_preemption.py and test_checkpoint_faults.py.
 """
 
+import contextlib
 import functools
+import io
 import os
 import shutil
 import signal
@@ -109,15 +111,23 @@ def signalling_dataset(step, signum):
 
 @functools.lru_cache(maxsize=None)
 def _preempted_workdir():
+  """(workdir, printed output) of the run stopped by SIGINT; trained once per process."""
   workdir = os.path.join(tempfile.mkdtemp(prefix="mtl_preempted_"), "run")
-  with pytest.raises(preemption.Preempted) as stopped:
+  printed = io.StringIO()
+  # Captured here because whichever test asks first triggers the run, and the others still check what it said.
+  with contextlib.redirect_stdout(printed), pytest.raises(preemption.Preempted) as stopped:
     train.train_and_evaluate(fault_config(), workdir, signalling_dataset(STOP_STEP, signal.SIGINT))
   assert stopped.value.step == STOP_STEP and stopped.value.signal_name == "SIGINT"
-  return workdir
+  return workdir, printed.getvalue()
 
 
 def preempted_run(destination):
   """A copy (at destination) of a run stopped by SIGINT after STOP_STEP steps; returns its path."""
   shutil.rmtree(destination, ignore_errors=True)
-  shutil.copytree(_preempted_workdir(), destination)
+  shutil.copytree(_preempted_workdir()[0], destination)
   return destination
+
+
+def preempted_output():
+  """What the run behind preempted_run() printed while it was stopped."""
+  return _preempted_workdir()[1]

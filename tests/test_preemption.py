@@ -38,7 +38,7 @@ def test_guard_turns_signals_into_a_flag_and_restores_the_handlers():
 
 def test_signal_mid_run_checkpoints_that_step_and_resume_equals_uninterrupted(tmp_path, capsys):
   workdir = helpers.preempted_run(str(tmp_path / "run"))
-  assert "stopped by SIGINT after 10 of 24 steps" in capsys.readouterr().out
+  assert "stopped by SIGINT after 10 of 24 steps" in helpers.preempted_output()
   checkpointer = checkpoint_lib.Checkpointer(workdir, asynchronous=False)
   assert checkpointer.latest_step() == helpers.STOP_STEP
   assert not os.path.exists(os.path.join(workdir, train.RESULTS_FILE))

@@ -38,7 +38,10 @@ def test_grid_expansion_naming_and_unknown_methods():
   assert len(stl) == len(config.tasks) * 1 * 2
   assert stl[0].path == "stl/segmentation-adam-lr0.005-seed0"
   runs, notes = sweep.mtl_grid(config)
-  assert len(runs) == 1 * 2 * 2 * 2  # only ew is known here
+  # ew: 2 optimizers x 2 rates x 2 seeds; adatask is defined for Adam only: 1 x 2 x 2.
+  assert len(runs) == 2 * 2 * 2 + 1 * 2 * 2
+  assert {run.optimizer for run in runs if run.name == "adatask"} == {"adam"}
+  assert any("adatask" in note and "sgd skipped" in note for note in notes)
   assert {run.path for run in runs} >= {"mtl/ew-sgd-lr0.01-seed1", "mtl/ew-adam-lr0.001-seed0"}
   assert len({run.path for run in runs}) == len(runs)
   assert any("no_such_method" in note for note in notes)
@@ -168,7 +171,7 @@ def test_tiny_end_to_end_sweep_and_resume(tmp_path, dataset, monkeypatch):
   assert [s.test_delta_m for s in again.selections] == [s.test_delta_m for s in result.selections]
 
 
-def test_report_assembly_with_missing_and_failing_studies(tmp_path):
+def test_report_assembly_with_missing_and_failing_studies(tmp_path, monkeypatch):
   def fake_optimizers(config, workdir):
     figure = os.path.join(workdir, "figure.png")
     os.makedirs(workdir, exist_ok=True)
@@ -178,7 +181,8 @@ def test_report_assembly_with_missing_and_failing_studies(tmp_path):
   def broken(config, workdir):
     raise RuntimeError("boom")
 
-  registry_ = {"optimizers": fake_optimizers, "invariance": reproduce.plugin_study("invariance"), "broken": broken}
+  monkeypatch.setitem(reproduce.PLUGINS, "unwritten", ("A study not written yet", (("mtl_jax.not_written_yet", "run"),)))
+  registry_ = {"optimizers": fake_optimizers, "unwritten": reproduce.plugin_study("unwritten"), "broken": broken}
   with pytest.raises(RuntimeError, match="boom"):
     reproduce.run(_sweep_config(), str(tmp_path), registry=registry_)
   text = open(tmp_path / "report.md").read()
