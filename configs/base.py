@@ -119,6 +119,9 @@ def get_config() -> ml_collections.ConfigDict:
       stl_lr_grid=(0.005, 0.0005),
       seeds=(0, 1),
       vmap=True,
+      # How a group's runs share the program: 'auto' (loop on CPU, vmap on GPU/TPU), 'vmap',
+      # 'map' or 'loop'; see mtl_jax.multirun.default_lane_mode.
+      lane_mode="auto",
   ))
   # --- Scaling out (mtl_jax/sharding.py): the batch split over a 'data' mesh axis. ---
   config.sharding = ml_collections.ConfigDict(dict(

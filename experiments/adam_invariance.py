@@ -17,6 +17,7 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from mtl_jax import runtime  # noqa: E402
 from mtl_jax.studies import invariance  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/adam_invariance.py", "Config file (argument = mode).",
@@ -28,6 +29,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config, workdir = _CONFIG.value, _WORKDIR.value
+  runtime.setup(config)
   os.makedirs(workdir, exist_ok=True)
   results, failed = {}, False
   if config.mode in ("check", "all"):

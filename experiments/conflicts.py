@@ -19,8 +19,8 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from mtl_jax import compilation_cache  # noqa: E402
 from mtl_jax import conflict_study  # noqa: E402
+from mtl_jax import runtime  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/conflicts.py", "A conflicts config file.",
                                           lock_config=True)
@@ -30,7 +30,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/conflicts", "Directory for the r
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  compilation_cache.enable()
+  runtime.setup(_CONFIG.value)
   results = conflict_study.run_conflicts(_CONFIG.value, _WORKDIR.value)
   print(results["summary"])
   print(f"Summary written to {os.path.join(_WORKDIR.value, conflict_study.SUMMARY_FILE)}; figures: "

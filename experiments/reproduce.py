@@ -15,6 +15,7 @@ from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from mtl_jax import reproduce  # noqa: E402
+from mtl_jax import runtime  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/reproduce.py", "Reproduce config file.",
                                           lock_config=True)
@@ -25,6 +26,7 @@ _STUDIES = flags.DEFINE_list("studies", None, f"Studies to run (default all): {'
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  runtime.setup(_CONFIG.value)
   path = reproduce.run(_CONFIG.value, _WORKDIR.value, _STUDIES.value)
   print(f"Report: {path}")
 

@@ -16,6 +16,7 @@ from ml_collections import config_flags  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mtl_jax import robustness  # noqa: E402
+from mtl_jax import runtime  # noqa: E402
 from mtl_jax.data import registry  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/robustness.py", "Robustness config file.",
@@ -27,6 +28,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
+  runtime.setup(config)
   mode = config.robustness.mode
   if mode == "figure":
     path = config.robustness.figure_path or os.path.join(_WORKDIR.value, "corruptions.png")

@@ -16,6 +16,7 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from mtl_jax import runtime  # noqa: E402
 from mtl_jax import sweep  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/sweep_scenes.py", "Sweep config file.",
@@ -26,6 +27,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/sweep_scenes", "Directory of the
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  runtime.setup(_CONFIG.value)
   result = sweep.run_sweep(_CONFIG.value, _WORKDIR.value)
   markdown, _ = sweep.delta_m_table(result.selections)
   print(markdown)

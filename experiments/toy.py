@@ -14,6 +14,7 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from mtl_jax import runtime  # noqa: E402
 from mtl_jax.studies import toy as toy_study  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/toy.py", "Toy config file.", lock_config=True)
@@ -23,6 +24,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/toy", "Directory for the table, 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  runtime.setup(_CONFIG.value)
   results = toy_study.run_toy(_CONFIG.value, _WORKDIR.value)
   print(results["markdown"])
   print(results["tolerance"])

@@ -18,11 +18,10 @@ from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from mtl_jax import checkpoint  # noqa: E402
-from mtl_jax import compilation_cache  # noqa: E402
 from mtl_jax import config_validation  # noqa: E402
 from mtl_jax import preemption  # noqa: E402
 from mtl_jax import report  # noqa: E402
-from mtl_jax import sharding  # noqa: E402
+from mtl_jax import runtime  # noqa: E402
 from mtl_jax import train  # noqa: E402
 from mtl_jax.data import validation  # noqa: E402
 
@@ -34,8 +33,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   # Multi-host jobs connect before anything touches a device (a no-op on one host).
-  sharding.initialize_distributed(_CONFIG.value)
-  compilation_cache.enable()
+  runtime.setup(_CONFIG.value)
   try:
     results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except preemption.Preempted:

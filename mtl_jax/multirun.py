@@ -1,4 +1,4 @@
-"""Several runs of one model and method trained as one compiled program, vmapped over runs.
+"""Several runs of one model and method trained with one compiled program (vmapped, or looped on CPU).
 
 Runs that share dataset, tasks, model, method and optimizer but differ in seed and/or learning
 rate are stacked along a leading "run" axis: K initial states (one per seed), K batches per step
@@ -6,7 +6,10 @@ rate are stacked along a leading "run" axis: K initial states (one per seed), K 
 learning rates. Because `optim.make_optimizer` applies the learning rate last and every update is
 exactly proportional to it, each lane builds the same optimizer with the schedule
 `lr_k * unit_schedule(step)` (step decay kept), so a lane computes what the sequential run
-computes, up to float reordering by XLA.
+computes, up to float reordering by XLA. How the lanes run is the lane mode (`default_lane_mode`):
+batched into every op ('vmap', for accelerators), or one after another through one compiled
+single-run step ('loop', for CPU, where batched convolutions are slower than separate ones);
+either way the group compiles once instead of once per run.
 
 Each run writes the same `results.json` as `train.train_and_evaluate` (plus a `multirun` entry),
 so sequential and vmapped runs are interchangeable in a sweep. Resume is at group granularity:
@@ -56,12 +59,22 @@ def _unit_optimizer_config(config: ml_collections.ConfigDict) -> ml_collections.
   return unit
 
 
-LANE_MODES = ("vmap", "map")
+LANE_MODES = ("vmap", "map", "loop")
 
 
-def default_lane_mode() -> str:
-  """'vmap': on CPU, `lax.map` over runs measured about 10x slower than vmap (BENCHMARKS.md)."""
-  return "vmap"
+def default_lane_mode(requested: str = "auto") -> str:
+  """The lane mode for `requested` ('auto' or one of LANE_MODES).
+
+  'auto' is 'loop' on CPU and 'vmap' on accelerators. Measured on 2 CPU cores (BENCHMARKS.md):
+  a vmapped convolution whose kernel carries the run axis becomes a grouped convolution that
+  XLA:CPU runs 2-3x slower than the K separate ones, and `lax.map` is slower still, so on CPU
+  the group's gain is the single compilation, which 'loop' keeps at sequential step speed.
+  """
+  if requested == "auto":
+    return "loop" if jax.default_backend() == "cpu" else "vmap"
+  if requested not in LANE_MODES:
+    raise ValueError(f"Unknown lane mode {requested!r}; valid: auto, {', '.join(LANE_MODES)}.")
+  return requested
 
 
 def make_multi_train_step(experiment: train.Experiment, shared_batch: bool, skip_non_finite: bool,
@@ -74,11 +87,13 @@ def make_multi_train_step(experiment: train.Experiment, shared_batch: bool, skip
       axis, otherwise every array is [K, B, ...].
     skip_non_finite: on a non-finite loss or gradient, keep the lane's previous state (the data
       position and RNG still advance), as `training.on_non_finite='skip'` does sequentially.
-    lane_mode: 'vmap' (runs batched into every op) or 'map' (`lax.map` over runs inside the
-      same compiled program); both compute the same per-run steps.
+    lane_mode: 'vmap' (runs batched into every op), 'map' (`lax.map` over runs inside the
+      same compiled program) or 'loop' (one compiled single-run step applied to each lane in
+      turn, in place); all compute the same per-run steps.
 
   Returns:
-    The un-jitted step.
+    The un-jitted step for 'vmap' and 'map'; for 'loop' a Python function that calls its own
+    jitted, buffer-donating lane step K times (do not jit it again).
   """
   if lane_mode not in LANE_MODES:
     raise ValueError(f"Unknown lane_mode {lane_mode!r}; valid modes: {', '.join(LANE_MODES)}.")
@@ -102,6 +117,8 @@ def make_multi_train_step(experiment: train.Experiment, shared_batch: bool, skip
 
   if lane_mode == "vmap":
     return jax.vmap(lane_step, in_axes=(0, None if shared_batch else 0, 0))
+  if lane_mode == "loop":
+    return _looped(lane_step, shared_batch)
 
   def mapped_step(states, batch, learning_rates):
     if shared_batch:
@@ -109,6 +126,32 @@ def make_multi_train_step(experiment: train.Experiment, shared_batch: bool, skip
     return jax.lax.map(lambda lane: lane_step(*lane), (states, batch, learning_rates))
 
   return mapped_step
+
+
+def _looped(lane_step, shared_batch: bool):
+  """Steps the lanes of stacked states one after another with one compiled program.
+
+  The lane index is an argument, so K runs share one compilation; the stacked states are
+  donated and lane k is updated in place (`.at[k].set`), so no copy of all K states is made.
+  """
+
+  def one_lane(states, batch, learning_rates, index):
+    state = jax.tree_util.tree_map(lambda leaf: leaf[index], states)
+    lane_batch = batch if shared_batch else jax.tree_util.tree_map(lambda leaf: leaf[index], batch)
+    new_state, step_metrics = lane_step(state, lane_batch, learning_rates[index])
+    states = jax.tree_util.tree_map(lambda stacked, leaf: stacked.at[index].set(leaf), states, new_state)
+    return states, step_metrics
+
+  compiled = jax.jit(one_lane, donate_argnums=0)
+
+  def step(states, batch, learning_rates):
+    per_lane = []
+    for index in range(int(np.shape(learning_rates)[0])):
+      states, step_metrics = compiled(states, batch, learning_rates, np.int32(index))
+      per_lane.append(step_metrics)
+    return states, jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *per_lane)
+
+  return step
 
 
 def stack_states(states: Sequence[train.TrainState]) -> train.TrainState:
@@ -122,35 +165,31 @@ def unstack_state(states: train.TrainState, index: int) -> train.TrainState:
 
 
 class MultiEvaluator:
-  """Evaluates K stacked states on a split in one vmapped pass; returns K flat metric dicts."""
+  """Evaluates K stacked states on a split (vmapped, or lane by lane for 'loop'); returns K flat metric dicts."""
 
-  def __init__(self, experiment: train.Experiment):
+  def __init__(self, experiment: train.Experiment, lane_mode: str = "vmap"):
     self.experiment = experiment
-    # Parameters carry the run axis; every run sees the same evaluation batch.
-    self._eval_step = jax.jit(jax.vmap(train.make_eval_step(experiment.model, experiment.tasks),
-                                       in_axes=(0, 0, None, None)))
+    eval_step = train.make_eval_step(experiment.model, experiment.tasks)
+    if lane_mode == "loop":
+      single = jax.jit(lambda params, batch_stats, batch, mask, index: eval_step(
+          jax.tree_util.tree_map(lambda leaf: leaf[index], params),
+          jax.tree_util.tree_map(lambda leaf: leaf[index], batch_stats), batch, mask))
+
+      def lanes(params, batch_stats, batch, mask):
+        runs = jax.tree_util.tree_leaves(params)[0].shape[0]
+        per_lane = [single(params, batch_stats, batch, mask, np.int32(index)) for index in range(runs)]
+        return jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *per_lane)
+
+      self._eval_step = lanes
+    else:
+      # Parameters carry the run axis; every run sees the same evaluation batch.
+      self._eval_step = jax.jit(jax.vmap(eval_step, in_axes=(0, 0, None, None)))
 
   def __call__(self, states: train.TrainState, split: str) -> list[dict[str, float]]:
-    source = self.experiment.dataset.splits[split]
-    batch_size = int(self.experiment.config.training.eval_batch_size)
-    totals = None
-    for batch, mask in pipeline.eval_batches(source, batch_size):
-      statistics = jax.device_get(self._eval_step(states.params, states.batch_stats, batch, mask))
-      totals = statistics if totals is None else jax.tree_util.tree_map(np.add, totals, statistics)
+    totals = train.summed_statistics(self._eval_step, self.experiment, states, split)
     runs = int(np.shape(totals["_count"])[0])
-    results = []
-    for index in range(runs):
-      lane = jax.tree_util.tree_map(lambda leaf: leaf[index], totals)
-      count = float(lane.pop("_count"))
-      # Same reduction as train.Evaluator, applied per run.
-      flat = tasks_lib.compute_metrics(
-          self.experiment.tasks,
-          {name: {key: value for key, value in stats.items() if key != "loss_sum"} for name, stats in lane.items()},
-      )
-      for name, stats in lane.items():
-        flat[f"{name}/loss"] = float(stats["loss_sum"]) / count
-      results.append(flat)
-    return results
+    return [train.flat_metrics(self.experiment.tasks, jax.tree_util.tree_map(lambda leaf, index=index: leaf[index], totals))
+            for index in range(runs)]
 
 
 @dataclasses.dataclass
@@ -194,7 +233,7 @@ def train_group(
     workdirs: Sequence[str],
     dataset: data_registry.Dataset | None = None,
     label: str = "",
-    lane_mode: str | None = None,
+    lane_mode: str = "auto",
 ) -> list[dict | None]:
   """Trains K runs as one vmapped program and writes each run's results.json (or failed.json).
 
@@ -204,7 +243,7 @@ def train_group(
     workdirs: K run directories.
     dataset: an already loaded dataset to reuse.
     label: a prefix for progress lines.
-    lane_mode: 'vmap' or 'map' (see `make_multi_train_step`); default `default_lane_mode()`.
+    lane_mode: 'auto', 'vmap', 'map' or 'loop' (see `make_multi_train_step`, `default_lane_mode`).
 
   Returns:
     Per run, the results dict, or None for a run that produced a non-finite loss (its
@@ -231,13 +270,15 @@ def train_group(
       file.write(config.to_json_best_effort(indent=2))
     lanes.append(_Lane(config, workdir, *_load_baselines(config)))
 
-  lane_mode = lane_mode or default_lane_mode()
-  step_fn = jax.jit(make_multi_train_step(experiment, shared_batch, skip_non_finite, lane_mode))
+  lane_mode = default_lane_mode(lane_mode)
+  step_fn = make_multi_train_step(experiment, shared_batch, skip_non_finite, lane_mode)
+  step_fn = step_fn if lane_mode == "loop" else jax.jit(step_fn)
   select = jax.jit(lambda mask, new, old: jax.tree_util.tree_map(
       lambda a, b: jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old))
-  evaluator = MultiEvaluator(experiment)
+  evaluator = MultiEvaluator(experiment, lane_mode)
   states = stack_states([train.init_state(experiment, seed) for seed in seeds])
-  best_states = states
+  # A copy: 'loop' donates `states` to each step, which would free buffers shared with it.
+  best_states = jax.tree_util.tree_map(jnp.copy, states)
   writers = [metric_writers.MetricWriter(lane.workdir, console=False, tensorboard=False) for lane in lanes]
 
   source = experiment.dataset.splits["train"]

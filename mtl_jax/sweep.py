@@ -455,7 +455,8 @@ def _train_runs(config, workdir, items, dataset, progress: JobProgress, use_vmap
     metric_writers.status(f"{progress.line()}; now: {names}")
     dirs = [os.path.join(workdir, spec.path) for spec, _ in members]
     if len(members) > 1:
-      multirun.train_group([run for _, run in members], dirs, dataset, label=f"[{members[0][0].kind} group] ")
+      multirun.train_group([run for _, run in members], dirs, dataset, label=f"[{members[0][0].kind} group] ",
+                           lane_mode=config.sweep.get("lane_mode", "auto"))
     else:
       spec, run = members[0]
       try:

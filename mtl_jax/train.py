@@ -274,20 +274,30 @@ class Evaluator:
     self._eval_step = jax.jit(make_eval_step(experiment.model, experiment.tasks))
 
   def __call__(self, state: TrainState, split: str) -> dict[str, float]:
-    source = self.experiment.dataset.splits[split]
-    batch_size = int(self.experiment.config.training.eval_batch_size)
-    totals = None
-    for batch, mask in pipeline.eval_batches(source, batch_size):
-      statistics = jax.device_get(self._eval_step(state.params, state.batch_stats, batch, mask))
-      totals = statistics if totals is None else jax.tree_util.tree_map(np.add, totals, statistics)
-    count = float(totals.pop("_count"))
-    flat = tasks_lib.compute_metrics(
-        self.experiment.tasks,
-        {name: {key: value for key, value in stats.items() if key != "loss_sum"} for name, stats in totals.items()},
-    )
-    for name, stats in totals.items():
-      flat[f"{name}/loss"] = float(stats["loss_sum"]) / count
-    return flat
+    return flat_metrics(self.experiment.tasks, summed_statistics(self._eval_step, self.experiment, state, split))
+
+
+def summed_statistics(eval_step: Callable, experiment: Experiment, state: TrainState, split: str) -> dict[str, Any]:
+  """The eval step's metric statistics summed over every batch of a split (host numpy arrays).
+
+  `state` may carry a leading run axis (a vmapped eval step); the sums then keep that axis.
+  """
+  totals = None
+  for batch, mask in pipeline.eval_batches(experiment.dataset.splits[split], int(experiment.config.training.eval_batch_size)):
+    statistics = jax.device_get(eval_step(state.params, state.batch_stats, batch, mask))
+    totals = statistics if totals is None else jax.tree_util.tree_map(np.add, totals, statistics)
+  return totals
+
+
+def flat_metrics(tasks: Sequence[tasks_lib.Task], totals: Mapping[str, Any]) -> dict[str, float]:
+  """Flat 'task/metric' values plus 'task/loss' from one run's summed statistics (with '_count')."""
+  count = float(totals["_count"])
+  per_task = {name: stats for name, stats in totals.items() if name != "_count"}
+  flat = tasks_lib.compute_metrics(
+      tasks, {name: {key: value for key, value in stats.items() if key != "loss_sum"} for name, stats in per_task.items()})
+  for name, stats in per_task.items():
+    flat[f"{name}/loss"] = float(stats["loss_sum"]) / count
+  return flat
 
 
 def selection_score(

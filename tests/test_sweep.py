@@ -1,8 +1,10 @@
 """Tests of the sweep: grid and naming, resume, lr selection, Pareto counts, multi-run training, the report."""
 
+import functools
 import json
 import math
 import os
+import tempfile
 
 import numpy as np
 import pytest
@@ -50,6 +52,13 @@ def test_grid_expansion_naming_and_unknown_methods():
   assert tuple(sweep.run_config(config, stl[0]).tasks) == ("segmentation",)
   with pytest.raises(ValueError, match="valid optimizers"):
     sweep.mtl_grid(_sweep_config(optimizers=("adamax",)))
+
+
+def test_lane_modes():
+  assert multirun.default_lane_mode() == "loop"  # the tests run on CPU
+  assert multirun.default_lane_mode("vmap") == "vmap"
+  with pytest.raises(ValueError, match="valid: auto, vmap, map, loop"):
+    multirun.default_lane_mode("pmap")
 
 
 def _write_results(workdir, spec, validation, test, delta=None):
@@ -116,6 +125,17 @@ def test_pareto_counts_match_a_hand_count():
   assert any("2/3" in line for line in findings)
 
 
+def test_best_lr_at_the_grid_edge_is_flagged():
+  grid = {0.5: 3.0, 0.05: 1.0, 0.005: 2.0}
+  inside = sweep.Selection("ew", "adam", 0.05, grid)
+  largest = sweep.Selection("ew", "sgd", 0.5, {0.5: 1.0, 0.05: 2.0, 0.005: 3.0})
+  smallest = sweep.Selection("uw", "sgd", 0.005, {0.5: 3.0, 0.05: 2.0, 0.005: 1.0})
+  diverged = sweep.Selection("rlw", "sgd", None, {0.5: math.inf})
+  findings = markdown.grid_edge_findings([inside, largest, smallest, diverged])
+  assert len(findings) == 1
+  assert "for sgd" in findings[0] and "ew (largest), uw (smallest)" in findings[0]
+
+
 def _group_configs(rates_and_seeds):
   configs = []
   for rate, seed in rates_and_seeds:
@@ -128,11 +148,20 @@ def _group_configs(rates_and_seeds):
   return configs
 
 
-def test_train_group_writes_the_same_results_as_sequential_runs(tmp_path, dataset):
+@functools.lru_cache(maxsize=None)
+def _sequential_results(index):
+  config = _group_configs([(1e-3, 0), (3e-3, 1)])[index]
+  dataset = registry.load_dataset(config.dataset)
+  return train.train_and_evaluate(config, tempfile.mkdtemp(prefix="mtl_sequential_"), dataset)
+
+
+@pytest.mark.parametrize("lane_mode", ["vmap", "loop"])
+def test_train_group_writes_the_same_results_as_sequential_runs(tmp_path, dataset, lane_mode):
   configs = _group_configs([(1e-3, 0), (3e-3, 1)])
-  grouped = multirun.train_group(configs, [str(tmp_path / f"group{i}") for i in range(2)], dataset)
+  grouped = multirun.train_group(configs, [str(tmp_path / f"group{i}") for i in range(2)], dataset,
+                                 lane_mode=lane_mode)
   for index, config in enumerate(configs):
-    sequential = train.train_and_evaluate(config, str(tmp_path / f"single{index}"), dataset)
+    sequential = _sequential_results(index)
     assert grouped[index]["fingerprint"] == sequential["fingerprint"]
     assert grouped[index]["best_step"] == sequential["best_step"]
     for split in ("validation", "test"):

@@ -86,4 +86,24 @@ def optimizer_findings(selections, pareto_counts, reference: str = "adam", other
   for name, count in counts.items():
     findings.append(f"- {name} runs on the full Pareto front: {count['po_full']}/{count['runs']}; "
                     f"not dominated by any run of the other optimizer(s): {count['po_other']}/{count['runs']}.")
+  findings.extend(grid_edge_findings(selections))
   return findings
+
+
+def grid_edge_findings(selections) -> list[str]:
+  """A warning per optimizer whose best lr sits at an end of the lr grid for some methods.
+
+  A best lr at the grid's edge means the optimum may lie outside the grid, so that optimizer's
+  Δm is an upper bound and comparisons with it are provisional.
+  """
+  edges: dict[str, list[str]] = {}
+  for selection in selections:
+    rates = sorted(selection.validation_delta_m)
+    if selection.learning_rate is None or len(rates) < 2:
+      continue
+    if selection.learning_rate in (rates[0], rates[-1]):
+      side = "largest" if selection.learning_rate == rates[-1] else "smallest"
+      edges.setdefault(selection.optimizer, []).append(f"{selection.method} ({side})")
+  return [f"- Caution: for {optimizer} the best lr is at an end of the grid for {len(methods)} method(s): "
+          f"{', '.join(methods)}; its optimum may lie outside the grid, so its Δm is an upper bound."
+          for optimizer, methods in edges.items()]
