@@ -11,13 +11,15 @@ batches) of the config's model, in one process, side by side:
   (one compiled single-run step applied to each lane in turn), 'map' (`lax.map` over runs).
 
 Two numbers per side: the steady-state throughput in run-steps/s over `--steps` timed steps
-(compilation excluded), and the compile time (all K programs for sequential, one for a group).
+(compilation excluded; the median of `--rounds` rounds that alternate between the sides), and
+the compile time (all K programs for sequential, one for a group).
 The last columns combine both for one full run of the config (its `total_steps` per run):
 compile + K·total_steps / throughput, the wall time a sweep of K such runs spends on training.
 Evaluation is excluded. Prints a markdown table.
 """
 
 import os
+import statistics
 import sys
 import time
 
@@ -37,6 +39,7 @@ from mtl_jax.data import pipeline  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/scenes.py", "Experiment config.", lock_config=True)
 _RUNS = flags.DEFINE_list("runs", ["4", "8"], "Group sizes K to measure.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per run.")
+_ROUNDS = flags.DEFINE_integer("rounds", 5, "Timed rounds per side, alternating; the median round counts.")
 _MODES = flags.DEFINE_list("modes", ["vmap", "loop"], f"Lane modes to measure, of {', '.join(multirun.LANE_MODES)}.")
 
 
@@ -50,51 +53,65 @@ def _block(tree):
   jax.tree_util.tree_map(lambda leaf: leaf.block_until_ready(), tree)
 
 
-def sequential(config, experiment, seeds, rates, steps) -> tuple[float, float]:
-  """(compile seconds for all runs, seconds for `steps` steps of every run)."""
-  compile_seconds, run_seconds = 0.0, 0.0
-  for seed, rate in zip(seeds, rates):
-    run_config = config.copy_and_resolve_references()
-    with run_config.unlocked():
-      run_config.optimizer.learning_rate = rate
-    run_experiment = train.build_experiment(run_config, experiment.dataset)
-    step_fn = jax.jit(train.make_train_step(
-        run_experiment.model, run_experiment.tasks, run_experiment.weighting, run_experiment.optimizer))
-    state = train.init_state(experiment, seed)
+class Sequential:
+  """K runs one after another, each with its own jitted step (the lr is baked into each program)."""
+
+  def __init__(self, config, experiment, seeds, rates):
+    self.experiment, self.seeds, self.steps, self.states = experiment, seeds, [], []
+    for seed, rate in zip(seeds, rates):
+      run_config = config.copy_and_resolve_references()
+      with run_config.unlocked():
+        run_config.optimizer.learning_rate = rate
+      run_experiment = train.build_experiment(run_config, experiment.dataset)
+      self.steps.append(jax.jit(train.make_train_step(
+          run_experiment.model, run_experiment.tasks, run_experiment.weighting, run_experiment.optimizer)))
+      self.states.append(train.init_state(experiment, seed))
+
+  def compile(self) -> float:
     start = time.perf_counter()
-    state, _ = step_fn(state, _batches(experiment, [seed], 0)[0])  # The first call compiles.
-    _block(state)
-    compile_seconds += time.perf_counter() - start
+    for index, seed in enumerate(self.seeds):  # The first call of each program compiles it.
+      self.states[index], _ = self.steps[index](self.states[index], _batches(self.experiment, [seed], 0)[0])
+    _block(self.states)
+    return time.perf_counter() - start
+
+  def run(self, first_step: int, steps: int) -> float:
     start = time.perf_counter()
-    for step in range(1, steps + 1):
-      state, metrics = step_fn(state, _batches(experiment, [seed], step)[0])
-      jax.device_get(metrics)
-    _block(state)
-    run_seconds += time.perf_counter() - start
-  return compile_seconds, run_seconds
+    for index, seed in enumerate(self.seeds):
+      for step in range(first_step, first_step + steps):
+        self.states[index], metrics = self.steps[index](self.states[index], _batches(self.experiment, [seed], step)[0])
+        jax.device_get(metrics)
+    _block(self.states)
+    return time.perf_counter() - start
 
 
-def grouped(experiment, seeds, rates, steps, lane_mode) -> tuple[float, float]:
-  """(compile seconds, seconds for `steps` steps of all runs) of one group in `lane_mode`."""
-  step_fn = multirun.make_multi_train_step(experiment, shared_batch=False, skip_non_finite=False, lane_mode=lane_mode)
-  step_fn = step_fn if lane_mode == "loop" else jax.jit(step_fn)
-  stacked = multirun.stack_states([train.init_state(experiment, seed) for seed in seeds])
-  rates_array = jnp.asarray(rates, jnp.float32)
+class Grouped:
+  """The same K runs as one group of `mtl_jax.multirun` in `lane_mode`."""
 
-  def stacked_batch(step):
-    batches = _batches(experiment, seeds, step)
+  def __init__(self, experiment, seeds, rates, lane_mode):
+    self.experiment, self.seeds = experiment, seeds
+    step_fn = multirun.make_multi_train_step(experiment, shared_batch=False, skip_non_finite=False,
+                                             lane_mode=lane_mode)
+    self.step_fn = step_fn if lane_mode == "loop" else jax.jit(step_fn)
+    self.states = multirun.stack_states([train.init_state(experiment, seed) for seed in seeds])
+    self.rates = jnp.asarray(rates, jnp.float32)
+
+  def _batch(self, step):
+    batches = _batches(self.experiment, self.seeds, step)
     return {key: np.stack([batch[key] for batch in batches]) for key in batches[0]}
 
-  start = time.perf_counter()
-  stacked, _ = step_fn(stacked, stacked_batch(0), rates_array)  # The first call compiles.
-  _block(stacked)
-  compile_seconds = time.perf_counter() - start
-  start = time.perf_counter()
-  for step in range(1, steps + 1):
-    stacked, metrics = step_fn(stacked, stacked_batch(step), rates_array)
-    jax.device_get(metrics)
-  _block(stacked)
-  return compile_seconds, time.perf_counter() - start
+  def compile(self) -> float:
+    start = time.perf_counter()
+    self.states, _ = self.step_fn(self.states, self._batch(0), self.rates)
+    _block(self.states)
+    return time.perf_counter() - start
+
+  def run(self, first_step: int, steps: int) -> float:
+    start = time.perf_counter()
+    for step in range(first_step, first_step + steps):
+      self.states, metrics = self.step_fn(self.states, self._batch(step), self.rates)
+      jax.device_get(metrics)
+    _block(self.states)
+    return time.perf_counter() - start
 
 
 def main(argv):
@@ -105,23 +122,28 @@ def main(argv):
   modes = [multirun.default_lane_mode(mode) for mode in _MODES.value]
   print(f"backend {jax.default_backend()}, {os.cpu_count()} CPUs; model {config.model.encoder} "
         f"{config.dataset.height}x{config.dataset.width}, batch {config.training.batch_size}, method "
-        f"{config.method.name}; {_STEPS.value} timed steps per run; a full run = {total} steps")
+        f"{config.method.name}; {_STEPS.value} timed steps per run in {_ROUNDS.value} rounds; a full run = {total} steps")
   print("| K | side | run-steps/s | speed-up | compile (s) | K full runs incl. compile (s) | speed-up |")
   print("|---|---|---|---|---|---|---|")
   for runs in (int(value) for value in _RUNS.value):
     seeds = list(range(runs))
     rates = [float(config.optimizer.learning_rate) * (0.5 ** index) for index in range(runs)]
-    work = runs * _STEPS.value
-    sides = {"sequential": sequential(config, experiment, seeds, rates, _STEPS.value)}
+    sides = {"sequential": Sequential(config, experiment, seeds, rates)}
     for mode in modes:
-      sides[mode] = grouped(experiment, seeds, rates, _STEPS.value, mode)
-    base_compile, base_seconds = sides["sequential"]
-    base_full = base_compile + base_seconds * total / _STEPS.value
-    for name, (compile_seconds, seconds) in sides.items():
-      full = compile_seconds + seconds * total / _STEPS.value
-      print(f"| {runs} | {name} | {work / seconds:.2f} | {base_seconds / seconds:.2f}x | {compile_seconds:.1f} | "
-            f"{full:.1f} | {base_full / full:.2f}x |", flush=True)
-
+      sides[mode] = Grouped(experiment, seeds, rates, mode)
+    compile_seconds = {name: side.compile() for name, side in sides.items()}
+    # Rounds alternate between the sides, so load that comes and goes hits all of them alike.
+    chunk = max(1, _STEPS.value // _ROUNDS.value)
+    seconds = {name: [] for name in sides}
+    for round_index in range(_ROUNDS.value):
+      for name, side in sides.items():
+        seconds[name].append(side.run(1 + round_index * chunk, chunk) / chunk)
+    per_step = {name: statistics.median(values) for name, values in seconds.items()}
+    base_full = compile_seconds["sequential"] + per_step["sequential"] * total
+    for name in sides:
+      full = compile_seconds[name] + per_step[name] * total
+      print(f"| {runs} | {name} | {runs / per_step[name]:.2f} | {per_step['sequential'] / per_step[name]:.2f}x | "
+            f"{compile_seconds[name]:.1f} | {full:.1f} | {base_full / full:.2f}x |", flush=True)
 
 if __name__ == "__main__":
   app.run(main)

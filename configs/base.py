@@ -111,7 +111,8 @@ def get_config() -> ml_collections.ConfigDict:
       figure_path="",  # '' = <workdir>/corruptions.png
   ))
   # The optimizer x method study (mtl_jax/sweep.py, experiments/sweep.py): the grid, and whether
-  # runs differing only in seed/lr train as one vmapped program (mtl_jax/multirun.py).
+  # runs differing only in seed/lr train as one group with one compiled program (`vmap`, a
+  # historical name: how the group runs is `lane_mode`; mtl_jax/multirun.py).
   config.sweep = ml_collections.ConfigDict(dict(
       methods=("ew", "uw", "rlw", "uw_o"),
       optimizers=("adam", "sgd"),
