@@ -1,10 +1,19 @@
-"""Benchmark: the step time of gradient-weighting methods relative to EW's step (T = 3, CNN encoder).
+"""Benchmark: the step time of gradient-weighting methods relative to EW's step (T = 3, CNN encoders).
 
-Measures, side by side in one process, the jitted train step of EW, of each Gramian method via
-the Gramian path (Gramian -> weights -> one weighted backward) and via the Jacobian path
-(per-task gradients materialised [T, P], d = wᵀJ), and prints a markdown table of ratios.
+Every method's jitted train step (`train.make_train_step`, i.e. the Gramian path: per-row
+gradients -> Gramian -> the method's weights -> their weighted sum) is timed side by side with
+EW's step, in two cases printed next to each other:
 
-  python benchmarks/methods.py [--methods=pcgrad,mgda] [--repeats=20] [--batch_size=16]
+* tiny: configs/test.py's small_cnn with features (16, 16), group norm, 16x32 images, batch 16:
+  a step of a few milliseconds, where fixed per-op and solver overheads weigh the most;
+* scenes: configs/scenes.py as is (SegNet-small, width 0.125, batch norm, 32x64 images,
+  batch 32), the default experiment, where the passes over the network dominate.
+
+Rounds are interleaved (one call of every step per round; medians), so load from other
+processes hits all steps alike. Per-sample levels need a norm other than batch norm, so the
+optional `--sample_level_methods` rows run in the tiny case only.
+
+  python benchmarks/methods.py [--methods=pcgrad,mgda] [--cases=tiny,scenes] [--repeats=15]
 """
 
 from __future__ import annotations
@@ -12,96 +21,109 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app
-from absl import flags
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
-from configs import test as test_config
-from mtl_jax import method_steps
-from mtl_jax import train
-from mtl_jax.data import registry
+from configs import scenes as scenes_config  # noqa: E402
+from configs import test as test_config  # noqa: E402
+from mtl_jax import train  # noqa: E402
+from mtl_jax.data import registry  # noqa: E402
 
 _METHODS = flags.DEFINE_list("methods", ["pcgrad", "imtl", "cagrad", "mgda", "upgrad", "nash_mtl", "aligned_mtl",
-                                         "gradvac"], "Gramian methods to time.")
-_REPEATS = flags.DEFINE_integer("repeats", 20, "Timed steps per method (after one warm-up step).")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Batch size.")
+                                         "gradvac"], "Gramian methods to time (at level 'task').")
+_SAMPLE_LEVEL_METHODS = flags.DEFINE_list("sample_level_methods", ["upgrad"],
+                                          "Methods also timed at level 'sample_task' (tiny case only).")
+_CASES = flags.DEFINE_list("cases", ["tiny", "scenes"], "Cases to run: tiny, scenes.")
+_REPEATS = flags.DEFINE_integer("repeats", 15, "Timed rounds (one call of every step each, after a warm-up).")
+
+CASES = ("tiny", "scenes")
 
 
-def _config(method: str, batch_size: int):
-  config = test_config.get_config(f"method={method}")
-  config.unlock()
-  config.training.batch_size = batch_size
-  config.model.features = (16, 16)
+def case_config(case: str, method: str, level: str = "task"):
+  """The locked config of one case and method."""
+  if case == "tiny":
+    config = test_config.get_config(f"method={method}")
+    config.unlock()
+    config.training.batch_size = 16
+    config.model.features = (16, 16)
+  elif case == "scenes":
+    config = scenes_config.get_config(f"method={method}")
+    config.unlock()
+  else:
+    raise ValueError(f"Unknown case {case!r}; valid cases: {', '.join(CASES)}.")
+  config.method.level = level
   return config.lock()
 
 
-def jacobian_path_step(experiment, level="task"):
-  """The same method via the Jacobian path: per-task encoder gradients J, then d = wᵀJ."""
-  model, tasks, weighting, optimizer = experiment.model, experiment.tasks, experiment.weighting, experiment.optimizer
-
-  def step(state, batch):
-    rng, step_rng = jax.random.split(state.rng)
-    _, pullback, batch_stats, feature_gradients, head_gradients, losses = method_steps._per_task_feature_gradients(
-        model, tasks, state, batch)
-    (jacobian,) = jax.vmap(pullback)(feature_gradients)
-    flat = jnp.concatenate([leaf.reshape(len(tasks), -1) for leaf in jax.tree_util.tree_leaves(jacobian)], axis=1)
-    weights, weighting_state, aux = weighting.combine(flat @ flat.T, losses, state.weighting_params,
-                                                      state.weighting_state, step_rng, state.step)
-    encoder = jax.tree_util.tree_map(lambda leaf: jnp.tensordot(weights, leaf, axes=1), jacobian)
-    grads = {"model": {"encoder": encoder, "heads": head_gradients},
-             "weighting": jax.tree_util.tree_map(jnp.zeros_like, state.weighting_params)}
-    return method_steps._finish(state, optimizer, grads, batch_stats, weighting_state, rng, losses, aux)
-
-  return step
+def describe(case: str) -> str:
+  config = case_config(case, "ew")
+  model = config.model
+  features = f"features {tuple(model.features)}" if model.encoder == "small_cnn" else f"width {model.width_multiplier}"
+  return (f"{case}: {model.encoder} ({features}, {model.norm} norm), {config.dataset.height}x{config.dataset.width} "
+          f"images, batch {config.training.batch_size}, T = {len(config.tasks)}")
 
 
-def _time(step, state, batch, repeats):
-  state, metrics = step(state, batch)
-  jax.block_until_ready(metrics)
-  start = time.perf_counter()
+def time_case(case: str, methods, sample_level_methods, repeats: int) -> dict[str, float]:
+  """Median step seconds of EW and every method (key 'method' or 'method@sample_task')."""
+  dataset = registry.load_dataset(case_config(case, "ew").dataset)
+  batch_size = case_config(case, "ew").training.batch_size
+  batch = dataset.splits["train"].batch(np.arange(batch_size))
+  runs = [("ew", "task")] + [(method, "task") for method in methods]
+  runs += [(method, "sample_task") for method in sample_level_methods]
+  executables = {}
+  for method, level in runs:
+    key = method if level == "task" else f"{method}@{level}"
+    print(f"[{case}: compiling {key} ...]", file=sys.stderr, flush=True)
+    experiment = train.build_experiment(case_config(case, method, level), dataset)
+    state = train.init_state(experiment, 0)
+    step = train.make_train_step(experiment.model, experiment.tasks, experiment.weighting, experiment.optimizer,
+                                 level=level)
+    compiled = jax.jit(step).lower(state, batch).compile()
+    jax.block_until_ready(compiled(state, batch))  # Warm-up.
+    executables[key] = (compiled, state)
+  times = {key: [] for key in executables}
   for _ in range(repeats):
-    state, metrics = step(state, batch)
-  jax.block_until_ready(metrics)
-  return (time.perf_counter() - start) / repeats
+    for key, (compiled, state) in executables.items():
+      start = time.perf_counter()
+      jax.block_until_ready(compiled(state, batch))
+      times[key].append(time.perf_counter() - start)
+  return {key: statistics.median(values) for key, values in times.items()}
 
 
 def main(argv):
   del argv
-  batch_size = _BATCH_SIZE.value
-  dataset = registry.load_dataset(_config("ew", batch_size).dataset)
-  batch = dataset.splits["train"].batch(np.arange(batch_size))
-  timings = {}
-  for method in ["ew"] + list(_METHODS.value):
-    experiment = train.build_experiment(_config(method, batch_size), dataset)
-    state = train.init_state(experiment, 0)
-    step = jax.jit(train.make_train_step(experiment.model, experiment.tasks, experiment.weighting,
-                                         experiment.optimizer))
-    gramian_time = _time(step, state, batch, _REPEATS.value)
-    jacobian_time = None
-    if method != "ew":
-      jacobian_time = _time(jax.jit(jacobian_path_step(experiment)), state, batch, _REPEATS.value)
-    timings[method] = (gramian_time, jacobian_time)
-    print(f"{method}: {gramian_time * 1e3:.1f} ms" + (f", Jacobian path {jacobian_time * 1e3:.1f} ms"
-                                                        if jacobian_time else ""), flush=True)
-  ew = timings["ew"][0]
+  cases = list(_CASES.value)
+  for case in cases:
+    if case not in CASES:
+      raise ValueError(f"Unknown --cases entry {case!r}; valid cases: {', '.join(CASES)}.")
+  results = {case: time_case(case, _METHODS.value, _SAMPLE_LEVEL_METHODS.value if case == "tiny" else [],
+                             _REPEATS.value) for case in cases}
   print(f"\n{datetime.date.today()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-        f"jax {jax.__version__} on {jax.default_backend()}; small_cnn (16, 16) norm "
-        f"{_config('ew', batch_size).model.norm}, 16x32 images, batch {batch_size}, T = 3, {_REPEATS.value} steps.\n")
-  print("| Method | Gramian path (ms) | ÷ EW | Jacobian path (ms) | ÷ EW |")
-  print("|---|---|---|---|---|")
-  print(f"| EW | {ew * 1e3:.1f} | 1.00 | – | – |")
-  for method in _METHODS.value:
-    gramian_time, jacobian_time = timings[method]
-    print(f"| {method} | {gramian_time * 1e3:.1f} | {gramian_time / ew:.2f} | {jacobian_time * 1e3:.1f} | "
-          f"{jacobian_time / ew:.2f} |")
+        f"jax {jax.__version__} on {jax.default_backend()}; medians of {_REPEATS.value} interleaved rounds.")
+  for case in cases:
+    print(f"- {describe(case)}")
+  print()
+  print("| Method | " + " | ".join(f"{case} (ms) | ÷ EW" for case in cases) + " |")
+  print("|---|" + "---|---|" * len(cases))
+  keys = ["ew"] + list(_METHODS.value) + [f"{method}@sample_task" for method in _SAMPLE_LEVEL_METHODS.value]
+  for key in keys:
+    label = "EW" if key == "ew" else key.replace("@sample_task", " (level sample_task)")
+    cells = []
+    for case in cases:
+      if key in results[case]:
+        seconds = results[case][key]
+        cells.append(f"{seconds * 1e3:.1f} | {seconds / results[case]['ew']:.2f}")
+      else:
+        cells.append("– | –")
+    print(f"| {label} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

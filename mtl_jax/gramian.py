@@ -18,7 +18,10 @@ Two paths compute the same G:
     costing B²S², or that layer's per-row gradient [B·T, k·k·Cin·Cout] materialised from the
     input patches; `layer_strategy` picks the cheaper from static shapes.
   - Affine (a norm's scale and shift): per-row gradients are only 2C numbers, materialised.
-  Layers are captured with a Flax method interceptor (`nn.intercept_methods`): `sow` stores each
+  The materialised layers' per-row gradients sit side by side in one [B·T, F] matrix
+  (`materialised_rows`): one matmul gives their share of G, and a weighted sum of its rows gives
+  their share of any weighted gradient (`weighted_gradients`), so a training step pays for
+  them once. Layers are captured with a Flax method interceptor (`nn.intercept_methods`): `sow` stores each
   encoder `layers.Dense`/`Conv`/`Affine` input and `perturb` adds a zero to its output, whose
   gradient is the output gradient. Without the interceptor the model runs untouched, so ordinary
   training pays nothing.
@@ -44,6 +47,7 @@ functions are jit-able when `model` and `tasks` are closed over (or static).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import flax.linen as nn
@@ -214,18 +218,18 @@ def _reference_jacobian(model, params, batch_stats, batch, tasks, train, coupled
     def selected(encoder_params):
       losses = losses_of(encoder_params, batch)
       if sample_indices is not None:
-        losses = losses[jnp.asarray(sample_indices)][:, jnp.asarray(task_indices)]
+        losses = losses[np.asarray(sample_indices)][:, np.asarray(task_indices)]
       return losses
 
     jacobian = jacobian_rows(selected, params["encoder"])
     return _flatten_rows(jacobian, 2)
 
   if sample_indices is not None:
-    batch = jax.tree_util.tree_map(lambda leaf: leaf[jnp.asarray(sample_indices)], batch)
+    batch = jax.tree_util.tree_map(lambda leaf: leaf[np.asarray(sample_indices)], batch)
 
   def sample_losses(encoder_params, sample):
     losses = losses_of(encoder_params, jax.tree_util.tree_map(lambda leaf: leaf[None], sample))[0]
-    return losses if task_indices is None else losses[jnp.asarray(task_indices)]
+    return losses if task_indices is None else losses[np.asarray(task_indices)]
 
   jacobian = jax.vmap(jax.jacrev(sample_losses), in_axes=(None, 0))(params["encoder"], batch)
   return _flatten_rows(jacobian, 2)
@@ -419,16 +423,25 @@ def _check_coverage(encoder_params: Any, infos: Mapping[tuple[str, ...], LayerIn
 
 
 def _conv_patches(inputs: jax.Array, info: LayerInfo) -> jax.Array:
-  """[B, H', W', Cin·kh·kw]: the input window each output position of the conv sees."""
-  return jax.lax.conv_general_dilated_patches(
-      inputs,
-      filter_shape=info.kernel_size,
-      window_strides=info.strides,
-      padding="SAME",
-      rhs_dilation=info.dilation,
-      dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      precision=_HIGHEST,
-  )
+  """[B, H', W', kh·kw·Cin]: the input window each output position of the conv sees.
+
+  The last axis is in (kh, kw, Cin) order, the row-major order of an HWIO kernel's first three
+  axes, so a per-row kernel gradient reshapes straight to the kernel's shape. Built from kh·kw
+  strided slices of the padded input (pure copies): `conv_general_dilated_patches` computes
+  the same by convolving with a one-hot [kh, kw, Cin, kh·kw·Cin] kernel, k²·Cin multiply-adds
+  per copied value, which cost more than the layer itself.
+  """
+  batch, *spatial, channels = inputs.shape
+  effective = [(size - 1) * rate + 1 for size, rate in zip(info.kernel_size, info.dilation)]
+  pads = jax.lax.padtype_to_pads(spatial, effective, info.strides, "SAME")
+  padded = jnp.pad(inputs, ((0, 0), *pads, (0, 0)))
+  outputs = [-(-size // stride) for size, stride in zip(spatial, info.strides)]
+  windows = []
+  for offsets in itertools.product(*(range(size) for size in info.kernel_size)):
+    starts = [offset * rate for offset, rate in zip(offsets, info.dilation)]
+    limits = [start + (count - 1) * stride + 1 for start, count, stride in zip(starts, outputs, info.strides)]
+    windows.append(jax.lax.slice(padded, (0, *starts, 0), (batch, *limits, channels), (1, *info.strides, 1)))
+  return jnp.stack(windows, axis=-2).reshape(batch, *outputs, -1)
 
 
 def layer_strategy(batch: int, tasks: int, positions: int, inputs: int, outputs: int) -> str:
@@ -450,58 +463,145 @@ def layer_strategy(batch: int, tasks: int, positions: int, inputs: int, outputs:
   return "ghost" if ghost <= materialise else "materialise"
 
 
-def _linear_contribution(inputs, output_gradients, use_bias, strategy=None):
-  """[T, B, T, B] Gramian of a linear layer y_p = x_p W + b applied at S positions.
-
-  Args:
-    inputs: [B, S, K]. output_gradients: [T, B, S, N]. use_bias: whether b exists.
-    strategy: 'ghost' or 'materialise'; None chooses with `layer_strategy`.
-  """
-  num_tasks, batch, positions, outputs = output_gradients.shape
-  contribution = 0.0
-  if use_bias:
-    bias_gradients = jnp.sum(output_gradients, axis=2)
-    contribution = _einsum("tbn,scn->tbsc", bias_gradients, bias_gradients)
-  if strategy is None:
-    strategy = layer_strategy(batch, num_tasks, positions, inputs.shape[-1], outputs)
-  if positions == 1 and strategy == "ghost":
-    # The textbook ghost form: the kernel gradient d aᵀ factorises.
-    input_products = _einsum("bk,ck->bc", inputs[:, 0], inputs[:, 0])
-    output_products = _einsum("tbn,scn->tbsc", output_gradients[:, :, 0], output_gradients[:, :, 0])
-    return contribution + output_products * input_products[None, :, None, :]
-  if strategy == "ghost":
-    input_products = _einsum("bpk,cqk->bcpq", inputs, inputs)
-    output_products = _einsum("tbpn,scqn->tbscpq", output_gradients, output_gradients)
-    return contribution + _einsum("bcpq,tbscpq->tbsc", input_products, output_products)
-  kernel_gradients = _einsum("bpk,tbpn->tbkn", inputs, output_gradients)
-  kernel_gradients = kernel_gradients.reshape(num_tasks, batch, -1)
-  return contribution + _einsum("tbp,scp->tbsc", kernel_gradients, kernel_gradients)
+# Row counts from which `_gram` computes only the upper blocks of the symmetric Gramian: below
+# it the extra slices and dots cost more than the third of the flops they save.
+_SYMMETRIC_MIN_ROWS = 96
 
 
-def _layer_contribution(info: LayerInfo, inputs: jax.Array, output_gradients: jax.Array):
-  """One encoder layer's [T, B, T, B] contribution to the Gramian."""
+def _gram(rows: jax.Array) -> jax.Array:
+  """rows rowsᵀ for rows [R, F]; for large R, 6 of 9 blocks are computed and 3 mirrored."""
+  count = rows.shape[0]
+  if count < _SYMMETRIC_MIN_ROWS:
+    return _einsum("rf,sf->rs", rows, rows)
+  bounds = [count * part // 3 for part in range(4)]
+  chunks = [rows[start:stop] for start, stop in zip(bounds[:-1], bounds[1:])]
+  blocks = {(i, j): _einsum("rf,sf->rs", chunks[i], chunks[j]) for i in range(3) for j in range(i, 3)}
+  return jnp.block([[blocks[i, j] if i <= j else blocks[j, i].T for j in range(3)] for i in range(3)])
+
+
+def _positional(info: LayerInfo, inputs: jax.Array, output_gradients: jax.Array):
+  """(inputs [B, S, K], output gradients [T, B, S, N]) of a dense or conv layer."""
   num_tasks, batch = output_gradients.shape[:2]
-  outputs = output_gradients.shape[-1]
-  if info.kind == "affine":
-    positions = tuple(range(2, output_gradients.ndim - 1))
-    scale_gradients = jnp.sum(output_gradients * inputs[None], axis=positions)
-    bias_gradients = jnp.sum(output_gradients, axis=positions)
-    rows = jnp.concatenate([scale_gradients, bias_gradients], axis=-1)
-    return _einsum("tbp,scp->tbsc", rows, rows)
   if info.kind == "conv":
     inputs = _conv_patches(inputs, info)
   inputs = inputs.reshape(batch, -1, inputs.shape[-1])
-  output_gradients = output_gradients.reshape(num_tasks, batch, -1, outputs)
-  return _linear_contribution(inputs, output_gradients, info.use_bias)
+  return inputs, output_gradients.reshape(num_tasks, batch, inputs.shape[1], -1)
 
 
-def fast_gramian_from_capture(captured: Capture) -> jax.Array:
-  """The [B, T, B, T] Gramian assembled layer by layer from a `Capture`."""
-  total = None
+def _is_materialised(info: LayerInfo, inputs: jax.Array, output_gradients: jax.Array) -> bool:
+  """Whether a layer's per-row gradients are formed (static: from shapes only)."""
+  if info.kind == "affine":
+    return True
+  num_tasks, batch = output_gradients.shape[:2]
+  positions = int(np.prod(output_gradients.shape[2:-1], dtype=np.int64))
+  features = inputs.shape[-1] * (int(np.prod(info.kernel_size)) if info.kind == "conv" else 1)
+  strategy = layer_strategy(batch, num_tasks, positions, features, output_gradients.shape[-1])
+  return strategy == "materialise"
+
+
+def _layer_rows(info: LayerInfo, inputs: jax.Array, output_gradients: jax.Array) -> jax.Array:
+  """[B, T, F]: one materialised layer's per-row parameter gradients, flattened.
+
+  F is, for an affine layer, scale then bias [C + C]; for a dense or conv layer, the kernel
+  gradient in [N, K] order (output channel major: the einsum below then needs no transpose of
+  its result) followed by the bias [N] if there is one.
+  """
+  num_tasks, batch = output_gradients.shape[:2]
+  if info.kind == "affine":
+    positions = tuple(range(2, output_gradients.ndim - 1))
+    scale = jnp.sum(output_gradients * inputs[None], axis=positions)
+    bias = jnp.sum(output_gradients, axis=positions)
+    return jnp.transpose(jnp.concatenate([scale, bias], axis=-1), (1, 0, 2))
+  inputs, output_gradients = _positional(info, inputs, output_gradients)
+  positions, outputs = output_gradients.shape[2:]
+  # [B, S, T·N]: the T tasks side by side, so each sample's kernel rows are one matmul.
+  by_sample = jnp.transpose(output_gradients, (1, 2, 0, 3)).reshape(batch, positions, num_tasks * outputs)
+  kernel = _einsum("bpn,bpk->bnk", by_sample, inputs).reshape(batch, num_tasks, -1)
+  if not info.use_bias:
+    return kernel
+  bias = jnp.sum(by_sample, axis=1).reshape(batch, num_tasks, outputs)
+  return jnp.concatenate([kernel, bias], axis=-1)
+
+
+class MaterialisedRows(NamedTuple):
+  """The per-row gradients of every materialised layer, side by side (see `materialised_rows`).
+
+  Attributes:
+    matrix: [B, T, F] float32, or None when no layer is materialised.
+    segments: static ((layer path, offset, width), ...): where each layer's F-slice lies.
+  """
+
+  matrix: jax.Array | None
+  segments: tuple
+
+
+def materialised_rows(captured: "Capture") -> MaterialisedRows:
+  """Per-row gradients of the layers whose Gramian is cheaper from them than in ghost form.
+
+  Affine layers always; dense and conv layers as `layer_strategy` decides. The same matrix
+  gives their Gramian block (one matmul for all of them) and, weighted, their gradient, so
+  `loss_grads_and_gramian` forms it once. Memory B·T·F: F counts only the materialised
+  layers' parameters, which the strategy picks where their per-row gradient is smaller than
+  the ghost form's products.
+  """
+  blocks, segments, offset = [], [], 0
   for path, info in captured.infos.items():
-    contribution = _layer_contribution(info, captured.inputs[path], captured.output_gradients[path])
+    inputs, gradients = captured.inputs[path], captured.output_gradients[path]
+    if not _is_materialised(info, inputs, gradients):
+      continue
+    block = _layer_rows(info, inputs, gradients)
+    blocks.append(block)
+    segments.append((path, offset, block.shape[-1]))
+    offset += block.shape[-1]
+  if not blocks:
+    return MaterialisedRows(None, ())
+  return MaterialisedRows(jnp.concatenate(blocks, axis=-1), tuple(segments))
+
+
+def _ghost_contribution(info: LayerInfo, inputs: jax.Array, output_gradients: jax.Array):
+  """[B, T, B, T] Gramian of a dense or conv layer in ghost form (no per-row gradients)."""
+  inputs, output_gradients = _positional(info, inputs, output_gradients)
+  num_tasks, batch, positions, outputs = output_gradients.shape
+  by_sample = jnp.transpose(output_gradients, (1, 0, 2, 3))  # [B, T, S, N]
+  if positions == 1:
+    # The textbook ghost form: the kernel gradient d aᵀ factorises, and a bias adds
+    # <d_i, d_j> (its gradient is d), so the bias folds in as a +1 on the input products.
+    output_products = _gram(by_sample.reshape(batch * num_tasks, outputs)).reshape(
+        batch, num_tasks, batch, num_tasks)
+    input_products = _gram(inputs[:, 0])
+    if info.use_bias:
+      input_products = input_products + 1.0
+    return output_products * input_products[:, None, :, None]
+  input_products = _einsum("bpk,cqk->bcpq", inputs, inputs)
+  output_products = _einsum("btpn,csqn->btcspq", by_sample, by_sample)
+  contribution = _einsum("bcpq,btcspq->btcs", input_products, output_products)
+  if info.use_bias:
+    bias = jnp.sum(by_sample, axis=2).reshape(batch * num_tasks, outputs)
+    contribution = contribution + _gram(bias).reshape(batch, num_tasks, batch, num_tasks)
+  return contribution
+
+
+def fast_gramian_from_capture(captured: "Capture", rows: MaterialisedRows | None = None) -> jax.Array:
+  """The [B, T, B, T] Gramian assembled layer by layer from a `Capture`.
+
+  Args:
+    captured: the output of `capture`.
+    rows: `materialised_rows(captured)` if already formed (it is then reused), else None.
+  """
+  if rows is None:
+    rows = materialised_rows(captured)
+  batch, num_tasks = captured.losses.shape
+  materialised = {path for path, _, _ in rows.segments}
+  total = None
+  if rows.matrix is not None:
+    flat = rows.matrix.reshape(batch * num_tasks, -1)
+    total = _gram(flat).reshape(batch, num_tasks, batch, num_tasks)
+  for path, info in captured.infos.items():
+    if path in materialised:
+      continue
+    contribution = _ghost_contribution(info, captured.inputs[path], captured.output_gradients[path])
     total = contribution if total is None else total + contribution
-  return jnp.transpose(total, (1, 0, 3, 2))
+  return total
 
 
 def _layer_parameter_gradients(info: LayerInfo, inputs: jax.Array, output_gradient: jax.Array):
@@ -535,17 +635,37 @@ def _layer_parameter_gradients(info: LayerInfo, inputs: jax.Array, output_gradie
   return gradients
 
 
-def weighted_gradients(captured: Capture, params: Any, weights: jax.Array) -> Any:
+def _unpack_layer(info: LayerInfo, vector: jax.Array, node: Mapping[str, jax.Array]) -> dict:
+  """A layer's params dict from its F-slice of a (weighted) materialised row; see `_layer_rows`."""
+  if info.kind == "affine":
+    channels = vector.shape[0] // 2
+    return {"scale": vector[:channels], "bias": vector[channels:]}
+  kernel_shape = node["kernel"].shape
+  inputs, outputs = int(np.prod(kernel_shape[:-1])), kernel_shape[-1]
+  kernel = vector[: inputs * outputs].reshape(outputs, inputs).T.reshape(kernel_shape)
+  gradients = {"kernel": kernel}
+  if info.use_bias:
+    gradients["bias"] = vector[inputs * outputs:]
+  return gradients
+
+
+def weighted_gradients(
+    captured: "Capture", params: Any, weights: jax.Array, rows: MaterialisedRows | None = None
+) -> Any:
   """Gradient of sum_{i,t} weights[i, t] L_t(x_i) w.r.t. all params, from a `Capture`.
 
-  No further backward pass: every encoder layer's gradient is its input contracted with the
-  weighted sum of the captured per-row output gradients, and heads are scaled per task.
+  No further backward pass: every encoder layer's gradient is either the weighted sum of its
+  materialised per-row gradients (when `rows` holds them: one matrix-vector product) or its
+  input contracted with the weighted sum of the captured per-row output gradients, and heads
+  are scaled per task.
 
   Args:
     captured: the output of `capture`.
     params: the parameters the capture was taken at (for the tree structure).
     weights: [B, T] row weights, or [T] task weights of the batch-MEAN losses (then each row
       gets weights[t] / B).
+    rows: `materialised_rows(captured)` to reuse, or None (every layer then takes the second
+      route, which forms no per-row gradients).
 
   Returns:
     A pytree like `params`.
@@ -555,16 +675,28 @@ def weighted_gradients(captured: Capture, params: Any, weights: jax.Array) -> An
   if per_task:
     weights = jnp.broadcast_to(weights[None, :] / batch, (batch, num_tasks))
   weights = jax.lax.stop_gradient(weights.astype(jnp.float32))
-  encoder = jax.tree_util.tree_map(jnp.zeros_like, params["encoder"])
-  encoder = _unfreeze(encoder)
-  for path, info in captured.infos.items():
-    gradient = captured.output_gradients[path]
-    scale = weights.T.reshape(num_tasks, batch, *([1] * (gradient.ndim - 2)))
-    combined = jnp.sum(gradient * scale, axis=0)
+  encoder = _unfreeze(jax.tree_util.tree_map(jnp.zeros_like, params["encoder"]))
+
+  def node_of(path):
     node = encoder
     for key in path[1:]:
       node = node[key]
-    node.update(_layer_parameter_gradients(info, captured.inputs[path], combined))
+    return node
+
+  done = set()
+  if rows is not None and rows.matrix is not None:
+    vector = _einsum("bt,btf->f", weights, rows.matrix)
+    for path, offset, width in rows.segments:
+      node = node_of(path)
+      node.update(_unpack_layer(captured.infos[path], vector[offset:offset + width], node))
+      done.add(path)
+  for path, info in captured.infos.items():
+    if path in done:
+      continue
+    gradient = captured.output_gradients[path]
+    scale = weights.T.reshape(num_tasks, batch, *([1] * (gradient.ndim - 2)))
+    combined = jnp.sum(gradient * scale, axis=0)
+    node_of(path).update(_layer_parameter_gradients(info, captured.inputs[path], combined))
   heads = {}
   for index, task_name in enumerate(captured.head_gradients):
     column = weights[:, index]
@@ -582,6 +714,8 @@ def _unfreeze(tree: Any) -> Any:
   if isinstance(tree, Mapping):
     return {key: _unfreeze(value) for key, value in tree.items()}
   return tree
+
+
 # ----------------------------------------------------------------------------------------------
 # Public API.
 
@@ -673,9 +807,10 @@ def loss_grads_and_gramian(
   train, coupled = _resolve_mode(batch_stats, path, batch_norm)
   if path == "fast":
     captured = capture(model, params, batch_stats, batch, tasks, train)
-    gramian = fast_gramian_from_capture(captured)
+    rows = materialised_rows(captured)
+    gramian = fast_gramian_from_capture(captured, rows)
     weights = _weights(weights_fn, gramian, captured.losses)
-    grads = weighted_gradients(captured, params, weights)
+    grads = weighted_gradients(captured, params, weights, rows)
     return _result(captured.losses, weights, grads, gramian, batch_stats)
 
   gramian = compute_gramian(model, params, batch_stats, batch, tasks, path, batch_norm)
@@ -736,6 +871,70 @@ def _plain_step(model, params, batch_stats, batch, tasks) -> LossGradsGramian:
   return LossGradsGramian(loss, jnp.mean(losses, axis=0), losses, grads, None, new_stats)
 
 
+class TaskGradients(NamedTuple):
+  """Per-task gradients of the batch-mean task losses (see `task_gradients`).
+
+  Attributes:
+    losses: [T] batch-mean task losses L_t.
+    encoder: a pytree like `params['encoder']` whose leaves have a leading [T] axis: row t is
+      the gradient of L_t with respect to the encoder.
+    heads: {task: gradient of L_t with respect to that task's head} (no other loss reaches it).
+    batch_stats: batch-norm statistics updated by the training-mode forward ({} without).
+  """
+
+  losses: jax.Array
+  encoder: Any
+  heads: dict
+  batch_stats: Any
+
+
+def task_gradients(
+    model: nn.Module,
+    params: Any,
+    batch_stats: Any,
+    batch: Batch,
+    tasks: Sequence[tasks_lib.Task],
+) -> TaskGradients:
+  """Every task's gradient of its batch-mean loss, from one forward and T backward passes.
+
+  The model runs in training mode (batch-mean losses are well defined under training-mode batch
+  norm: they are what training minimises). After one encoder forward, each head's VJP gives
+  that head's gradient and the task's feature cotangent, and the encoder pullback is applied
+  to the T cotangents one at a time (`stacked_vjp`, which is exact where a vmapped VJP was not).
+  This is everything a task-level gradient method needs: the Gramian is rows rowsᵀ and any
+  combination Σ_t w_t rows_t is the weighted encoder gradient, with no second backward pass.
+
+  Args:
+    model, params, batch_stats, batch, tasks: as in `compute_gramian`.
+
+  Returns:
+    A `TaskGradients`.
+  """
+  images = batch["image"]
+
+  def encode(encoder_params):
+    variables = _variables({**params, "encoder": encoder_params}, batch_stats)
+    if "batch_stats" in variables:
+      features, updates = model.apply(variables, images, True, method=model.encode, mutable=["batch_stats"])
+      return features, updates["batch_stats"]
+    return model.apply(variables, images, True, method=model.encode), batch_stats
+
+  features, pullback, new_stats = jax.vjp(encode, params["encoder"], has_aux=True)
+  losses, heads, feature_gradients = [], {}, []
+  for task in tasks:
+    head = model.heads[task.name]
+
+    def task_loss(head_params, features, head=head, task=task):
+      return jnp.mean(task.loss(head.apply({"params": head_params}, features, train=True), batch))
+
+    loss, head_vjp = jax.vjp(task_loss, params["heads"][task.name], features)
+    heads[task.name], feature_gradient = head_vjp(jnp.ones_like(loss))
+    losses.append(loss)
+    feature_gradients.append(feature_gradient)
+  (encoder_rows,) = stacked_vjp(pullback, jnp.stack(feature_gradients))
+  return TaskGradients(jnp.stack(losses), encoder_rows, heads, new_stats)
+
+
 def task_level_gramian(
     model: nn.Module,
     params: Any,
@@ -745,22 +944,15 @@ def task_level_gramian(
 ) -> tuple[jax.Array, jax.Array]:
   """T×T Gramian of the batch-mean task losses' encoder gradients, for every norm.
 
-  Batch-mean losses are well defined under training-mode batch norm (they are what training
-  minimises), so this needs no `batch_norm` choice: the model runs in training mode and the
-  Jacobian of the [T] losses is taken one row at a time (T backward passes after one
-  forward, T·P memory; see `stacked_vjp`).
+  The rows come from `task_gradients` (one training-mode forward, T backward passes, T·P
+  memory), so this needs no `batch_norm` choice.
 
   Returns:
     (gramian [T, T] float32, task_losses [T]).
   """
-
-  def task_losses(encoder_params):
-    full = {**params, "encoder": encoder_params}
-    return jnp.mean(per_sample_losses(model, full, batch_stats, batch, tasks, train=True), axis=0)
-
-  losses = task_losses(params["encoder"])
-  jacobian = _flatten_rows(jacobian_rows(task_losses, params["encoder"]), 1)
-  return _einsum("tp,sp->ts", jacobian, jacobian), losses
+  result = task_gradients(model, params, batch_stats, batch, tasks)
+  jacobian = _flatten_rows(result.encoder, 1)
+  return _einsum("tp,sp->ts", jacobian, jacobian), result.losses
 
 
 def task_gramian(gramian: jax.Array) -> jax.Array:

@@ -4,9 +4,11 @@
 hands every other method here. The conventions shared by all steps:
 
 * Methods act on the shared (encoder) parameters, as in LibMTL; every head receives its own
-  task's plain gradient. In one backward pass this is done with a gradient-scaling identity on
-  the encoder features seen by each head: forward f, backward cotangent × s_it, so the encoder
-  receives Σ_it s_it ∂L_it/∂f / B while head t still receives ∂(mean_i L_it)/∂ψ_t.
+  task's plain gradient ∂(mean_i L_it)/∂ψ_t.
+* A Gramian step takes one forward and T backward passes: the per-row gradients that give the
+  Gramian also give the weighted encoder gradient Σ_r w_r ∇L_r (a weighted sum of task rows, or
+  `gramian.weighted_gradients` of the per-sample capture), so no second backward pass of
+  Σ_r w_r L_r is spent once the weights are known.
 * A step returns the same metrics as the loss step: 'loss' (for gradient methods the plain sum
   of the task losses, since their objective is implicit), 'task_losses' [T], 'grad_norm', and
   'task_weights' [T] where the method has per-task weights.
@@ -14,7 +16,7 @@ hands every other method here. The conventions shared by all steps:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,10 +30,58 @@ from mtl_jax.weighting import Weighting
 Batch = Mapping[str, jax.Array]
 
 
-def scale_gradient(value: jax.Array, scale: jax.Array) -> jax.Array:
-  """Identity in the forward pass; multiplies the cotangent by `scale` (broadcast) going back."""
-  fixed = jax.lax.stop_gradient(value)
-  return fixed + scale * (value - fixed)
+class _Rows(NamedTuple):
+  """What a Gramian step needs from its rows: G, the task losses, and weights -> gradients."""
+
+  gramian: jax.Array          # [R, R]
+  task_losses: jax.Array      # [T] batch means
+  batch_stats: Any            # updated by the training-mode forward
+  gradients: Callable         # weights [R] -> {'encoder': Σ_r w_r ∇L_r, 'heads': plain gradients}
+
+
+def _rows(model, params, batch_stats, batch, tasks, level) -> _Rows:
+  """The rows' Gramian and their weighted gradient, from one forward and T backward passes.
+
+  Task rows (L_t, exact under every norm, train-mode batch norm included) come from
+  `gramian.task_gradients`: G = J Jᵀ and the encoder gradient is wᵀJ. Per-sample rows come
+  from the engine's fast path (`gramian.capture`, never materialising B·T·P gradients), whose
+  `weighted_gradients` assembles the encoder gradient from the same capture. Heads always get
+  their own task's plain gradient ∂(mean_i L_it)/∂ψ_t.
+  """
+  level = weighting_lib.check_level(level)
+  num_tasks = len(tasks)
+  if level == "task":
+    result = gramian_lib.task_gradients(model, params, batch_stats, batch, tasks)
+    jacobian = gramian_lib._flatten_rows(result.encoder, 1)  # pylint: disable=protected-access
+    gramian = jnp.einsum("tp,sp->ts", jacobian, jacobian, precision=jax.lax.Precision.HIGHEST)
+
+    def task_combination(weights):
+      encoder = jax.tree_util.tree_map(lambda leaf: jnp.tensordot(weights, leaf, axes=1), result.encoder)
+      return {"encoder": encoder, "heads": result.heads}
+
+    return _Rows(gramian, result.losses, result.batch_stats, task_combination)
+  if batch_stats:
+    raise ValueError(
+        f"config.method.level={level!r} needs per-sample gradients, which train-mode batch norm does not "
+        "define (its statistics couple the samples of a batch); use config.model.norm = 'group', 'layer' or "
+        "'none', or level 'task'.")
+  captured = gramian_lib.capture(model, params, batch_stats, batch, tasks, train=True)
+  materialised = gramian_lib.materialised_rows(captured)
+  full = gramian_lib.fast_gramian_from_capture(captured, materialised)
+  batch_size = full.shape[0]
+  # The engine's rows are L_t(x_i); the step's rows are L_it / B (and their sum over t).
+  gramian = gramian_lib.rows_gramian(full, level) / (batch_size * batch_size)
+
+  def sample_combination(weights):
+    if level == "sample":
+      weights = jnp.broadcast_to(weights[:, None], (batch_size, num_tasks))
+    row_weights = weights.reshape(batch_size, num_tasks) / batch_size
+    encoder = gramian_lib.weighted_gradients(captured, params, row_weights, materialised)["encoder"]
+    heads = {name: jax.tree_util.tree_map(lambda leaf: leaf / batch_size, gradient)
+             for name, gradient in captured.head_gradients.items()}
+    return {"encoder": encoder, "heads": heads}
+
+  return _Rows(gramian, jnp.mean(captured.losses, axis=0), batch_stats, sample_combination)
 
 
 def rows_gramian(model, params, batch_stats, batch, tasks, level):
@@ -45,20 +95,8 @@ def rows_gramian(model, params, batch_stats, batch, tasks, level):
   Raises:
     ValueError: for per-sample levels with train-mode batch norm, which couples the samples.
   """
-  level = weighting_lib.check_level(level)
-  if level == "task":
-    return gramian_lib.task_level_gramian(model, params, batch_stats, batch, tasks)
-  if batch_stats:
-    raise ValueError(
-        f"config.method.level={level!r} needs per-sample gradients, which train-mode batch norm does not "
-        "define (its statistics couple the samples of a batch); use config.model.norm = 'group', 'layer' or "
-        "'none', or level 'task'.")
-  captured = gramian_lib.capture(model, params, batch_stats, batch, tasks, train=True)
-  full = gramian_lib.fast_gramian_from_capture(captured)
-  batch_size = full.shape[0]
-  # The engine's rows are L_t(x_i); the step's rows are L_it / B (and their sum over t).
-  rows = gramian_lib.rows_gramian(full, level) / (batch_size * batch_size)
-  return rows, jnp.mean(captured.losses, axis=0)
+  rows = _rows(model, params, batch_stats, batch, tasks, level)
+  return rows.gramian, rows.task_losses
 
 
 def _encode(model, params, batch_stats, images):
@@ -79,20 +117,6 @@ def _head_losses(model, tasks, head_params, features_per_task, batch) -> jax.Arr
   return tasks_lib.losses_matrix(tasks, predictions, batch)
 
 
-def _feature_scales(weights: jax.Array, level: str, batch_size: int, num_tasks: int) -> jax.Array:
-  """Row weights [R] -> per-(sample, task) scales [B or 1, T or 1] (see weighting.base.LEVELS)."""
-  if level == "task":
-    return weights.reshape(1, num_tasks)
-  if level == "sample":
-    return weights.reshape(batch_size, 1)
-  return weights.reshape(batch_size, num_tasks)
-
-
-def _broadcast_to_features(scale: jax.Array, features: jax.Array) -> jax.Array:
-  """[B or 1] -> broadcastable against features [B, ...]."""
-  return scale.reshape(scale.shape + (1,) * (features.ndim - 1))
-
-
 def _finish(state, optimizer, grads, batch_stats, weighting_state, rng, task_losses, aux, extra=None):
   """Applies one optimizer update and assembles the new state and metrics."""
   updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
@@ -109,13 +133,12 @@ def _finish(state, optimizer, grads, batch_stats, weighting_state, rng, task_los
 
 def make_gramian_step(model, tasks: Sequence[tasks_lib.Task], weighting: Weighting,
                       optimizer: optax.GradientTransformation, level: str) -> Callable:
-  """Gramian kind: G at `level` -> weights -> one backward of Σ_r sg(w_r) L_r on the encoder."""
-  num_tasks = len(tasks)
+  """Gramian kind: per-row gradients -> G at `level` -> weights -> their weighted sum (no second backward)."""
 
   def train_step(state, batch):
     rng, step_rng = jax.random.split(state.rng)
-    gramian, task_losses = rows_gramian(model, state.params, state.batch_stats, batch, tasks, level)
-    gramian, task_losses = jax.lax.stop_gradient((gramian, task_losses))
+    rows = _rows(model, state.params, state.batch_stats, batch, tasks, level)
+    gramian, task_losses = jax.lax.stop_gradient((rows.gramian, rows.task_losses))
 
     def weighting_objective(weighting_params):
       weights, weighting_state, aux = weighting.combine(gramian, task_losses, weighting_params, state.weighting_state,
@@ -124,18 +147,9 @@ def make_gramian_step(model, tasks: Sequence[tasks_lib.Task], weighting: Weighti
 
     (_, (weights, weighting_state, aux)), weighting_grads = jax.value_and_grad(weighting_objective, has_aux=True)(
         state.weighting_params)
-    scales = _feature_scales(jax.lax.stop_gradient(weights), level, batch["image"].shape[0], num_tasks)
-
-    def model_objective(params):
-      features, batch_stats = _encode(model, params, state.batch_stats, batch["image"])
-      per_task = [scale_gradient(features, _broadcast_to_features(scales[:, index], features))
-                  for index in range(num_tasks)]
-      losses = jnp.mean(_head_losses(model, tasks, params["heads"], per_task, batch), axis=0)
-      return jnp.sum(losses), (losses, batch_stats)
-
-    (_, (losses, batch_stats)), model_grads = jax.value_and_grad(model_objective, has_aux=True)(state.params)
+    model_grads = rows.gradients(jax.lax.stop_gradient(weights).astype(jnp.float32))
     grads = {"model": model_grads, "weighting": weighting_grads}
-    return _finish(state, optimizer, grads, batch_stats, weighting_state, rng, losses, aux)
+    return _finish(state, optimizer, grads, rows.batch_stats, weighting_state, rng, task_losses, aux)
 
   return train_step
 

@@ -219,18 +219,53 @@ def test_ghost_and_materialised_layer_gramians_agree(positions):
   keys = jax.random.split(jax.random.PRNGKey(positions), 2)
   inputs = jax.random.normal(keys[0], (3, positions, 7))
   output_gradients = jax.random.normal(keys[1], (2, 3, positions, 4))
-  ghost, materialised = jax.jit(
-      lambda inputs, gradients: [
-          gramian._linear_contribution(inputs, gradients, True, strategy)
-          for strategy in gramian.STRATEGIES
-      ]
-  )(inputs, output_gradients)
+  info = gramian.LayerInfo("dense", use_bias=True)
+
+  @jax.jit
+  def both(inputs, gradients):
+    rows = gramian._layer_rows(info, inputs, gradients)
+    materialised = gramian._gram(rows.reshape(6, -1)).reshape(3, 2, 3, 2)
+    return gramian._ghost_contribution(info, inputs, gradients), materialised, rows
+
+  ghost, materialised, rows = both(inputs, output_gradients)
   inputs, output_gradients = np.asarray(inputs, np.float64), np.asarray(output_gradients, np.float64)
-  per_row = np.einsum("bpk,tbpn->tbkn", inputs, output_gradients).reshape(2, 3, -1)
-  per_row = np.concatenate([per_row, output_gradients.sum(axis=2)], axis=-1)
-  expected = np.einsum("tbp,scp->tbsc", per_row, per_row)
+  per_row = np.einsum("bpk,tbpn->btkn", inputs, output_gradients)
+  bias = output_gradients.sum(axis=2).transpose(1, 0, 2)
+  expected = np.concatenate([per_row.reshape(3, 2, -1), bias], axis=-1)
+  expected = np.einsum("btp,csp->btcs", expected, expected)
   assert relative_error(ghost, expected) < RELATIVE_TOLERANCE
   assert relative_error(materialised, expected) < RELATIVE_TOLERANCE
+  # The rows unpack to the layer's parameter gradients (kernel [K, N], then bias).
+  unpacked = gramian._unpack_layer(info, rows[1, 0], {"kernel": np.zeros((7, 4))})
+  np.testing.assert_allclose(unpacked["kernel"], per_row[1, 0], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(unpacked["bias"], bias[1, 0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("size,strides,dilation", [((7, 8), (2, 2), (1, 1)), ((6, 5), (1, 2), (2, 1))])
+def test_conv_patches_and_rows_are_the_convolution_kernel_gradients(size, strides, dilation):
+  info = gramian.LayerInfo("conv", True, (3, 3), strides, dilation)
+  keys = jax.random.split(jax.random.PRNGKey(sum(size)), 3)
+  inputs = jax.random.normal(keys[0], (2, *size, 3))
+
+  def convolve(kernel, inputs):
+    return jax.lax.conv_general_dilated(inputs, kernel, strides, "SAME", rhs_dilation=dilation,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  kernel = jax.random.normal(keys[1], (3, 3, 3, 4))
+  output_gradients = jax.random.normal(keys[2], (1, *convolve(kernel, inputs).shape))
+
+  @jax.jit
+  def run(inputs, output_gradients):
+    rows = gramian._layer_rows(info, inputs, output_gradients)
+    per_sample = [jax.vjp(lambda k, i=i: convolve(k, inputs[i:i + 1]), kernel)[1](output_gradients[0, i:i + 1])[0]
+                  for i in range(2)]
+    return rows, jnp.stack(per_sample)
+
+  rows, expected = run(inputs, output_gradients)
+  for sample in range(2):
+    unpacked = gramian._unpack_layer(info, rows[sample, 0], {"kernel": kernel})
+    np.testing.assert_allclose(unpacked["kernel"], expected[sample], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(unpacked["bias"], output_gradients[0, sample].sum(axis=(0, 1)), rtol=1e-5, atol=1e-5)
 
 
 def test_layer_strategy_prefers_ghost_for_few_positions():
@@ -250,11 +285,10 @@ def test_reductions_on_a_known_gramian():
     gramian.rows_gramian(full, "pixel")
 
 
-def _eager_task_jacobian(experiment, state, batch):
-  """[T, P] encoder gradients of the batch-mean task losses, one eager jax.grad per task."""
+def _eager_task_gradients(experiment, state, batch):
+  """([T, P] encoder gradients, [T] head gradient trees) of the batch-mean task losses, eager jax.grad per task."""
 
-  def task_loss(encoder, index):
-    params = {**state.params, "encoder": encoder}
+  def task_loss(params, index):
     variables = {"params": params}
     if state.batch_stats:
       variables["batch_stats"] = state.batch_stats
@@ -263,26 +297,65 @@ def _eager_task_jacobian(experiment, state, batch):
       predictions = experiment.model.apply(variables, batch["image"], train=True)
     return jnp.mean(tasks_lib.losses_matrix(experiment.tasks, predictions, batch)[:, index])
 
-  rows = []
-  for index in range(len(experiment.tasks)):
-    gradient = jax.grad(task_loss)(state.params["encoder"], index)
-    rows.append(np.concatenate([np.ravel(leaf) for leaf in jax.tree_util.tree_leaves(gradient)]))
-  return np.stack(rows)
+  rows, heads = [], []
+  for index, task in enumerate(experiment.tasks):
+    gradient = jax.grad(task_loss)(state.params, index)
+    rows.append(np.concatenate([np.ravel(leaf) for leaf in jax.tree_util.tree_leaves(gradient["encoder"])]))
+    heads.append(gradient["heads"][task.name])
+  return np.stack(rows), heads
 
 
-@pytest.mark.parametrize("norm", ["group", "batch"])
-def test_jitted_task_level_gramian_equals_eager_per_task_gradients(norm):
-  # Pins the XLA CPU trap documented in gramian.stacked_vjp: jit(jacrev) over conv kernels was wrong.
+def _test_experiment(norm):
   from configs import test as test_config
   from mtl_jax import train
 
   config = test_config.get_config()
   config.model.norm = norm
   experiment = train.build_experiment(config)
-  state = train.init_state(experiment, 0)
+  return experiment, train.init_state(experiment, 0)
+
+
+@pytest.mark.parametrize("norm", ["group", "batch"])
+def test_jitted_task_gradients_equal_eager_per_task_gradients(norm):
+  # Pins the XLA CPU trap documented in gramian.stacked_vjp: jit(jacrev) of this model (three
+  # dense conv heads on shared features) returned wrong gradients, even without any norm.
+  experiment, state = _test_experiment(norm)
   batch = experiment.dataset.splits["train"].batch(np.arange(8))
-  jacobian = _eager_task_jacobian(experiment, state, batch)
-  jitted = jax.jit(lambda params: gramian.task_level_gramian(
-      experiment.model, params, state.batch_stats, batch, experiment.tasks)[0])
-  np.testing.assert_allclose(np.asarray(jitted(state.params)), jacobian @ jacobian.T,
-                             rtol=1e-4, atol=1e-6 * np.max(np.abs(jacobian @ jacobian.T)))
+  jacobian, heads = _eager_task_gradients(experiment, state, batch)
+
+  @jax.jit
+  def run(params):
+    result = gramian.task_gradients(experiment.model, params, state.batch_stats, batch, experiment.tasks)
+    level = gramian.task_level_gramian(experiment.model, params, state.batch_stats, batch, experiment.tasks)
+    return gramian._flatten_rows(result.encoder, 1), result.heads, level[0]
+
+  rows, head_gradients, task_gramian = run(state.params)
+  scale = np.max(np.abs(jacobian))
+  np.testing.assert_allclose(np.asarray(rows), jacobian, rtol=1e-4, atol=1e-5 * scale)
+  expected = jacobian @ jacobian.T
+  np.testing.assert_allclose(np.asarray(task_gramian), expected, rtol=1e-4, atol=1e-6 * np.max(np.abs(expected)))
+  for task, head in zip(experiment.tasks, heads):
+    for got, want in zip(jax.tree_util.tree_leaves(head_gradients[task.name]), jax.tree_util.tree_leaves(head)):
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-6)
+
+
+def test_jitted_reference_rows_equal_an_eager_per_sample_loop():
+  # The reference path vmaps jacrev over samples; the same model's jit(jacrev) over the batch was
+  # wrong on XLA CPU (see above), so its per-sample rows are pinned to plain eager gradients.
+  experiment, state = _test_experiment("group")
+  batch = experiment.dataset.splits["train"].batch(np.arange(2))
+  tasks = experiment.tasks
+  rows = jax.jit(lambda params: gramian.per_sample_gradients(
+      experiment.model, params, {}, batch, tasks, range(2), range(len(tasks))))(state.params)
+
+  def loss(encoder, sample, index):
+    single = jax.tree_util.tree_map(lambda leaf: leaf[sample:sample + 1], batch)
+    full = {**state.params, "encoder": encoder}
+    return gramian.per_sample_losses(experiment.model, full, {}, single, tasks)[0, index]
+
+  for sample in range(2):
+    for index in range(len(tasks)):
+      expected = np.concatenate([np.ravel(leaf) for leaf in jax.tree_util.tree_leaves(
+          jax.grad(loss)(state.params["encoder"], sample, index))])
+      np.testing.assert_allclose(np.asarray(rows[sample, index]), expected, rtol=1e-4,
+                                 atol=1e-5 * np.max(np.abs(expected)))

@@ -151,13 +151,15 @@ def cagrad_weights(gramian: jax.Array, c: float, rescale: int, outer_iterations:
   LibMTL), λ = c‖g_0‖ / ‖g_w‖, ‖g_0‖² = mean(G), ‖g_w‖² = wᵀGw: all from G, so d = Σ_k
   (1/R + λ w_k)/(1 + c²) g_k. Mean convention, as LibMTL. The dual is solved by
   majorise-minimise: √x ≤ x/(2η) + η/2 with η the current √(wᵀGw + 1e-8) turns each outer step
-  into a simplex QP, solved by accelerated projected gradient; the objective never increases.
+  into a simplex QP, solved (warm-started) by accelerated projected gradient; the objective never
+  increases.
 
   Args:
     gramian: [R, R].
     c: the conflict-averse radius (0.5 in the study).
     rescale: 0 (none), 1 (divide by 1 + c², the study's setting) or 2 (divide by 1 + c).
-    outer_iterations, inner_iterations: fixed iteration counts of the solver.
+    outer_iterations, inner_iterations: maximum iteration counts of the solver; each loop stops
+      earlier once an iteration moves no weight by more than `solvers.TOLERANCE`.
   """
   gramian, _ = solvers.normalise(gramian)
   size = gramian.shape[0]
@@ -166,7 +168,8 @@ def cagrad_weights(gramian: jax.Array, c: float, rescale: int, outer_iterations:
   linear = gramian @ jnp.full((size,), 1.0 / size, jnp.float32)
   largest = solvers.largest_eigenvalue(gramian)
 
-  def outer(_, weights):
+  def outer(carry):
+    count, weights, _ = carry
     eta = jnp.sqrt(jnp.maximum(weights @ gramian @ weights, 0.0) + EPSILON)
     curvature = radius / eta
 
@@ -174,10 +177,16 @@ def cagrad_weights(gramian: jax.Array, c: float, rescale: int, outer_iterations:
       return linear + curvature * (gramian @ w)
 
     step = 1.0 / (curvature * largest + EPSILON)
-    return solvers.accelerated_projected_gradient(gradient, solvers.project_to_simplex, weights, step,
-                                                  inner_iterations)
+    updated = solvers.accelerated_projected_gradient(gradient, solvers.project_to_simplex, weights, step,
+                                                     inner_iterations)
+    return count + 1, updated, jnp.max(jnp.abs(updated - weights))
 
-  weights = jax.lax.fori_loop(0, outer_iterations, outer, jnp.full((size,), 1.0 / size, jnp.float32))
+  def keep_going(carry):
+    count, _, change = carry
+    return (count < outer_iterations) & (change > solvers.TOLERANCE)
+
+  start = (jnp.zeros((), jnp.int32), jnp.full((size,), 1.0 / size, jnp.float32), jnp.full((), jnp.inf))
+  _, weights, _ = jax.lax.while_loop(keep_going, outer, start)
   combined_norm = jnp.sqrt(jnp.maximum(weights @ gramian @ weights, 0.0))
   multiplier = radius / (combined_norm + EPSILON)
   direction = 1.0 / size + multiplier * weights

@@ -1,7 +1,9 @@
 """Small jit-able solvers in Gramian space shared by the gradient weightings.
 
-Every solver runs a fixed number of iterations (no data-dependent Python loops), so the
-weightings that call them compile once and run inside the jitted train step.
+Every solver runs inside the jitted train step (no data-dependent Python loops). The iterative
+ones take a maximum iteration count and stop earlier, inside a `lax.while_loop`, once an
+iteration changes no weight by more than a tolerance: at T = 3 a fixed 1000-iteration solve
+(20 000 for CAGrad's nested one) cost more than the rest of a small train step.
 """
 
 from __future__ import annotations
@@ -51,12 +53,19 @@ def project_to_simplex(vector: jax.Array) -> jax.Array:
   return jnp.maximum(vector - threshold, 0.0)
 
 
+# Default stopping tolerance of the iterative solvers: the largest change of any weight in one
+# iteration, for Gramians normalised to unit mean diagonal. Below it float32 iterates only
+# wander in round-off (weights are O(1), float32 resolves ~1e-7 relative).
+TOLERANCE = 1e-6
+
+
 def accelerated_projected_gradient(
     gradient: Callable[[jax.Array], jax.Array],
     project: Callable[[jax.Array], jax.Array],
     start: jax.Array,
     step_size: jax.Array,
     iterations: int,
+    tolerance: float = TOLERANCE,
 ) -> jax.Array:
   """FISTA with gradient-based adaptive restart for a smooth convex objective over a convex set.
 
@@ -65,25 +74,46 @@ def accelerated_projected_gradient(
     project: Euclidean projection onto the feasible set.
     start: a feasible starting point.
     step_size: 1 / L for an L-smooth objective.
-    iterations: fixed number of iterations.
+    iterations: the maximum number of iterations.
+    tolerance: stop once an iteration moves no coordinate by more than this (0: run all
+      `iterations`). A small move means the extrapolated point was close to the iterate and
+      the projected gradient step from it stayed put: the iterate is a near fixed point of
+      x -> project(x - step·∇f(x)), which characterises the optimum.
 
   Returns:
     The last iterate. For a convex quadratic f(v) = ‖Jᵀv‖², ‖Jᵀ(v - v*)‖² ≤ f(v) - f(v*), so
     the direction error shrinks like 1/k without any dependence on the conditioning of G.
   """
 
-  def body(_, carry):
-    current, previous, momentum = carry
+  def body(carry):
+    count, current, previous, momentum, _ = carry
     extrapolated = current + ((momentum - 1.0) / (momentum + 2.0)) * (current - previous)
     candidate = project(extrapolated - step_size * gradient(extrapolated))
     # O'Donoghue & Candès restart: drop the momentum when it points uphill.
     uphill = jnp.sum((extrapolated - candidate) * (candidate - current)) > 0
     next_momentum = jnp.where(uphill, 0.0, momentum + 1.0)
     candidate = jnp.where(uphill, project(current - step_size * gradient(current)), candidate)
-    return candidate, current, next_momentum
+    change = jnp.max(jnp.abs(candidate - current))
+    return count + 1, candidate, current, next_momentum, change
 
-  final, _, _ = jax.lax.fori_loop(0, iterations, body, (start, start, jnp.zeros((), start.dtype)))
+  def keep_going(carry):
+    count, _, _, _, change = carry
+    return (count < iterations) & (change > tolerance)
+
+  zero = jnp.zeros((), start.dtype)
+  start_carry = (jnp.zeros((), jnp.int32), start, start, zero, jnp.full((), jnp.inf, start.dtype))
+  _, final, _, _, _ = jax.lax.while_loop(keep_going, body, start_carry)
   return final
+
+
+def _solve(matrix: jax.Array, right: jax.Array) -> jax.Array:
+  """A polishing solve by LU: non-finite where the system is singular, which the callers reject.
+
+  Not `lstsq`: its SVD measured 0.1-2 s per 48x48 system on XLA:CPU (jax 0.10.2), on Gramians
+  of per-sample rows, against ~0.05 ms for LU. A singular system (duplicate or zero rows on
+  the support) only means the polish is skipped and the iterative solution is kept.
+  """
+  return jnp.linalg.solve(matrix, right)
 
 
 def _better(gramian: jax.Array, candidate: jax.Array, incumbent: jax.Array, feasible: jax.Array) -> jax.Array:
@@ -109,7 +139,7 @@ def min_norm_simplex(gramian: jax.Array, iterations: int) -> jax.Array:
   top = jnp.concatenate([jnp.where(free[:, None], gramian, identity), -free[:, None].astype(gramian.dtype)], axis=1)
   bottom = jnp.concatenate([jnp.ones((1, size), gramian.dtype), jnp.zeros((1, 1), gramian.dtype)], axis=1)
   right = jnp.concatenate([jnp.zeros((size,), gramian.dtype), jnp.ones((1,), gramian.dtype)])
-  solution = jnp.linalg.lstsq(jnp.concatenate([top, bottom]), right)[0][:size]
+  solution = _solve(jnp.concatenate([top, bottom]), right)[:size]
   feasible = jnp.all(solution >= -1e-6) & (jnp.abs(jnp.sum(solution) - 1.0) < 1e-4) & jnp.all(jnp.isfinite(solution))
   polished = jnp.maximum(solution, 0.0)
   polished = polished / jnp.maximum(jnp.sum(polished), EPSILON)
@@ -134,7 +164,7 @@ def project_onto_dual_cone(gramian: jax.Array, lower_bounds: jax.Array, iteratio
   def polish(row, bounds):
     free = row - bounds > 1e-5 * jnp.maximum(jnp.max(row - bounds), EPSILON)
     system = jnp.where(free[:, None], gramian, identity)
-    solution = jnp.linalg.lstsq(system, jnp.where(free, 0.0, bounds))[0]
+    solution = _solve(system, jnp.where(free, 0.0, bounds))
     return solution, jnp.all(solution >= bounds - 1e-6) & jnp.all(jnp.isfinite(solution))
 
   solutions, feasible = jax.vmap(polish)(projections, lower_bounds)
