@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from mtl_jax import gramian as gramian_lib
+from mtl_jax import sharding as sharding_lib
 from mtl_jax import tasks as tasks_lib
 from mtl_jax import weighting as weighting_lib
 from mtl_jax.weighting import Weighting
@@ -34,7 +35,7 @@ def scale_gradient(value: jax.Array, scale: jax.Array) -> jax.Array:
   return fixed + scale * (value - fixed)
 
 
-def rows_gramian(model, params, batch_stats, batch, tasks, level):
+def rows_gramian(model, params, batch_stats, batch, tasks, level, mesh=None):
   """The Gramian of the rows' encoder gradients at `level`, and the task batch-mean losses [T].
 
   Rows follow `weighting.base.LEVELS`: task rows are the batch-mean losses L_t (exact under
@@ -42,17 +43,26 @@ def rows_gramian(model, params, batch_stats, batch, tasks, level):
   sum_t L_it / B ('sample'), so every level's rows sum to the EW objective. Per-sample rows come
   from the engine's fast path, which never materialises B·T·P gradients.
 
+  With a `mesh` (the batch split over its 'data' axis), per-sample rows come from the
+  `shard_map` engine (`sharding.sharded_rows_gramian`: each device its block rows, only the
+  level's Gramian gathered) and both results are replicated.
+
   Raises:
     ValueError: for per-sample levels with train-mode batch norm, which couples the samples.
   """
   level = weighting_lib.check_level(level)
   if level == "task":
+    # T per-task gradients of batch means: under GSPMD these are ordinary data-parallel gradients.
     return gramian_lib.task_level_gramian(model, params, batch_stats, batch, tasks)
   if batch_stats:
     raise ValueError(
         f"config.method.level={level!r} needs per-sample gradients, which train-mode batch norm does not "
         "define (its statistics couple the samples of a batch); use config.model.norm = 'group', 'layer' or "
         "'none', or level 'task'.")
+  if mesh is not None:
+    batch_size = batch["image"].shape[0]
+    rows, task_losses = sharding_lib.sharded_rows_gramian(model, params, batch_stats, batch, tasks, mesh, level)
+    return rows / (batch_size * batch_size), task_losses
   captured = gramian_lib.capture(model, params, batch_stats, batch, tasks, train=True)
   full = gramian_lib.fast_gramian_from_capture(captured)
   batch_size = full.shape[0]
@@ -108,22 +118,34 @@ def _finish(state, optimizer, grads, batch_stats, weighting_state, rng, task_los
 
 
 def make_gramian_step(model, tasks: Sequence[tasks_lib.Task], weighting: Weighting,
-                      optimizer: optax.GradientTransformation, level: str) -> Callable:
-  """Gramian kind: G at `level` -> weights -> one backward of Σ_r sg(w_r) L_r on the encoder."""
+                      optimizer: optax.GradientTransformation, level: str, mesh=None) -> Callable:
+  """Gramian kind: G at `level` -> weights -> one backward of Σ_r sg(w_r) L_r on the encoder.
+
+  With a `mesh` the step is for `sharding.shard_train_step`: the Gramian comes from
+  `rows_gramian(..., mesh)` and the weighting runs as one replicated program on every device
+  (`sharding.replicated_program`), never partitioned by GSPMD.
+  """
   num_tasks = len(tasks)
+
+  def weigh(gramian, task_losses, weighting_params, weighting_state, rng, step):
+    """(weights, new weighting state, aux) and the gradient of the weighting's own loss."""
+
+    def weighting_objective(weighting_params):
+      weights, new_state, aux = weighting.combine(gramian, task_losses, weighting_params, weighting_state, rng, step)
+      return aux.get("weighting_loss", jnp.zeros(())), (weights, new_state, aux)
+
+    (_, outputs), weighting_grads = jax.value_and_grad(weighting_objective, has_aux=True)(weighting_params)
+    return outputs, weighting_grads
+
+  if mesh is not None:
+    weigh = sharding_lib.replicated_program(weigh, mesh)
 
   def train_step(state, batch):
     rng, step_rng = jax.random.split(state.rng)
-    gramian, task_losses = rows_gramian(model, state.params, state.batch_stats, batch, tasks, level)
+    gramian, task_losses = rows_gramian(model, state.params, state.batch_stats, batch, tasks, level, mesh)
     gramian, task_losses = jax.lax.stop_gradient((gramian, task_losses))
-
-    def weighting_objective(weighting_params):
-      weights, weighting_state, aux = weighting.combine(gramian, task_losses, weighting_params, state.weighting_state,
-                                                        step_rng, state.step)
-      return aux.get("weighting_loss", jnp.zeros(())), (weights, weighting_state, aux)
-
-    (_, (weights, weighting_state, aux)), weighting_grads = jax.value_and_grad(weighting_objective, has_aux=True)(
-        state.weighting_params)
+    (weights, weighting_state, aux), weighting_grads = weigh(gramian, task_losses, state.weighting_params,
+                                                             state.weighting_state, step_rng, state.step)
     scales = _feature_scales(jax.lax.stop_gradient(weights), level, batch["image"].shape[0], num_tasks)
 
     def model_objective(params):
@@ -237,10 +259,10 @@ def with_after_update(train_step: Callable, model, tasks, weighting: Weighting) 
   return step
 
 
-def make_method_step(model, tasks, weighting: Weighting, optimizer, level: str) -> Callable:
-  """The train step of a non-loss weighting (dispatch on kind and jacobian_mode)."""
+def make_method_step(model, tasks, weighting: Weighting, optimizer, level: str, mesh=None) -> Callable:
+  """The train step of a non-loss weighting (dispatch on kind and jacobian_mode); `mesh`: see make_gramian_step."""
   if weighting.kind == "gramian":
-    return make_gramian_step(model, tasks, weighting, optimizer, level)
+    return make_gramian_step(model, tasks, weighting, optimizer, level, mesh)
   if weighting.kind == "jacobian":
     if level != "task":
       raise ValueError(f"Method {weighting.name!r} works on task gradients; config.method.level must be 'task', "
