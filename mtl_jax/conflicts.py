@@ -30,6 +30,7 @@ positive/negative split) and `ConflictProbe` runs inside training every k steps.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
@@ -40,6 +41,7 @@ import numpy as np
 
 from mtl_jax import gramian as gramian_lib
 from mtl_jax import metric_writers
+from mtl_jax import sharding as sharding_lib
 from mtl_jax import tasks as tasks_lib
 
 PAIR_TYPES = ("inter_task", "inter_sample", "inter_task_averaged", "inter_sample_averaged")
@@ -364,10 +366,19 @@ class ConflictProbe:
   scalars 'conflicts/<pair type>/<measure>/<statistic>' and rewrites conflicts.jsonl / .csv in
   the workdir (one record per epoch, so a resumed run replaces a repeated epoch; after a resume
   in the middle of an epoch that epoch's record holds only the probes after the resume).
+
+  On a mesh (data-parallel training, `mtl_jax.sharding`) the probe takes the host's copy of
+  the batch (every host holds the same global batch) and selects the probed rows there. When
+  their count divides the device count and the path is 'fast', the probed rows are split over
+  the 'data' axis: the Gramian comes from `sharding.sharded_gramian` (shard_map, only layer
+  captures and Gramian blocks cross devices), while the few probed rows' materialised gradients
+  for the parameter ratio are computed whole on every device. Otherwise the one-device
+  computation runs whole on every device (`sharding.replicated_program`). Results come back
+  replicated, so every host adds the same values.
   """
 
   def __init__(self, model, tasks: Sequence[tasks_lib.Task], options: Mapping[str, Any],
-               workdir: str | None = None, seed: int = 0):
+               workdir: str | None = None, seed: int = 0, mesh: jax.sharding.Mesh | None = None):
     """Args:
       model: the `MultiTaskModel` being trained.
       tasks: all its tasks, in column order.
@@ -375,6 +386,7 @@ class ConflictProbe:
         parameter_ratio, zero_tolerance, sign_tolerance).
       workdir: where conflicts.jsonl / conflicts.csv go (None: nowhere).
       seed: the run's seed (sample and task subsets).
+      mesh: the training mesh (`sharding.make_mesh`), or None on one device.
     """
     self.every = int(options.get("probe_every_steps", 5))
     if self.every <= 0:
@@ -389,6 +401,7 @@ class ConflictProbe:
     self.seed = int(seed)
     self.workdir = workdir
     self.model = model
+    self.mesh = mesh
     all_tasks = list(tasks)
     num_tasks = _limit(len(all_tasks), int(options.get("max_tasks", 8)))
     chosen = np.random.default_rng([self.seed, 1]).choice(len(all_tasks), num_tasks, replace=False)
@@ -407,30 +420,60 @@ class ConflictProbe:
     count = _limit(batch_size, self.max_samples)
     return np.sort(np.random.default_rng([self.seed, 2, int(step)]).choice(batch_size, count, replace=False))
 
+  def splits_rows(self, num_samples: int) -> bool:
+    """Whether a probe of `num_samples` rows runs split over the mesh's devices (see the class docstring)."""
+    return (self.mesh is not None and self.path == "fast"
+            and num_samples % sharding_lib.data_size(self.mesh) == 0)
+
   def _function(self, num_samples: int):
     if num_samples not in self._compiled:
-      model, tasks, path, batch_norm = self.model, self.tasks, self.path, self.batch_norm
+      model, tasks, path, batch_norm, mesh = self.model, self.tasks, self.path, self.batch_norm, self.mesh
       tolerance, sign_tolerance, with_ratio = self.zero_tolerance, self.sign_tolerance, self.parameter_ratio
       rows = (tuple(range(num_samples)), tuple(range(len(tasks))))
+      split = self.splits_rows(num_samples)
 
       def compute(params, batch_stats, batch):
-        gramian = gramian_lib.compute_gramian(model, params, batch_stats, batch, tasks, path=path,
-                                              batch_norm=batch_norm)
+        if split:
+          gramian = sharding_lib.sharded_gramian(model, params, batch_stats, batch, tasks, mesh, batch_norm=batch_norm)
+          # [n, T, n, T] is tiny: the measures run replicated rather than on row blocks.
+          gramian = jax.lax.with_sharding_constraint(gramian, sharding_lib.replicated(mesh))
+        else:
+          gramian = gramian_lib.compute_gramian(model, params, batch_stats, batch, tasks, path=path,
+                                                batch_norm=batch_norm)
         outputs = {"measures": conflict_measures(gramian, tolerance)}
         if with_ratio:
-          gradients = gramian_lib.per_sample_gradients(model, params, batch_stats, batch, tasks, *rows,
-                                                       batch_norm=batch_norm)
-          outputs["ratios"] = conflicting_parameter_ratios(gradients, sign_tolerance)
+          gradients = functools.partial(gramian_lib.per_sample_gradients, model, tasks=tasks, sample_indices=rows[0],
+                                        task_indices=rows[1], batch_norm=batch_norm)
+          if split:
+            # Every device materialises all probed rows: split over devices they agree to ~5e-7
+            # (rounding), but the sign counts are discontinuous and a coordinate at the
+            # threshold flipped (ratio error 7e-4 measured); replicated they are bitwise equal.
+            gradients = sharding_lib.replicated_program(gradients, mesh)
+          outputs["ratios"] = conflicting_parameter_ratios(gradients(params, batch_stats, batch), sign_tolerance)
         return outputs
 
-      self._compiled[num_samples] = jax.jit(compute)
+      if mesh is None:
+        self._compiled[num_samples] = jax.jit(compute)
+      else:
+        # Unsplit, the per-sample gradients must not be left to GSPMD (see mtl_jax/sharding.py).
+        function = compute if split else sharding_lib.replicated_program(compute, mesh)
+        self._compiled[num_samples] = jax.jit(function, out_shardings=sharding_lib.replicated(mesh))
     return self._compiled[num_samples]
 
   def measure(self, params, batch_stats, batch: Mapping[str, Any], step: int = 0) -> dict[str, Any]:
-    """One probe's per-pair values (device arrays): {'measures': ..., 'ratios': ... (optional)}."""
+    """One probe's per-pair values (device arrays): {'measures': ..., 'ratios': ... (optional)}.
+
+    `batch` is the host's copy of the global batch (numpy, or fully addressable arrays); on a
+    mesh the probed rows are placed on its devices here.
+    """
     batch_size = int(np.shape(batch["image"])[0])
     indices = self.sample_indices(step, batch_size)
     sub_batch = {key: np.asarray(value)[indices] for key, value in batch.items()}
+    if self.mesh is not None:
+      if self.splits_rows(len(indices)):
+        sub_batch = sharding_lib.global_batch(sub_batch, self.mesh)
+      else:
+        sub_batch = sharding_lib.place_state(sub_batch, sharding_lib.state_shardings(sub_batch, self.mesh))
     return self._function(len(indices))(params, batch_stats, sub_batch)
 
   def maybe_probe(self, step: int, state, batch: Mapping[str, Any]) -> bool:
@@ -470,12 +513,12 @@ def epoch_line(record: Mapping[str, Any]) -> str:
           f"inter-task {part('inter_task', 'magnitude')} inter-sample {part('inter_sample', 'magnitude')}")
 
 
-def make_probe(experiment, config, workdir: str | None) -> ConflictProbe | None:
-  """The probe a training run asks for (`config.conflicts.probe_every_steps` > 0), else None."""
+def make_probe(experiment, config, workdir: str | None, mesh: jax.sharding.Mesh | None = None) -> ConflictProbe | None:
+  """The probe a training run asks for (`config.conflicts.probe_every_steps` > 0), else None; `mesh`: the run's."""
   options = config.get("conflicts", None)
   if options is None or int(options.get("probe_every_steps", 0)) <= 0:
     return None
-  return ConflictProbe(experiment.model, experiment.tasks, options, workdir, seed=int(config.seed))
+  return ConflictProbe(experiment.model, experiment.tasks, options, workdir, seed=int(config.seed), mesh=mesh)
 
 
 def run_conflicts(config, workdir: str) -> dict[str, Any]:

@@ -16,6 +16,7 @@ hands every other method here. The conventions shared by all steps:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
@@ -23,11 +24,18 @@ import jax.numpy as jnp
 import optax
 
 from mtl_jax import gramian as gramian_lib
+from mtl_jax import sharding as sharding_lib
 from mtl_jax import tasks as tasks_lib
 from mtl_jax import weighting as weighting_lib
 from mtl_jax.weighting import Weighting
 
 Batch = Mapping[str, jax.Array]
+
+
+_BATCH_NORM_LEVEL_ERROR = (
+    "config.method.level={level!r} needs per-sample gradients, which train-mode batch norm does not define "
+    "(its statistics couple the samples of a batch); use config.model.norm = 'group', 'layer' or 'none', or "
+    "level 'task'.")
 
 
 class _Rows(NamedTuple):
@@ -61,10 +69,7 @@ def _rows(model, params, batch_stats, batch, tasks, level) -> _Rows:
 
     return _Rows(gramian, result.losses, result.batch_stats, task_combination)
   if batch_stats:
-    raise ValueError(
-        f"config.method.level={level!r} needs per-sample gradients, which train-mode batch norm does not "
-        "define (its statistics couple the samples of a batch); use config.model.norm = 'group', 'layer' or "
-        "'none', or level 'task'.")
+    raise ValueError(_BATCH_NORM_LEVEL_ERROR.format(level=level))
   captured = gramian_lib.capture(model, params, batch_stats, batch, tasks, train=True)
   materialised = gramian_lib.materialised_rows(captured)
   full = gramian_lib.fast_gramian_from_capture(captured, materialised)
@@ -84,7 +89,7 @@ def _rows(model, params, batch_stats, batch, tasks, level) -> _Rows:
   return _Rows(gramian, jnp.mean(captured.losses, axis=0), batch_stats, sample_combination)
 
 
-def rows_gramian(model, params, batch_stats, batch, tasks, level):
+def rows_gramian(model, params, batch_stats, batch, tasks, level, mesh=None):
   """The Gramian of the rows' encoder gradients at `level`, and the task batch-mean losses [T].
 
   Rows follow `weighting.base.LEVELS`: task rows are the batch-mean losses L_t (exact under
@@ -92,9 +97,21 @@ def rows_gramian(model, params, batch_stats, batch, tasks, level):
   sum_t L_it / B ('sample'), so every level's rows sum to the EW objective. Per-sample rows come
   from the engine's fast path, which never materialises B·T·P gradients.
 
+  With a `mesh` (the batch split over its 'data' axis), per-sample rows come from the
+  `shard_map` engine (`sharding.sharded_rows_gramian`: each device its block rows, only the
+  level's Gramian gathered) and both results are replicated.
+
   Raises:
     ValueError: for per-sample levels with train-mode batch norm, which couples the samples.
   """
+  level = weighting_lib.check_level(level)
+  if mesh is not None and level != "task":
+    if batch_stats:
+      raise ValueError(_BATCH_NORM_LEVEL_ERROR.format(level=level))
+    batch_size = batch["image"].shape[0]
+    rows, task_losses = sharding_lib.sharded_rows_gramian(model, params, batch_stats, batch, tasks, mesh, level)
+    return rows / (batch_size * batch_size), task_losses
+  # Task rows under a mesh: T per-task gradients of batch means, ordinary data-parallel gradients under GSPMD.
   rows = _rows(model, params, batch_stats, batch, tasks, level)
   return rows.gramian, rows.task_losses
 
@@ -131,25 +148,72 @@ def _finish(state, optimizer, grads, batch_stats, weighting_state, rng, task_los
   return new_state, metrics
 
 
+def scale_gradient(value: jax.Array, scale: jax.Array) -> jax.Array:
+  """Identity in the forward pass; multiplies the cotangent by `scale` (broadcast) going back."""
+  fixed = jax.lax.stop_gradient(value)
+  return fixed + scale * (value - fixed)
+
+
+def _weighted_backward(model, tasks, params, batch, level, weights):
+  """Gradient of Σ_r w_r L_r on the encoder (heads: their plain gradients) by one ordinary backward.
+
+  Per-sample levels, no batch norm. The rows' weights scale the cotangent of the encoder features
+  seen by each head, so head t still receives ∂(mean_i L_it)/∂ψ_t.
+  """
+  batch_size, num_tasks = batch["image"].shape[0], len(tasks)
+  # 'sample' has one weight per sample (shared by its tasks), 'sample_task' one per (sample, task).
+  scales = jnp.broadcast_to(weights.reshape(batch_size, 1 if level == "sample" else num_tasks), (batch_size, num_tasks))
+
+  def objective(params):
+    features, _ = _encode(model, params, {}, batch["image"])
+    shape = (batch_size,) + (1,) * (features.ndim - 1)
+    per_task = [scale_gradient(features, scales[:, index].reshape(shape)) for index in range(num_tasks)]
+    return jnp.sum(jnp.mean(_head_losses(model, tasks, params["heads"], per_task, batch), axis=0))
+
+  return jax.grad(objective)(params)
+
+
 def make_gramian_step(model, tasks: Sequence[tasks_lib.Task], weighting: Weighting,
-                      optimizer: optax.GradientTransformation, level: str) -> Callable:
-  """Gramian kind: per-row gradients -> G at `level` -> weights -> their weighted sum (no second backward)."""
+                      optimizer: optax.GradientTransformation, level: str, mesh=None) -> Callable:
+  """Gramian kind: per-row gradients -> G at `level` -> weights -> their weighted sum (no second backward).
+
+  With a `mesh` the step is for `sharding.shard_train_step`: the weighting runs as one replicated
+  program on every device (`sharding.replicated_program`), never partitioned by GSPMD; at the
+  per-sample levels G comes from `sharding.sharded_rows_gramian` (only the level's Gramian
+  crosses devices) and the weighted gradient from one ordinary backward of Σ_r sg(w_r) L_r,
+  which GSPMD computes as a data-parallel gradient.
+  """
+  level = weighting_lib.check_level(level)
+  sharded_rows = mesh is not None and level != "task"
+
+  def weigh(gramian, task_losses, weighting_params, weighting_state, rng, step):
+    """(weights, new weighting state, aux) and the gradient of the weighting's own loss."""
+
+    def weighting_objective(weighting_params):
+      weights, new_state, aux = weighting.combine(gramian, task_losses, weighting_params, weighting_state, rng, step)
+      return aux.get("weighting_loss", jnp.zeros(())), (weights, new_state, aux)
+
+    (_, outputs), weighting_grads = jax.value_and_grad(weighting_objective, has_aux=True)(weighting_params)
+    return outputs, weighting_grads
+
+  if mesh is not None:
+    weigh = sharding_lib.replicated_program(weigh, mesh)
 
   def train_step(state, batch):
     rng, step_rng = jax.random.split(state.rng)
-    rows = _rows(model, state.params, state.batch_stats, batch, tasks, level)
-    gramian, task_losses = jax.lax.stop_gradient((rows.gramian, rows.task_losses))
-
-    def weighting_objective(weighting_params):
-      weights, weighting_state, aux = weighting.combine(gramian, task_losses, weighting_params, state.weighting_state,
-                                                        step_rng, state.step)
-      return aux.get("weighting_loss", jnp.zeros(())), (weights, weighting_state, aux)
-
-    (_, (weights, weighting_state, aux)), weighting_grads = jax.value_and_grad(weighting_objective, has_aux=True)(
-        state.weighting_params)
-    model_grads = rows.gradients(jax.lax.stop_gradient(weights).astype(jnp.float32))
+    if sharded_rows:
+      gramian, task_losses = rows_gramian(model, state.params, state.batch_stats, batch, tasks, level, mesh)
+      batch_stats = state.batch_stats
+      combination = functools.partial(_weighted_backward, model, tasks, state.params, batch, level)
+    else:
+      rows = _rows(model, state.params, state.batch_stats, batch, tasks, level)
+      gramian, task_losses, batch_stats, combination = rows.gramian, rows.task_losses, rows.batch_stats, rows.gradients
+    gramian, task_losses = jax.lax.stop_gradient((gramian, task_losses))
+    (weights, weighting_state, aux), weighting_grads = weigh(gramian, task_losses, state.weighting_params,
+                                                             state.weighting_state, step_rng, state.step)
+    model_grads = combination(jax.lax.stop_gradient(weights).astype(jnp.float32))
     grads = {"model": model_grads, "weighting": weighting_grads}
-    return _finish(state, optimizer, grads, rows.batch_stats, weighting_state, rng, task_losses, aux)
+    return _finish(state, optimizer, grads, batch_stats, weighting_state, rng, task_losses, aux)
 
   return train_step
 
@@ -251,10 +315,10 @@ def with_after_update(train_step: Callable, model, tasks, weighting: Weighting) 
   return step
 
 
-def make_method_step(model, tasks, weighting: Weighting, optimizer, level: str) -> Callable:
-  """The train step of a non-loss weighting (dispatch on kind and jacobian_mode)."""
+def make_method_step(model, tasks, weighting: Weighting, optimizer, level: str, mesh=None) -> Callable:
+  """The train step of a non-loss weighting (dispatch on kind and jacobian_mode); `mesh`: see make_gramian_step."""
   if weighting.kind == "gramian":
-    return make_gramian_step(model, tasks, weighting, optimizer, level)
+    return make_gramian_step(model, tasks, weighting, optimizer, level, mesh)
   if weighting.kind == "jacobian":
     if level != "task":
       raise ValueError(f"Method {weighting.name!r} works on task gradients; config.method.level must be 'task', "

@@ -11,11 +11,11 @@ gradient). On a multi-host TPU slice or GPU cluster every process runs the same 
 
 Two ways to run a computation sharded:
 
-* GSPMD (`shard_train_step`): the unchanged step function from `train.make_train_step`, jitted
-  with `in_shardings`/`out_shardings`; XLA inserts the gradient all-reduce (and, for batch norm,
-  the all-reduce of the batch statistics, so results match one device exactly). The mesh axis
-  is explicitly `AxisType.Auto`: `jax.make_mesh` defaults to Explicit axes, under which
-  sharded `vmap(jacrev)` over a CNN raises a `ShardingTypeError`.
+* GSPMD (`shard_train_step`): the step function from `train.make_train_step(..., mesh=mesh)`,
+  jitted with `in_shardings`/`out_shardings`; XLA inserts the gradient all-reduce (and, for
+  batch norm, the all-reduce of the batch statistics, so results match one device exactly).
+  The mesh axis is explicitly `AxisType.Auto`: `jax.make_mesh` defaults to Explicit axes, under
+  which sharded `vmap(jacrev)` over a CNN raises a `ShardingTypeError`.
 * `shard_map` (the Gramian functions below): each device runs the per-device program on its
   rows, and every cross-device transfer is written out. This is the path for per-sample
   gradients: GSPMD auto-sharding of `vmap(grad)` over conv kernels has been measured to give
@@ -24,6 +24,22 @@ Two ways to run a computation sharded:
   input comes back already summed over devices, so a further `psum` would count it n times;
   the parameters are therefore first marked device-varying (`jax.lax.pcast(..., to='varying')`)
   and every sum over devices is an explicit `psum`.
+
+How each kind of method runs in a sharded train step (tests/test_sharding.py checks EW, FAMO,
+GradDrop, UPGrad at level 'task' and PCGrad at 'sample_task' against one device, two SGD
+steps, to 1e-5 relative):
+
+* loss weightings (EW, UW, DWA, FAMO's extra forward pass, ...) and the Jacobian methods
+  (GradDrop's per-task feature gradients, AdaTask, MTL-IO): plain GSPMD; their per-task
+  gradients are ordinary data-parallel gradients of batch means.
+* Gramian methods at level 'task': `gramian.task_level_gramian` (T gradients of batch means)
+  under GSPMD.
+* Gramian methods at levels 'sample' and 'sample_task': the Gramian from
+  `sharded_rows_gramian` (shard_map; only the level's Gramian is gathered), then one GSPMD
+  backward of the weighted losses.
+* At every level the weighting itself (solver, random draws, its state and the gradient of its
+  own parameters) runs whole and identically on every device (`replicated_program`), never
+  partitioned by GSPMD.
 
 What crosses devices (n devices, B rows in all, b = B / n per device, T tasks, P encoder params):
 
@@ -39,6 +55,9 @@ What crosses devices (n devices, B rows in all, b = B / n per device, T tasks, P
   inputs [B, ...] and output gradients [T, B, ...] (ghost form), or the per-row layer
   gradients [T, B, K·N] (materialised form). Then the [b, T, B, T] blocks are gathered:
   B²T² numbers. No [B·T, P] Jacobian is formed or sent for ghost-form layers.
+* `sharded_rows_gramian` (the Gramian at level 'sample' or 'sample_task', what the train step
+  uses): as `sharded_gramian` per layer, but each device reduces its block rows to the level
+  before the gather: B² numbers at 'sample', B²T² at 'sample_task', plus a psum of T losses.
 * `sharded_loss_grads_and_gramian` (a Gramian method's step): as `sharded_gramian`, plus the
   [B, T] losses gathered so every device computes the same weights from the same Gramian, then
   one `psum` of the weighted gradient (P numbers), as in ordinary data parallelism.
@@ -460,6 +479,60 @@ def sharded_loss_grads_and_gramian(model, tasks: Sequence[tasks_lib.Task], mesh:
     return gramian_lib.LossGradsGramian(loss, task_losses, losses, grads, gramian, batch_stats)
 
   return run
+
+
+def replicated_program(function: Callable, mesh: jax.sharding.Mesh) -> Callable:
+  """`function` run whole on every device of the mesh (shard_map, everything replicated).
+
+  For the small computations inside a sharded step (a weighting's solver on the Gramian, with
+  any gradient it takes of its own parameters, which stays inside the per-device program).
+  Left to GSPMD, the batch sharding of the features the weights scale propagates into them:
+  measured on 8 emulated devices, the compiled UPGrad step at level 'sample' then held 7
+  all-reduces, 13 all-gathers and 3 all-to-alls (its solver and least-squares polish split
+  over devices) against 1 all-reduce and the Gramian's 7 all-gathers here. Every device
+  computes the same value from the same replicated inputs (random keys included).
+  """
+  return jax.shard_map(function, mesh=mesh, in_specs=PartitionSpec(), out_specs=PartitionSpec(), check_vma=False)
+
+
+def sharded_rows_gramian(model, params, batch_stats, batch, tasks: Sequence[tasks_lib.Task],
+                         mesh: jax.sharding.Mesh, level: str,
+                         batch_norm: str = "error") -> tuple[jax.Array, jax.Array]:
+  """The Gramian at a per-sample level of rows, computed with the batch split over 'data', replicated.
+
+  Like `sharded_gramian`, each device computes its block rows from its own capture; each
+  reduces them to the level first, so what is gathered is the level's Gramian: [b, B] per
+  device at 'sample' (B² numbers in all), [b·T, B·T] at 'sample_task' (B²T²).
+
+  Args:
+    model, params, batch_stats, batch, tasks, mesh, batch_norm: as in `sharded_gramian`.
+    level: 'sample' (rows sum_t L_t(x_i)) or 'sample_task' (rows L_t(x_i), index i·T + t); see
+      `gramian.rows_gramian`.
+
+  Returns:
+    (gramian [R, R], task_losses [T] batch means), both replicated.
+  """
+  if level not in ("sample", "sample_task"):
+    raise ValueError(f"sharded_rows_gramian computes per-sample levels 'sample' or 'sample_task', got {level!r}; "
+                     "the task level is `sharded_task_gramian`.")
+  total_batch = _check_divisible(batch, mesh)
+  train = _local_mode(batch_stats, batch_norm)
+
+  def per_device(params, batch_stats, batch):
+    params, batch_stats = _varying((params, batch_stats))
+    captured = gramian_lib.capture(model, params, batch_stats, batch, tasks, train)
+    rows = _gramian_rows(captured, total_batch)
+    local_batch, num_tasks = rows.shape[:2]
+    if level == "sample":
+      local = jnp.sum(rows, axis=(1, 3))
+    else:
+      local = rows.reshape(local_batch * num_tasks, total_batch * num_tasks)
+    task_losses = jax.lax.psum(jnp.sum(captured.losses, axis=0), DATA_AXIS) / total_batch
+    return _gather(local, 0), task_losses
+
+  function = jax.shard_map(per_device, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(), PartitionSpec(DATA_AXIS)),
+                           out_specs=(PartitionSpec(), PartitionSpec()), check_vma=False)
+  return function(params, batch_stats, batch)
 
 
 def conflict_statistics(task_gramian: jax.Array, gramian: jax.Array | None = None) -> dict[str, jax.Array]:

@@ -199,17 +199,20 @@ def make_train_step(
     weighting: weighting_lib.Weighting,
     optimizer: optax.GradientTransformation,
     level: str = "task",
+    mesh: jax.sharding.Mesh | None = None,
 ) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
   """Returns the pure train step `(state, batch) -> (new state, metrics)`; jit it at the call site.
 
   The metrics hold the total loss, per-task batch-mean losses [T] and the global gradient norm,
   which the loop uses to stop on non-finite values before anything is saved. Gramian and
   Jacobian methods get their steps from `method_steps` (rows of the Gramian at `level`, see
-  weighting.LEVELS); the loss-weighting step below is unchanged for them.
+  weighting.LEVELS); the loss-weighting step below is unchanged for them. With a `mesh` the
+  step is meant for `sharding.shard_train_step` (Gramian methods then use the mesh's
+  `shard_map` engine for per-sample rows); loss-weighting steps ignore it.
   """
   # --- gradient-weighting methods (branch `methods`).
   if weighting.kind != "loss":
-    return method_steps.make_method_step(model, tasks, weighting, optimizer, level)
+    return method_steps.make_method_step(model, tasks, weighting, optimizer, level, mesh)
   if weighting.after_update is not None:
     loss_step = make_train_step(model, tasks, dataclasses.replace(weighting, after_update=None), optimizer)
     return method_steps.with_after_update(loss_step, model, tasks, weighting)
@@ -472,16 +475,16 @@ def _train_and_evaluate(config, workdir, dataset, guard: preemption_lib.Preempti
   writer = metric_writers.MetricWriter(workdir, console=False)
   checkpointer = checkpoint_lib.Checkpointer(workdir, asynchronous=bool(training.get("async_checkpoints", True)))
   evaluator = Evaluator(experiment)
-  train_step = jax.jit(make_train_step(experiment.model, experiment.tasks, experiment.weighting, experiment.optimizer,
-                                       level=config.method.get("level", "task")))
-
   state = init_state(experiment, int(config.seed))
   # --- sharding: data parallelism when there are several devices (one device: unchanged). ---
   mesh = sharding_lib.make_mesh(config) if jax.device_count() > 1 else None
+  # One step function for one device and for the mesh: both train the same method at the same level.
+  step_function = make_train_step(experiment.model, experiment.tasks, experiment.weighting, experiment.optimizer,
+                                  level=config.method.get("level", "task"), mesh=mesh)
   if mesh is not None:
-    train_step, state = sharding_lib.shard_training(
-        config, mesh, make_train_step(experiment.model, experiment.tasks, experiment.weighting, experiment.optimizer),
-        state)
+    train_step, state = sharding_lib.shard_training(config, mesh, step_function, state)
+  else:
+    train_step = jax.jit(step_function)
   # --- end sharding ---
   fingerprint = config_fingerprint(config)
   progress: dict[str, Any] = {"best_score": None, "best_step": None, "history": [], "evals_since_best": 0,
@@ -519,7 +522,7 @@ def _train_and_evaluate(config, workdir, dataset, guard: preemption_lib.Preempti
                                    start, experiment.total_steps, experiment.dataset.augment)
   last_saved = checkpointer.latest_step()
   locator = None
-  conflict_probe = conflicts_lib.make_probe(experiment, config, workdir)  # Gradient conflicts (SPEC §4).
+  conflict_probe = conflicts_lib.make_probe(experiment, config, workdir, mesh)  # Gradient conflicts (SPEC §4).
   for step, batch in batches:
     if stopped_early:
       break
@@ -536,10 +539,12 @@ def _train_and_evaluate(config, workdir, dataset, guard: preemption_lib.Preempti
       metric_writers.status(message)
       raise preemption_lib.Preempted(message, step, workdir, guard.signal_name)
     # --- end reliability ---
+    host_batch = batch
     if mesh is not None:  # sharding: this host's rows into one global batch split over 'data'.
       batch = sharding_lib.global_batch(batch, mesh)
     if conflict_probe is not None:  # Gradient conflicts: probes the pre-step parameters on this batch.
-      conflict_probe.maybe_probe(step, state, batch)
+      # The host's copy: on several hosts the global array is not addressable as a whole here.
+      conflict_probe.maybe_probe(step, state, host_batch)
     new_state, step_metrics = train_step(state, batch)
     step_metrics = jax.device_get(step_metrics)
 

@@ -2,16 +2,22 @@
 
 Run as `python tests/sharding_worker.py <mode> <directory>` with XLA_FLAGS setting the host
 device count before JAX starts (the emulated device count is fixed at backend start-up, so
-it cannot be changed inside a pytest process). Modes: 'single' (1 device) then 'sharded'
+it cannot be changed inside a pytest process). Modes: 'single' (1 device) and 'sharded'
 (8 devices: every equivalence check, checkpoints across device counts, a training run compared
-with the single one) then 'single' again (restores the sharded checkpoint on one device).
+with the single one) side by side, then 'single' again (restores the sharded checkpoint on one
+device). The first 'single' process writes what the 'sharded' one compares with (a checkpoint,
+the real methods' one-device steps, a training run) into the shared directory, and the
+'sharded' one waits for each file where it needs it: on two cores the two processes' compiles
+overlap.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -23,9 +29,23 @@ import optax  # noqa: E402
 from configs import test as test_config  # noqa: E402
 from mtl_jax import checkpoint as checkpoint_lib  # noqa: E402
 from mtl_jax import config_validation  # noqa: E402
+from mtl_jax import conflicts  # noqa: E402
 from mtl_jax import gramian  # noqa: E402
 from mtl_jax import sharding  # noqa: E402
 from mtl_jax import train  # noqa: E402
+from mtl_jax import weighting as weighting_lib  # noqa: E402
+
+# The real methods checked step by step on the mesh: a Gramian method at task level and at a
+# per-sample level, a Jacobian method, and a loss weighting with state (FAMO's extra pass).
+# UPGrad at level 'sample' is left out: on a 2-core machine its batched LAPACK SVD (the
+# solver's polish) deadlocks XLA's CPU thread pool while the 8 emulated devices wait in a
+# collective (seen with gdb); it runs on 2 or 4 emulated devices.
+METHOD_CASES = (("upgrad", "task"), ("pcgrad", "sample_task"), ("graddrop", "task"), ("famo", "task"))
+# The end-to-end runs: a per-sample-level method, so a step built without config.method.level
+# on the mesh would train a different method; the conflict probe every 2 of the 4 steps.
+RUN_METHOD, RUN_LEVEL, RUN_PROBE_EVERY = "pcgrad", "sample_task", 2
+# Written by the first 'single' process once its checkpoint is complete.
+SINGLE_CHECKPOINT_SAVED = "from_single.saved"
 
 
 def relative_error(sharded, single) -> float:
@@ -52,16 +72,143 @@ def experiment_and_state(optimizer_name: str = "sgd"):
   """
   config = test_config.get_config()
   config.optimizer.name = optimizer_name
-  config.optimizer.learning_rate = 1e-3
+  # Large enough that parameter changes (~1e-2) dwarf a float32 ulp of the parameters (~3e-8):
+  # at 1e-3, one-ulp differences alone gave relative errors ~2e-5 in the encoder's changes.
+  config.optimizer.learning_rate = 0.2
   config.optimizer.weight_decay = 0.0
   experiment = train.build_experiment(config)
   return config, experiment, train.init_state(experiment, 0)
 
 
 def change(new_state, state) -> dict:
-  """What training changed: parameter updates (an n-fold gradient shows here even under a tiny lr)."""
-  return jax.tree_util.tree_map(lambda new, old: np.asarray(new, np.float64) - np.asarray(old, np.float64),
-                                jax.device_get(new_state.params), jax.device_get(state.params))
+  """What training changed: parameter updates (an n-fold gradient shows here even under a tiny lr).
+
+  Either argument may be a train state or its parameters.
+  """
+  new, old = (getattr(value, "params", value) for value in (new_state, state))
+  return jax.tree_util.tree_map(lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64),
+                                jax.device_get(new), jax.device_get(old))
+
+
+def wait_for(path: str, timeout: float = 600.0) -> str:
+  """Returns `path` once the other worker process has written it (the two run side by side)."""
+  deadline = time.monotonic() + timeout
+  while not os.path.exists(path):
+    if time.monotonic() > deadline:
+      raise TimeoutError(f"{path} was not written within {timeout:g} s; did the 'single' worker fail?")
+    time.sleep(0.2)
+  return path
+
+
+def write_atomically(path: str, value) -> None:
+  """Pickles `value` (numpy pytrees) to `path` in one rename, so `wait_for` never sees half a file."""
+  with open(path + ".tmp", "wb") as file:
+    pickle.dump(value, file)
+  os.replace(path + ".tmp", path)
+
+
+def run_config(config):
+  """The end-to-end training run's config, the same in the one-device and the 8-device process."""
+  config.training.num_epochs = 1
+  config.method.name, config.method.level = RUN_METHOD, RUN_LEVEL
+  config.conflicts.probe_every_steps = RUN_PROBE_EVERY
+  return config
+
+
+def record_values(records) -> dict:
+  """Every number of conflicts.jsonl records as {(epoch, pair type, measure): [values]}, for comparisons."""
+  values = {}
+  for record in records:
+    for pair_type in conflicts.PAIR_TYPES:
+      for measure, stats in record[pair_type].items():
+        if isinstance(stats, dict):
+          values[(record["epoch"], pair_type, measure)] = [np.nan if stats[key] is None else float(stats[key])
+                                                            for key in sorted(stats)]
+  return values
+
+
+def method_state(experiment, weighting, state, level: str):
+  """`state` with a method's weighting parameters, state and optimizer state (no new init compile)."""
+  rows = len(experiment.tasks)
+  if weighting.kind == "gramian":
+    rows = weighting_lib.num_rows(level, rows, int(experiment.config.training.batch_size))
+  weighting_params, weighting_state = weighting.init(rows)
+  trainable = {"model": state.params, "weighting": weighting_params}
+  return state.replace(weighting_params=weighting_params, weighting_state=weighting_state,
+                       opt_state=experiment.optimizer.init(trainable))
+
+
+def method_case(config, experiment, state, name: str, level: str):
+  """(weighting, start state) of one of METHOD_CASES, built as `train.build_experiment` does."""
+  options = {**config.method.to_dict(), "level": level, "steps_per_epoch": experiment.steps_per_epoch}
+  weighting = weighting_lib.get_weighting(name, options)
+  return weighting, method_state(experiment, weighting, state, level)
+
+
+def reference_path(directory: str, name: str, level: str) -> str:
+  return os.path.join(directory, f"reference_{name}_{level}.pickle")
+
+
+def method_references(config, experiment, state, batch, directory: str) -> None:
+  """The one-device side of `method_checks`: two steps of each of METHOD_CASES, jitted on one
+  device, saved as (parameters, loss, weighting state) for the 'sharded' process."""
+  for name, level in METHOD_CASES:
+    weighting, reference = method_case(config, experiment, state, name, level)
+    step = jax.jit(train.make_train_step(experiment.model, experiment.tasks, weighting, experiment.optimizer, level))
+    for _ in range(2):
+      reference, metrics = step(reference, batch)
+    write_atomically(reference_path(directory, name, level),
+                     jax.device_get((reference.params, metrics["loss"], reference.weighting_state)))
+
+
+def method_checks(config, experiment, state, mesh, batch, directory: str) -> dict:
+  """Each of METHOD_CASES as the training loop builds it: `train.make_train_step` at its level
+  for the mesh through `sharding.shard_training`, against the same step on one device (from
+  `method_references`). Two SGD steps; the errors cover parameter changes, loss and the
+  weighting's state."""
+  results = {}
+  for name, level in METHOD_CASES:
+    weighting, start = method_case(config, experiment, state, name, level)
+    sharded_step, sharded = sharding.shard_training(
+        config, mesh, train.make_train_step(experiment.model, experiment.tasks, weighting, experiment.optimizer, level,
+                                            mesh=mesh), start)
+    for _ in range(2):
+      sharded, metrics = sharded_step(sharded, sharding.global_batch(batch, mesh))
+    with open(wait_for(reference_path(directory, name, level)), "rb") as file:
+      reference_params, reference_loss, reference_weighting_state = pickle.load(file)
+    results[f"method_{name}_{level}"] = update_error(sharded, reference_params, start, metrics["loss"], reference_loss,
+                                                     sharded.weighting_state, reference_weighting_state)
+  return results
+
+
+def probe_checks(experiment, state, mesh, batch) -> dict:
+  """The conflict probe on a mesh against one device, 8 probed rows: on the 8-device mesh they
+  are split over the devices; on a 3-device mesh (8 rows do not split) each device computes
+  them whole. Measures and parameter ratios."""
+  results = {}
+  options = {"probe_every_steps": 1, "max_samples": 8}
+  expected = conflicts.ConflictProbe(experiment.model, experiment.tasks, options, None, seed=0).measure(
+      state.params, state.batch_stats, batch, step=3)
+  for probe_mesh in (mesh, sharding.make_mesh(data_axis_size=3)):
+    placed = sharding.place_state(state, sharding.state_shardings(state, probe_mesh))
+    probe = conflicts.ConflictProbe(experiment.model, experiment.tasks, options, None, seed=0, mesh=probe_mesh)
+    measured = probe.measure(placed.params, placed.batch_stats, batch, step=3)
+    name = "split" if probe.splits_rows(8) else "replicated"
+    results[f"probe_{name}_measures"] = relative_error(measured["measures"], expected["measures"])
+    results[f"probe_{name}_ratios"] = relative_error(measured["ratios"], expected["ratios"])
+  return results
+
+
+def update_error(new_state, reference_state, start, *others) -> float:
+  """relative_error of the parameter changes from `start` (and of `others`, pairs of values).
+
+  Also the encoder's changes alone: the heads get each task's plain gradient under every
+  method, and their (larger) changes would otherwise set the scale that hides an encoder error.
+  """
+  sharded, reference = change(new_state, start), change(reference_state, start)
+  pairs = list(zip(others[::2], others[1::2]))
+  return max(relative_error((sharded, [a for a, _ in pairs]), (reference, [b for _, b in pairs])),
+             relative_error(sharded["encoder"], reference["encoder"]))
 
 
 def first_batch(experiment, size: int):
@@ -111,8 +258,7 @@ def sharded_checks(directory: str) -> dict:
   sharded_step = sharding.shard_train_step(step, mesh, shardings)
   for _ in range(2):
     sharded_state, metrics = sharded_step(sharded_state, sharding.shard_batch(batch, mesh))
-  results["ew_step"] = relative_error((change(sharded_state, state), metrics["loss"]),
-                                      (change(reference_state, state), reference_metrics["loss"]))
+  results["ew_step"] = update_error(sharded_state, reference_state, state, metrics["loss"], reference_metrics["loss"])
   fsdp = sharding.state_shardings(state, mesh, fsdp=True, fsdp_min_size=64)
   results["fsdp_specs"] = sorted({str(leaf.spec) for leaf in jax.tree_util.tree_leaves(fsdp)})
   # The multi-host input path (process-local rows -> global array), exercised on one process.
@@ -134,24 +280,33 @@ def sharded_checks(directory: str) -> dict:
   results["task_gramian"] = relative_error((task_sharded, losses_sharded), (task_single, losses_single))
   results["conflicts"] = relative_error(sharding.conflict_statistics(task_sharded, full_sharded),
                                         sharding.conflict_statistics(task_single, full_single))
+  # The per-sample levels' Gramians as the Gramian methods' mesh steps get them (replicated).
+  levels = ("sample", "sample_task")
+  rows_sharded = jax.jit(lambda p, b: [sharding.sharded_rows_gramian(model, p, stats, b, tasks, mesh, level)
+                                       for level in levels])(params, placed)
+  results["rows_gramian"] = relative_error(
+      [(rows, task_losses) for rows, task_losses in rows_sharded],
+      [(gramian.rows_gramian(full_single, level), losses_single) for level in levels])
+  results["rows_gramian_sharding"] = sorted({str(leaf.sharding.spec)
+                                              for leaf in jax.tree_util.tree_leaves(rows_sharded)})
 
-  # A Gramian method's train step: shard_map engine, and the single-device engine under GSPMD.
+  # `sharding.sharded_loss_grads_and_gramian` (a Gramian method's gradient on the shard_map
+  # engine) in a train step, against the plain engine on one device.
   single_engine = lambda p, s, b: gramian.loss_grads_and_gramian(model, p, s, b, tasks, weights_fn=weights_fn)
   reference = jax.jit(gramian_step(single_engine, experiment.optimizer))
   reference_state, reference_loss = state, None
   for _ in range(2):
     reference_state, reference_loss = reference(reference_state, batch)
   shardings = sharding.state_shardings(state, mesh)
-  engines = {
-      "gramian_step_shard_map": sharding.sharded_loss_grads_and_gramian(model, tasks, mesh, weights_fn),
-      "gramian_step_gspmd": single_engine,
-  }
-  for name, engine in engines.items():
-    sharded_step = sharding.shard_train_step(gramian_step(engine, experiment.optimizer), mesh, shardings)
-    sharded_state = sharding.place_state(state, shardings)
-    for _ in range(2):
-      sharded_state, loss = sharded_step(sharded_state, placed)
-    results[name] = relative_error((change(sharded_state, state), loss), (change(reference_state, state), reference_loss))
+  engine = sharding.sharded_loss_grads_and_gramian(model, tasks, mesh, weights_fn)
+  sharded_step = sharding.shard_train_step(gramian_step(engine, experiment.optimizer), mesh, shardings)
+  sharded_state = sharding.place_state(state, shardings)
+  for _ in range(2):
+    sharded_state, loss = sharded_step(sharded_state, placed)
+  results["gramian_step_shard_map"] = update_error(sharded_state, reference_state, state, loss, reference_loss)
+
+  results.update(method_checks(config, experiment, state, mesh, batch, directory))
+  results.update(probe_checks(experiment, state, mesh, batch))
 
   # A batch the devices cannot split.
   try:
@@ -161,6 +316,7 @@ def sharded_checks(directory: str) -> dict:
     results["indivisible_error"] = str(error)
 
   # Checkpoints: restore the 1-device one onto this mesh (FSDP), save an FSDP-sharded one.
+  wait_for(os.path.join(directory, SINGLE_CHECKPOINT_SAVED))
   shardings = sharding.state_shardings(state, mesh, fsdp=True, fsdp_min_size=64)
   target = sharding.place_state(jax.tree_util.tree_map(jnp.zeros_like, state), shardings)
   restored, _ = checkpoint_lib.Checkpointer(os.path.join(directory, "from_single"), asynchronous=False).restore(target)
@@ -173,21 +329,35 @@ def sharded_checks(directory: str) -> dict:
   saver.save(2, sharding.place_state(reference_state, shardings), {"note": "sharded"})
   saver.close()
 
-  # The training loop end to end on the mesh (FSDP): its test metrics are compared with a
-  # one-device run of the same config by the 'single' process.
-  config.training.num_epochs = 1
+  # The training loop end to end on the mesh (FSDP), against the one-device run of the same
+  # config by the 'single' process: test metrics, conflicts.jsonl and the trained parameters.
+  config = run_config(config)
   config.sharding.fsdp, config.sharding.fsdp_min_size = True, 64
-  sharded_run = train.train_and_evaluate(config, os.path.join(directory, "run_sharded"))["test"]
-  with open(os.path.join(directory, "run_single", train.RESULTS_FILE)) as file:
+  sharded_directory, single_directory = os.path.join(directory, "run_sharded"), os.path.join(directory, "run_single")
+  sharded_run = train.train_and_evaluate(config, sharded_directory)["test"]
+  with open(wait_for(os.path.join(single_directory, train.RESULTS_FILE))) as file:
     single_run = json.load(file)["test"]
   results["run_test"] = relative_error([sharded_run[key] for key in sorted(single_run)],
                                        [single_run[key] for key in sorted(single_run)])
+  sharded_records = record_values(conflicts.read_records(sharded_directory))
+  single_records = record_values(conflicts.read_records(single_directory))
+  results["run_conflict_records"] = [len(sharded_records), len(single_records)]
+  # Measure by measure: dot products and cosines have different scales.
+  results["run_conflicts"] = max((relative_error(np.nan_to_num(sharded_records.get(key, [np.inf])),
+                                                 np.nan_to_num(values)) for key, values in single_records.items()),
+                                 default=float("inf"))
+  experiment = train.build_experiment(config, experiment.dataset)
+  target = method_state(experiment, experiment.weighting, state, RUN_LEVEL)
+  finals = [checkpoint_lib.Checkpointer(path, asynchronous=False).restore(target)[0]
+            for path in (sharded_directory, single_directory)]
+  results["run_params"] = update_error(finals[0], finals[1], state)
   return results
 
 
 def single_checks(directory: str) -> dict:
-  """One device. First call: a Gramian-method state saved, and a training run. Second call (after
-  the sharded process): its FSDP-sharded checkpoint restored here and compared with the first."""
+  """One device. First call: a Gramian-method state saved, the real methods' steps, and a training
+  run. Second call (after the sharded process): its FSDP-sharded checkpoint restored here and
+  compared with the first."""
   config, experiment, state = experiment_and_state("sgd")
   results = {"device_count": jax.device_count()}
   sharded_path = os.path.join(directory, "from_sharded")
@@ -209,8 +379,10 @@ def single_checks(directory: str) -> dict:
   saver = checkpoint_lib.Checkpointer(os.path.join(directory, "from_single"), asynchronous=False)
   saver.save(2, state, {"note": "single"})
   saver.close()
-  config.training.num_epochs = 1
-  train.train_and_evaluate(config, os.path.join(directory, "run_single"))
+  with open(os.path.join(directory, SINGLE_CHECKPOINT_SAVED), "w"):
+    pass
+  method_references(config, experiment, train.init_state(experiment, 0), batch, directory)
+  train.train_and_evaluate(run_config(config), os.path.join(directory, "run_single"))
   return results
 
 

@@ -1,9 +1,10 @@
 """Tests for mtl_jax.sharding on 8 emulated CPU devices, each sharded result against one device.
 
 The emulated device count is fixed when JAX starts, so the computations run in subprocesses
-(tests/sharding_worker.py) with XLA_FLAGS set before JAX is imported: one device (a checkpoint
-and a training run), eight devices (every check below), one device again (the 8-device
-checkpoint restored). The three processes run once per session; each test reads one result.
+(tests/sharding_worker.py) with XLA_FLAGS set before JAX is imported: one device (a checkpoint,
+the real methods' steps and a training run) side by side with eight devices (every check
+below), then one device again (the 8-device checkpoint restored). The processes run once per
+session; each test reads one result.
 """
 
 from __future__ import annotations
@@ -19,13 +20,29 @@ RELATIVE_TOLERANCE = 1e-5
 _WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sharding_worker.py")
 
 
-def _run(mode: str, directory: str, devices: int) -> dict:
+def _start(mode: str, directory: str, devices: int) -> tuple[subprocess.Popen, str]:
+  """Starts a worker process; its output goes to a log file beside the results."""
   environment = {**os.environ, "JAX_PLATFORMS": "cpu",
                  "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-  completed = subprocess.run([sys.executable, _WORKER, mode, directory], env=environment, capture_output=True,
-                             text=True, timeout=600, check=False)
-  lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULTS ")]
-  assert completed.returncode == 0 and lines, f"{mode} worker failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-5000:]}"
+  log_path = os.path.join(directory, f"{mode}_{devices}_{len(os.listdir(directory))}.log")
+  with open(log_path, "w") as log:
+    process = subprocess.Popen([sys.executable, _WORKER, mode, directory], env=environment, stdout=log,
+                               stderr=subprocess.STDOUT, text=True)
+  return process, log_path
+
+
+def _finish(started: tuple[subprocess.Popen, str], devices: int) -> dict:
+  """Waits for a worker and returns its results (printed as one 'RESULTS <json>' line)."""
+  process, log_path = started
+  try:
+    process.wait(timeout=600)
+  except subprocess.TimeoutExpired:
+    process.kill()
+    process.wait()
+  with open(log_path) as log:
+    output = log.read()
+  lines = [line for line in output.splitlines() if line.startswith("RESULTS ")]
+  assert process.returncode == 0 and lines, f"{log_path} worker failed:\n{output[-8000:]}"
   results = json.loads(lines[-1][len("RESULTS "):])
   assert results["device_count"] == devices
   return results
@@ -34,22 +51,61 @@ def _run(mode: str, directory: str, devices: int) -> dict:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
   directory = str(tmp_path_factory.mktemp("sharding"))
-  _run("single", directory, 1)
-  sharded = _run("sharded", directory, 8)
-  return sharded, _run("single", directory, 1)
+  # The one-device process writes what the 8-device one compares with, while the latter works.
+  single = _start("single", directory, 1)
+  sharded = _start("sharded", directory, 8)
+  try:
+    _finish(single, 1)
+  except AssertionError:
+    sharded[0].kill()
+    sharded[0].wait()
+    raise
+  return _finish(sharded, 8), _finish(_start("single", directory, 1), 1)
 
 
-@pytest.mark.parametrize("key", ["ew_step", "gramian_step_shard_map", "gramian_step_gspmd", "run_test"])
+@pytest.mark.parametrize("key", ["ew_step", "gramian_step_shard_map"])
 def test_train_steps_match_one_device(results, key):
-  # ew_step: GSPMD-jitted make_train_step, SGD (an n-fold gradient would show); the Gramian
-  # steps: 1/||g_t||-weighted method on the shard_map engine and on the plain engine under
-  # GSPMD; run_test: test metrics of a whole FSDP training run against a one-device run.
+  # ew_step: GSPMD-jitted make_train_step, SGD (an n-fold gradient would show);
+  # gramian_step_shard_map: a 1/||g_t||-weighted method on sharded_loss_grads_and_gramian.
   assert results[0][key] < RELATIVE_TOLERANCE, results[0]
 
 
-@pytest.mark.parametrize("key", ["gramian", "task_gramian", "conflicts"])
+@pytest.mark.parametrize("key", ["method_upgrad_task", "method_pcgrad_sample_task", "method_graddrop_task",
+                                 "method_famo_task"])
+def test_real_method_steps_match_one_device(results, key):
+  # train.make_train_step for the mesh through sharding.shard_training, as the training loop
+  # builds it, against the one-device step: two SGD steps, parameter changes, loss, weighting state.
+  assert results[0][key] < RELATIVE_TOLERANCE, results[0]
+
+
+@pytest.mark.parametrize("key", ["run_test", "run_params", "run_conflicts"])
+def test_training_run_matches_one_device(results, key):
+  # A whole FSDP training run of PCGrad at level 'sample_task' with the conflict probe against
+  # a one-device run: test metrics, trained parameters (a step built without the method's level
+  # would differ here), and every statistic of conflicts.jsonl.
+  assert results[0][key] < RELATIVE_TOLERANCE, results[0]
+
+
+def test_training_run_wrote_conflict_records(results):
+  sharded, single = results[0]["run_conflict_records"]
+  assert sharded == single > 0
+
+
+@pytest.mark.parametrize("key", ["probe_split_measures", "probe_split_ratios", "probe_replicated_measures",
+                                 "probe_replicated_ratios"])
+def test_conflict_probe_matches_one_device(results, key):
+  # 8 probed rows split over 8 devices (shard_map Gramian), and computed whole on each of 3.
+  assert results[0][key] < RELATIVE_TOLERANCE, results[0]
+
+
+@pytest.mark.parametrize("key", ["gramian", "task_gramian", "conflicts", "rows_gramian"])
 def test_gramians_match_one_device(results, key):
   assert results[0][key] < RELATIVE_TOLERANCE, results[0]
+
+
+def test_level_gramians_come_back_replicated(results):
+  # Every device must compute the same weights from them.
+  assert results[0]["rows_gramian_sharding"] == ["P()"]
 
 
 def test_gramian_stays_row_sharded(results):
