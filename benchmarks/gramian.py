@@ -6,10 +6,11 @@ Each case (encoder, batch size) compiles three jit functions on the same inputs:
 * reference: loss, gradients and the [B, T, B, T] Gramian by vmap(grad) (B·T·P memory);
 * fast: loss, gradients and the same Gramian from captured layer inputs and output gradients.
 
-Timings are medians of interleaved runs (one call of each function per round), so load from
-other processes hits all three alike; ratios are to the plain step. Peak memory is XLA's own
-account of the compiled program (temporary buffers plus outputs), which on CPU is the only
-allocator-independent number. Prints a markdown table.
+Timings are medians of interleaved runs (one call of each function per round, plus an untimed
+plain call after the reference's), so load from other processes hits all three alike; ratios
+are to the plain step. Peak memory is XLA's own account of the compiled program (temporary
+buffers plus outputs), which on CPU is the only allocator-independent number. Prints a
+markdown table.
 
   python benchmarks/gramian.py [--rounds 15] [--batch-sizes 64,128]
 """
@@ -87,10 +88,16 @@ def benchmark(encoder: str, batch_size: int, rounds: int) -> list[dict]:
   for name, function in functions.items():
     executables[name], peaks[name] = compiled(function, params, batch)
     jax.block_until_ready(executables[name](params, batch))  # Warm-up.
+  # Each round times the reference first, then one untimed plain call, then plain and fast: a
+  # call right after the reference's multi-GB program ran measurably slower (cold caches,
+  # fresh allocations), which would bias whichever step came next.
+  order = ["reference Gramian", "plain EW step", "fast Gramian"]
   for _ in range(rounds):
-    for name, executable in executables.items():
+    for name in order:
+      if name == "plain EW step":
+        jax.block_until_ready(executables[name](params, batch))
       start = time.perf_counter()
-      jax.block_until_ready(executable(params, batch))
+      jax.block_until_ready(executables[name](params, batch))
       times[name].append(time.perf_counter() - start)
   parameters = models.count_parameters(params["encoder"])
   rows = []

@@ -46,7 +46,8 @@ def get_config() -> ml_collections.ConfigDict:
       # Gradient methods: the rows of the Gramian, 'task' | 'sample' | 'sample_task'
       # (per-sample levels need norm group/layer/none).
       level="task",
-      # Fixed iteration counts of the JAX solvers (MGDA, UPGrad, CAGrad's inner QP).
+      # Maximum iteration counts of the JAX solvers (MGDA, UPGrad, CAGrad's inner QP); they stop
+      # earlier once an iteration changes no weight by more than 1e-6.
       solver_iterations=1000,
       cagrad_c=0.5,
       cagrad_rescale=1,

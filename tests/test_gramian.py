@@ -339,14 +339,17 @@ def test_jitted_task_gradients_equal_eager_per_task_gradients(norm):
       np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-6)
 
 
-def test_jitted_reference_rows_equal_an_eager_per_sample_loop():
-  # The reference path vmaps jacrev over samples; the same model's jit(jacrev) over the batch was
-  # wrong on XLA CPU (see above), so its per-sample rows are pinned to plain eager gradients.
+def test_jitted_reference_rows_and_fast_gramian_equal_an_eager_per_sample_loop():
+  # Both paths vmap a VJP (the reference jacrev over samples and tasks, the fast path's capture
+  # the encoder pullback over tasks); the same model's jit(jacrev) over the batch was wrong on
+  # XLA CPU (see above), so both are pinned to plain eager per-sample gradients.
   experiment, state = _test_experiment("group")
   batch = experiment.dataset.splits["train"].batch(np.arange(2))
   tasks = experiment.tasks
-  rows = jax.jit(lambda params: gramian.per_sample_gradients(
-      experiment.model, params, {}, batch, tasks, range(2), range(len(tasks))))(state.params)
+  rows, fast = jax.jit(lambda params: (
+      gramian.per_sample_gradients(experiment.model, params, {}, batch, tasks, range(2), range(len(tasks))),
+      gramian.compute_gramian(experiment.model, params, {}, batch, tasks, "fast")))(state.params)
+  eager = np.zeros(rows.shape)
 
   def loss(encoder, sample, index):
     single = jax.tree_util.tree_map(lambda leaf: leaf[sample:sample + 1], batch)
@@ -359,3 +362,6 @@ def test_jitted_reference_rows_equal_an_eager_per_sample_loop():
           jax.grad(loss)(state.params["encoder"], sample, index))])
       np.testing.assert_allclose(np.asarray(rows[sample, index]), expected, rtol=1e-4,
                                  atol=1e-5 * np.max(np.abs(expected)))
+      eager[sample, index] = expected
+  expected_gramian = np.einsum("itp,jsp->itjs", eager, eager)
+  assert relative_error(fast, expected_gramian) < RELATIVE_TOLERANCE

@@ -3,7 +3,8 @@
 Every method here ends in a direction d = Σ_k w_k g_k over the rows' gradients g_k (tasks,
 samples or (sample, task) pairs, see `LEVELS`) whose weights w are a function of the Gramian
 G_kl = ⟨g_k, g_l⟩ alone (plus state and a random key). The train step therefore computes G,
-calls `combine`, and takes one ordinary backward pass of Σ_k stop_gradient(w_k) L_k. Each
+calls `combine`, and descends Σ_k stop_gradient(w_k) g_k, assembled from the same per-row
+gradients that gave G (see `method_steps`). Each
 factory's docstring says why its direction has this form and which conventions it follows
 (LibMTL's, unless stated otherwise: sum or mean over rows, constants, defaults).
 
