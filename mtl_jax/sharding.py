@@ -357,6 +357,13 @@ def _gramian_rows(captured: gramian_lib.Capture, total_batch: int) -> jax.Array:
   return jnp.transpose(total, (1, 0, 3, 2))
 
 
+def _captured_rows(model, params, batch_stats, batch, tasks, train: bool, total_batch: int):
+  """Inside shard_map: (params marked varying, this device's capture, its block rows [b, T, B, T])."""
+  params, batch_stats = _varying((params, batch_stats))
+  captured = gramian_lib.capture(model, params, batch_stats, batch, tasks, train)
+  return params, captured, _gramian_rows(captured, total_batch)
+
+
 def _local_mode(batch_stats: Any, batch_norm: str) -> bool:
   """The model mode (train) for per-sample losses on the shard_map path; raises when samples couple."""
   train, coupled = gramian_lib._resolve_mode(batch_stats, "fast", batch_norm)  # pylint: disable=protected-access
@@ -390,9 +397,7 @@ def sharded_gramian(model, params, batch_stats, batch, tasks: Sequence[tasks_lib
   train = _local_mode(batch_stats, batch_norm)
 
   def per_device(params, batch_stats, batch):
-    params, batch_stats = _varying((params, batch_stats))
-    captured = gramian_lib.capture(model, params, batch_stats, batch, tasks, train)
-    return _gramian_rows(captured, total_batch)
+    return _captured_rows(model, params, batch_stats, batch, tasks, train, total_batch)[2]
 
   function = jax.shard_map(per_device, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(), PartitionSpec(DATA_AXIS)),
                            out_specs=PartitionSpec(DATA_AXIS), check_vma=False)
@@ -458,9 +463,7 @@ def sharded_loss_grads_and_gramian(model, tasks: Sequence[tasks_lib.Task], mesh:
     train = _local_mode(batch_stats, batch_norm)
 
     def per_device(params, batch_stats, batch):
-      params, batch_stats = _varying((params, batch_stats))
-      captured = gramian_lib.capture(model, params, batch_stats, batch, tasks, train)
-      rows = _gramian_rows(captured, total_batch)
+      params, captured, rows = _captured_rows(model, params, batch_stats, batch, tasks, train, total_batch)
       full_gramian, all_losses = _gather(rows, 0), _gather(captured.losses, 0)
       weights = gramian_lib._weights(weights_fn, full_gramian, all_losses)  # pylint: disable=protected-access
       row_weights = gramian_lib._row_weights(weights, total_batch)  # pylint: disable=protected-access
@@ -519,9 +522,7 @@ def sharded_rows_gramian(model, params, batch_stats, batch, tasks: Sequence[task
   train = _local_mode(batch_stats, batch_norm)
 
   def per_device(params, batch_stats, batch):
-    params, batch_stats = _varying((params, batch_stats))
-    captured = gramian_lib.capture(model, params, batch_stats, batch, tasks, train)
-    rows = _gramian_rows(captured, total_batch)
+    _, captured, rows = _captured_rows(model, params, batch_stats, batch, tasks, train, total_batch)
     local_batch, num_tasks = rows.shape[:2]
     if level == "sample":
       local = jnp.sum(rows, axis=(1, 3))
