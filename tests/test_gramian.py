@@ -400,10 +400,12 @@ def test_task_gradients_with_batch_norm_in_the_heads():
   result, expected = run(params)
   for index, task in enumerate(tasks):
     gradients, updated = expected[index]
-    mine = {"encoder": jax.tree_util.tree_map(lambda leaf: leaf[index], result.encoder), "heads": result.heads[task.name]}
+    mine = {"encoder": jax.tree_util.tree_map(lambda leaf, index=index: leaf[index], result.encoder),
+            "heads": result.heads[task.name]}
     theirs = {"encoder": gradients["encoder"], "heads": gradients["heads"][task.name]}
     for got, want in zip(jax.tree_util.tree_leaves(mine), jax.tree_util.tree_leaves(theirs)):
-      np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5 * (np.max(np.abs(want)) + 1e-6))
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4,
+                                 atol=1e-5 * (np.max(np.abs(want)) + 1e-6))
   for got, want in zip(jax.tree_util.tree_leaves(result.batch_stats), jax.tree_util.tree_leaves(updated)):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
   assert jax.tree_util.tree_structure(result.batch_stats) == jax.tree_util.tree_structure(batch_stats)
