@@ -160,6 +160,40 @@ def per_sample_losses(
   return tasks_lib.losses_matrix(tasks, predictions, batch)
 
 
+def apply_head(model: nn.Module, task_name: str, head_params: Any, batch_stats: Any, features: jax.Array,
+               train: bool) -> tuple[jax.Array, Any]:
+  """One task's head on shared features: (prediction, the head's batch-norm statistics or None).
+
+  Heads with batch norm (DeepLab's ASPP head) read their statistics from
+  batch_stats['heads'][task_name]; in training mode the returned statistics are updated from
+  this batch, as the full model's apply would update them. Heads without return None.
+  """
+  head = model.heads[task_name]
+  stats = _head_stats(batch_stats, task_name)
+  if stats is None:
+    return head.apply({"params": head_params}, features, train=train), None
+  variables = {"params": head_params, "batch_stats": stats}
+  if train:
+    prediction, updates = head.apply(variables, features, train=True, mutable=["batch_stats"])
+    return prediction, updates["batch_stats"]
+  return head.apply(variables, features, train=False), stats
+
+
+def _head_stats(batch_stats: Any, task_name: str) -> Any:
+  if not batch_stats or "heads" not in batch_stats:
+    return None
+  stats = batch_stats["heads"].get(task_name)
+  return stats if stats else None
+
+
+def with_head_stats(batch_stats: Any, head_stats: Mapping[str, Any]) -> Any:
+  """batch_stats with the heads' entries replaced by `head_stats` ({task: stats}; None skipped)."""
+  head_stats = {name: stats for name, stats in head_stats.items() if stats is not None}
+  if not head_stats:
+    return batch_stats
+  return {**batch_stats, "heads": {**batch_stats["heads"], **head_stats}}
+
+
 def _flatten_rows(tree: Any, leading: int) -> jax.Array:
   """Concatenates a pytree's leaves, keeping `leading` axes: [..., P] in tree_leaves order."""
   leaves = jax.tree_util.tree_leaves(tree)
@@ -386,10 +420,9 @@ def capture(model, params, batch_stats, batch, tasks, train: bool = True) -> Cap
 
   columns, head_gradients, head_vjps, feature_gradients = [], {}, {}, []
   for task in tasks:
-    head = model.heads[task.name]
 
-    def task_losses(head_params, features, head=head, task=task):
-      prediction = head.apply({"params": head_params}, features, train=train)
+    def task_losses(head_params, features, task=task):
+      prediction, _ = apply_head(model, task.name, head_params, batch_stats, features, train)
       return task.loss(prediction, batch)
 
     losses, head_vjp = jax.vjp(task_losses, params["heads"][task.name], features)
@@ -921,19 +954,19 @@ def task_gradients(
     return model.apply(variables, images, True, method=model.encode), batch_stats
 
   features, pullback, new_stats = jax.vjp(encode, params["encoder"], has_aux=True)
-  losses, heads, feature_gradients = [], {}, []
+  losses, heads, feature_gradients, head_stats = [], {}, [], {}
   for task in tasks:
-    head = model.heads[task.name]
 
-    def task_loss(head_params, features, head=head, task=task):
-      return jnp.mean(task.loss(head.apply({"params": head_params}, features, train=True), batch))
+    def task_loss(head_params, features, task=task):
+      prediction, stats = apply_head(model, task.name, head_params, batch_stats, features, True)
+      return jnp.mean(task.loss(prediction, batch)), stats
 
-    loss, head_vjp = jax.vjp(task_loss, params["heads"][task.name], features)
+    loss, head_vjp, head_stats[task.name] = jax.vjp(task_loss, params["heads"][task.name], features, has_aux=True)
     heads[task.name], feature_gradient = head_vjp(jnp.ones_like(loss))
     losses.append(loss)
     feature_gradients.append(feature_gradient)
   (encoder_rows,) = stacked_vjp(pullback, jnp.stack(feature_gradients))
-  return TaskGradients(jnp.stack(losses), encoder_rows, heads, new_stats)
+  return TaskGradients(jnp.stack(losses), encoder_rows, heads, with_head_stats(new_stats, head_stats))
 
 
 def task_level_gramian(

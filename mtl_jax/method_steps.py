@@ -126,12 +126,14 @@ def _encode(model, params, batch_stats, images):
   return model.apply(variables, images, train=True, method=model.encode), batch_stats
 
 
-def _head_losses(model, tasks, head_params, features_per_task, batch) -> jax.Array:
-  """[B, T] per-sample losses, head t applied to features_per_task[t]."""
-  predictions = {task.name: model.heads[task.name].apply({"params": head_params[task.name]}, features_per_task[index],
-                                                         True)
-                 for index, task in enumerate(tasks)}
-  return tasks_lib.losses_matrix(tasks, predictions, batch)
+def _head_losses(model, tasks, head_params, features_per_task, batch, batch_stats):
+  """[B, T] per-sample losses with head t applied to features_per_task[t] (training mode), and
+  `batch_stats` with the statistics of heads that have batch norm (DeepLab's ASPP) updated."""
+  predictions, head_stats = {}, {}
+  for index, task in enumerate(tasks):
+    predictions[task.name], head_stats[task.name] = gramian_lib.apply_head(
+        model, task.name, head_params[task.name], batch_stats, features_per_task[index], True)
+  return tasks_lib.losses_matrix(tasks, predictions, batch), gramian_lib.with_head_stats(batch_stats, head_stats)
 
 
 def _finish(state, optimizer, grads, batch_stats, weighting_state, rng, task_losses, aux, extra=None):
@@ -229,9 +231,10 @@ def _per_task_feature_gradients(model, tasks, state, batch):
   features, pullback, batch_stats = jax.vjp(encode, params["encoder"], has_aux=True)
 
   def head_losses(features, heads):
-    return jnp.mean(_head_losses(model, tasks, heads, [features] * num_tasks, batch), axis=0)
+    losses, stats = _head_losses(model, tasks, heads, [features] * num_tasks, batch, batch_stats)
+    return jnp.mean(losses, axis=0), stats
 
-  losses, head_pullback = jax.vjp(head_losses, features, params["heads"])
+  losses, head_pullback, batch_stats = jax.vjp(head_losses, features, params["heads"], has_aux=True)
   feature_gradients, head_gradients = gramian_lib.stacked_vjp(head_pullback, jnp.eye(num_tasks, dtype=losses.dtype))
   # Head t's parameters only appear in L_t, so summing the rows gives each head its own gradient.
   head_gradients = jax.tree_util.tree_map(lambda leaf: jnp.sum(leaf, axis=0), head_gradients)
@@ -284,8 +287,9 @@ def make_sequential_step(model, tasks, weighting: Weighting, optimizer) -> Calla
     for index in range(num_tasks):
       def objective(trainable, batch_stats=batch_stats, index=index):
         features, new_stats = _encode(model, trainable["model"], batch_stats, batch["image"])
-        task_losses = jnp.mean(_head_losses(model, tasks, trainable["model"]["heads"], [features] * num_tasks, batch),
-                               axis=0)
+        task_losses, new_stats = _head_losses(model, tasks, trainable["model"]["heads"], [features] * num_tasks,
+                                              batch, new_stats)
+        task_losses = jnp.mean(task_losses, axis=0)
         return task_losses[index], (task_losses[index], new_stats)
 
       (_, (loss, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
@@ -308,7 +312,9 @@ def with_after_update(train_step: Callable, model, tasks, weighting: Weighting) 
   def step(state, batch):
     new_state, metrics = train_step(state, batch)
     features, _ = _encode(model, new_state.params, new_state.batch_stats, batch["image"])
-    losses = jnp.mean(_head_losses(model, tasks, new_state.params["heads"], [features] * len(tasks), batch), axis=0)
+    losses, _ = _head_losses(model, tasks, new_state.params["heads"], [features] * len(tasks), batch,
+                             new_state.batch_stats)
+    losses = jnp.mean(losses, axis=0)
     weighting_state = weighting.after_update(jax.lax.stop_gradient(losses), new_state.weighting_state)
     return new_state.replace(weighting_state=weighting_state), metrics
 

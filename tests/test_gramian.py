@@ -365,3 +365,47 @@ def test_jitted_reference_rows_and_fast_gramian_equal_an_eager_per_sample_loop()
       eager[sample, index] = expected
   expected_gramian = np.einsum("itp,jsp->itjs", eager, eager)
   assert relative_error(fast, expected_gramian) < RELATIVE_TOLERANCE
+
+
+def test_task_gradients_with_batch_norm_in_the_heads():
+  # DeepLab's ASPP heads carry batch norm: task_gradients (and so every Gramian step) must read
+  # and update their statistics like the full model's training-mode apply.
+  experiment, _ = _test_experiment("batch")
+  heads = {task.name: models.ASPPHead(experiment.model.heads[task.name].out_channels, channels=4, rates=(2,),
+                                      upsample=1, norm="batch") for task in experiment.tasks[:2]}
+  model = models.MultiTaskModel(encoder=models.SmallCNN(features=(4,), norm="batch", dense_output=True), heads=heads)
+  tasks = experiment.tasks[:2]
+  # An 8x8 crop of two samples: small programs (this test compiles a dozen conv layers).
+  batch = jax.tree_util.tree_map(lambda leaf: leaf[:, :8, :8] if leaf.ndim >= 3 else leaf,
+                                 experiment.dataset.splits["train"].batch(np.arange(2)))
+  # Random variables of the right shapes from numpy: compiling this model's init took 4 s.
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), batch["image"], train=False))
+  generator = np.random.default_rng(0)
+  params = jax.tree_util.tree_map(lambda leaf: generator.normal(0.0, 0.3, leaf.shape).astype(np.float32),
+                                  shapes["params"])
+  batch_stats = jax.tree_util.tree_map(lambda leaf: generator.uniform(0.5, 1.5, leaf.shape).astype(np.float32),
+                                       shapes["batch_stats"])
+
+  def loss(params, index):
+    predictions, updates = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"], train=True,
+                                       mutable=["batch_stats"])
+    return jnp.mean(tasks_lib.losses_matrix(tasks, predictions, batch)[:, index]), updates["batch_stats"]
+
+  @functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+  def run(params):
+    result = gramian.task_gradients(model, params, batch_stats, batch, tasks)
+    expected = [jax.grad(loss, has_aux=True)(params, index) for index in range(len(tasks))]
+    return result, expected
+
+  result, expected = run(params)
+  for index, task in enumerate(tasks):
+    gradients, updated = expected[index]
+    mine = {"encoder": jax.tree_util.tree_map(lambda leaf, index=index: leaf[index], result.encoder),
+            "heads": result.heads[task.name]}
+    theirs = {"encoder": gradients["encoder"], "heads": gradients["heads"][task.name]}
+    for got, want in zip(jax.tree_util.tree_leaves(mine), jax.tree_util.tree_leaves(theirs)):
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4,
+                                 atol=1e-5 * (np.max(np.abs(want)) + 1e-6))
+  for got, want in zip(jax.tree_util.tree_leaves(result.batch_stats), jax.tree_util.tree_leaves(updated)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+  assert jax.tree_util.tree_structure(result.batch_stats) == jax.tree_util.tree_structure(batch_stats)
