@@ -170,7 +170,8 @@ def _weighted_backward(model, tasks, params, batch, level, weights):
     features, _ = _encode(model, params, {}, batch["image"])
     shape = (batch_size,) + (1,) * (features.ndim - 1)
     per_task = [scale_gradient(features, scales[:, index].reshape(shape)) for index in range(num_tasks)]
-    return jnp.sum(jnp.mean(_head_losses(model, tasks, params["heads"], per_task, batch), axis=0))
+    losses, _ = _head_losses(model, tasks, params["heads"], per_task, batch, {})
+    return jnp.sum(jnp.mean(losses, axis=0))
 
   return jax.grad(objective)(params)
 
