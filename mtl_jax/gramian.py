@@ -522,11 +522,14 @@ def _positional(info: LayerInfo, inputs: jax.Array, output_gradients: jax.Array)
   return inputs, output_gradients.reshape(num_tasks, batch, inputs.shape[1], -1)
 
 
-def _is_materialised(info: LayerInfo, inputs: jax.Array, output_gradients: jax.Array) -> bool:
-  """Whether a layer's per-row gradients are formed (static: from shapes only)."""
+def _is_materialised(info: LayerInfo, inputs: jax.Array, output_gradients: jax.Array,
+                     total_batch: int | None = None) -> bool:
+  """Whether a layer's per-row gradients are formed (static: from shapes only; `total_batch`
+  overrides the batch size of the shapes, for a device holding part of a batch)."""
   if info.kind == "affine":
     return True
   num_tasks, batch = output_gradients.shape[:2]
+  batch = total_batch or batch
   positions = int(np.prod(output_gradients.shape[2:-1], dtype=np.int64))
   features = inputs.shape[-1] * (int(np.prod(info.kernel_size)) if info.kind == "conv" else 1)
   strategy = layer_strategy(batch, num_tasks, positions, features, output_gradients.shape[-1])
@@ -569,19 +572,20 @@ class MaterialisedRows(NamedTuple):
   segments: tuple
 
 
-def materialised_rows(captured: "Capture") -> MaterialisedRows:
+def materialised_rows(captured: "Capture", total_batch: int | None = None) -> MaterialisedRows:
   """Per-row gradients of the layers whose Gramian is cheaper from them than in ghost form.
 
   Affine layers always; dense and conv layers as `layer_strategy` decides. The same matrix
   gives their Gramian block (one matmul for all of them) and, weighted, their gradient, so
   `loss_grads_and_gramian` forms it once. Memory B·T·F: F counts only the materialised
   layers' parameters, which the strategy picks where their per-row gradient is smaller than
-  the ghost form's products.
+  the ghost form's products. `total_batch`: the whole batch's size when `captured` holds one
+  device's share of it (the strategy is chosen for the whole batch).
   """
   blocks, segments, offset = [], [], 0
   for path, info in captured.infos.items():
     inputs, gradients = captured.inputs[path], captured.output_gradients[path]
-    if not _is_materialised(info, inputs, gradients):
+    if not _is_materialised(info, inputs, gradients, total_batch):
       continue
     block = _layer_rows(info, inputs, gradients)
     blocks.append(block)
@@ -944,14 +948,9 @@ def task_gradients(
   Returns:
     A `TaskGradients`.
   """
-  images = batch["image"]
 
   def encode(encoder_params):
-    variables = _variables({**params, "encoder": encoder_params}, batch_stats)
-    if "batch_stats" in variables:
-      features, updates = model.apply(variables, images, True, method=model.encode, mutable=["batch_stats"])
-      return features, updates["batch_stats"]
-    return model.apply(variables, images, True, method=model.encode), batch_stats
+    return encode_train(model, {**params, "encoder": encoder_params}, batch_stats, batch["image"])
 
   features, pullback, new_stats = jax.vjp(encode, params["encoder"], has_aux=True)
   losses, heads, feature_gradients, head_stats = [], {}, [], {}
@@ -967,6 +966,21 @@ def task_gradients(
     feature_gradients.append(feature_gradient)
   (encoder_rows,) = stacked_vjp(pullback, jnp.stack(feature_gradients))
   return TaskGradients(jnp.stack(losses), encoder_rows, heads, with_head_stats(new_stats, head_stats))
+
+
+def encode_train(model: nn.Module, params: Any, batch_stats: Any, images: jax.Array) -> tuple[jax.Array, Any]:
+  """Training-mode encoder features and the batch-norm statistics this batch updates ({} without)."""
+  variables = _variables(params, batch_stats)
+  if "batch_stats" in variables:
+    features, updates = model.apply(variables, images, True, method=model.encode, mutable=["batch_stats"])
+    return features, updates["batch_stats"]
+  return model.apply(variables, images, True, method=model.encode), batch_stats
+
+
+def gramian_of_task_gradients(result: TaskGradients) -> jax.Array:
+  """[T, T] Gramian of the encoder rows of a `task_gradients` result."""
+  jacobian = _flatten_rows(result.encoder, 1)
+  return _einsum("tp,sp->ts", jacobian, jacobian)
 
 
 def task_level_gramian(
@@ -985,8 +999,7 @@ def task_level_gramian(
     (gramian [T, T] float32, task_losses [T]).
   """
   result = task_gradients(model, params, batch_stats, batch, tasks)
-  jacobian = _flatten_rows(result.encoder, 1)
-  return _einsum("tp,sp->ts", jacobian, jacobian), result.losses
+  return gramian_of_task_gradients(result), result.losses
 
 
 def task_gramian(gramian: jax.Array) -> jax.Array:

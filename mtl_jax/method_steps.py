@@ -60,8 +60,7 @@ def _rows(model, params, batch_stats, batch, tasks, level) -> _Rows:
   num_tasks = len(tasks)
   if level == "task":
     result = gramian_lib.task_gradients(model, params, batch_stats, batch, tasks)
-    jacobian = gramian_lib._flatten_rows(result.encoder, 1)  # pylint: disable=protected-access
-    gramian = jnp.einsum("tp,sp->ts", jacobian, jacobian, precision=jax.lax.Precision.HIGHEST)
+    gramian = gramian_lib.gramian_of_task_gradients(result)
 
     def task_combination(weights):
       encoder = jax.tree_util.tree_map(lambda leaf: jnp.tensordot(weights, leaf, axes=1), result.encoder)
@@ -116,16 +115,6 @@ def rows_gramian(model, params, batch_stats, batch, tasks, level, mesh=None):
   return rows.gramian, rows.task_losses
 
 
-def _encode(model, params, batch_stats, images):
-  """Train-mode features and updated batch stats."""
-  variables = {"params": params}
-  if batch_stats:
-    variables["batch_stats"] = batch_stats
-    features, updates = model.apply(variables, images, train=True, method=model.encode, mutable=["batch_stats"])
-    return features, updates["batch_stats"]
-  return model.apply(variables, images, train=True, method=model.encode), batch_stats
-
-
 def _head_losses(model, tasks, head_params, features_per_task, batch, batch_stats):
   """[B, T] per-sample losses with head t applied to features_per_task[t] (training mode), and
   `batch_stats` with the statistics of heads that have batch norm (DeepLab's ASPP) updated."""
@@ -167,7 +156,7 @@ def _weighted_backward(model, tasks, params, batch, level, weights):
   scales = jnp.broadcast_to(weights.reshape(batch_size, 1 if level == "sample" else num_tasks), (batch_size, num_tasks))
 
   def objective(params):
-    features, _ = _encode(model, params, {}, batch["image"])
+    features, _ = gramian_lib.encode_train(model, params, {}, batch["image"])
     shape = (batch_size,) + (1,) * (features.ndim - 1)
     per_task = [scale_gradient(features, scales[:, index].reshape(shape)) for index in range(num_tasks)]
     losses, _ = _head_losses(model, tasks, params["heads"], per_task, batch, {})
@@ -227,7 +216,8 @@ def _per_task_feature_gradients(model, tasks, state, batch):
   params = state.params
 
   def encode(encoder):
-    return _encode(model, {"encoder": encoder, "heads": params["heads"]}, state.batch_stats, batch["image"])
+    return gramian_lib.encode_train(model, {"encoder": encoder, "heads": params["heads"]}, state.batch_stats,
+                                    batch["image"])
 
   features, pullback, batch_stats = jax.vjp(encode, params["encoder"], has_aux=True)
 
@@ -287,7 +277,7 @@ def make_sequential_step(model, tasks, weighting: Weighting, optimizer) -> Calla
     opt_states, losses, norms = list(state.opt_state), [], []
     for index in range(num_tasks):
       def objective(trainable, batch_stats=batch_stats, index=index):
-        features, new_stats = _encode(model, trainable["model"], batch_stats, batch["image"])
+        features, new_stats = gramian_lib.encode_train(model, trainable["model"], batch_stats, batch["image"])
         task_losses, new_stats = _head_losses(model, tasks, trainable["model"]["heads"], [features] * num_tasks,
                                               batch, new_stats)
         task_losses = jnp.mean(task_losses, axis=0)
@@ -312,7 +302,7 @@ def with_after_update(train_step: Callable, model, tasks, weighting: Weighting) 
 
   def step(state, batch):
     new_state, metrics = train_step(state, batch)
-    features, _ = _encode(model, new_state.params, new_state.batch_stats, batch["image"])
+    features, _ = gramian_lib.encode_train(model, new_state.params, new_state.batch_stats, batch["image"])
     losses, _ = _head_losses(model, tasks, new_state.params["heads"], [features] * len(tasks), batch,
                              new_state.batch_stats)
     losses = jnp.mean(losses, axis=0)

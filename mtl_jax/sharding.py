@@ -298,27 +298,15 @@ def _varying(tree: Any) -> Any:
   return tree
 
 
-def _affine_rows(inputs, output_gradients):
-  positions = tuple(range(2, output_gradients.ndim - 1))
-  scale = jnp.sum(output_gradients * inputs[None], axis=positions)
-  bias = jnp.sum(output_gradients, axis=positions)
-  return jnp.concatenate([scale, bias], axis=-1)
-
-
-def _block_contribution(info: gramian_lib.LayerInfo, inputs: jax.Array, output_gradients: jax.Array,
-                        total_batch: int) -> jax.Array:
-  """One layer's [T, b, T, B] block of the Gramian: this device's rows against every row.
+def _ghost_block(info: gramian_lib.LayerInfo, inputs: jax.Array, output_gradients: jax.Array) -> jax.Array:
+  """A ghost-form dense or conv layer's [T, b, T, B] block: this device's rows against every row.
 
   `inputs` [b, ...] and `output_gradients` [T, b, ...] are this device's; the other devices'
-  share is all-gathered here, in the smaller of the two forms (see the module docstring).
+  raw inputs (before patch extraction, k·k times smaller) and output gradients are gathered.
   """
   einsum = gramian_lib._einsum  # pylint: disable=protected-access
   num_tasks, batch = output_gradients.shape[:2]
   outputs = output_gradients.shape[-1]
-  if info.kind == "affine":
-    # 2C numbers per row: the per-row gradients are what crosses devices.
-    rows = _affine_rows(inputs, output_gradients)
-    return einsum("tbp,scp->tbsc", rows, _gather(rows, 1))
 
   def patches(raw):
     if info.kind == "conv":
@@ -326,17 +314,12 @@ def _block_contribution(info: gramian_lib.LayerInfo, inputs: jax.Array, output_g
     return raw.reshape(raw.shape[0], -1, raw.shape[-1])
 
   local_inputs = patches(inputs)
-  positions, features = local_inputs.shape[1:]
+  positions = local_inputs.shape[1]
   local_gradients = output_gradients.reshape(num_tasks, batch, positions, outputs)
   contribution = 0.0
   if info.use_bias:
     bias_rows = jnp.sum(local_gradients, axis=2)
     contribution = einsum("tbn,scn->tbsc", bias_rows, _gather(bias_rows, 1))
-  strategy = gramian_lib.layer_strategy(total_batch, num_tasks, positions, features, outputs)
-  if strategy == "materialise":
-    kernel_rows = einsum("bpk,tbpn->tbkn", local_inputs, local_gradients).reshape(num_tasks, batch, -1)
-    return contribution + einsum("tbp,scp->tbsc", kernel_rows, _gather(kernel_rows, 1))
-  # Ghost form: gather the raw inputs (before patch extraction, k·k times smaller) and gradients.
   all_inputs = patches(_gather(inputs, 0))
   all_gradients = _gather(local_gradients, 1)
   if positions == 1:
@@ -349,12 +332,23 @@ def _block_contribution(info: gramian_lib.LayerInfo, inputs: jax.Array, output_g
 
 
 def _gramian_rows(captured: gramian_lib.Capture, total_batch: int) -> jax.Array:
-  """This device's block rows [b, T, B, T] of the Gramian from its local capture."""
+  """This device's block rows [b, T, B, T] of the Gramian from its local capture.
+
+  Materialised layers (`gramian.materialised_rows`, chosen for the whole batch) send their
+  per-row gradients [b, T, F]; ghost-form layers their inputs and output gradients.
+  """
+  rows = gramian_lib.materialised_rows(captured, total_batch)
   total = None
+  if rows.matrix is not None:
+    einsum = gramian_lib._einsum  # pylint: disable=protected-access
+    total = einsum("btf,csf->btcs", rows.matrix, _gather(rows.matrix, 0))
+  materialised = {path for path, _, _ in rows.segments}
   for path, info in captured.infos.items():
-    block = _block_contribution(info, captured.inputs[path], captured.output_gradients[path], total_batch)
+    if path in materialised:
+      continue
+    block = jnp.transpose(_ghost_block(info, captured.inputs[path], captured.output_gradients[path]), (1, 0, 3, 2))
     total = block if total is None else total + block
-  return jnp.transpose(total, (1, 0, 3, 2))
+  return total
 
 
 def _captured_rows(model, params, batch_stats, batch, tasks, train: bool, total_batch: int):
