@@ -95,11 +95,13 @@ def mtl_grid(config: ml_collections.ConfigDict) -> tuple[list[RunSpec], list[str
     (runs, notes): the runs in grid order and one human-readable line per left-out item.
 
   Raises:
-    ValueError: an unknown optimizer (listing the valid ones) or an empty/invalid lr grid.
+    ValueError: an unknown optimizer or lane mode (listing the valid ones) or an empty/invalid lr grid.
   """
   rates = _floats(config.sweep.lr_grid, "lr_grid")
   for name in config.sweep.optimizers:
     optim.check_optimizer_name(name)
+  # Checked here so a bad value fails before any run trains, not at the first group.
+  multirun.default_lane_mode(config.sweep.get("lane_mode", "auto"))
   if not config.sweep.seeds:
     raise ValueError("config.sweep.seeds is empty.")
   known = set(weighting_lib.method_names())

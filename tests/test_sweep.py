@@ -59,6 +59,8 @@ def test_lane_modes():
   assert multirun.default_lane_mode("vmap") == "vmap"
   with pytest.raises(ValueError, match="valid: auto, vmap, map, loop"):
     multirun.default_lane_mode("pmap")
+  with pytest.raises(ValueError, match="Unknown lane mode 'pmap'"):
+    sweep.mtl_grid(_sweep_config(lane_mode="pmap"))
 
 
 def _write_results(workdir, spec, validation, test, delta=None):
