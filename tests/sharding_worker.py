@@ -40,7 +40,17 @@ from mtl_jax import weighting as weighting_lib  # noqa: E402
 # UPGrad at level 'sample' is left out: on a 2-core machine its batched LAPACK SVD (the
 # solver's polish) deadlocks XLA's CPU thread pool while the 8 emulated devices wait in a
 # collective (seen with gdb); it runs on 2 or 4 emulated devices.
-METHOD_CASES = (("upgrad", "task"), ("pcgrad", "sample_task"), ("graddrop", "task"), ("famo", "task"))
+METHOD_CASES = (("upgrad", "task"), ("pcgrad", "sample_task"), ("graddrop", "task"), ("famo", "task"),
+                ("adatask", "task"), ("mtl_io", "task"))
+# Methods that bring their own optimizer, and the base optimizer each runs on (AdaTask: per-task
+# Adam; MTL-IO: one SGD per task, stepped in turn), with option overrides. Adam's eps is raised
+# to the gradients' scale (1e-3 to 1e-1) for two reasons: at eps=1e-8 Adam turns the float
+# round-off (~1e-9, different on 8 devices than on one) of the conv biases before group norm,
+# whose exact gradient is zero, into updates of up to lr (a 0.2 relative "error" that is no
+# error), and amplifies small gradients' round-off (1.8e-5 at eps=1e-3); and an eps that is not
+# negligible makes the update depend on the gradient's scale, so a gradient counted once per
+# device would show, which Adam's normalisation would otherwise hide.
+METHOD_OPTIMIZERS = {"adatask": ("adam", {"eps": 1e-2}), "mtl_io": ("sgd", {})}
 # The end-to-end runs: a per-sample-level method, so a step built without config.method.level
 # on the mesh would train a different method; the conflict probe every 2 of the 4 steps.
 RUN_METHOD, RUN_LEVEL, RUN_PROBE_EVERY = "pcgrad", "sample_task", 2
@@ -127,7 +137,7 @@ def record_values(records) -> dict:
   return values
 
 
-def method_state(experiment, weighting, state, level: str):
+def method_state(experiment, weighting, optimizer, state, level: str):
   """`state` with a method's weighting parameters, state and optimizer state (no new init compile)."""
   rows = len(experiment.tasks)
   if weighting.kind == "gramian":
@@ -135,14 +145,22 @@ def method_state(experiment, weighting, state, level: str):
   weighting_params, weighting_state = weighting.init(rows)
   trainable = {"model": state.params, "weighting": weighting_params}
   return state.replace(weighting_params=weighting_params, weighting_state=weighting_state,
-                       opt_state=experiment.optimizer.init(trainable))
+                       opt_state=optimizer.init(trainable))
 
 
 def method_case(config, experiment, state, name: str, level: str):
-  """(weighting, start state) of one of METHOD_CASES, built as `train.build_experiment` does."""
+  """(weighting, optimizer, start state) of one of METHOD_CASES, built as `train.build_experiment`
+  does (a method with its own optimizer gets it, on the base optimizer METHOD_OPTIMIZERS names)."""
   options = {**config.method.to_dict(), "level": level, "steps_per_epoch": experiment.steps_per_epoch}
   weighting = weighting_lib.get_weighting(name, options)
-  return weighting, method_state(experiment, weighting, state, level)
+  optimizer = experiment.optimizer
+  if weighting.make_optimizer is not None:
+    optimizer_config = config.optimizer.copy_and_resolve_references()
+    optimizer_config.name, overrides = METHOD_OPTIMIZERS[name]
+    optimizer_config.update(overrides)
+    optimizer = weighting.make_optimizer(optimizer_config, experiment.steps_per_epoch,
+                                         [task.name for task in experiment.tasks])
+  return weighting, optimizer, method_state(experiment, weighting, optimizer, state, level)
 
 
 def reference_path(directory: str, name: str, level: str) -> str:
@@ -153,8 +171,8 @@ def method_references(config, experiment, state, batch, directory: str) -> None:
   """The one-device side of `method_checks`: two steps of each of METHOD_CASES, jitted on one
   device, saved as (parameters, loss, weighting state) for the 'sharded' process."""
   for name, level in METHOD_CASES:
-    weighting, reference = method_case(config, experiment, state, name, level)
-    step = jax.jit(train.make_train_step(experiment.model, experiment.tasks, weighting, experiment.optimizer, level))
+    weighting, optimizer, reference = method_case(config, experiment, state, name, level)
+    step = jax.jit(train.make_train_step(experiment.model, experiment.tasks, weighting, optimizer, level))
     for _ in range(2):
       reference, metrics = step(reference, batch)
     write_atomically(reference_path(directory, name, level),
@@ -164,13 +182,13 @@ def method_references(config, experiment, state, batch, directory: str) -> None:
 def method_checks(config, experiment, state, mesh, batch, directory: str) -> dict:
   """Each of METHOD_CASES as the training loop builds it: `train.make_train_step` at its level
   for the mesh through `sharding.shard_training`, against the same step on one device (from
-  `method_references`). Two SGD steps; the errors cover parameter changes, loss and the
-  weighting's state."""
+  `method_references`). Two steps (SGD, or the optimizer the method brings); the errors cover
+  parameter changes, loss and the weighting's state."""
   results = {}
   for name, level in METHOD_CASES:
-    weighting, start = method_case(config, experiment, state, name, level)
+    weighting, optimizer, start = method_case(config, experiment, state, name, level)
     sharded_step, sharded = sharding.shard_training(
-        config, mesh, train.make_train_step(experiment.model, experiment.tasks, weighting, experiment.optimizer, level,
+        config, mesh, train.make_train_step(experiment.model, experiment.tasks, weighting, optimizer, level,
                                             mesh=mesh), start)
     for _ in range(2):
       sharded, metrics = sharded_step(sharded, sharding.global_batch(batch, mesh))
@@ -347,7 +365,7 @@ def sharded_checks(directory: str) -> dict:
                                                  np.nan_to_num(values)) for key, values in single_records.items()),
                                  default=float("inf"))
   experiment = train.build_experiment(config, experiment.dataset)
-  target = method_state(experiment, experiment.weighting, state, RUN_LEVEL)
+  target = method_state(experiment, experiment.weighting, experiment.optimizer, state, RUN_LEVEL)
   finals = [checkpoint_lib.Checkpointer(path, asynchronous=False).restore(target)[0]
             for path in (sharded_directory, single_directory)]
   results["run_params"] = update_error(finals[0], finals[1], state)

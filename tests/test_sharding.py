@@ -71,10 +71,11 @@ def test_train_steps_match_one_device(results, key):
 
 
 @pytest.mark.parametrize("key", ["method_upgrad_task", "method_pcgrad_sample_task", "method_graddrop_task",
-                                 "method_famo_task"])
+                                 "method_famo_task", "method_adatask_task", "method_mtl_io_task"])
 def test_real_method_steps_match_one_device(results, key):
   # train.make_train_step for the mesh through sharding.shard_training, as the training loop
-  # builds it, against the one-device step: two SGD steps, parameter changes, loss, weighting state.
+  # builds it, against the one-device step: two steps (SGD; AdaTask on its per-task Adam),
+  # parameter changes, loss, weighting state.
   assert results[0][key] < RELATIVE_TOLERANCE, results[0]
 
 
