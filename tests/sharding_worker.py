@@ -37,11 +37,8 @@ from mtl_jax import weighting as weighting_lib  # noqa: E402
 
 # The real methods checked step by step on the mesh: a Gramian method at task level and at a
 # per-sample level, a Jacobian method, and a loss weighting with state (FAMO's extra pass).
-# UPGrad at level 'sample' is left out: on a 2-core machine its batched LAPACK SVD (the
-# solver's polish) deadlocks XLA's CPU thread pool while the 8 emulated devices wait in a
-# collective (seen with gdb); it runs on 2 or 4 emulated devices.
-METHOD_CASES = (("upgrad", "task"), ("pcgrad", "sample_task"), ("graddrop", "task"), ("famo", "task"),
-                ("adatask", "task"), ("mtl_io", "task"))
+METHOD_CASES = (("upgrad", "task"), ("upgrad", "sample"), ("pcgrad", "sample_task"), ("graddrop", "task"),
+                ("famo", "task"), ("adatask", "task"), ("mtl_io", "task"))
 # Methods that bring their own optimizer, and the base optimizer each runs on (AdaTask: per-task
 # Adam; MTL-IO: one SGD per task, stepped in turn), with option overrides. Adam's eps is raised
 # to the gradients' scale (1e-3 to 1e-1) for two reasons: at eps=1e-8 Adam turns the float

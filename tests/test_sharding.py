@@ -70,8 +70,9 @@ def test_train_steps_match_one_device(results, key):
   assert results[0][key] < RELATIVE_TOLERANCE, results[0]
 
 
-@pytest.mark.parametrize("key", ["method_upgrad_task", "method_pcgrad_sample_task", "method_graddrop_task",
-                                 "method_famo_task", "method_adatask_task", "method_mtl_io_task"])
+@pytest.mark.parametrize("key", ["method_upgrad_task", "method_upgrad_sample", "method_pcgrad_sample_task",
+                                 "method_graddrop_task", "method_famo_task", "method_adatask_task",
+                                 "method_mtl_io_task"])
 def test_real_method_steps_match_one_device(results, key):
   # train.make_train_step for the mesh through sharding.shard_training, as the training loop
   # builds it, against the one-device step: two steps (SGD; AdaTask on its per-task Adam),
