@@ -35,8 +35,9 @@ from mtl_jax import sharding  # noqa: E402
 from mtl_jax import train  # noqa: E402
 from mtl_jax import weighting as weighting_lib  # noqa: E402
 
-# The real methods checked step by step on the mesh: a Gramian method at task level and at a
-# per-sample level, a Jacobian method, and a loss weighting with state (FAMO's extra pass).
+# The real methods checked step by step on the mesh: a Gramian method at task level and at the
+# per-sample levels, a Jacobian method, a loss weighting with state (FAMO's extra pass), and the
+# two methods that bring their own optimizers (AdaTask, MTL-IO).
 METHOD_CASES = (("upgrad", "task"), ("upgrad", "sample"), ("pcgrad", "sample_task"), ("graddrop", "task"),
                 ("famo", "task"), ("adatask", "task"), ("mtl_io", "task"))
 # Methods that bring their own optimizer, and the base optimizer each runs on (AdaTask: per-task
