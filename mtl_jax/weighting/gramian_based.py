@@ -19,6 +19,8 @@ invariant to that scale, so this only conditions the solvers.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -268,6 +270,18 @@ def _gramian_weighting(name, combine, description, init=_no_parameters):
   return Weighting(name, "gramian", init, combine, description)
 
 
+def _stateless_gramian_weighting(name: str, weights_of: Callable[[jax.Array], jax.Array],
+                                 description: str) -> Weighting:
+  """A method whose weights are a function of the Gramian alone (no state, no randomness)."""
+
+  def combine(gramian, task_losses, params, state, rng, step):
+    del task_losses, params, rng, step
+    weights = weights_of(gramian)
+    return weights, state, {"weights": weights}
+
+  return _gramian_weighting(name, combine, description)
+
+
 @register("pcgrad")
 def pcgrad(options: ml_collections.ConfigDict) -> Weighting:
   """PCGrad (Yu et al. 2020), random order per row each step; see `pcgrad_weights`."""
@@ -338,25 +352,17 @@ def cagrad(options: ml_collections.ConfigDict) -> Weighting:
   outer = int(options.get("cagrad_outer_iterations", 20))
   inner = int(options.get("solver_iterations", 1000))
 
-  def combine(gramian, task_losses, params, state, rng, step):
-    del task_losses, params, rng, step
-    weights = cagrad_weights(gramian, c, rescale, outer, inner)
-    return weights, state, {"weights": weights}
-
-  return _gramian_weighting("cagrad", combine, f"conflict-averse gradient (c={c:g})")
+  return _stateless_gramian_weighting(
+      "cagrad", lambda gramian: cagrad_weights(gramian, c, rescale, outer, inner),
+      f"conflict-averse gradient (c={c:g})")
 
 
 @register("aligned_mtl")
 def aligned_mtl(options: ml_collections.ConfigDict) -> Weighting:
   """Aligned-MTL (Senushkin et al. 2023); see `aligned_mtl_weights`."""
   del options
-
-  def combine(gramian, task_losses, params, state, rng, step):
-    del task_losses, params, rng, step
-    weights = aligned_mtl_weights(gramian)
-    return weights, state, {"weights": weights}
-
-  return _gramian_weighting("aligned_mtl", combine, "aligned MTL (equalised singular values)")
+  return _stateless_gramian_weighting("aligned_mtl", aligned_mtl_weights,
+                                      "aligned MTL (equalised singular values)")
 
 
 @register("mgda")
@@ -364,12 +370,8 @@ def mgda(options: ml_collections.ConfigDict) -> Weighting:
   """MGDA (Sener & Koltun 2018) min-norm weights; see `mgda_weights`."""
   iterations = int(options.get("solver_iterations", 1000))
 
-  def combine(gramian, task_losses, params, state, rng, step):
-    del task_losses, params, rng, step
-    weights = mgda_weights(gramian, iterations)
-    return weights, state, {"weights": weights}
-
-  return _gramian_weighting("mgda", combine, "multiple-gradient descent (min-norm point)")
+  return _stateless_gramian_weighting("mgda", lambda gramian: mgda_weights(gramian, iterations),
+                                      "multiple-gradient descent (min-norm point)")
 
 
 @register("upgrad")
@@ -377,12 +379,8 @@ def upgrad(options: ml_collections.ConfigDict) -> Weighting:
   """UPGrad (Quinton & Rey 2024, TorchJD); see `upgrad_weights`."""
   iterations = int(options.get("solver_iterations", 1000))
 
-  def combine(gramian, task_losses, params, state, rng, step):
-    del task_losses, params, rng, step
-    weights = upgrad_weights(gramian, iterations)
-    return weights, state, {"weights": weights}
-
-  return _gramian_weighting("upgrad", combine, "unconflicting projections of gradients")
+  return _stateless_gramian_weighting("upgrad", lambda gramian: upgrad_weights(gramian, iterations),
+                                      "unconflicting projections of gradients")
 
 
 @register("nash_mtl")
@@ -391,11 +389,8 @@ def nash_mtl(options: ml_collections.ConfigDict) -> Weighting:
   iterations = int(options.get("nash_mtl_iterations", 50))
   max_norm = float(options.get("nash_mtl_max_norm", 1.0))
 
-  def combine(gramian, task_losses, params, state, rng, step):
-    del task_losses, params, rng, step
-    weights = nash_mtl_weights(gramian, iterations, max_norm)
-    return weights, state, {"weights": weights}
-
-  return _gramian_weighting("nash_mtl", combine, "Nash bargaining among tasks")
+  return _stateless_gramian_weighting(
+      "nash_mtl", lambda gramian: nash_mtl_weights(gramian, iterations, max_norm),
+      "Nash bargaining among tasks")
 
 
