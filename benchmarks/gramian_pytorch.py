@@ -57,6 +57,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mtl_jax import gramian  # noqa: E402
+from mtl_jax import tasks as tasks_lib  # noqa: E402
 from mtl_jax.models import layers  # noqa: E402
 
 
@@ -164,14 +165,16 @@ def task_losses(outputs: dict[str, torch.Tensor], labels, attributes) -> torch.T
   columns = []
   for task in CASE.TASKS:
     prediction = outputs[task.name]
-    if task.name == "digit":
+    if isinstance(task, tasks_lib.Classification):
       columns.append(torch.nn.functional.cross_entropy(prediction, labels, reduction="none"))
-    else:
+    elif isinstance(task, tasks_lib.BinaryAttribute):
       columns.append(
           torch.nn.functional.binary_cross_entropy_with_logits(
               prediction[:, 0], attributes[:, task.index], reduction="none"
           )
       )
+    else:
+      raise ValueError(f"No PyTorch loss for task type {type(task).__name__} in this benchmark.")
   return torch.stack(columns, dim=1)
 
 
