@@ -10,7 +10,6 @@ to their owners. Checks that need the loaded dataset (task names) run when one i
 from __future__ import annotations
 
 import copy
-
 import numbers
 import os
 from typing import Any, Callable, Sequence

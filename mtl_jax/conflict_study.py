@@ -11,7 +11,6 @@ are computed from the measured numbers; the settings' summaries are joined in on
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from typing import Any, Mapping, Sequence

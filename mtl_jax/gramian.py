@@ -596,26 +596,45 @@ def materialised_rows(captured: "Capture", total_batch: int | None = None) -> Ma
   return MaterialisedRows(jnp.concatenate(blocks, axis=-1), tuple(segments))
 
 
-def _ghost_contribution(info: LayerInfo, inputs: jax.Array, output_gradients: jax.Array):
-  """[B, T, B, T] Gramian of a dense or conv layer in ghost form (no per-row gradients)."""
+def _ghost_contribution(info: LayerInfo, inputs: jax.Array, output_gradients: jax.Array,
+                        other_inputs: jax.Array | None = None, other_gradients: jax.Array | None = None):
+  """[B, T, C, T] Gramian block of a dense or conv layer in ghost form (no per-row gradients).
+
+  Rows (inputs [B, ...], output gradients [T, B, ...]) against rows (other_inputs [C, ...],
+  other_gradients [T, C, ...]); without the others, against themselves ([B, T, B, T], symmetric
+  products computed once). Inputs are the layer's raw inputs (before patch extraction), so a
+  device sends k·k times fewer numbers for the other side (`sharding`).
+  """
+  symmetric = other_inputs is None
   inputs, output_gradients = _positional(info, inputs, output_gradients)
+  if symmetric:
+    other_inputs, other_gradients = inputs, output_gradients
+  else:
+    other_inputs, other_gradients = _positional(info, other_inputs, other_gradients)
+
+  def products(left, right):  # left [R, F], right [R', F] -> [R, R']
+    return _gram(left) if symmetric else _einsum("rf,sf->rs", left, right)
+
   num_tasks, batch, positions, outputs = output_gradients.shape
+  other_batch = other_gradients.shape[1]
   by_sample = jnp.transpose(output_gradients, (1, 0, 2, 3))  # [B, T, S, N]
+  other_by_sample = jnp.transpose(other_gradients, (1, 0, 2, 3))
   if positions == 1:
     # The textbook ghost form: the kernel gradient d aᵀ factorises, and a bias adds
     # <d_i, d_j> (its gradient is d), so the bias folds in as a +1 on the input products.
-    output_products = _gram(by_sample.reshape(batch * num_tasks, outputs)).reshape(
-        batch, num_tasks, batch, num_tasks)
-    input_products = _gram(inputs[:, 0])
+    output_products = products(by_sample.reshape(batch * num_tasks, outputs),
+                               other_by_sample.reshape(other_batch * num_tasks, outputs))
+    input_products = products(inputs[:, 0], other_inputs[:, 0])
     if info.use_bias:
       input_products = input_products + 1.0
-    return output_products * input_products[:, None, :, None]
-  input_products = _einsum("bpk,cqk->bcpq", inputs, inputs)
-  output_products = _einsum("btpn,csqn->btcspq", by_sample, by_sample)
+    return output_products.reshape(batch, num_tasks, other_batch, num_tasks) * input_products[:, None, :, None]
+  input_products = _einsum("bpk,cqk->bcpq", inputs, other_inputs)
+  output_products = _einsum("btpn,csqn->btcspq", by_sample, other_by_sample)
   contribution = _einsum("bcpq,btcspq->btcs", input_products, output_products)
   if info.use_bias:
-    bias = jnp.sum(by_sample, axis=2).reshape(batch * num_tasks, outputs)
-    contribution = contribution + _gram(bias).reshape(batch, num_tasks, batch, num_tasks)
+    bias = products(jnp.sum(by_sample, axis=2).reshape(batch * num_tasks, outputs),
+                    jnp.sum(other_by_sample, axis=2).reshape(other_batch * num_tasks, outputs))
+    contribution = contribution + bias.reshape(batch, num_tasks, other_batch, num_tasks)
   return contribution
 
 

@@ -14,7 +14,6 @@ It writes robustness.json, robustness.md and robustness_per_corruption.png to th
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import json
@@ -29,8 +28,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from mtl_jax import config_validation
 from mtl_jax import checkpoint as checkpoint_lib
+from mtl_jax import config_validation
 from mtl_jax import metric_writers
 from mtl_jax import tasks as tasks_lib
 from mtl_jax import train as train_lib

@@ -25,9 +25,8 @@ Two ways to run a computation sharded:
   the parameters are therefore first marked device-varying (`jax.lax.pcast(..., to='varying')`)
   and every sum over devices is an explicit `psum`.
 
-How each kind of method runs in a sharded train step (tests/test_sharding.py checks EW, FAMO,
-GradDrop, UPGrad at level 'task' and PCGrad at 'sample_task' against one device, two SGD
-steps, to 1e-5 relative):
+How each kind of method runs in a sharded train step (tests/test_sharding.py checks every
+method in tests/sharding_worker.METHOD_CASES against one device, two steps, to 1e-5 relative):
 
 * loss weightings (EW, UW, DWA, FAMO's extra forward pass, ...) and the Jacobian methods
   (GradDrop's per-task feature gradients, AdaTask, MTL-IO): plain GSPMD; their per-task
@@ -298,39 +297,6 @@ def _varying(tree: Any) -> Any:
   return tree
 
 
-def _ghost_block(info: gramian_lib.LayerInfo, inputs: jax.Array, output_gradients: jax.Array) -> jax.Array:
-  """A ghost-form dense or conv layer's [T, b, T, B] block: this device's rows against every row.
-
-  `inputs` [b, ...] and `output_gradients` [T, b, ...] are this device's; the other devices'
-  raw inputs (before patch extraction, k·k times smaller) and output gradients are gathered.
-  """
-  einsum = gramian_lib._einsum  # pylint: disable=protected-access
-  num_tasks, batch = output_gradients.shape[:2]
-  outputs = output_gradients.shape[-1]
-
-  def patches(raw):
-    if info.kind == "conv":
-      raw = gramian_lib._conv_patches(raw, info)  # pylint: disable=protected-access
-    return raw.reshape(raw.shape[0], -1, raw.shape[-1])
-
-  local_inputs = patches(inputs)
-  positions = local_inputs.shape[1]
-  local_gradients = output_gradients.reshape(num_tasks, batch, positions, outputs)
-  contribution = 0.0
-  if info.use_bias:
-    bias_rows = jnp.sum(local_gradients, axis=2)
-    contribution = einsum("tbn,scn->tbsc", bias_rows, _gather(bias_rows, 1))
-  all_inputs = patches(_gather(inputs, 0))
-  all_gradients = _gather(local_gradients, 1)
-  if positions == 1:
-    input_products = einsum("bk,ck->bc", local_inputs[:, 0], all_inputs[:, 0])
-    output_products = einsum("tbn,scn->tbsc", local_gradients[:, :, 0], all_gradients[:, :, 0])
-    return contribution + output_products * input_products[None, :, None, :]
-  input_products = einsum("bpk,cqk->bcpq", local_inputs, all_inputs)
-  output_products = einsum("tbpn,scqn->tbscpq", local_gradients, all_gradients)
-  return contribution + einsum("bcpq,tbscpq->tbsc", input_products, output_products)
-
-
 def _gramian_rows(captured: gramian_lib.Capture, total_batch: int) -> jax.Array:
   """This device's block rows [b, T, B, T] of the Gramian from its local capture.
 
@@ -346,7 +312,11 @@ def _gramian_rows(captured: gramian_lib.Capture, total_batch: int) -> jax.Array:
   for path, info in captured.infos.items():
     if path in materialised:
       continue
-    block = jnp.transpose(_ghost_block(info, captured.inputs[path], captured.output_gradients[path]), (1, 0, 3, 2))
+    # This device's rows against every device's: the others' raw layer inputs (before patch
+    # extraction, k·k times smaller) and output gradients are gathered.
+    inputs, gradients = captured.inputs[path], captured.output_gradients[path]
+    block = gramian_lib._ghost_contribution(  # pylint: disable=protected-access
+        info, inputs, gradients, _gather(inputs, 0), _gather(gradients, 1))
     total = block if total is None else total + block
   return total
 

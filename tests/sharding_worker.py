@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
@@ -31,7 +32,9 @@ from mtl_jax import checkpoint as checkpoint_lib  # noqa: E402
 from mtl_jax import config_validation  # noqa: E402
 from mtl_jax import conflicts  # noqa: E402
 from mtl_jax import gramian  # noqa: E402
+from mtl_jax import models  # noqa: E402
 from mtl_jax import sharding  # noqa: E402
+from mtl_jax import tasks as tasks_lib  # noqa: E402
 from mtl_jax import train  # noqa: E402
 from mtl_jax import weighting as weighting_lib  # noqa: E402
 
@@ -254,6 +257,39 @@ def gramian_step(grads_fn, optimizer):
   return step
 
 
+# Encoders whose dense or conv layers take the ghost form (`gramian.layer_strategy`) at batch
+# 16 with 3 tasks, so their sharded Gramian blocks gather raw inputs and output gradients: an MLP (dense
+# layers, one position) and a small CNN on 4x4 images (its second conv, 16 positions).
+GHOST_CASES = {
+    "mlp": ({"encoder": "mlp", "norm": "group", "hidden": (64, 32)}, (8, 8, 3)),
+    "small_cnn": ({"encoder": "small_cnn", "norm": "group", "features": (4, 4)}, (4, 4, 3)),
+}
+
+
+def ghost_form_checks(mesh) -> dict:
+  """The full Gramian of each GHOST_CASES encoder on the mesh against one device."""
+  results = {}
+  tasks = (tasks_lib.Classification(name="digit", num_classes=10), tasks_lib.BinaryAttribute(name="smiling", index=0),
+           tasks_lib.BinaryAttribute(name="glasses", index=1))
+  for name, (encoder, image_shape) in GHOST_CASES.items():
+    model = models.build_model(ml_collections.ConfigDict(encoder),
+                               {task.name: models.HeadSpec(task.output_channels, dense=False) for task in tasks})
+    params = models.init_model(model, jax.random.PRNGKey(0), (1, *image_shape))["params"]
+    keys = jax.random.split(jax.random.PRNGKey(1), 3)
+    batch = {"image": np.asarray(jax.random.normal(keys[0], (16, *image_shape))),
+             "attributes": np.asarray(jax.random.uniform(keys[1], (16, 2)) > 0.5, np.float32),
+             "label": np.asarray(jax.random.randint(keys[2], (16,), 0, 10))}
+    captured = gramian.capture(model, params, {}, batch, tasks)
+    ghost_layers = sum(not gramian._is_materialised(info, captured.inputs[path], captured.output_gradients[path])  # pylint: disable=protected-access
+                       for path, info in captured.infos.items())
+    single = gramian.compute_gramian(model, params, {}, batch, tasks)
+    sharded = jax.jit(lambda p, b: sharding.sharded_gramian(model, p, {}, b, tasks, mesh))(
+        params, sharding.shard_batch(batch, mesh))
+    # No ghost-form layer would make the check vacuous: report it as a failure.
+    results[f"ghost_gramian_{name}"] = relative_error(sharded, single) if ghost_layers else float("inf")
+  return results
+
+
 def sharded_checks(directory: str) -> dict:
   results = {"device_count": jax.device_count()}
   config, experiment, state = experiment_and_state("sgd")
@@ -305,6 +341,7 @@ def sharded_checks(directory: str) -> dict:
       [(gramian.rows_gramian(full_single, level), losses_single) for level in levels])
   results["rows_gramian_sharding"] = sorted({str(leaf.sharding.spec)
                                               for leaf in jax.tree_util.tree_leaves(rows_sharded)})
+  results.update(ghost_form_checks(mesh))
 
   # `sharding.sharded_loss_grads_and_gramian` (a Gramian method's gradient on the shard_map
   # engine) in a train step, against the plain engine on one device.

@@ -100,7 +100,8 @@ def test_conflict_probe_matches_one_device(results, key):
   assert results[0][key] < RELATIVE_TOLERANCE, results[0]
 
 
-@pytest.mark.parametrize("key", ["gramian", "task_gramian", "conflicts", "rows_gramian"])
+@pytest.mark.parametrize("key", ["gramian", "task_gramian", "conflicts", "rows_gramian", "ghost_gramian_mlp",
+                                 "ghost_gramian_small_cnn"])
 def test_gramians_match_one_device(results, key):
   assert results[0][key] < RELATIVE_TOLERANCE, results[0]
 
