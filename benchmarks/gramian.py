@@ -2,7 +2,7 @@
 
 Each case (encoder, batch size) compiles three jit functions on the same inputs:
 
-* plain: equal-weight loss and gradients of all parameters (`with_gramian=False`);
+* plain: equal-weight loss and gradients of all parameters (one ordinary backward pass);
 * reference: loss, gradients and the [B, T, B, T] Gramian by vmap(grad) (B·T·P memory);
 * fast: loss, gradients and the same Gramian from captured layer inputs and output gradients.
 
@@ -76,10 +76,14 @@ def benchmark(encoder: str, batch_size: int, rounds: int) -> list[dict]:
 
   def step(path):
     def run(params, batch):
-      result = gramian.loss_grads_and_gramian(
-          model, params, {}, batch, TASKS, path=path or "fast", with_gramian=path is not None
-      )
-      return result.loss, result.grads, result.gramian
+      if path is None:
+        loss_fn = lambda p: jnp.sum(jnp.mean(gramian.per_sample_losses(model, p, {}, batch, TASKS), axis=0))
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        return loss, grads, None
+      result = gramian.compute(model, params, {}, batch, TASKS, gramian.FULL, path=path)
+      # Equal weights of the batch-mean losses: the EW direction, from the same capture.
+      weights = jnp.full((batch_size, len(TASKS)), 1.0 / batch_size)
+      return jnp.sum(result.task_losses), result.gradient(weights), result.gramian
 
     return run
 

@@ -7,7 +7,7 @@ batches) of the config's model, in one process, side by side:
 
 * sequential: one jitted step per run, as separate `train_and_evaluate` calls build them (the
   learning rate is baked into each program, so each run compiles its own);
-* grouped, per lane mode of `mtl_jax.multirun`: 'vmap' (runs batched into every op), 'loop'
+* grouped, per lane mode of `mtl_jax.train.lanes`: 'vmap' (runs batched into every op), 'loop'
   (one compiled single-run step applied to each lane in turn), 'map' (`lax.map` over runs).
 
 Two numbers per side: the steady-state throughput in run-steps/s over `--steps` timed steps
@@ -32,7 +32,6 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from mtl_jax import multirun  # noqa: E402
 from mtl_jax import train  # noqa: E402
 from mtl_jax.data import pipeline  # noqa: E402
 
@@ -40,7 +39,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/scenes.py", "Experi
 _RUNS = flags.DEFINE_list("runs", ["4", "8"], "Group sizes K to measure.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per run.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Timed rounds per side, alternating; the median round counts.")
-_MODES = flags.DEFINE_list("modes", ["vmap", "loop"], f"Lane modes to measure, of {', '.join(multirun.LANE_MODES)}.")
+_MODES = flags.DEFINE_list("modes", ["vmap", "loop"], f"Lane modes to measure, of {', '.join(train.LANE_MODES)}.")
 
 
 def _batches(experiment, seeds, step):
@@ -85,14 +84,14 @@ class Sequential:
 
 
 class Grouped:
-  """The same K runs as one group of `mtl_jax.multirun` in `lane_mode`."""
+  """The same K runs as one group of `mtl_jax.train.lanes` in `lane_mode`."""
 
   def __init__(self, experiment, seeds, rates, lane_mode):
     self.experiment, self.seeds = experiment, seeds
-    step_fn = multirun.make_multi_train_step(experiment, shared_batch=False, skip_non_finite=False,
+    step_fn = train.make_multi_train_step(experiment, shared_batch=False, skip_non_finite=False,
                                              lane_mode=lane_mode)
     self.step_fn = step_fn if lane_mode == "loop" else jax.jit(step_fn)
-    self.states = multirun.stack_states([train.init_state(experiment, seed) for seed in seeds])
+    self.states = train.stack_states([train.init_state(experiment, seed) for seed in seeds])
     self.rates = jnp.asarray(rates, jnp.float32)
 
   def _batch(self, step):
@@ -119,7 +118,7 @@ def main(argv):
   config = _CONFIG.value
   experiment = train.build_experiment(config)
   total = experiment.total_steps
-  modes = [multirun.default_lane_mode(mode) for mode in _MODES.value]
+  modes = [train.default_lane_mode(mode) for mode in _MODES.value]
   print(f"backend {jax.default_backend()}, {os.cpu_count()} CPUs; model {config.model.encoder} "
         f"{config.dataset.height}x{config.dataset.width}, batch {config.training.batch_size}, method "
         f"{config.method.name}; {_STEPS.value} timed steps per run in {_ROUNDS.value} rounds; a full run = {total} steps")

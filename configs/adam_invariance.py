@@ -10,6 +10,8 @@ This study trains its own tiny model, so it has its own config rather than an ov
 
 import ml_collections
 
+from configs import test
+
 MODES = ("check", "app_a2", "classify", "all")
 
 
@@ -48,8 +50,11 @@ def get_config(argument: str | None = None) -> ml_collections.ConfigDict:
       adam_eps=1e-8,
       runs=("ew+sgd", "ew+adam", "uw_o+sgd", "ew+per_task_adam"),
   ))
+  train = test.get_config()
+  train.optimizer.weight_decay = 0.0
   config.classify = ml_collections.ConfigDict(dict(
-      # The train-step config whose model and data are used (configs/test.py-sized).
+      # The train-step config whose model, data and method options are used.
+      train=train,
       steps=4,
       scales=(0.01, 100.0),
       scaled_task=0,

@@ -1,4 +1,4 @@
-"""Every config key an experiment understands, with its default: variants override these.
+"""Every training key, with its default: variants override these; each study adds its section.
 
 Launch (any variant): python experiments/train.py --config=configs/scenes.py --workdir=runs/scenes
 """
@@ -47,7 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
       # (per-sample levels need norm group/layer/none).
       level="task",
       # Maximum iteration counts of the JAX solvers (MGDA, UPGrad, CAGrad's inner QP); they stop
-      # earlier once an iteration changes no weight by more than 1e-6.
+      # earlier once converged.
       solver_iterations=1000,
       cagrad_c=0.5,
       cagrad_rescale=1,
@@ -91,41 +91,7 @@ def get_config() -> ml_collections.ConfigDict:
       baseline=(),
       variant="flat",
   ))
-  # --- Robustness study (experiments/robustness.py, SPEC section 5); ignored by training. ---
-  config.robustness = ml_collections.ConfigDict(dict(
-      # 'study' runs the study; 'figure' draws every corruption of one test image.
-      mode="study",
-      # experiments/train.py run directories. MTL runs must have config.tasks; STL runs one task
-      # each, covering config.tasks. Both empty: train them first in <workdir>/runs/.
-      mtl_runs=(),
-      stl_runs=(),
-      prepare_methods=("ew",),
-      corruptions=(),  # () = all 15, in the standard order.
-      severities=(1, 2, 3, 4, 5),
-      corruption_seed=0,
-      finetune_epochs=2,
-      finetune_learning_rate=1e-3,
-      max_test_examples=0,  # 0 = the whole test split.
-      probe_task="has_red_object",
-      probe_steps=300,
-      probe_learning_rate=0.05,
-      figure_path="",  # '' = <workdir>/corruptions.png
-  ))
-  # The optimizer x method study (mtl_jax/sweep.py, experiments/sweep.py): the grid, and whether
-  # runs differing only in seed/lr train as one group with one compiled program (`vmap`, a
-  # historical name: how the group runs is `lane_mode`; mtl_jax/multirun.py).
-  config.sweep = ml_collections.ConfigDict(dict(
-      methods=("ew", "uw", "rlw", "uw_o"),
-      optimizers=("adam", "sgd"),
-      lr_grid=(0.05, 0.005, 0.0005),
-      stl_lr_grid=(0.005, 0.0005),
-      seeds=(0, 1),
-      vmap=True,
-      # How a group's runs share the program: 'auto' (loop on CPU, vmap on GPU/TPU), 'vmap',
-      # 'map' or 'loop'; see mtl_jax.multirun.default_lane_mode.
-      lane_mode="auto",
-  ))
-  # --- Scaling out (mtl_jax/sharding.py): the batch split over a 'data' mesh axis. ---
+  # Scaling out (mtl_jax/parallel.py): the batch split over a 'data' mesh axis.
   config.sharding = ml_collections.ConfigDict(dict(
       data_axis_size=-1,  # devices on the 'data' axis; -1 = all. Used only with > 1 device.
       fsdp=False,  # split large parameters and optimizer moments over 'data' (big encoders).
@@ -134,7 +100,7 @@ def get_config() -> ml_collections.ConfigDict:
       # (TPU pod slice, SLURM, JAX_COORDINATOR_ADDRESS); 'on' always; 'off' never.
       distributed="auto",
   ))
-  # --- Gradient conflicts (mtl_jax/conflicts.py probe, experiments/conflicts.py, SPEC section 4). ---
+  # The gradient-conflict probe (mtl_jax/conflicts.py), run inside training every k steps.
   config.conflicts = ml_collections.ConfigDict(dict(
       # Probe every k training steps (0 = no probe; ordinary training is untouched).
       probe_every_steps=0,
@@ -142,21 +108,11 @@ def get_config() -> ml_collections.ConfigDict:
       max_tasks=8,  # Tasks per run, a fixed random subset when there are more (0 = all).
       path="fast",  # Gramian path: 'fast' or 'reference'.
       # Per-sample gradients under batch norm: 'error', 'eval' or 'batch_statistics' (reference
-      # path only); see mtl_jax/gramian.py. The conflict configs use group norm instead.
+      # path only); see mtl_jax/gramian/modes.py. The conflict configs use group norm instead.
       batch_norm="error",
       parameter_ratio=True,  # Also materialise the probed rows for the conflicting-parameter ratio.
       zero_tolerance=1e-12,  # Rows with squared norm <= this x the largest have no direction.
       # Parameter ratio: coordinates with |g| <= this x max |g| of their gradient count as zero.
       sign_tolerance=1e-6,
-      # The study (experiments/conflicts.py, mtl_jax/conflict_study.py): settings 'dense' (scenes
-      # dense tasks), 'attributes' (12 scene attributes) or 'config' (config.tasks), each trained
-      # once per architecture; an architecture overrides config.model with its heads entry.
-      settings=("dense", "attributes"),
-      architectures=("small_heads", "large_heads"),
-      heads=ml_collections.ConfigDict(dict(
-          small_heads=ml_collections.ConfigDict(dict(head_hidden_channels=8, head_hidden=())),
-          large_heads=ml_collections.ConfigDict(dict(head_hidden_channels=64, head_hidden=(64, 64))),
-      )),
   ))
-  # --- End of gradient conflicts. ---
   return config

@@ -15,6 +15,7 @@ width (head_hidden_channels), global heads in their hidden MLP (head_hidden).
 import ml_collections
 
 from configs import base
+from configs.sections import conflicts
 
 ARCHITECTURES = ("small_heads", "large_heads")
 
@@ -43,11 +44,11 @@ def apply_study_settings(config: ml_collections.ConfigDict, argument: str | None
   config.training.log_every_steps = 16
   config.training.checkpoint_every_steps = 0
   config.training.async_checkpoints = False
-  config.conflicts.probe_every_steps = 5
+  config.conflicts.study_probe_every_steps = 5
   config.conflicts.settings = ("dense", "attributes")
   config.conflicts.architectures = (argument,) if argument else ARCHITECTURES
   return config
 
 
 def get_config(argument: str | None = None) -> ml_collections.ConfigDict:
-  return apply_study_settings(base.get_config(), argument)
+  return apply_study_settings(conflicts.add(base.get_config()), argument)

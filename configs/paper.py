@@ -6,6 +6,7 @@ Not a config itself: cityscapes_*.py, nyuv2_*.py and celeba_resnet18.py build on
 import ml_collections
 
 from configs import base
+from configs.sections import optimizers
 from configs import scenes
 
 # SPEC section 2: lr grid of MTL runs, of STL baselines (always Adam), seeds, methods.
@@ -20,7 +21,7 @@ def paper_config(dataset: str, encoder: str, tasks: tuple[str, ...], height: int
                  batch_size: int, lr_decay_every_epochs: int, learning_rate: float,
                  argument: str | None) -> ml_collections.ConfigDict:
   """base.py with the paper's dataset, network and schedule; `argument` as in configs/scenes.py."""
-  config = base.get_config()
+  config = optimizers.add(base.get_config())
   config.dataset.name = dataset
   config.dataset.height, config.dataset.width = height, width
   config.tasks = tasks

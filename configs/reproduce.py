@@ -5,7 +5,7 @@ Launch:
 The optimizer study trains STL baselines (3 tasks x 2 lr x 3 seeds) and
 len(methods) x 2 optimizers x 3 lr x 3 seeds MTL runs of a small CNN (3 seeds, as the paper's
 protocol has everywhere: mean ± std over 2 seeds says little); runs that differ only in
-seed and lr train with one compiled program (config.sweep.vmap; looped over runs on CPU, vmapped
+seed and lr train with one compiled program (config.sweep.group_runs; looped over runs on CPU, vmapped
 on accelerators). Methods not in this build are
 skipped with a note in the report.
 """
@@ -15,10 +15,15 @@ import ml_collections
 from configs import adam_invariance
 from configs import base
 from configs import toy
+from configs.sections import conflicts
+from configs.sections import optimizers
+from configs.sections import robustness
 
 
 def get_config() -> ml_collections.ConfigDict:
   config = base.get_config()
+  for section in (optimizers, conflicts, robustness):
+    section.add(config)
   config.dataset.height, config.dataset.width = 16, 32
   config.dataset.num_train, config.dataset.num_validation, config.dataset.num_test = 192, 48, 48
   config.model.encoder = "small_cnn"
@@ -37,7 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.sweep.lr_grid = (0.5, 0.05, 0.005)
   config.sweep.stl_lr_grid = (0.05, 0.005)
   config.sweep.seeds = (0, 1, 2)
-  config.sweep.vmap = True
+  config.sweep.group_runs = True
   # Studies with their own configs (they train no scenes model), shortened where noted.
   config.invariance = adam_invariance.get_config()
   config.invariance.app_a2.num_epochs = 30

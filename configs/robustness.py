@@ -15,6 +15,7 @@ Config argument: 'figure' (draw the corruption figure only) or empty.
 import ml_collections
 
 from configs import base
+from configs.sections import robustness
 
 # [choice] SPEC gives no fine-tuning schedule: 2 epochs of Adam at 1e-3 on the heads only.
 FINETUNE_EPOCHS = 2
@@ -22,7 +23,7 @@ FINETUNE_LEARNING_RATE = 1e-3
 
 
 def get_config(argument: str | None = None) -> ml_collections.ConfigDict:
-  config = base.get_config()
+  config = robustness.add(base.get_config())
   config.robustness.finetune_epochs = FINETUNE_EPOCHS
   config.robustness.finetune_learning_rate = FINETUNE_LEARNING_RATE
   if argument == "figure":

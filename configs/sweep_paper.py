@@ -6,9 +6,9 @@ Config argument: cityscapes_segnet | cityscapes_deeplab | nyuv2_segnet | nyuv2_d
 
 Size: 9 methods x 2 optimizers x 10 lr x 3 seeds (minus the single-optimizer methods) = 486 MTL
 runs + STL (tasks x 6 lr x 3 seeds) per dataset/network, each the paper's full schedule. With
-`sweep.vmap=True` the 3 seeds x 10 lr of one (method, optimizer) train as one program: 30
+`sweep.group_runs=True` the 3 seeds x 10 lr of one (method, optimizer) train as one program: 30
 SegNets fit easily on one 80 GB accelerator at the paper's batch sizes; for DeepLabV3/ResNet-50
-set `--config.sweep.vmap=False` (or shrink the grid per launch) unless memory allows.
+set `--config.sweep.group_runs=False` (or shrink the grid per launch) unless memory allows.
 The dataset settings come from configs/<dataset>_<network>.py when that file exists (it sets
 the data directory, image size, epochs, batch size and lr decay of SPEC section 2); otherwise
 the settings below are applied on top of configs/base.py.
@@ -19,6 +19,7 @@ import importlib
 import ml_collections
 
 from configs import base
+from configs.sections import optimizers
 
 _VARIANTS = {
     # name: (dataset, tasks, encoder, height, width, epochs, batch size, lr decay every epochs)
@@ -58,11 +59,13 @@ def get_config(argument: str | None = None) -> ml_collections.ConfigDict:
   if variant not in _VARIANTS:
     raise ValueError(f"Unknown sweep_paper variant {variant!r}; valid: {', '.join(_VARIANTS)}.")
   config = _dataset_config(variant)
+  if "sweep" not in config:
+    optimizers.add(config)
   config.training.early_stopping_patience = 0
   config.sweep.methods = ("ew", "uw", "rlw", "imtl", "pcgrad", "cagrad", "aligned_mtl", "adatask", "mtl_io")
   config.sweep.optimizers = ("adam", "sgd")
   config.sweep.lr_grid = (0.5, 0.1, 0.05, 0.01, 0.005, 0.001, 5e-4, 1e-4, 5e-5, 1e-5)
   config.sweep.stl_lr_grid = (0.01, 0.005, 0.001, 5e-4, 1e-4, 5e-5)
   config.sweep.seeds = (0, 1, 2)
-  config.sweep.vmap = True
+  config.sweep.group_runs = True
   return config

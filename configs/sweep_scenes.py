@@ -9,10 +9,11 @@ Re-running the command skips finished runs. Override the grid with e.g.
 import ml_collections
 
 from configs import base
+from configs.sections import optimizers
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = base.get_config()
+  config = optimizers.add(base.get_config())
   config.training.num_epochs = 4
   config.training.checkpoint_every_steps = 0
   config.sweep.methods = ("ew", "uw", "rlw", "uw_o")
@@ -20,5 +21,5 @@ def get_config() -> ml_collections.ConfigDict:
   config.sweep.lr_grid = (0.05, 0.005, 0.0005)
   config.sweep.stl_lr_grid = (0.005, 0.0005)
   config.sweep.seeds = (0, 1)
-  config.sweep.vmap = True
+  config.sweep.group_runs = True
   return config

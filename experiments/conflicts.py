@@ -19,8 +19,8 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from mtl_jax import conflict_study  # noqa: E402
 from mtl_jax import runtime  # noqa: E402
+from mtl_jax.studies import conflicts as conflict_study  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/conflicts.py", "A conflicts config file.",
                                           lock_config=True)

@@ -14,8 +14,8 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from mtl_jax import reproduce  # noqa: E402
 from mtl_jax import runtime  # noqa: E402
+from mtl_jax.studies import reproduce  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/reproduce.py", "Reproduce config file.",
                                           lock_config=True)

@@ -15,9 +15,9 @@ from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mtl_jax import robustness  # noqa: E402
 from mtl_jax import runtime  # noqa: E402
 from mtl_jax.data import registry  # noqa: E402
+from mtl_jax.studies import robustness  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/robustness.py", "Robustness config file.",
                                           lock_config=True)

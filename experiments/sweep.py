@@ -17,7 +17,7 @@ from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from mtl_jax import runtime  # noqa: E402
-from mtl_jax import sweep  # noqa: E402
+from mtl_jax.studies import optimizers as sweep  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/sweep_scenes.py", "Sweep config file.",
                                           lock_config=True)

@@ -19,7 +19,6 @@ from ml_collections import config_flags  # noqa: E402
 
 from mtl_jax import checkpoint  # noqa: E402
 from mtl_jax import config_validation  # noqa: E402
-from mtl_jax import preemption  # noqa: E402
 from mtl_jax import report  # noqa: E402
 from mtl_jax import runtime  # noqa: E402
 from mtl_jax import train  # noqa: E402
@@ -36,9 +35,9 @@ def main(argv):
   runtime.setup(_CONFIG.value)
   try:
     results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except preemption.Preempted:
+  except train.Preempted:
     # The loop has already printed where it stopped and how to resume.
-    sys.exit(preemption.PREEMPTED_EXIT_CODE)
+    sys.exit(train.PREEMPTED_EXIT_CODE)
   except (config_validation.ConfigError, validation.DataError) as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)

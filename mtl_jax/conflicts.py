@@ -37,11 +37,12 @@ from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from mtl_jax import gramian as gramian_lib
 from mtl_jax import metric_writers
-from mtl_jax import sharding as sharding_lib
+from mtl_jax import parallel
 from mtl_jax import tasks as tasks_lib
 
 PAIR_TYPES = ("inter_task", "inter_sample", "inter_task_averaged", "inter_sample_averaged")
@@ -146,7 +147,7 @@ def conflict_measures(gramian: jax.Array,
     inter_task, inter_sample, inter_task_averaged and inter_sample_averaged.
   """
   num_samples, num_tasks = gramian.shape[:2]
-  rows = gramian_lib.rows_gramian(gramian, "sample_task")
+  rows = gramian.reshape(num_samples * num_tasks, num_samples * num_tasks)
   return {
       "inter_task": pair_measures(rows, *inter_task_pairs(num_samples, num_tasks), zero_tolerance),
       "inter_sample": pair_measures(rows, *inter_sample_pairs(num_samples, num_tasks), zero_tolerance),
@@ -367,17 +368,17 @@ class ConflictProbe:
   the workdir (one record per epoch, so a resumed run replaces a repeated epoch; after a resume
   in the middle of an epoch that epoch's record holds only the probes after the resume).
 
-  On a mesh (data-parallel training, `mtl_jax.sharding`) the probe takes the host's copy of
+  On a mesh (data-parallel training, `mtl_jax.parallel`) the probe takes the host's copy of
   the batch (every host holds the same global batch) and selects the probed rows there. When
   their count divides the device count and the path is 'fast', the probed rows are split over
-  the 'data' axis: the Gramian comes from `sharding.sharded_gramian` (shard_map, only layer
-  captures and Gramian blocks cross devices), while the few probed rows' materialised gradients
-  for the parameter ratio are computed whole on every device. Otherwise the one-device
-  computation runs whole on every device (`sharding.replicated_program`). Results come back
+  the 'data' axis: the Gramian comes from the sharded engine (`gramian.compute` with the mesh;
+  only layer captures and Gramian blocks cross devices), while the few probed rows'
+  materialised gradients for the parameter ratio are computed whole on every device. Otherwise
+  the one-device computation runs whole on every device (`parallel.replicated_program`). Results come back
   replicated, so every host adds the same values.
   """
 
-  def __init__(self, model, tasks: Sequence[tasks_lib.Task], options: Mapping[str, Any],
+  def __init__(self, model, tasks: Sequence[tasks_lib.Task], options: ml_collections.ConfigDict,
                workdir: str | None = None, seed: int = 0, mesh: jax.sharding.Mesh | None = None):
     """Args:
       model: the `MultiTaskModel` being trained.
@@ -386,24 +387,24 @@ class ConflictProbe:
         parameter_ratio, zero_tolerance, sign_tolerance).
       workdir: where conflicts.jsonl / conflicts.csv go (None: nowhere).
       seed: the run's seed (sample and task subsets).
-      mesh: the training mesh (`sharding.make_mesh`), or None on one device.
+      mesh: the training mesh (`parallel.make_mesh`), or None on one device.
     """
-    self.every = int(options.get("probe_every_steps", 5))
+    self.every = int(options.probe_every_steps)
     if self.every <= 0:
       raise ValueError(f"config.conflicts.probe_every_steps must be positive for a probe, got {self.every}.")
-    self.max_samples = int(options.get("max_samples", 8))
-    self.path = _choice(options.get("path", "fast"), gramian_lib.PATHS, "config.conflicts.path")
-    self.batch_norm = _choice(options.get("batch_norm", "error"), gramian_lib.BATCH_NORM_MODES,
+    self.max_samples = int(options.max_samples)
+    self.path = _choice(options.path, gramian_lib.PATHS, "config.conflicts.path")
+    self.batch_norm = _choice(options.batch_norm, gramian_lib.BATCH_NORM_MODES,
                               "config.conflicts.batch_norm")
-    self.parameter_ratio = bool(options.get("parameter_ratio", True))
-    self.zero_tolerance = float(options.get("zero_tolerance", DEFAULT_ZERO_TOLERANCE))
-    self.sign_tolerance = float(options.get("sign_tolerance", DEFAULT_SIGN_TOLERANCE))
+    self.parameter_ratio = bool(options.parameter_ratio)
+    self.zero_tolerance = float(options.zero_tolerance)
+    self.sign_tolerance = float(options.sign_tolerance)
     self.seed = int(seed)
     self.workdir = workdir
     self.model = model
     self.mesh = mesh
     all_tasks = list(tasks)
-    num_tasks = _limit(len(all_tasks), int(options.get("max_tasks", 8)))
+    num_tasks = _limit(len(all_tasks), int(options.max_tasks))
     chosen = np.random.default_rng([self.seed, 1]).choice(len(all_tasks), num_tasks, replace=False)
     self.task_indices = tuple(int(index) for index in np.sort(chosen))
     self.tasks = [all_tasks[index] for index in self.task_indices]
@@ -423,7 +424,7 @@ class ConflictProbe:
   def splits_rows(self, num_samples: int) -> bool:
     """Whether a probe of `num_samples` rows runs split over the mesh's devices (see the class docstring)."""
     return (self.mesh is not None and self.path == "fast"
-            and num_samples % sharding_lib.data_size(self.mesh) == 0)
+            and num_samples % parallel.data_size(self.mesh) == 0)
 
   def _function(self, num_samples: int):
     if num_samples not in self._compiled:
@@ -433,13 +434,11 @@ class ConflictProbe:
       split = self.splits_rows(num_samples)
 
       def compute(params, batch_stats, batch):
+        gramian = gramian_lib.compute(model, params, batch_stats, batch, tasks, gramian_lib.FULL, path=path,
+                                      batch_norm=batch_norm, mesh=mesh if split else None).gramian
         if split:
-          gramian = sharding_lib.sharded_gramian(model, params, batch_stats, batch, tasks, mesh, batch_norm=batch_norm)
           # [n, T, n, T] is tiny: the measures run replicated rather than on row blocks.
-          gramian = jax.lax.with_sharding_constraint(gramian, sharding_lib.replicated(mesh))
-        else:
-          gramian = gramian_lib.compute_gramian(model, params, batch_stats, batch, tasks, path=path,
-                                                batch_norm=batch_norm)
+          gramian = jax.lax.with_sharding_constraint(gramian, parallel.replicated(mesh))
         outputs = {"measures": conflict_measures(gramian, tolerance)}
         if with_ratio:
           gradients = functools.partial(gramian_lib.per_sample_gradients, model, tasks=tasks, sample_indices=rows[0],
@@ -448,7 +447,7 @@ class ConflictProbe:
             # Every device materialises all probed rows: split over devices they agree to ~5e-7
             # (rounding), but the sign counts are discontinuous and a coordinate at the
             # threshold flipped (ratio error 7e-4 measured); replicated they are bitwise equal.
-            gradients = sharding_lib.replicated_program(gradients, mesh)
+            gradients = parallel.replicated_program(gradients, mesh)
           outputs["ratios"] = conflicting_parameter_ratios(gradients(params, batch_stats, batch), sign_tolerance)
         return outputs
 
@@ -456,8 +455,8 @@ class ConflictProbe:
         self._compiled[num_samples] = jax.jit(compute)
       else:
         # Unsplit, the per-sample gradients must not be left to GSPMD (see mtl_jax/sharding.py).
-        function = compute if split else sharding_lib.replicated_program(compute, mesh)
-        self._compiled[num_samples] = jax.jit(function, out_shardings=sharding_lib.replicated(mesh))
+        function = compute if split else parallel.replicated_program(compute, mesh)
+        self._compiled[num_samples] = jax.jit(function, out_shardings=parallel.replicated(mesh))
     return self._compiled[num_samples]
 
   def measure(self, params, batch_stats, batch: Mapping[str, Any], step: int = 0) -> dict[str, Any]:
@@ -471,9 +470,9 @@ class ConflictProbe:
     sub_batch = {key: np.asarray(value)[indices] for key, value in batch.items()}
     if self.mesh is not None:
       if self.splits_rows(len(indices)):
-        sub_batch = sharding_lib.global_batch(sub_batch, self.mesh)
+        sub_batch = parallel.global_batch(sub_batch, self.mesh)
       else:
-        sub_batch = sharding_lib.place_state(sub_batch, sharding_lib.state_shardings(sub_batch, self.mesh))
+        sub_batch = parallel.place_state(sub_batch, parallel.state_shardings(sub_batch, self.mesh))
     return self._function(len(indices))(params, batch_stats, sub_batch)
 
   def maybe_probe(self, step: int, state, batch: Mapping[str, Any]) -> bool:
@@ -516,14 +515,6 @@ def epoch_line(record: Mapping[str, Any]) -> str:
 def make_probe(experiment, config, workdir: str | None, mesh: jax.sharding.Mesh | None = None) -> ConflictProbe | None:
   """The probe a training run asks for (`config.conflicts.probe_every_steps` > 0), else None; `mesh`: the run's."""
   options = config.get("conflicts", None)
-  if options is None or int(options.get("probe_every_steps", 0)) <= 0:
+  if options is None or int(options.probe_every_steps) <= 0:
     return None
   return ConflictProbe(experiment.model, experiment.tasks, options, workdir, seed=int(config.seed), mesh=mesh)
-
-
-def run_conflicts(config, workdir: str) -> dict[str, Any]:
-  """The conflict study, `mtl_jax.conflict_study.run_conflicts` (here for the reproduce job's lookup)."""
-  # Imported on use: the study imports mtl_jax.train, which imports this module for the probe.
-  from mtl_jax import conflict_study  # pylint: disable=import-outside-toplevel
-
-  return conflict_study.run_conflicts(config, workdir)

@@ -1,5 +1,5 @@
 """Test session set-up: the persistent XLA compilation cache, shared with the experiments."""
 
-from mtl_jax import compilation_cache
+from mtl_jax import runtime
 
-compilation_cache.enable()
+runtime.enable_compilation_cache()

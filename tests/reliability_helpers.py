@@ -18,8 +18,8 @@ import pytest
 
 from configs import test as test_config
 from mtl_jax import checkpoint as checkpoint_lib
-from mtl_jax import compilation_cache
-from mtl_jax import preemption
+from mtl_jax import runtime
+from mtl_jax.train import preemption
 from mtl_jax import train
 from mtl_jax.data import pipeline
 from mtl_jax.data import registry
@@ -28,12 +28,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The fault tests train the same small model many times, in this process and in subprocesses;
 # the persistent compilation cache (shared through its environment variable) makes every run
 # after the first skip XLA compilation.
-COMPILATION_CACHE = compilation_cache.enable()
+COMPILATION_CACHE = runtime.enable_compilation_cache()
 
 
 def subprocess_environment(**extra):
   """The environment for a training subprocess, sharing the compilation cache."""
-  return {**os.environ, compilation_cache.ENVIRONMENT_VARIABLE: COMPILATION_CACHE or "", **extra}
+  return {**os.environ, runtime.CACHE_VARIABLE: COMPILATION_CACHE or "", **extra}
 
 
 EPOCHS = 6

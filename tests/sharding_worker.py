@@ -33,10 +33,12 @@ from mtl_jax import config_validation  # noqa: E402
 from mtl_jax import conflicts  # noqa: E402
 from mtl_jax import gramian  # noqa: E402
 from mtl_jax import models  # noqa: E402
-from mtl_jax import sharding  # noqa: E402
+from mtl_jax import parallel as sharding  # noqa: E402
 from mtl_jax import tasks as tasks_lib  # noqa: E402
 from mtl_jax import train  # noqa: E402
 from mtl_jax import weighting as weighting_lib  # noqa: E402
+from mtl_jax.gramian import blocks  # noqa: E402
+from mtl_jax.gramian import capture  # noqa: E402
 
 # The real methods checked step by step on the mesh: a Gramian method at task level and at the
 # per-sample levels, a Jacobian method, a loss weighting with state (FAMO's extra pass), and the
@@ -140,9 +142,7 @@ def record_values(records) -> dict:
 
 def method_state(experiment, weighting, optimizer, state, level: str):
   """`state` with a method's weighting parameters, state and optimizer state (no new init compile)."""
-  rows = len(experiment.tasks)
-  if weighting.kind == "gramian":
-    rows = weighting_lib.num_rows(level, rows, int(experiment.config.training.batch_size))
+  rows = weighting_lib.state_size(weighting, level, len(experiment.tasks), int(experiment.config.training.batch_size))
   weighting_params, weighting_state = weighting.init(rows)
   trainable = {"model": state.params, "weighting": weighting_params}
   return state.replace(weighting_params=weighting_params, weighting_state=weighting_state,
@@ -152,10 +152,11 @@ def method_state(experiment, weighting, optimizer, state, level: str):
 def method_case(config, experiment, state, name: str, level: str):
   """(weighting, optimizer, start state) of one of METHOD_CASES, built as `train.build_experiment`
   does (a method with its own optimizer gets it, on the base optimizer METHOD_OPTIMIZERS names)."""
-  options = {**config.method.to_dict(), "level": level, "steps_per_epoch": experiment.steps_per_epoch}
-  weighting = weighting_lib.get_weighting(name, options)
+  options = weighting_lib.method_options(config, experiment.steps_per_epoch)
+  options.level = level
+  weighting = weighting_lib.get(name, options)
   optimizer = experiment.optimizer
-  if weighting.make_optimizer is not None:
+  if getattr(weighting, "make_optimizer", None) is not None:
     optimizer_config = config.optimizer.copy_and_resolve_references()
     optimizer_config.name, overrides = METHOD_OPTIMIZERS[name]
     optimizer_config.update(overrides)
@@ -200,12 +201,19 @@ def method_checks(config, experiment, state, mesh, batch, directory: str) -> dic
   return results
 
 
-def probe_checks(experiment, state, mesh, batch) -> dict:
+def config_options(section, **overrides):
+  """A copy of a config section with overrides."""
+  section = ml_collections.ConfigDict(section.to_dict())
+  section.update(overrides)
+  return section
+
+
+def probe_checks(config, experiment, state, mesh, batch) -> dict:
   """The conflict probe on a mesh against one device, 8 probed rows: on the 8-device mesh they
   are split over the devices; on a 3-device mesh (8 rows do not split) each device computes
   them whole. Measures and parameter ratios."""
   results = {}
-  options = {"probe_every_steps": 1, "max_samples": 8}
+  options = config_options(config.conflicts, probe_every_steps=1, max_samples=8)
   expected = conflicts.ConflictProbe(experiment.model, experiment.tasks, options, None, seed=0).measure(
       state.params, state.batch_stats, batch, step=3)
   for probe_mesh in (mesh, sharding.make_mesh(data_axis_size=3)):
@@ -239,20 +247,33 @@ def norm_weights(task_gramian_values):
   return 1.0 / jnp.sqrt(jnp.diagonal(task_gramian_values) + 1e-12)
 
 
-def weights_fn(full_gramian, losses):
-  del losses
-  return norm_weights(gramian.task_gramian(full_gramian))
+def conflict_statistics(task_gramian, full_gramian) -> dict:
+  """Task cosines, and the fraction of sample pairs (i != j) whose row gradients conflict."""
+  norms = jnp.sqrt(jnp.maximum(jnp.diagonal(task_gramian), 1e-30))
+  batch = full_gramian.shape[0]
+  off_diagonal = 1.0 - jnp.eye(batch)
+  negative = (full_gramian < 0).astype(jnp.float32) * off_diagonal[:, None, :, None]
+  return {"task_cosine": task_gramian / (norms[:, None] * norms[None, :]),
+          "sample_conflict_fraction": jnp.sum(negative, axis=(0, 2)) / (batch * (batch - 1))}
 
 
-def gramian_step(grads_fn, optimizer):
-  """A Gramian-method train step around a `(params, batch_stats, batch) -> LossGradsGramian`."""
+def gramian_step(model, tasks, optimizer, mesh=None):
+  """A Gramian-method train step on the per-sample ('full') Gramian of the engine, on one device
+  or on the mesh's shard_map engine: rows weighted by 1 / their task's batch gradient norm."""
 
   def step(state, batch):
-    result = grads_fn(state.params, state.batch_stats, batch)
-    grads = {"model": result.grads, "weighting": state.weighting_params}
+    result = gramian.compute(model, state.params, state.batch_stats, batch, tasks, gramian.FULL, mesh=mesh)
+    full = result.gramian
+    if mesh is not None:
+      full = jax.lax.with_sharding_constraint(full, sharding.replicated(mesh))
+    task_weights = norm_weights(gramian.task_gramian(full))
+    batch_size = full.shape[0]
+    row_weights = jnp.broadcast_to(task_weights[None, :] / batch_size, (batch_size, len(tasks)))
+    grads = {"model": result.gradient(row_weights), "weighting": state.weighting_params}
     updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
-    return state.replace(step=state.step + 1, params=trainable["model"], opt_state=opt_state), result.loss
+    loss = jnp.sum(task_weights * result.task_losses)
+    return state.replace(step=state.step + 1, params=trainable["model"], opt_state=opt_state), loss
 
   return step
 
@@ -279,11 +300,11 @@ def ghost_form_checks(mesh) -> dict:
     batch = {"image": np.asarray(jax.random.normal(keys[0], (16, *image_shape))),
              "attributes": np.asarray(jax.random.uniform(keys[1], (16, 2)) > 0.5, np.float32),
              "label": np.asarray(jax.random.randint(keys[2], (16,), 0, 10))}
-    captured = gramian.capture(model, params, {}, batch, tasks)
-    ghost_layers = sum(not gramian._is_materialised(info, captured.inputs[path], captured.output_gradients[path])  # pylint: disable=protected-access
+    captured = capture.capture(model, params, {}, batch, tasks)
+    ghost_layers = sum(not blocks.is_materialised(info, captured.inputs[path], captured.output_gradients[path])
                        for path, info in captured.infos.items())
-    single = gramian.compute_gramian(model, params, {}, batch, tasks)
-    sharded = jax.jit(lambda p, b: sharding.sharded_gramian(model, p, {}, b, tasks, mesh))(
+    single = gramian.compute(model, params, {}, batch, tasks).gramian
+    sharded = jax.jit(lambda p, b: gramian.compute(model, p, {}, b, tasks, mesh=mesh).gramian)(
         params, sharding.shard_batch(batch, mesh))
     # No ghost-form layer would make the check vacuous: report it as a failure.
     results[f"ghost_gramian_{name}"] = relative_error(sharded, single) if ghost_layers else float("inf")
@@ -319,47 +340,44 @@ def sharded_checks(directory: str) -> dict:
   # Gramians: the full per-row Gramian, the task-level Gramian, conflict statistics.
   params, stats = state.params, state.batch_stats
   placed = sharding.shard_batch(batch, mesh)
-  full_single = jax.jit(lambda p, b: gramian.compute_gramian(model, p, stats, b, tasks))(params, batch)
-  full_sharded = jax.jit(lambda p, b: sharding.sharded_gramian(model, p, stats, b, tasks, mesh))(params, placed)
+  full_single = jax.jit(lambda p, b: gramian.compute(model, p, stats, b, tasks).gramian)(params, batch)
+  full_sharded = jax.jit(lambda p, b: gramian.compute(model, p, stats, b, tasks, mesh=mesh).gramian)(params, placed)
   results["gramian"] = relative_error(full_sharded, full_single)
   results["gramian_sharding"] = str(full_sharded.sharding.spec)
-  # The reference is the full Gramian's reduction: jit(gramian.task_level_gramian) on one CPU
-  # device was measured to disagree with its own eager value (normals task), see the report.
+  # The reference is the full Gramian's reduction (independent of the task-rows computation).
   task_single = gramian.task_gramian(full_single)
   losses_single = jnp.mean(gramian.per_sample_losses(model, params, stats, batch, tasks), axis=0)
-  task_sharded, losses_sharded = jax.jit(
-      lambda p, b: sharding.sharded_task_gramian(model, p, stats, b, tasks, mesh))(params, placed)
+  task_result = jax.jit(lambda p, b: gramian.compute(model, p, stats, b, tasks, "task", mesh=mesh)[:2])
+  task_sharded, losses_sharded = task_result(params, placed)
   results["task_gramian"] = relative_error((task_sharded, losses_sharded), (task_single, losses_single))
-  results["conflicts"] = relative_error(sharding.conflict_statistics(task_sharded, full_sharded),
-                                        sharding.conflict_statistics(task_single, full_single))
+  results["conflicts"] = relative_error(conflict_statistics(task_sharded, full_sharded),
+                                        conflict_statistics(task_single, full_single))
   # The per-sample levels' Gramians as the Gramian methods' mesh steps get them (replicated).
   levels = ("sample", "sample_task")
-  rows_sharded = jax.jit(lambda p, b: [sharding.sharded_rows_gramian(model, p, stats, b, tasks, mesh, level)
+  rows_sharded = jax.jit(lambda p, b: [gramian.compute(model, p, stats, b, tasks, level, mesh=mesh)[:2]
                                        for level in levels])(params, placed)
   results["rows_gramian"] = relative_error(
       [(rows, task_losses) for rows, task_losses in rows_sharded],
-      [(gramian.rows_gramian(full_single, level), losses_single) for level in levels])
+      [(gramian.at_level(full_single, level), losses_single) for level in levels])
   results["rows_gramian_sharding"] = sorted({str(leaf.sharding.spec)
                                               for leaf in jax.tree_util.tree_leaves(rows_sharded)})
   results.update(ghost_form_checks(mesh))
 
-  # `sharding.sharded_loss_grads_and_gramian` (a Gramian method's gradient on the shard_map
-  # engine) in a train step, against the plain engine on one device.
-  single_engine = lambda p, s, b: gramian.loss_grads_and_gramian(model, p, s, b, tasks, weights_fn=weights_fn)
-  reference = jax.jit(gramian_step(single_engine, experiment.optimizer))
+  # A Gramian method's step on the shard_map engine's per-sample Gramian and weighted gradient,
+  # against the engine on one device.
+  reference = jax.jit(gramian_step(model, tasks, experiment.optimizer))
   reference_state, reference_loss = state, None
   for _ in range(2):
     reference_state, reference_loss = reference(reference_state, batch)
   shardings = sharding.state_shardings(state, mesh)
-  engine = sharding.sharded_loss_grads_and_gramian(model, tasks, mesh, weights_fn)
-  sharded_step = sharding.shard_train_step(gramian_step(engine, experiment.optimizer), mesh, shardings)
+  sharded_step = sharding.shard_train_step(gramian_step(model, tasks, experiment.optimizer, mesh), mesh, shardings)
   sharded_state = sharding.place_state(state, shardings)
   for _ in range(2):
     sharded_state, loss = sharded_step(sharded_state, placed)
   results["gramian_step_shard_map"] = update_error(sharded_state, reference_state, state, loss, reference_loss)
 
   results.update(method_checks(config, experiment, state, mesh, batch, directory))
-  results.update(probe_checks(experiment, state, mesh, batch))
+  results.update(probe_checks(config, experiment, state, mesh, batch))
 
   # A batch the devices cannot split.
   try:
@@ -423,9 +441,7 @@ def single_checks(directory: str) -> dict:
     results["restored_changed"] = relative_error(change(restored, state), change(expected, state))
     results["restored_devices"] = sorted({len(leaf.sharding.device_set) for leaf in jax.tree_util.tree_leaves(restored)})
     return results
-  engine = lambda p, s, b: gramian.loss_grads_and_gramian(experiment.model, p, s, b, experiment.tasks,
-                                                          weights_fn=weights_fn)
-  step = jax.jit(gramian_step(engine, experiment.optimizer))
+  step = jax.jit(gramian_step(experiment.model, experiment.tasks, experiment.optimizer))
   batch = first_batch(experiment, 16)
   for _ in range(2):
     state, _ = step(state, batch)

@@ -13,12 +13,14 @@ import pytest
 from configs import conflicts_attributes
 from configs import conflicts_dense
 from configs import test as test_config
+from configs.sections import conflicts as conflict_sections
 from mtl_jax import config_validation
-from mtl_jax import conflict_study
 from mtl_jax import conflicts
 from mtl_jax import gramian as gramian_lib
 from mtl_jax import train
 from mtl_jax.data import registry
+from mtl_jax.studies import conflicts as conflict_study
+from tests.options import conflict_options
 
 # Jitted once per shape: eager jnp runs compile every small op separately.
 _MEASURES = jax.jit(conflicts.conflict_measures)
@@ -195,7 +197,7 @@ def _reference_statistics(experiment, state, batches, probe):
 
 def test_probe_equals_statistics_of_reference_per_sample_gradients(tiny, tmp_path):
   config, dataset, experiment, state = tiny
-  options = {**config.conflicts.to_dict(), "probe_every_steps": 3, "max_samples": 4, "max_tasks": 2}
+  options = conflict_options(probe_every_steps=3, max_samples=4, max_tasks=2)
   probe = conflicts.ConflictProbe(experiment.model, experiment.tasks, options, str(tmp_path), seed=7)
   assert len(probe.task_indices) == 2 and probe.path == "fast"
   source = dataset.splits["train"]
@@ -230,11 +232,12 @@ def test_probe_refuses_training_mode_batch_norm_by_default(tiny):
   config = config_validation.with_overrides(config, **{"model.norm": "batch"})  # pylint: disable=protected-access
   experiment = train.build_experiment(config, dataset)
   state = train.init_state(experiment, 0)
-  probe = conflicts.ConflictProbe(experiment.model, experiment.tasks, {"probe_every_steps": 1}, None)
+  probe = conflicts.ConflictProbe(experiment.model, experiment.tasks, conflict_options(probe_every_steps=1), None)
   with pytest.raises(ValueError, match="batch_norm='eval'"):
     probe.maybe_probe(0, state, dataset.splits["train"].batch(np.arange(4)))
   with pytest.raises(ValueError, match="valid choices: reference, fast"):
-    conflicts.ConflictProbe(experiment.model, experiment.tasks, {"probe_every_steps": 1, "path": "ghost"}, None)
+    conflicts.ConflictProbe(experiment.model, experiment.tasks, conflict_options(probe_every_steps=1, path="ghost"),
+                            None)
 
 
 def _record(epoch, task_width, sample_width, task_magnitude, sample_magnitude, std=0.2):
@@ -270,8 +273,9 @@ def test_config_arguments_settings_and_architectures_are_checked():
     conflicts_dense.get_config("huge_heads")
   with pytest.raises(ValueError, match="valid: large_heads, small_heads"):
     conflict_study.architecture_config(conflicts_dense.get_config(), "medium")
-  # Any config works (the reproduce job passes its own): a probe interval of 0 becomes 5.
-  config = test_config.get_config()
+  # Any config with the study's section works (the reproduce job passes its own): the study's runs
+  # probe every study_probe_every_steps, whatever ordinary runs do.
+  config = conflict_sections.add(test_config.get_config())
   assert config.conflicts.probe_every_steps == 0
   setting = conflict_study.setting_config(config, "attributes")
   assert setting.tasks == ("attributes",) and setting.conflicts.probe_every_steps == 5
@@ -284,10 +288,10 @@ def test_run_conflicts_end_to_end(tmp_path):
   config = config_validation.with_overrides(  # pylint: disable=protected-access
       conflicts_dense.get_config("small_heads"),
       **{"dataset.num_train": 64, "dataset.num_validation": 16, "dataset.num_test": 16, "model.features": (8, 8),
-         "training.num_epochs": 2, "training.eval_batch_size": 16, "conflicts.probe_every_steps": 2,
+         "training.num_epochs": 2, "training.eval_batch_size": 16, "conflicts.study_probe_every_steps": 2,
          "conflicts.max_samples": 4})
   # The entry point the reproduce job looks up.
-  results = conflicts.run_conflicts(config, str(tmp_path))
+  results = conflict_study.run_conflicts(config, str(tmp_path))
   records = results["settings"]["dense"]["records"]["small_heads"]
   # 4 steps per epoch, a probe every 2 steps: 2 probes per epoch, 4 samples x 3 tasks each.
   assert [record["epoch"] for record in records] == [1, 2]

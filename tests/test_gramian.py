@@ -14,6 +14,9 @@ import pytest
 from mtl_jax import gramian
 from mtl_jax import models
 from mtl_jax import tasks as tasks_lib
+from mtl_jax.gramian import blocks
+from mtl_jax.gramian import capture
+from mtl_jax.gramian import task_rows
 
 BATCH = 4
 RELATIVE_TOLERANCE = 1e-5
@@ -70,11 +73,23 @@ CASES = [
 ]
 
 
+def full_gramian(model, params, batch_stats, batch, tasks, path="fast", batch_norm="error"):
+  """The [B, T, B, T] per-sample Gramian through the engine's one entry."""
+  result = gramian.compute(model, params, batch_stats, batch, tasks, gramian.FULL, path=path,
+                           batch_norm=batch_norm)
+  return result.gramian
+
+
+def flatten_rows(tree, leading):
+  return jnp.concatenate([leaf.reshape(*leaf.shape[:leading], -1) for leaf in jax.tree_util.tree_leaves(tree)],
+                         axis=-1)
+
+
 def reductions(full):
   return {
-      "task": gramian.rows_gramian(full, "task"),
-      "sample": gramian.rows_gramian(full, "sample"),
-      "sample_task": gramian.rows_gramian(full, "sample_task"),
+      "task": gramian.at_level(full, "task"),
+      "sample": gramian.at_level(full, "sample"),
+      "sample_task": gramian.at_level(full, "sample_task"),
       "sample_of_task_1": gramian.sample_gramian(full, task=1),
       "row_norms": gramian.row_norms(full),
   }
@@ -91,7 +106,7 @@ def test_fast_matches_reference_and_direct_gradients(encoder, norm):
 
   @jax.jit
   def everything(params, batch):
-    fast = gramian.compute_gramian(model, params, batch_stats, batch, TASKS, "fast", mode)
+    fast = full_gramian(model, params, batch_stats, batch, TASKS, "fast", mode)
     # The reference Gramian is rows rowsᵀ of these vmap(grad) rows (checked separately below).
     rows = gramian.per_sample_gradients(
         model, params, batch_stats, batch, TASKS, range(BATCH), range(len(TASKS)), mode
@@ -100,8 +115,8 @@ def test_fast_matches_reference_and_direct_gradients(encoder, norm):
       return fast, rows, None, None
     reduced = reductions(fast)
     if encoder == "mlp" and norm == "layer":
-      # compute_gramian's own reference path (the same Jacobian, contracted on device).
-      reference = gramian.compute_gramian(model, params, batch_stats, batch, TASKS, "reference", mode)
+      # The engine's own reference path (the same Jacobian, contracted on device).
+      reference = full_gramian(model, params, batch_stats, batch, TASKS, "reference", mode)
       fast = jnp.stack([fast, reference])
 
     def mean_losses(encoder_params):
@@ -109,7 +124,7 @@ def test_fast_matches_reference_and_direct_gradients(encoder, norm):
       losses = gramian.per_sample_losses(model, full, batch_stats, batch, TASKS, train=train)
       return jnp.mean(losses, axis=0)
 
-    task_gradients = gramian._flatten_rows(jax.jacrev(mean_losses)(params["encoder"]), 1)
+    task_gradients = flatten_rows(jax.jacrev(mean_losses)(params["encoder"]), 1)
     return fast, rows, task_gradients, reduced
 
   fast, rows, task_gradients, reduced = jax.device_get(everything(params, batch))
@@ -133,9 +148,10 @@ def test_fast_matches_reference_and_direct_gradients(encoder, norm):
   np.testing.assert_allclose(
       rows.mean(axis=0), task_gradients, rtol=1e-4, atol=1e-6 * np.abs(rows).max()
   )
-  # Reductions against inner products of directly computed gradients.
-  summed = rows.sum(axis=1)
-  flat = rows.reshape(BATCH * len(TASKS), -1)
+  # Reductions against inner products of directly computed gradients (per-sample levels' rows
+  # are divided by B: every level's rows sum to the batch-mean objective).
+  summed = rows.sum(axis=1) / BATCH
+  flat = rows.reshape(BATCH * len(TASKS), -1) / BATCH
   expected = {
       "task": task_gradients @ task_gradients.T,
       "sample": summed @ summed.T,
@@ -152,31 +168,30 @@ def relative_error(actual, expected) -> float:
   return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
 
 
-def test_fast_loss_and_grads_match_autodiff_with_row_weights():
+@pytest.mark.parametrize("path", gramian.PATHS)
+def test_weighted_gradient_matches_autodiff_with_row_weights(path):
   model, variables, batch = setup("small_cnn", "group", seed=3)
   params = variables["params"]
   row_weights = jax.random.uniform(jax.random.PRNGKey(7), (BATCH, len(TASKS)))
 
   @jax.jit
   def run(params, batch):
-    equal = gramian.loss_grads_and_gramian(model, params, {}, batch, TASKS)
-    weighted = gramian.loss_grads_and_gramian(
-        model, params, {}, batch, TASKS, weights_fn=lambda g, losses: row_weights
-    )
-    plain = gramian.loss_grads_and_gramian(model, params, {}, batch, TASKS, with_gramian=False)
+    result = gramian.compute(model, params, {}, batch, TASKS, gramian.FULL, path=path)
 
     def weighted_loss(params):
       return jnp.sum(row_weights * gramian.per_sample_losses(model, params, {}, batch, TASKS))
 
-    return equal, weighted, plain, jax.grad(weighted_loss)(params)
+    def mean_loss(params):
+      return jnp.sum(jnp.mean(gramian.per_sample_losses(model, params, {}, batch, TASKS), axis=0))
 
-  equal, weighted, plain, expected_weighted = run(params, batch)
-  np.testing.assert_allclose(equal.loss, plain.loss, rtol=1e-6)
-  for actual, expected in [(equal.grads, plain.grads), (weighted.grads, expected_weighted)]:
-    assert jax.tree_util.tree_structure(actual) == jax.tree_util.tree_structure(expected)
-    for leaf, expected_leaf in zip(jax.tree_util.tree_leaves(actual), jax.tree_util.tree_leaves(expected)):
-      np.testing.assert_allclose(leaf, expected_leaf, rtol=1e-4, atol=1e-6)
-  assert plain.gramian is None and equal.gramian.shape == (BATCH, 3, BATCH, 3)
+    return result.gradient(row_weights), jax.grad(weighted_loss)(params), jax.grad(mean_loss)(params)
+
+  actual, weighted, plain = run(params, batch)
+  # The encoder descends the weighted rows; every head gets its own task's plain gradient.
+  expected = {"encoder": weighted["encoder"], "heads": plain["heads"]}
+  assert jax.tree_util.tree_structure(actual) == jax.tree_util.tree_structure(expected)
+  for leaf, expected_leaf in zip(jax.tree_util.tree_leaves(actual), jax.tree_util.tree_leaves(expected)):
+    np.testing.assert_allclose(leaf, expected_leaf, rtol=1e-4, atol=1e-6)
 
 
 def test_batch_norm_modes():
@@ -184,21 +199,20 @@ def test_batch_norm_modes():
   params, batch_stats = variables["params"], variables["batch_stats"]
   for path in gramian.PATHS:
     with pytest.raises(ValueError, match="batch normalisation"):
-      gramian.compute_gramian(model, params, batch_stats, batch, TASKS, path)
+      full_gramian(model, params, batch_stats, batch, TASKS, path)
   with pytest.raises(ValueError, match="only available on the 'reference' path"):
-    gramian.compute_gramian(model, params, batch_stats, batch, TASKS, "fast", "batch_statistics")
+    full_gramian(model, params, batch_stats, batch, TASKS, "fast", "batch_statistics")
   with pytest.raises(ValueError, match="valid choices"):
-    gramian.compute_gramian(model, params, batch_stats, batch, TASKS, "fast", "train")
+    full_gramian(model, params, batch_stats, batch, TASKS, "fast", "train")
 
   @jax.jit
   def run(params, batch):
-    coupled = gramian.compute_gramian(
-        model, params, batch_stats, batch, TASKS, "reference", "batch_statistics"
-    )
+    coupled = full_gramian(model, params, batch_stats, batch, TASKS, "reference", "batch_statistics")
     rows = gramian.per_sample_gradients(
         model, params, batch_stats, batch, TASKS, range(BATCH), range(3), "batch_statistics"
     )
-    return coupled, rows, gramian.task_level_gramian(model, params, batch_stats, batch, TASKS)
+    task_level = gramian.compute(model, params, batch_stats, batch, TASKS, "task")
+    return coupled, rows, (task_level.gramian, task_level.task_losses)
 
   coupled, rows, (task_level, task_losses) = run(params, batch)
   # Rows of the training-mode Jacobian still average to the batch-mean task gradients.
@@ -206,7 +220,7 @@ def test_batch_norm_modes():
   np.testing.assert_allclose(gramian.task_gramian(coupled), task_level, rtol=1e-4, atol=1e-6 * scale)
   flat = rows.reshape(BATCH * 3, -1)
   np.testing.assert_allclose(
-      gramian.rows_gramian(coupled, "sample_task"), flat @ flat.T, rtol=1e-4, atol=1e-6 * scale
+      coupled.reshape(BATCH * 3, BATCH * 3), flat @ flat.T, rtol=1e-4, atol=1e-6 * scale
   )
   expected_losses = jnp.mean(
       gramian.per_sample_losses(model, params, batch_stats, batch, TASKS, train=True), axis=0
@@ -219,13 +233,13 @@ def test_ghost_and_materialised_layer_gramians_agree(positions):
   keys = jax.random.split(jax.random.PRNGKey(positions), 2)
   inputs = jax.random.normal(keys[0], (3, positions, 7))
   output_gradients = jax.random.normal(keys[1], (2, 3, positions, 4))
-  info = gramian.LayerInfo("dense", use_bias=True)
+  info = capture.LayerInfo("dense", use_bias=True)
 
   @jax.jit
   def both(inputs, gradients):
-    rows = gramian._layer_rows(info, inputs, gradients)
-    materialised = gramian._gram(rows.reshape(6, -1)).reshape(3, 2, 3, 2)
-    return gramian._ghost_contribution(info, inputs, gradients), materialised, rows
+    rows = blocks.layer_rows(info, inputs, gradients)
+    materialised = blocks.gram(rows.reshape(6, -1)).reshape(3, 2, 3, 2)
+    return blocks.ghost_contribution(info, inputs, gradients), materialised, rows
 
   ghost, materialised, rows = both(inputs, output_gradients)
   inputs, output_gradients = np.asarray(inputs, np.float64), np.asarray(output_gradients, np.float64)
@@ -236,14 +250,14 @@ def test_ghost_and_materialised_layer_gramians_agree(positions):
   assert relative_error(ghost, expected) < RELATIVE_TOLERANCE
   assert relative_error(materialised, expected) < RELATIVE_TOLERANCE
   # The rows unpack to the layer's parameter gradients (kernel [K, N], then bias).
-  unpacked = gramian._unpack_layer(info, rows[1, 0], {"kernel": np.zeros((7, 4))})
+  unpacked = blocks.unpack_layer(info, rows[1, 0], {"kernel": np.zeros((7, 4))})
   np.testing.assert_allclose(unpacked["kernel"], per_row[1, 0], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(unpacked["bias"], bias[1, 0], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("size,strides,dilation", [((7, 8), (2, 2), (1, 1)), ((6, 5), (1, 2), (2, 1))])
 def test_conv_patches_and_rows_are_the_convolution_kernel_gradients(size, strides, dilation):
-  info = gramian.LayerInfo("conv", True, (3, 3), strides, dilation)
+  info = capture.LayerInfo("conv", True, (3, 3), strides, dilation)
   keys = jax.random.split(jax.random.PRNGKey(sum(size)), 3)
   inputs = jax.random.normal(keys[0], (2, *size, 3))
 
@@ -256,14 +270,14 @@ def test_conv_patches_and_rows_are_the_convolution_kernel_gradients(size, stride
 
   @jax.jit
   def run(inputs, output_gradients):
-    rows = gramian._layer_rows(info, inputs, output_gradients)
+    rows = blocks.layer_rows(info, inputs, output_gradients)
     per_sample = [jax.vjp(lambda k, i=i: convolve(k, inputs[i:i + 1]), kernel)[1](output_gradients[0, i:i + 1])[0]
                   for i in range(2)]
     return rows, jnp.stack(per_sample)
 
   rows, expected = run(inputs, output_gradients)
   for sample in range(2):
-    unpacked = gramian._unpack_layer(info, rows[sample, 0], {"kernel": kernel})
+    unpacked = blocks.unpack_layer(info, rows[sample, 0], {"kernel": kernel})
     np.testing.assert_allclose(unpacked["kernel"], expected[sample], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(unpacked["bias"], output_gradients[0, sample].sum(axis=(0, 1)), rtol=1e-5, atol=1e-5)
 
@@ -279,10 +293,11 @@ def test_reductions_on_a_known_gramian():
   reduced = jax.jit(reductions)(full)
   mean = rows.mean(axis=0)
   np.testing.assert_allclose(reduced["task"], mean @ mean.T, rtol=1e-5)
-  np.testing.assert_allclose(reduced["sample"], rows.sum(1) @ rows.sum(1).T, rtol=1e-5)
+  summed = rows.sum(1) / 3
+  np.testing.assert_allclose(reduced["sample"], summed @ summed.T, rtol=1e-5)
   np.testing.assert_allclose(reduced["row_norms"], np.linalg.norm(rows, axis=-1), rtol=1e-5)
-  with pytest.raises(ValueError, match="valid choices: task, sample, sample_task"):
-    gramian.rows_gramian(full, "pixel")
+  with pytest.raises(ValueError, match="valid levels: task, sample, sample_task, full"):
+    gramian.at_level(full, "pixel")
 
 
 def _eager_task_gradients(experiment, state, batch):
@@ -325,9 +340,9 @@ def test_jitted_task_gradients_equal_eager_per_task_gradients(norm):
 
   @jax.jit
   def run(params):
-    result = gramian.task_gradients(experiment.model, params, state.batch_stats, batch, experiment.tasks)
-    level = gramian.task_level_gramian(experiment.model, params, state.batch_stats, batch, experiment.tasks)
-    return gramian._flatten_rows(result.encoder, 1), result.heads, level[0]
+    result = task_rows.task_gradients(experiment.model, params, state.batch_stats, batch, experiment.tasks)
+    level = gramian.compute(experiment.model, params, state.batch_stats, batch, experiment.tasks, "task")
+    return flatten_rows(result.encoder, 1), result.heads, level.gramian
 
   rows, head_gradients, task_gramian = run(state.params)
   scale = np.max(np.abs(jacobian))
@@ -348,7 +363,7 @@ def test_jitted_reference_rows_and_fast_gramian_equal_an_eager_per_sample_loop()
   tasks = experiment.tasks
   rows, fast = jax.jit(lambda params: (
       gramian.per_sample_gradients(experiment.model, params, {}, batch, tasks, range(2), range(len(tasks))),
-      gramian.compute_gramian(experiment.model, params, {}, batch, tasks, "fast")))(state.params)
+      full_gramian(experiment.model, params, {}, batch, tasks, "fast")))(state.params)
   eager = np.zeros(rows.shape)
 
   def loss(encoder, sample, index):
@@ -393,7 +408,7 @@ def test_task_gradients_with_batch_norm_in_the_heads():
 
   @functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
   def run(params):
-    result = gramian.task_gradients(model, params, batch_stats, batch, tasks)
+    result = task_rows.task_gradients(model, params, batch_stats, batch, tasks)
     expected = [jax.grad(loss, has_aux=True)(params, index) for index in range(len(tasks))]
     return result, expected
 

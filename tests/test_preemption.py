@@ -9,7 +9,7 @@ import time
 import pytest
 
 from mtl_jax import checkpoint as checkpoint_lib
-from mtl_jax import preemption
+from mtl_jax.train import preemption
 from mtl_jax import train
 from tests import reliability_helpers as helpers
 

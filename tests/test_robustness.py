@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from mtl_jax import robustness
+from configs.sections import robustness as robustness_section
+from mtl_jax.studies import robustness
 from mtl_jax.data import registry
 
 
 def _config(**overrides):
   """A tiny study: an MLP on two scene attributes, 2 corruptions x 2 severities, short schedules."""
-  config = test_config.get_config()
+  config = robustness_section.add(test_config.get_config())
   config.unlock()
   config.tasks = ("has_sphere", "has_box")
   config.model.encoder = "mlp"

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from mtl_jax import multirun
-from mtl_jax import reproduce
-from mtl_jax import sweep
+from configs.sections import optimizers as optimizer_sections
+from mtl_jax.studies import reproduce
+from mtl_jax.studies import optimizers as sweep
 from mtl_jax import train
 from mtl_jax.data import registry
 from mtl_jax.report import markdown
@@ -21,7 +21,7 @@ DIRECTIONS = {"a/acc": True, "b/err": False}
 
 
 def _sweep_config(**grid):
-  config = test_config.get_config()
+  config = optimizer_sections.add(test_config.get_config())
   config.training.num_epochs = 1
   for key, value in grid.items():
     config.sweep[key] = value
@@ -55,10 +55,10 @@ def test_grid_expansion_naming_and_unknown_methods():
 
 
 def test_lane_modes():
-  assert multirun.default_lane_mode() == "loop"  # the tests run on CPU
-  assert multirun.default_lane_mode("vmap") == "vmap"
+  assert train.default_lane_mode() == "loop"  # the tests run on CPU
+  assert train.default_lane_mode("vmap") == "vmap"
   with pytest.raises(ValueError, match="valid: auto, vmap, map, loop"):
-    multirun.default_lane_mode("pmap")
+    train.default_lane_mode("pmap")
   with pytest.raises(ValueError, match="Unknown lane mode 'pmap'"):
     sweep.mtl_grid(_sweep_config(lane_mode="pmap"))
 
@@ -160,7 +160,7 @@ def _sequential_results(index):
 @pytest.mark.parametrize("lane_mode", ["vmap", "loop"])
 def test_train_group_writes_the_same_results_as_sequential_runs(tmp_path, dataset, lane_mode):
   configs = _group_configs([(1e-3, 0), (3e-3, 1)])
-  grouped = multirun.train_group(configs, [str(tmp_path / f"group{i}") for i in range(2)], dataset,
+  grouped = train.train_group(configs, [str(tmp_path / f"group{i}") for i in range(2)], dataset,
                                  lane_mode=lane_mode)
   for index, config in enumerate(configs):
     sequential = _sequential_results(index)
@@ -176,7 +176,7 @@ def test_train_group_writes_the_same_results_as_sequential_runs(tmp_path, datase
 
 def test_tiny_end_to_end_sweep_and_resume(tmp_path, dataset, monkeypatch):
   config = _sweep_config(methods=("ew",), optimizers=("adam", "sgd"), lr_grid=(0.01,), stl_lr_grid=(0.005,),
-                         seeds=(0,), vmap=True)
+                         seeds=(0,), group_runs=True)
   config.unlock()
   config.tasks = ("segmentation", "depth")
   config.lock()
@@ -196,13 +196,13 @@ def test_tiny_end_to_end_sweep_and_resume(tmp_path, dataset, monkeypatch):
   def no_training(*args, **kwargs):
     raise AssertionError("a finished run was trained again")
 
-  monkeypatch.setattr(multirun, "train_group", no_training)
+  monkeypatch.setattr(train, "train_group", no_training)
   monkeypatch.setattr(train, "train_and_evaluate", no_training)
   again = sweep.run_sweep(config, str(tmp_path), dataset)
   assert [s.test_delta_m for s in again.selections] == [s.test_delta_m for s in result.selections]
 
 
-def test_report_assembly_with_missing_and_failing_studies(tmp_path, monkeypatch):
+def test_report_assembly_with_a_failing_study(tmp_path, monkeypatch):
   def fake_optimizers(config, workdir):
     figure = os.path.join(workdir, "figure.png")
     os.makedirs(workdir, exist_ok=True)
@@ -212,14 +212,12 @@ def test_report_assembly_with_missing_and_failing_studies(tmp_path, monkeypatch)
   def broken(config, workdir):
     raise RuntimeError("boom")
 
-  monkeypatch.setitem(reproduce.PLUGINS, "unwritten", ("A study not written yet", (("mtl_jax.not_written_yet", "run"),)))
-  registry_ = {"optimizers": fake_optimizers, "unwritten": reproduce.plugin_study("unwritten"), "broken": broken}
+  registry_ = {"optimizers": fake_optimizers, "broken": broken}
   with pytest.raises(RuntimeError, match="boom"):
     reproduce.run(_sweep_config(), str(tmp_path), registry=registry_)
   text = open(tmp_path / "report.md").read()
   assert "Adam beat SGD on Δm for 1 of 1 methods." in text
   assert "](optimizers/figure.png)" in text
-  assert "Not available in this build" in text
   assert "RuntimeError: boom" in text
   with pytest.raises(ValueError, match="Unknown studies"):
     reproduce.run(_sweep_config(), str(tmp_path), studies=["nope"], registry=registry_)

@@ -17,6 +17,7 @@ from scipy import optimize
 from mtl_jax import weighting
 from mtl_jax.weighting import gramian_based as gb
 from mtl_jax.weighting import solvers
+from tests.options import method_options
 
 SETTINGS = settings(max_examples=20, deadline=None)
 DIMENSION = 8
@@ -309,12 +310,12 @@ def test_simplex_projection_matches_a_brute_force_solution():
 
 @pytest.mark.parametrize("name", GRAMIAN_METHODS)
 def test_registered_weightings_return_finite_weights_and_keep_their_state_shape(name):
-  method = weighting.get_weighting(name)
-  assert method.kind == "gramian"
+  method = weighting.get(name, method_options())
+  assert isinstance(method, weighting.GramianWeighting)
   params, state = method.init(3)
   jacobian = _jacobian(3, 3)
   gramian = jnp.asarray(jacobian @ jacobian.T, jnp.float32)
-  weights, new_state, aux = jax.jit(method.combine)(gramian, jnp.ones(3), params, state, jax.random.PRNGKey(0),
+  weights, new_state, aux = jax.jit(method.weigh)(gramian, jnp.ones(3), params, state, jax.random.PRNGKey(0),
                                                     jnp.zeros((), jnp.int32))
   assert weights.shape == (3,) and np.all(np.isfinite(weights))
   assert jax.tree_util.tree_structure(new_state) == jax.tree_util.tree_structure(state)
@@ -325,12 +326,12 @@ def test_pcgrad_uses_the_random_key_for_its_order():
   # Three rows with two conflicts: the result depends on the order of projection.
   jacobian = np.array([[1.0, 0.0, 0.0], [-0.8, 1.0, 0.0], [-0.5, -0.9, 0.3]])
   gramian = jnp.asarray(jacobian @ jacobian.T, jnp.float32)
-  method = weighting.get_weighting("pcgrad")
-  results = {tuple(np.round(np.asarray(method.combine(gramian, None, {}, {}, jax.random.PRNGKey(seed), 0)[0]), 5))
+  method = weighting.get("pcgrad", method_options())
+  results = {tuple(np.round(np.asarray(method.weigh(gramian, None, {}, {}, jax.random.PRNGKey(seed), 0)[0]), 5))
              for seed in range(12)}
   assert len(results) > 1
 
 
 def test_unknown_level_is_rejected_with_the_valid_ones():
   with pytest.raises(ValueError, match=r"config.method.level 'pixel'; valid levels: task, sample, sample_task"):
-    weighting.get_weighting("imtl", {"level": "pixel"})
+    weighting.get("imtl", method_options(level="pixel"))

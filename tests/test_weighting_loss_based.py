@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 from mtl_jax import weighting
+from tests.options import method_options
 
 
 def _combine(name, losses, seed=0, options=None):
-  method = weighting.get_weighting(name, options)
+  method = weighting.get(name, method_options(**(options or {})))
   params, state = method.init(len(losses))
   return method, params, method.combine(jnp.asarray(losses), params, state, jax.random.PRNGKey(seed), 0)
 
@@ -32,7 +33,7 @@ def test_uw_formula_and_learned_log_variance_gradient():
 
 
 def test_uw_o_gradient_is_invariant_to_constant_loss_scales():
-  method = weighting.get_weighting("uw_o")
+  method = weighting.get("uw_o", method_options())
 
   def total(theta, scale):
     losses = jnp.stack([scale * jnp.sum(theta**2), jnp.sum(jnp.abs(theta - 1.0))])
@@ -54,4 +55,4 @@ def test_rlw_weights_are_a_fresh_softmax_each_step():
 
 def test_unknown_method_lists_valid_ones():
   with pytest.raises(ValueError, match=r"Unknown method 'pcgradd'; valid methods: .*ew.*rlw.*uw.*uw_o"):
-    weighting.get_weighting("pcgradd")
+    weighting.get("pcgradd", method_options())

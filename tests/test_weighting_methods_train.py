@@ -10,11 +10,11 @@ import pytest
 
 from configs import test as test_config
 from mtl_jax import gramian
-from mtl_jax import method_steps
 from mtl_jax import tasks as tasks_lib
 from mtl_jax import train
 from mtl_jax import weighting
 from mtl_jax.data import registry
+from mtl_jax.train import gradient_steps
 
 NEW_METHODS = ("imtl", "pcgrad", "cagrad", "aligned_mtl", "mgda", "nash_mtl", "upgrad", "gradvac", "graddrop",
                "adatask", "mtl_io", "dwa", "gradnorm", "famo")
@@ -51,6 +51,14 @@ def _experiment(config, dataset):
   return experiment, train.init_state(experiment, 0), step
 
 
+def _options(**overrides):
+  """config.method of the base config (every method's defaults) with overrides."""
+  options = test_config.get_config().method
+  options.unlock()
+  options.update(overrides)
+  return options
+
+
 def _batch(experiment):
   return experiment.dataset.splits["train"].batch(np.arange(BATCH))
 
@@ -75,8 +83,8 @@ def test_every_method_trains_a_few_steps(name, dataset):
 
 def _fixed_weighting(weights):
   """A Gramian weighting that returns fixed weights, to test the train step's plumbing."""
-  return weighting.Weighting("fixed", "gramian", lambda rows: ({}, {}),
-                             lambda gramian, losses, params, state, rng, step: (jnp.asarray(weights), state, {}))
+  return weighting.GramianWeighting("fixed", weighting.no_parameters,
+                                    lambda gramian, losses, params, state, rng, step: (jnp.asarray(weights), state, {}))
 
 
 @pytest.mark.parametrize("level", ["task", "sample_task"])
@@ -127,8 +135,8 @@ def test_gramian_rows_match_explicit_per_row_gradients(dataset):
   config = _config(level="sample_task")
   experiment, state, _ = _experiment(config, dataset)
   batch = _batch(experiment)
-  gramian, task_losses = method_steps.rows_gramian(experiment.model, state.params, state.batch_stats, batch,
-                                                   experiment.tasks, "sample_task")
+  rows = gramian.compute(experiment.model, state.params, state.batch_stats, batch, experiment.tasks, "sample_task")
+  gramian_, task_losses = rows.gramian, rows.task_losses
   # Independent of the implementation's per-sample vmap: one full-batch forward, jacrev of [B, T].
   def losses(encoder):
     params = {"encoder": encoder, "heads": state.params["heads"]}
@@ -139,7 +147,7 @@ def test_gramian_rows_match_explicit_per_row_gradients(dataset):
   # jacrev and per-row jax.grad on XLA CPU (jax 0.10.2) during development.
   jacobian = jax.jacrev(losses)(state.params["encoder"])
   rows = np.concatenate([np.reshape(leaf, (BATCH * 2, -1)) for leaf in jax.tree_util.tree_leaves(jacobian)], axis=1)
-  np.testing.assert_allclose(np.asarray(gramian), rows @ rows.T, rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(np.asarray(gramian_), rows @ rows.T, rtol=1e-4, atol=1e-7)
   assert task_losses.shape == (2,)
 
 
@@ -172,7 +180,7 @@ def test_jacobian_methods_and_gradnorm_reject_per_sample_levels(dataset):
 
 
 def test_dwa_weights_follow_the_ratio_of_the_last_two_epoch_means():
-  method = weighting.get_weighting("dwa", {"steps_per_epoch": 2, "dwa_temperature": 2.0})
+  method = weighting.get("dwa", _options(steps_per_epoch=2, dwa_temperature=2.0))
   _, state = method.init(2)
   epoch_losses = [[4.0, 4.0], [2.0, 3.0], [1.0, 1.0]]
   weights = None
@@ -187,23 +195,23 @@ def test_dwa_weights_follow_the_ratio_of_the_last_two_epoch_means():
 
 
 def test_famo_shifts_weight_towards_the_task_whose_loss_decreased_less():
-  method = weighting.get_weighting("famo")
+  method = weighting.get("famo", _options())
   _, state = method.init(2)
   for _ in range(5):
     _, state, _ = method.combine(jnp.asarray([1.0, 1.0]), {}, state, None, 0)
     state = method.after_update(jnp.asarray([0.5, 0.99]), state)
-  probabilities = jax.nn.softmax(state["logits"])
+  probabilities = jax.nn.softmax(state.logits)
   assert probabilities[1] > probabilities[0]
 
 
 def test_gradnorm_weights_move_towards_the_slower_task(dataset):
-  method = weighting.get_weighting("gradnorm", {"gradnorm_alpha": 1.5})
+  method = weighting.get("gradnorm", _options(gradnorm_alpha=1.5))
   params, state = method.init(2)
   gramian = jnp.asarray([[1.0, 0.0], [0.0, 1.0]])
-  _, state, _ = method.combine(gramian, jnp.asarray([1.0, 1.0]), params, state, None, 0)
+  _, state, _ = method.weigh(gramian, jnp.asarray([1.0, 1.0]), params, state, None, 0)
 
   def objective(params):
-    return method.combine(gramian, jnp.asarray([0.2, 1.0]), params, state, None, 1)[2]["weighting_loss"]
+    return method.weigh(gramian, jnp.asarray([0.2, 1.0]), params, state, None, 1)[2]["weighting_loss"]
 
   gradient = jax.grad(objective)(params)["logits"]
   # Task 1 trains slower (its loss ratio is higher), so descending raises its weight.
@@ -212,7 +220,7 @@ def test_gradnorm_weights_move_towards_the_slower_task(dataset):
 
 def test_ew_step_is_untouched_by_the_method_dispatch(dataset):
   experiment, _, _ = _experiment(_config(), dataset)
-  assert experiment.weighting.kind == "loss" and experiment.weighting.after_update is None
+  assert isinstance(experiment.weighting, weighting.LossWeighting) and experiment.weighting.after_update is None
   assert dataclasses.replace(experiment.weighting).name == "ew"
 
 
@@ -221,7 +229,7 @@ def test_per_task_encoder_gradients_equal_eager_per_task_gradients(dataset):
   config = _config("method=adatask")
   experiment, state, _ = _experiment(config, dataset)
   batch = _batch(experiment)
-  _, pullback, _, feature_gradients, _, _ = method_steps._per_task_feature_gradients(
+  _, pullback, _, feature_gradients, _, _ = gradient_steps.per_task_feature_gradients(
       experiment.model, experiment.tasks, state, batch)
   (encoder_gradients,) = jax.jit(lambda cotangents: gramian.stacked_vjp(pullback, cotangents))(feature_gradients)
 

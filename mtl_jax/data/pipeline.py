@@ -63,6 +63,14 @@ def train_indices(num_examples: int, batch_size: int, seed: int, step: int) -> n
 Augment = Callable[[Batch, np.random.Generator], Batch]
 
 
+def train_batch(source: Source, batch_size: int, seed: int, step: int, augment: Augment | None = None) -> Batch:
+  """The training batch of a step: a pure function of (seed, step), augmentation included."""
+  batch = source.batch(train_indices(len(source), batch_size, seed, step))
+  if augment is not None:
+    batch = augment(batch, np.random.default_rng([seed, step, 1]))
+  return batch
+
+
 def train_batches(
     source: Source,
     batch_size: int,
@@ -73,10 +81,7 @@ def train_batches(
 ) -> Iterator[tuple[int, Batch]]:
   """Yields (step, batch) for steps start_step .. num_steps - 1."""
   for step in range(start_step, num_steps):
-    batch = source.batch(train_indices(len(source), batch_size, seed, step))
-    if augment is not None:
-      batch = augment(batch, np.random.default_rng([seed, step, 1]))
-    yield step, batch
+    yield step, train_batch(source, batch_size, seed, step, augment)
 
 
 def eval_batches(source: Source, batch_size: int) -> Iterator[tuple[Batch, np.ndarray]]:

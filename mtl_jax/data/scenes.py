@@ -439,28 +439,18 @@ def _pad_scenes(scenes: Sequence[Scene]) -> dict[str, np.ndarray]:
   return padded
 
 
-def render(scenes: Sequence[Scene], config: SceneConfig) -> dict[str, np.ndarray]:
-  """Renders scenes into batched arrays with leading axis N (see the module docstring for conventions).
+def _empty_render(height: int, width: int) -> dict[str, np.ndarray]:
+  return {
+      "image": np.zeros((0, height, width, 3), np.float32),
+      "segmentation": np.zeros((0, height, width), np.int32),
+      "depth": np.zeros((0, height, width), np.float32),
+      "normals": np.zeros((0, height, width, 3), np.float32),
+      "attributes": np.zeros((0, len(ATTRIBUTE_NAMES)), np.float32),
+  }
 
-  Returns 'image' float32 [N,H,W,3] in [0,1], 'segmentation' int32 [N,H,W], 'depth' float32 [N,H,W],
-  'normals' float32 [N,H,W,3] and 'attributes' float32 [N,A].
-  """
-  count, height, width = len(scenes), config.height, config.width
-  if count == 0:
-    return {
-        "image": np.zeros((0, height, width, 3), np.float32),
-        "segmentation": np.zeros((0, height, width), np.int32),
-        "depth": np.zeros((0, height, width), np.float32),
-        "normals": np.zeros((0, height, width, 3), np.float32),
-        "attributes": np.zeros((0, len(ATTRIBUTE_NAMES)), np.float32),
-    }
-  pixels = height * width
-  objects = _pad_scenes(scenes)
-  slots = objects["kinds"].shape[1]
-  camera_position, camera_axes = camera_basis(config)
-  rays = camera_rays(config) @ camera_axes.T  # [P,3] world directions, camera z component 1.
 
-  # Floor and wall are planes, intersected in closed form for all pixels at once.
+def _trace_planes(scenes, config, camera_position, rays) -> tuple[np.ndarray, np.ndarray]:
+  """(t [N,P], hit identifiers [N,P]) of the floor and wall, intersected in closed form for all pixels."""
   with np.errstate(divide="ignore", invalid="ignore"):
     t_floor = np.where(rays[:, 1] < 0, -camera_position[1] / rays[:, 1], np.inf)
   floor_points = camera_position + np.where(np.isfinite(t_floor), t_floor, 0.0)[:, None] * rays
@@ -476,14 +466,18 @@ def render(scenes: Sequence[Scene], config: SceneConfig) -> dict[str, np.ndarray
       np.isfinite(t_wall) & (t_wall > 0) & (wall_y >= 0) & (wall_y <= wall_heights[:, None]), t_wall, np.inf
   )
 
-  best_t = np.broadcast_to(t_floor, (count, pixels)).copy()
+  best_t = np.broadcast_to(t_floor, (len(scenes), rays.shape[0])).copy()
   hits = np.where(np.isfinite(best_t), _FLOOR_HIT, _SKY_HIT)
   closer = t_wall < best_t
-  best_t = np.where(closer, t_wall, best_t)
-  hits = np.where(closer, _WALL_HIT, hits)
+  return np.where(closer, t_wall, best_t), np.where(closer, _WALL_HIT, hits)
 
-  # Objects: per slot and kind, only the scenes that have that kind in that slot are traced.
-  for slot in range(slots):
+
+def _trace_objects(objects, camera_position, rays, best_t, hits) -> None:
+  """Updates (best_t, hits) in place with the nearest object hits.
+
+  Per slot and kind, only the scenes that have that kind in that slot are traced.
+  """
+  for slot in range(objects["kinds"].shape[1]):
     for kind in range(len(OBJECT_KINDS)):
       members = np.flatnonzero(objects["kinds"][:, slot] == kind)
       if members.size == 0:
@@ -501,16 +495,14 @@ def render(scenes: Sequence[Scene], config: SceneConfig) -> dict[str, np.ndarray
       best_t[members] = np.where(closer, t, previous)
       hits[members] = np.where(closer, _FIRST_OBJECT_HIT + slot, hits[members])
 
-  valid = hits != _SKY_HIT
-  depth = np.where(valid, best_t, 0.0)
-  points = camera_position + depth[..., None] * rays[None]
 
-  # Per-scene lookup tables indexed by hit identifier give each pixel its class and base colour.
+def _class_and_colour(scenes, objects, hits) -> tuple[np.ndarray, np.ndarray]:
+  """Per-scene lookup tables indexed by hit identifier: each pixel's class [N,P] and base colour [N,P,3]."""
+  count = len(scenes)
   rows = np.arange(count)[:, None]
   class_table = np.concatenate(
       [np.broadcast_to([0, 1, 2], (count, 3)), objects["kinds"] + _FIRST_OBJECT_CLASS], axis=1
   )
-  segmentation = class_table[rows, hits]
   colour_table = np.concatenate(
       [
           np.zeros((count, 1, 3)),
@@ -520,12 +512,15 @@ def render(scenes: Sequence[Scene], config: SceneConfig) -> dict[str, np.ndarray
       ],
       axis=1,
   )
-  base_colours = colour_table[rows, hits]
+  return class_table[rows, hits], colour_table[rows, hits]
 
-  normals = np.zeros((count, pixels, 3))
+
+def _surface_normals(objects, hits, points) -> np.ndarray:
+  """[N,P,3] world-space unit normals of the surfaces hit (zero for the sky)."""
+  normals = np.zeros((*hits.shape, 3))
   normals[hits == _FLOOR_HIT] = (0.0, 1.0, 0.0)
   normals[hits == _WALL_HIT] = (0.0, 0.0, -1.0)
-  for slot in range(slots):
+  for slot in range(objects["kinds"].shape[1]):
     scene_index, pixel_index = np.nonzero(hits == _FIRST_OBJECT_HIT + slot)
     kinds = objects["kinds"][scene_index, slot]
     for kind in range(len(OBJECT_KINDS)):
@@ -540,21 +535,43 @@ def render(scenes: Sequence[Scene], config: SceneConfig) -> dict[str, np.ndarray
           objects["sizes"][scenes_chosen, slot],
           objects["rotations"][scenes_chosen, slot],
       )
+  return normals
+
+
+def render(scenes: Sequence[Scene], config: SceneConfig) -> dict[str, np.ndarray]:
+  """Renders scenes into batched arrays with leading axis N (see the module docstring for conventions).
+
+  Returns 'image' float32 [N,H,W,3] in [0,1], 'segmentation' int32 [N,H,W], 'depth' float32 [N,H,W],
+  'normals' float32 [N,H,W,3] and 'attributes' float32 [N,A].
+  """
+  count, height, width = len(scenes), config.height, config.width
+  if count == 0:
+    return _empty_render(height, width)
+  objects = _pad_scenes(scenes)
+  camera_position, camera_axes = camera_basis(config)
+  rays = camera_rays(config) @ camera_axes.T  # [P,3] world directions, camera z component 1.
+  best_t, hits = _trace_planes(scenes, config, camera_position, rays)
+  _trace_objects(objects, camera_position, rays, best_t, hits)
+
+  valid = hits != _SKY_HIT
+  depth = np.where(valid, best_t, 0.0)
+  points = camera_position + depth[..., None] * rays[None]
+  segmentation, base_colours = _class_and_colour(scenes, objects, hits)
+  normals = _surface_normals(objects, hits, points)
 
   lights = np.stack([s.light_direction for s in scenes])
   diffuse = np.maximum(_dot(normals, lights[:, None]), 0.0)
-  if config.shadows and slots:
+  if config.shadows and objects["kinds"].shape[1]:
     diffuse = diffuse * ~_in_shadow(points, normals, diffuse > 0, lights, objects)
   shading = config.ambient + (1 - config.ambient) * diffuse
-  sky = _sky(scenes, config).reshape(count, pixels, 3)
+  sky = _sky(scenes, config).reshape(count, height * width, 3)
   image = np.where(valid[..., None], base_colours * shading[..., None], sky)
 
   camera_normals = normals @ camera_axes  # World to camera: dot with each camera axis.
-  segmentation = segmentation.reshape(count, height, width)
   attributes = _attributes(hits.reshape(count, height, width), objects, lights, config)
   return {
       "image": np.clip(image, 0.0, 1.0).reshape(count, height, width, 3).astype(np.float32),
-      "segmentation": segmentation.astype(np.int32),
+      "segmentation": segmentation.reshape(count, height, width).astype(np.int32),
       "depth": depth.reshape(count, height, width).astype(np.float32),
       "normals": camera_normals.reshape(count, height, width, 3).astype(np.float32),
       "attributes": attributes,

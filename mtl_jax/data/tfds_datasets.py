@@ -17,7 +17,7 @@ import numpy as np
 
 from mtl_jax import tasks as tasks_lib
 from mtl_jax.data import augment as augment_lib
-from mtl_jax.data import registry
+from mtl_jax.data import dataset as dataset_lib
 from mtl_jax.data import tfds_data
 
 # The 40 CelebA attributes in the order of the official list_attr_celeba.txt.
@@ -84,7 +84,7 @@ def celeba_transform(size: tuple[int, int]) -> tfds_data.Transform:
   return transform
 
 
-def load_celeb_a(config: ml_collections.ConfigDict) -> registry.Dataset:
+def load_celeb_a(config: ml_collections.ConfigDict) -> dataset_lib.Dataset:
   """CelebA (TFDS 'celeb_a'): 40 binary attribute tasks at config height x width (64x64 in the paper).
 
   The official train / validation / test splits (162,770 / 19,867 / 19,962); the aligned
@@ -93,7 +93,7 @@ def load_celeb_a(config: ml_collections.ConfigDict) -> registry.Dataset:
   splits = _sources(config, "celeb_a", "celeb_a", celeba_transform(tfds_data.dataset_size(config)),
                     {"train": "train", "validation": "validation", "test": "test"}, 0)
   tasks = {name: tasks_lib.BinaryAttribute(name=name, index=index) for index, name in enumerate(CELEBA_ATTRIBUTES)}
-  return registry.Dataset("celeb_a", splits, tasks, attribute_tasks=CELEBA_ATTRIBUTES)
+  return dataset_lib.Dataset("celeb_a", splits, tasks, attribute_tasks=CELEBA_ATTRIBUTES)
 
 
 def dense_transform(size: tuple[int, int], depth_key: str, with_normals: bool,
@@ -126,7 +126,7 @@ def dense_transform(size: tuple[int, int], depth_key: str, with_normals: bool,
   return transform
 
 
-def load_cityscapes(config: ml_collections.ConfigDict) -> registry.Dataset:
+def load_cityscapes(config: ml_collections.ConfigDict) -> dataset_lib.Dataset:
   """Cityscapes (our 'cityscapes_mtl'): 7-class segmentation + inverse depth ('depth'), 128x256.
 
   'train' minus a fixed random hold-out of validation_size (595) images; 'test' is the
@@ -142,10 +142,10 @@ def load_cityscapes(config: ml_collections.ConfigDict) -> registry.Dataset:
       "segmentation": tasks_lib.Segmentation(name="segmentation", num_classes=cityscapes_mtl.NUM_CLASSES),
       "depth": tasks_lib.Depth(name="depth"),
   }
-  return registry.Dataset("cityscapes", splits, tasks, augment=_augment(config, flip=False))
+  return dataset_lib.Dataset("cityscapes", splits, tasks, augment=_augment(config, flip=False))
 
 
-def load_nyuv2(config: ml_collections.ConfigDict) -> registry.Dataset:
+def load_nyuv2(config: ml_collections.ConfigDict) -> dataset_lib.Dataset:
   """NYUv2 (our 'nyuv2_mtl'): 13-class segmentation, depth, normals at 288x384.
 
   'train' (795) minus a fixed random hold-out of validation_size (159); 'test' has 654.
@@ -162,7 +162,7 @@ def load_nyuv2(config: ml_collections.ConfigDict) -> registry.Dataset:
       "depth": tasks_lib.Depth(name="depth"),
       "normals": tasks_lib.Normals(name="normals"),
   }
-  return registry.Dataset("nyuv2", splits, tasks, augment=_augment(config, flip=True))
+  return dataset_lib.Dataset("nyuv2", splits, tasks, augment=_augment(config, flip=True))
 
 
 LOADERS = {"celeb_a": load_celeb_a, "cityscapes": load_cityscapes, "nyuv2": load_nyuv2}

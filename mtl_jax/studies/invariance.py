@@ -30,7 +30,12 @@ import ml_collections
 import numpy as np
 import optax
 
+from mtl_jax import gramian as gramian_lib
 from mtl_jax import optim
+from mtl_jax import tasks as tasks_lib
+from mtl_jax import train as train_lib
+from mtl_jax import weighting as weighting_lib
+from mtl_jax.models import apply as apply_lib
 
 GROUPS = ("backbone", "head_0", "head_1")
 # 'switch' chooses by traced flags (use_adam, use_uw_o), so one compiled program covers them all.
@@ -172,6 +177,95 @@ def _relative(a, b, reference) -> float:
   return float(np.max(np.linalg.norm(a - b, axis=1) / np.maximum(np.linalg.norm(reference, axis=1), 1e-300)))
 
 
+def _declare_runs(check, alphas, ones) -> tuple[list[tuple], dict[str, Any]]:
+  """Every run of the check, declared before any is executed: (declared runs, named indices).
+
+  A run is (per-task Adam?, (loss scales, train backbone, lr, eps, use Adam, use UW-O)); the
+  names index the runs (or pairs, lists of runs) the predictions compare.
+  """
+  declared: list[tuple] = []
+  lr, tiny, eps = float(check.learning_rate), float(check.tiny_eps), float(check.adam_eps)
+
+  def declare(alphas_, train, lr_, eps_, use_adam=0.0, use_uw_o=0.0, per_task=False):
+    declared.append((per_task, (alphas_, train, lr_, eps_, use_adam, use_uw_o)))
+    return len(declared) - 1
+
+  names = {
+      "sgd_scaled": declare(alphas, 0.0, lr, eps),
+      "sgd_unscaled": declare(ones, 0.0, lr, eps),
+      "sgd_per_lr": [declare(ones, 0.0, lr * float(a), eps) for a in check.alphas],
+      "adam_tiny": (declare(alphas, 0.0, lr, tiny, 1.0), declare(ones, 0.0, lr, tiny, 1.0)),
+      "adam_eps": (declare(alphas, 0.0, lr, eps, 1.0), declare(ones, 0.0, lr, eps, 1.0)),
+      "adam_effective": [declare(ones, 0.0, lr, eps / float(a), 1.0) for a in check.alphas],
+      "adam_trainable": (declare(alphas, 1.0, lr, tiny, 1.0), declare(ones, 1.0, lr, tiny, 1.0)),
+      "uw_o_sgd": (declare(alphas, 1.0, lr, eps, 0.0, 1.0), declare(ones, 1.0, lr, eps, 0.0, 1.0)),
+      "uw_o_adam": (declare(alphas, 1.0, lr, eps, 1.0, 1.0), declare(ones, 1.0, lr, eps, 1.0, 1.0)),
+      "per_task": (declare(alphas, 1.0, lr, tiny, per_task=True), declare(ones, 1.0, lr, tiny, per_task=True)),
+  }
+  return declared, names
+
+
+def _run_declared(model, declared, params, inputs, scales) -> dict[int, Any]:
+  """Executes the declared runs in two compiled programs: the SGD/Adam x EW/UW-O family (flags
+  traced) and one Adam per task; returns {run index: its records}."""
+  done: dict[int, Any] = {}
+  families = [(False, Recipe("switch", "switch", uw_o_epsilon=0.0)), (True, Recipe("per_task_adam"))]
+  for per_task, recipe in families:
+    indices = [index for index, (kind, _) in enumerate(declared) if kind == per_task]
+    simulate = make_simulator(model, dataclasses.replace(recipe, record_params=True), scales)
+    stacked = [jnp.stack([jnp.asarray(declared[index][1][k], jnp.float64) for index in indices]) for k in range(6)]
+    batched = jax.jit(jax.vmap(simulate, in_axes=(None, None, 0, 0, 0, 0, 0, 0)))
+    records = jax.device_get(batched(params, inputs, *stacked))
+    for position, index in enumerate(indices):
+      done[index] = jax.tree_util.tree_map(lambda leaf, p=position: leaf[p], records)
+  return done
+
+
+def _predictions(check, done, initial, names) -> list[dict[str, Any]]:
+  """One row per prediction: the measured relative difference and whether it came out as predicted."""
+  rows: list[dict[str, Any]] = []
+  tiny, eps = float(check.tiny_eps), float(check.adam_eps)
+
+  def displacement(index, group):
+    return done[index]["params"][group] - initial[group][None]
+
+  def add(setting, group, compared, predicted, a, b, reference):
+    value = _relative(a, b, reference)
+    threshold_equal, threshold_differ = float(check.equal_tolerance), float(check.differ_threshold)
+    ok = value < threshold_equal if predicted == "equal" else value > threshold_differ
+    rows.append(dict(setting=setting, group=group, compared=compared, predicted=predicted,
+                     relative_difference=value, ok=bool(ok)))
+
+  def compare(setting, group, compared, predicted, a, b):
+    add(setting, group, compared, predicted, displacement(a, group), displacement(b, group), displacement(b, group))
+
+  heads = [group for group in GROUPS if group.startswith("head")]
+  same = "trajectory(alpha) vs trajectory(1)"
+  # SGD with a frozen backbone: weights are per-task learning rates.
+  for t, head in enumerate(heads):
+    first_unscaled = float(check.alphas[t]) * displacement(names["sgd_unscaled"], head)[:1]
+    add("SGD, frozen backbone", head, "first update(alpha) vs alpha * first update(1)", "equal",
+        displacement(names["sgd_scaled"], head)[:1], first_unscaled, first_unscaled)
+    compare("SGD, frozen backbone", head, "trajectory(alpha, lr) vs trajectory(1, alpha_t lr)", "equal",
+            names["sgd_scaled"], names["sgd_per_lr"][t])
+    compare("SGD, frozen backbone", head, same, "differ", names["sgd_scaled"], names["sgd_unscaled"])
+  # Adam with a frozen backbone: the scale cancels except through eps (effective eps / alpha_t).
+  for t, head in enumerate(heads):
+    compare(f"Adam, frozen backbone, eps={tiny:g}", head, same, "equal", *names["adam_tiny"])
+    compare(f"Adam, frozen backbone, eps={eps:g}", head, same, "differ", *names["adam_eps"])
+    compare(f"Adam, frozen backbone, eps={eps:g}", head, "trajectory(alpha, eps) vs trajectory(1, eps/alpha_t)",
+            "equal", names["adam_eps"][0], names["adam_effective"][t])
+  # Adam with a trainable backbone: nothing cancels.
+  for group in GROUPS:
+    compare(f"Adam, trainable backbone, eps={tiny:g}", group, same, "differ", *names["adam_trainable"])
+  # Fully invariant recipes: UW-O (with SGD and with Adam) and one Adam per task.
+  for label, pair in (("UW-O + SGD", names["uw_o_sgd"]), ("UW-O + Adam", names["uw_o_adam"]),
+                      (f"EW + per-task Adam, eps={tiny:g}", names["per_task"])):
+    for group in GROUPS:
+      compare(f"{label}, trainable backbone", group, same, "equal", *pair)
+  return rows
+
+
 def run_invariance_check(config: ml_collections.ConfigDict) -> dict:
   """The exact numerical check of every prediction (float64).
 
@@ -183,86 +277,16 @@ def run_invariance_check(config: ml_collections.ConfigDict) -> dict:
     relative_difference, ok), 'all_ok', 'markdown' (the table) and 'alphas'.
   """
   check = config.check
-  rows: list[dict[str, Any]] = []
   with jax.enable_x64(True):
     model = TinyMultiTask(width=int(config.model.width))
-    rng = jax.random.PRNGKey(int(check.seed))
-    init_rng, data_rng = jax.random.split(rng)
+    init_rng, data_rng = jax.random.split(jax.random.PRNGKey(int(check.seed)))
     inputs = jax.random.uniform(data_rng, (int(check.steps), int(check.batch_size), 1), jnp.float64)
     params = jax.tree_util.tree_map(lambda leaf: leaf.astype(jnp.float64),
                                     model.init(init_rng, inputs[0])["params"])
     alphas = jnp.asarray(check.alphas, jnp.float64)
-    ones = jnp.ones_like(alphas)
-    lr, tiny, eps = float(check.learning_rate), float(check.tiny_eps), float(check.adam_eps)
-    scales = tuple(config.targets_scale)
-    initial = jax.device_get(_group_vectors(params))
-
-    # Every run is declared first and then executed in two compiled programs: the SGD/Adam x
-    # EW/UW-O family (flags traced) and one Adam per task.
-    declared: list[tuple] = []
-
-    def declare(alphas_, train, lr_, eps_, use_adam=0.0, use_uw_o=0.0, per_task=False):
-      declared.append((per_task, (alphas_, train, lr_, eps_, use_adam, use_uw_o)))
-      return len(declared) - 1
-
-    sgd_scaled, sgd_unscaled = declare(alphas, 0.0, lr, eps), declare(ones, 0.0, lr, eps)
-    sgd_per_lr = [declare(ones, 0.0, lr * float(a), eps) for a in check.alphas]
-    adam_tiny = declare(alphas, 0.0, lr, tiny, 1.0), declare(ones, 0.0, lr, tiny, 1.0)
-    adam_eps = declare(alphas, 0.0, lr, eps, 1.0), declare(ones, 0.0, lr, eps, 1.0)
-    adam_effective = [declare(ones, 0.0, lr, eps / float(a), 1.0) for a in check.alphas]
-    adam_trainable = declare(alphas, 1.0, lr, tiny, 1.0), declare(ones, 1.0, lr, tiny, 1.0)
-    uw_o_sgd = declare(alphas, 1.0, lr, eps, 0.0, 1.0), declare(ones, 1.0, lr, eps, 0.0, 1.0)
-    uw_o_adam = declare(alphas, 1.0, lr, eps, 1.0, 1.0), declare(ones, 1.0, lr, eps, 1.0, 1.0)
-    per_task_runs = (declare(alphas, 1.0, lr, tiny, per_task=True), declare(ones, 1.0, lr, tiny, per_task=True))
-
-    done: dict[int, Any] = {}
-    families = [(False, Recipe("switch", "switch", uw_o_epsilon=0.0)), (True, Recipe("per_task_adam"))]
-    for per_task, recipe in families:
-      indices = [index for index, (kind, _) in enumerate(declared) if kind == per_task]
-      simulate = make_simulator(model, dataclasses.replace(recipe, record_params=True), scales)
-      stacked = [jnp.stack([jnp.asarray(declared[index][1][k], jnp.float64) for index in indices]) for k in range(6)]
-      batched = jax.jit(jax.vmap(simulate, in_axes=(None, None, 0, 0, 0, 0, 0, 0)))
-      records = jax.device_get(batched(params, inputs, *stacked))
-      for position, index in enumerate(indices):
-        done[index] = jax.tree_util.tree_map(lambda leaf, p=position: leaf[p], records)
-
-    def displacement(index, group):
-      return done[index]["params"][group] - initial[group][None]
-
-    def add(setting, group, compared, predicted, a, b, reference):
-      value = _relative(a, b, reference)
-      threshold_equal, threshold_differ = float(check.equal_tolerance), float(check.differ_threshold)
-      ok = value < threshold_equal if predicted == "equal" else value > threshold_differ
-      rows.append(dict(setting=setting, group=group, compared=compared, predicted=predicted,
-                       relative_difference=value, ok=bool(ok)))
-
-    def compare(setting, group, compared, predicted, a, b):
-      add(setting, group, compared, predicted, displacement(a, group), displacement(b, group), displacement(b, group))
-
-    heads = [group for group in GROUPS if group.startswith("head")]
-    same = "trajectory(alpha) vs trajectory(1)"
-    # SGD with a frozen backbone: weights are per-task learning rates.
-    for t, head in enumerate(heads):
-      first_unscaled = float(check.alphas[t]) * displacement(sgd_unscaled, head)[:1]
-      add("SGD, frozen backbone", head, "first update(alpha) vs alpha * first update(1)", "equal",
-          displacement(sgd_scaled, head)[:1], first_unscaled, first_unscaled)
-      compare("SGD, frozen backbone", head, "trajectory(alpha, lr) vs trajectory(1, alpha_t lr)", "equal",
-              sgd_scaled, sgd_per_lr[t])
-      compare("SGD, frozen backbone", head, same, "differ", sgd_scaled, sgd_unscaled)
-    # Adam with a frozen backbone: the scale cancels except through eps (effective eps / alpha_t).
-    for t, head in enumerate(heads):
-      compare(f"Adam, frozen backbone, eps={tiny:g}", head, same, "equal", *adam_tiny)
-      compare(f"Adam, frozen backbone, eps={eps:g}", head, same, "differ", *adam_eps)
-      compare(f"Adam, frozen backbone, eps={eps:g}", head, "trajectory(alpha, eps) vs trajectory(1, eps/alpha_t)",
-              "equal", adam_eps[0], adam_effective[t])
-    # Adam with a trainable backbone: nothing cancels.
-    for group in GROUPS:
-      compare(f"Adam, trainable backbone, eps={tiny:g}", group, same, "differ", *adam_trainable)
-    # Fully invariant recipes: UW-O (with SGD and with Adam) and one Adam per task.
-    for label, pair in (("UW-O + SGD", uw_o_sgd), ("UW-O + Adam", uw_o_adam),
-                        (f"EW + per-task Adam, eps={tiny:g}", per_task_runs)):
-      for group in GROUPS:
-        compare(f"{label}, trainable backbone", group, same, "equal", *pair)
+    declared, names = _declare_runs(check, alphas, jnp.ones_like(alphas))
+    done = _run_declared(model, declared, params, inputs, tuple(config.targets_scale))
+    rows = _predictions(check, done, jax.device_get(_group_vectors(params)), names)
   header = ("| setting | group | compared | predicted | max relative difference | ok |\n"
             "|---|---|---|---|---|---|")
   lines = [header] + [f"| {r['setting']} | {r['group']} | {r['compared']} | {r['predicted']} | "
@@ -333,13 +357,10 @@ def _model_groups(params) -> dict[str, jax.Array]:
 
 def _per_task_adam_step(experiment, tasks, optimizer):
   """A train step with one Adam per task on all parameters (per-task gradients, one VJP each)."""
-  from mtl_jax import gramian as gramian_lib
-  from mtl_jax import tasks as tasks_lib
-  from mtl_jax import train as train_lib
 
   def step(state, batch):
     def task_losses(params):
-      predictions, _ = train_lib.apply_model(experiment.model, params, state.batch_stats, batch["image"], True)
+      predictions, _ = apply_lib.predict(experiment.model, params, state.batch_stats, batch["image"], True)
       return jnp.mean(tasks_lib.losses_matrix(tasks, predictions, batch), axis=0)
 
     per_task = gramian_lib.jacobian_rows(task_losses, state.params)
@@ -350,8 +371,7 @@ def _per_task_adam_step(experiment, tasks, optimizer):
   return step
 
 
-def classify_methods(config: ml_collections.ConfigDict, train_config: ml_collections.ConfigDict | None = None,
-                     dataset=None, progress=print) -> dict:
+def classify_methods(config: ml_collections.ConfigDict, dataset=None, progress=print) -> dict:
   """Classifies every registered weighting (plus one Adam per task) by loss-scale invariance.
 
   For each method and optimizer (Adam, SGD without momentum), the same initial state and
@@ -363,25 +383,17 @@ def classify_methods(config: ml_collections.ConfigDict, train_config: ml_collect
   in near-zero gradient entries is blown up to full-size Adam steps and hides the effect.
 
   Args:
-    config: configs/adam_invariance.py (the `classify` section is used).
-    train_config: the train-step config (default: configs/test.py with weight decay 0).
-    dataset: an already loaded dataset for train_config.
+    config: configs/adam_invariance.py (the `classify` section is used; `classify.train` is the
+      train-step config whose model, data and method options are used).
+    dataset: an already loaded dataset for `classify.train`.
     progress: called with one line per method.
 
   Returns:
     dict with 'rows' (method, class, and the relative differences adam_heads, adam_all,
     sgd_heads, sgd_all), 'skipped' {method: reason} and 'markdown'.
   """
-  from configs import test as test_config
-  from mtl_jax import train as train_lib
-  from mtl_jax import weighting as weighting_lib
-
   settings = config.classify
-  if train_config is None:
-    train_config = test_config.get_config()
-    train_config.unlock()
-    train_config.optimizer.weight_decay = 0.0
-    train_config.lock()
+  train_config = settings.train
   experiment = train_lib.build_experiment(train_config, dataset)
   num_tasks = len(experiment.tasks)
   scaled_task = int(settings.scaled_task)
@@ -443,10 +455,8 @@ def classify_methods(config: ml_collections.ConfigDict, train_config: ml_collect
 def _classify_all(candidates, experiment, tasks, train_config, settings, num_tasks, adam, sgd_learning_rate,
                   trajectories, worst, to_float64, progress):
   """The per-method loop of `classify_methods` (run inside its float64 context)."""
-  from mtl_jax import train as train_lib
-  from mtl_jax import weighting as weighting_lib
-
   rows, skipped = [], {}
+  options = weighting_lib.method_options(train_config, experiment.steps_per_epoch)
   for name in candidates:
     differences = {}
     try:
@@ -454,7 +464,7 @@ def _classify_all(candidates, experiment, tasks, train_config, settings, num_tas
         optimizer = _switchable(optax.chain(optim.scale_by_per_task_adam(num_tasks, eps=float(settings.adam_eps)),
                                             optax.scale_by_learning_rate(float(settings.adam_learning_rate))),
                                 sgd_learning_rate, per_task=True)
-        sub = dataclasses.replace(experiment, weighting=weighting_lib.get_weighting("ew"), optimizer=optimizer)
+        sub = dataclasses.replace(experiment, weighting=weighting_lib.get("ew", options), optimizer=optimizer)
         with jax.enable_x64(False):
           state = train_lib.init_state(dataclasses.replace(sub, optimizer=optax.identity()), int(train_config.seed))
         state = state.replace(params=to_float64(state.params))
@@ -462,7 +472,7 @@ def _classify_all(candidates, experiment, tasks, train_config, settings, num_tas
         step_fn = _per_task_adam_step(experiment, tasks, optimizer)
         combinations = [("adam", True), ("adam", False)]  # One Adam per task has no SGD counterpart.
       else:
-        weighting = weighting_lib.get_weighting(name, train_config.method)
+        weighting = weighting_lib.get(name, options)
         optimizer = _switchable(adam, sgd_learning_rate)
         sub = dataclasses.replace(experiment, weighting=weighting, optimizer=optimizer)
         with jax.enable_x64(False):

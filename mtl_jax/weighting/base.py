@@ -1,21 +1,27 @@
-"""The Weighting type and the one registry that maps method names to weightings.
+"""The three kinds of MTL method, each with one fixed signature, and the one registry of them all.
 
-A weighting turns the per-task losses of a batch into the scalar the optimizer descends,
-possibly with trainable parameters (UW's log-variances, trained by the same optimizer as the
-model) and non-trainable state (kept in the train state and checkpointed with it).
-Gradient-based methods (Gramian or Jacobian) register here too, with their own `kind`.
+* `LossWeighting`: the task losses [T] -> the scalar the optimizer descends (EW, UW, DWA, ...).
+* `GramianWeighting`: the Gramian G [R, R] of the rows' gradients -> weights w [R]; the step
+  descends Σ_r w_r ∇L_r on the shared parameters (PCGrad, MGDA, UPGrad, ...).
+* `JacobianMethod`: needs the task gradients' coordinates, not just their inner products
+  (GradDrop in feature space; AdaTask and MTL-IO through their own optimizers).
+
+Every method is built by a factory `options -> method` registered under its name; `options`
+is `config.method` (plus `steps_per_epoch`), and every default lives in configs/base.py only.
+Trainable parameters (UW's log-variances) are trained by the model's optimizer; state (DWA's
+epoch means, GradVac's targets) is a NamedTuple kept in the train state and checkpointed with it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
+import jax
 import ml_collections
+import optax
 
-# 'loss': total = combine(task losses); 'gramian': weights from the Gramian of task gradients;
-# 'jacobian': needs the task gradients' coordinates.
-KINDS = ("loss", "gramian", "jacobian")
+from mtl_jax import optim
 
 # What the rows of a Gramian are: 'task' (one row per task, the batch-mean loss L_t), 'sample'
 # (one row per sample, its loss summed over tasks, divided by B) or 'sample_task' (one row per
@@ -23,11 +29,102 @@ KINDS = ("loss", "gramian", "jacobian")
 # sum-convention method without conflicts reproduces EW's step at every level.
 LEVELS = ("task", "sample", "sample_task")
 
-# How a 'jacobian' weighting uses coordinates: 'features' (combine maps the per-task gradients
-# with respect to the shared features to one feature cotangent), 'per_task_optimizer' (the
-# per-task gradients of the shared parameters go, stacked, to an optimizer built by
-# `make_optimizer`), 'sequential' (one optimizer step per task in turn, each on a fresh gradient).
+# How a Jacobian method uses coordinates: 'features' (combine maps the per-task gradients with
+# respect to the shared features to one feature cotangent), 'per_task_optimizer' (the per-task
+# gradients of the shared parameters go, stacked, to the optimizer from `make_optimizer`),
+# 'sequential' (one optimizer step per task in turn, each on a fresh gradient).
 JACOBIAN_MODES = ("features", "per_task_optimizer", "sequential")
+
+Init = Callable[[int], tuple[Any, Any]]
+
+
+class NoState(NamedTuple):
+  """The state of a method that keeps none."""
+
+
+def no_parameters(size: int) -> tuple[dict, NoState]:
+  """`init` of a method without trainable parameters or state."""
+  del size
+  return {}, NoState()
+
+
+@dataclasses.dataclass(frozen=True)
+class LossWeighting:
+  """A scalar of the task losses.
+
+  Attributes:
+    name: registry name.
+    init: num_tasks -> (trainable parameters, state).
+    combine: (task_losses [T], params, state, rng, step) -> (total loss, new state, aux); aux
+      is a dict of metrics, 'weights' [T] is logged as the task weights.
+    description: one line shown in listings and reports.
+    after_update: when set, (task losses after the update on the same batch [T], state) ->
+      new state; the train step runs one more forward pass for it (FAMO).
+  """
+
+  name: str
+  init: Init
+  combine: Callable[..., tuple[Any, Any, dict]]
+  description: str = ""
+  after_update: Callable[[Any, Any], Any] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class GramianWeighting:
+  """Weights of the rows from their Gramian.
+
+  Attributes:
+    name: registry name.
+    init: the number of rows R -> (trainable parameters, state).
+    weigh: (gramian [R, R], task_losses [T], params, state, rng, step) -> (weights [R], new
+      state, aux). aux may hold 'weighting_loss', a scalar differentiable in params that the
+      optimizer minimises for the method's own parameters, and 'weights' to log.
+    description: one line shown in listings and reports.
+    levels: the levels of rows the method is defined for (see LEVELS).
+  """
+
+  name: str
+  init: Init
+  weigh: Callable[..., tuple[Any, Any, dict]]
+  description: str = ""
+  levels: tuple[str, ...] = LEVELS
+
+
+@dataclasses.dataclass(frozen=True)
+class JacobianMethod:
+  """A method that needs the coordinates of the task gradients (task level only).
+
+  Attributes:
+    name: registry name.
+    mode: one of JACOBIAN_MODES.
+    init: num_tasks -> (trainable parameters, state).
+    combine: for mode 'features', (feature_gradients [T, *features.shape], features, params,
+      state, rng, step) -> (feature cotangent, new state, aux); None otherwise.
+    make_optimizer: for the other modes, (optimizer config, steps_per_epoch, task names) -> the
+      optax transformation that replaces `optim.make_optimizer`.
+    description: one line shown in listings and reports.
+  """
+
+  name: str
+  mode: str
+  init: Init = no_parameters
+  combine: Callable[..., tuple[Any, Any, dict]] | None = None
+  make_optimizer: Callable[..., Any] | None = None
+  description: str = ""
+  levels: tuple[str, ...] = ("task",)
+
+  def __post_init__(self):
+    if self.mode not in JACOBIAN_MODES:
+      raise ValueError(f"Method {self.name!r}: unknown mode {self.mode!r}; valid: {JACOBIAN_MODES}.")
+    if (self.mode == "features") != (self.combine is not None):
+      raise ValueError(f"Method {self.name!r}: mode 'features' needs combine, the others do not.")
+    if (self.mode != "features") != (self.make_optimizer is not None):
+      raise ValueError(f"Method {self.name!r}: the optimizer modes need make_optimizer.")
+
+
+Method = LossWeighting | GramianWeighting | JacobianMethod
+Factory = Callable[[ml_collections.ConfigDict], Method]
+_REGISTRY: dict[str, Factory] = {}
 
 
 def check_level(level: str) -> str:
@@ -37,60 +134,63 @@ def check_level(level: str) -> str:
   return level
 
 
+def check_method_level(method: Method, level: str) -> None:
+  """Raises a ValueError when a gradient method is not defined at this level of rows."""
+  check_level(level)
+  if isinstance(method, LossWeighting) or level in method.levels:
+    return
+  raise ValueError(
+      f"Method {method.name!r} works on task gradients; config.method.level must be "
+      f"{' or '.join(repr(value) for value in method.levels)}, got {level!r}."
+  )
+
+
 def num_rows(level: str, num_tasks: int, batch_size: int) -> int:
   """The number of Gramian rows R at a level."""
-  return {"task": num_tasks, "sample": batch_size, "sample_task": batch_size * num_tasks}[check_level(level)]
+  rows = {"task": num_tasks, "sample": batch_size, "sample_task": batch_size * num_tasks}
+  return rows[check_level(level)]
 
 
-@dataclasses.dataclass(frozen=True)
-class Weighting:
-  """A multi-task loss weighting.
-
-  Attributes:
-    name: registry name.
-    kind: one of KINDS; tells the train step which inputs the method needs.
-    init: for kinds 'loss' and 'jacobian', num_tasks -> (trainable parameters, state); for
-      kind 'gramian', the number of Gramian rows R (see `num_rows`). Either may be {}.
-    combine: by kind,
-      'loss': (task_losses [T], params, state, rng, step) -> (total loss, new state, aux);
-      'gramian': (gramian [R, R], task_losses [T], params, state, rng, step) ->
-        (weights [R], new state, aux); the train step then descends Σ_r stop_gradient(w_r) L_r
-        on the shared parameters. aux may hold 'weighting_loss', a scalar differentiable in
-        params, which the optimizer minimises for the weighting's own parameters;
-      'jacobian' with jacobian_mode 'features': (feature_gradients [T, *features.shape],
-        features, params, state, rng, step) -> (feature cotangent, new state, aux);
-      'jacobian' with another mode: unused (the method lives in its optimizer).
-      aux is a dict of metrics; 'weights' is logged as the task weights.
-    description: one line shown in listings and reports.
-    jacobian_mode: for kind 'jacobian', one of JACOBIAN_MODES.
-    make_optimizer: when set, (optimizer config, steps_per_epoch, task names) -> the optax
-      transformation that replaces `optim.make_optimizer` (AdaTask, MTL-IO).
-    after_update: when set, (task losses after the update on the same batch [T], state) -> new
-      state; the train step runs one more forward pass for it (FAMO).
-  """
-
-  name: str
-  kind: str
-  init: Callable[[int], tuple[Any, Any]]
-  combine: Callable[..., Any]
-  description: str = ""
-  jacobian_mode: str = ""
-  make_optimizer: Callable[..., Any] | None = None
-  after_update: Callable[..., Any] | None = None
+def state_size(method: Method, level: str, num_tasks: int, batch_size: int) -> int:
+  """What `method.init` takes: the Gramian's row count at `level`, or the task count."""
+  if isinstance(method, GramianWeighting):
+    return num_rows(level, num_tasks, batch_size)
+  return num_tasks
 
 
-WeightingFactory = Callable[[ml_collections.ConfigDict], Weighting]
-_REGISTRY: dict[str, WeightingFactory] = {}
+def register(name: str) -> Callable[[Factory], Factory]:
+  """Decorator adding a factory `options -> method` to the registry under name."""
 
-
-def register(name: str) -> Callable[[WeightingFactory], WeightingFactory]:
-  """Decorator adding a factory `options -> Weighting` to the registry under name."""
-
-  def decorate(factory: WeightingFactory) -> WeightingFactory:
+  def decorate(factory: Factory) -> Factory:
     if name in _REGISTRY:
-      raise ValueError(f"Weighting {name!r} is registered twice.")
+      raise ValueError(f"Method {name!r} is registered twice.")
     _REGISTRY[name] = factory
     return factory
+
+  return decorate
+
+
+def gramian_method(name: str, description: str = "", levels: tuple[str, ...] = LEVELS):
+  """Registers `weights_of(gramian, options) -> weights [R]` as a stateless Gramian weighting.
+
+  The whole of a new method whose weights depend on the Gramian alone::
+
+      @weighting.gramian_method("mean", "the mean of the rows' gradients")
+      def mean_weights(gramian, options):
+        return jnp.full(gramian.shape[0], 1.0 / gramian.shape[0])
+  """
+
+  def decorate(weights_of: Callable[[jax.Array, ml_collections.ConfigDict], jax.Array]):
+    def factory(options: ml_collections.ConfigDict) -> GramianWeighting:
+      def weigh(gramian, task_losses, params, state, rng, step):
+        del task_losses, params, rng, step
+        weights = weights_of(gramian, options)
+        return weights, state, {"weights": weights}
+
+      return GramianWeighting(name, no_parameters, weigh, description, levels)
+
+    register(name)(factory)
+    return weights_of
 
   return decorate
 
@@ -100,20 +200,31 @@ def method_names() -> tuple[str, ...]:
   return tuple(sorted(_REGISTRY))
 
 
-def get_weighting(name: str, options: Mapping[str, Any] | ml_collections.ConfigDict | None = None) -> Weighting:
-  """Builds the weighting registered under name.
-
-  Args:
-    name: a registered method name (see `method_names()`).
-    options: method options (e.g. CAGrad's c); methods ignore options they do not use.
+def get(name: str, options: Mapping[str, Any] | ml_collections.ConfigDict) -> Method:
+  """Builds the method registered under name from its options (config.method).
 
   Raises:
     ValueError: for an unknown name, listing the valid ones.
+    KeyError: (from the factory) an option the method needs is missing.
   """
   if name not in _REGISTRY:
     raise ValueError(f"Unknown method {name!r}; valid methods: {', '.join(method_names())}.")
-  if options is None:
-    options = ml_collections.ConfigDict()
-  elif not isinstance(options, ml_collections.ConfigDict):
+  if not isinstance(options, ml_collections.ConfigDict):
     options = ml_collections.ConfigDict(dict(options))
   return _REGISTRY[name](options)
+
+
+def method_options(config: ml_collections.ConfigDict, steps_per_epoch: int) -> ml_collections.ConfigDict:
+  """A method's options: config.method, plus the epoch length epoch-based methods (DWA) need."""
+  options = ml_collections.ConfigDict(config.method.to_dict())
+  options.steps_per_epoch = int(steps_per_epoch)
+  return options
+
+
+def make_optimizer(
+    method: Method, optimizer_config: ml_collections.ConfigDict, steps_per_epoch: int, task_names
+) -> optax.GradientTransformation:
+  """The optimizer of a run: the method's own (AdaTask, MTL-IO) or `optim.make_optimizer`'s."""
+  if isinstance(method, JacobianMethod) and method.make_optimizer is not None:
+    return method.make_optimizer(optimizer_config, steps_per_epoch, list(task_names))
+  return optim.make_optimizer(optimizer_config, steps_per_epoch)

@@ -3,12 +3,12 @@
 Every method here ends in a direction d = Σ_k w_k g_k over the rows' gradients g_k (tasks,
 samples or (sample, task) pairs, see `LEVELS`) whose weights w are a function of the Gramian
 G_kl = ⟨g_k, g_l⟩ alone (plus state and a random key). The train step therefore computes G,
-calls `combine`, and descends Σ_k stop_gradient(w_k) g_k, assembled from the same per-row
-gradients that gave G (see `method_steps`). Each
-factory's docstring says why its direction has this form and which conventions it follows
-(LibMTL's, unless stated otherwise: sum or mean over rows, constants, defaults).
+calls `weigh`, and descends Σ_k stop_gradient(w_k) g_k, assembled from the same per-row
+gradients that gave G (see `mtl_jax.train.gradient_steps`). Each factory's docstring says why
+its direction has this form and which conventions it follows (LibMTL's, unless stated
+otherwise: sum or mean over rows, constants); defaults live in configs/base.py.
 
-Signature of `combine` for kind 'gramian' (see base.Weighting):
+`weigh` has the signature of `base.GramianWeighting`:
   (gramian [R, R], task_losses [T], params, state, rng, step) -> (weights [R], new_state, aux)
 `aux` may hold 'weighting_loss', a scalar differentiable in params that the optimizer
 minimises for the weighting's own parameters (IMTL-L's loss scales, GradNorm's weights).
@@ -19,21 +19,21 @@ invariant to that scale, so this only conditions the solvers.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
 from mtl_jax.weighting import solvers
-from mtl_jax.weighting.base import Weighting, check_level, register
+from mtl_jax.weighting.base import GramianWeighting
+from mtl_jax.weighting.base import NoState
+from mtl_jax.weighting.base import check_level
+from mtl_jax.weighting.base import gramian_method
+from mtl_jax.weighting.base import no_parameters
+from mtl_jax.weighting.base import register
 
 EPSILON = solvers.EPSILON
-
-
-def _no_parameters(num_rows: int):
-  del num_rows
-  return {}, {}
 
 
 def _row_orders(rng: jax.Array, size: int) -> jax.Array:
@@ -259,138 +259,164 @@ def nash_mtl_weights(gramian: jax.Array, iterations: int, max_norm: float) -> ja
 
 
 # ----------------------------------------------------------------------------------------------
-# Registered weightings.
-
-
-def _level(options: ml_collections.ConfigDict) -> str:
-  return check_level(options.get("level", "task"))
-
-
-def _gramian_weighting(name, combine, description, init=_no_parameters):
-  return Weighting(name, "gramian", init, combine, description)
-
-
-def _stateless_gramian_weighting(name: str, weights_of: Callable[[jax.Array], jax.Array],
-                                 description: str) -> Weighting:
-  """A method whose weights are a function of the Gramian alone (no state, no randomness)."""
-
-  def combine(gramian, task_losses, params, state, rng, step):
-    del task_losses, params, rng, step
-    weights = weights_of(gramian)
-    return weights, state, {"weights": weights}
-
-  return _gramian_weighting(name, combine, description)
+# Registered methods.
 
 
 @register("pcgrad")
-def pcgrad(options: ml_collections.ConfigDict) -> Weighting:
+def pcgrad(options: ml_collections.ConfigDict) -> GramianWeighting:
   """PCGrad (Yu et al. 2020), random order per row each step; see `pcgrad_weights`."""
   del options
 
-  def combine(gramian, task_losses, params, state, rng, step):
+  def weigh(gramian, task_losses, params, state, rng, step):
     del task_losses, params, step
     weights = pcgrad_weights(gramian, _row_orders(rng, gramian.shape[0]))
     return weights, state, {"weights": weights}
 
-  return _gramian_weighting("pcgrad", combine, "projecting conflicting gradients (random order)")
+  description = "projecting conflicting gradients (random order)"
+  return GramianWeighting("pcgrad", no_parameters, weigh, description)
+
+
+class GradVacState(NamedTuple):
+  """GradVac's similarity targets φ [R, R] (an EMA of the observed cosines)."""
+
+  targets: jax.Array
 
 
 @register("gradvac")
-def gradvac(options: ml_collections.ConfigDict) -> Weighting:
+def gradvac(options: ml_collections.ConfigDict) -> GramianWeighting:
   """GradVac (Wang et al. 2021) with EMA rate `gradvac_beta`; see `gradvac_weights`."""
-  beta = float(options.get("gradvac_beta", 0.5))
+  beta = float(options.gradvac_beta)
 
   def init(num_rows):
-    return {}, {"targets": jnp.zeros((num_rows, num_rows), jnp.float32)}
+    return {}, GradVacState(jnp.zeros((num_rows, num_rows), jnp.float32))
 
-  def combine(gramian, task_losses, params, state, rng, step):
+  def weigh(gramian, task_losses, params, state: GradVacState, rng, step):
     del task_losses, params, step
-    weights, targets = gradvac_weights(gramian, state["targets"], _row_orders(rng, gramian.shape[0]), beta)
-    return weights, {"targets": targets}, {"weights": weights}
+    orders = _row_orders(rng, gramian.shape[0])
+    weights, targets = gradvac_weights(gramian, state.targets, orders, beta)
+    return weights, GradVacState(targets), {"weights": weights}
 
-  return _gramian_weighting("gradvac", combine, "gradient vaccine (EMA cosine targets)", init)
+  description = "gradient vaccine (EMA cosine targets)"
+  return GramianWeighting("gradvac", init, weigh, description)
 
 
 @register("imtl")
-def imtl(options: ml_collections.ConfigDict) -> Weighting:
+def imtl(options: ml_collections.ConfigDict) -> GramianWeighting:
   """IMTL (Liu et al. 2021): IMTL-G on the Gramian, plus IMTL-L loss scales at level 'task'.
 
   IMTL-L (LibMTL's hybrid 'IMTL', on by default via `imtl_loss_scaling`) learns log-scales s_t:
   the gradients are those of e^{s_t} L_t (Gramian D G D, D = diag(e^s)), and s is trained by the
   model's optimizer on Σ_t e^{s_t} L_t - s_t. The model's weights are then α_t e^{s_t}.
   """
-  loss_scaling = bool(options.get("imtl_loss_scaling", True)) and _level(options) == "task"
+  level = check_level(options.level)
+  loss_scaling = bool(options.imtl_loss_scaling) and level == "task"
 
   def init(num_rows):
     if loss_scaling:
-      return {"log_scale": jnp.zeros((num_rows,), jnp.float32)}, {}
-    return {}, {}
+      return {"log_scale": jnp.zeros((num_rows,), jnp.float32)}, NoState()
+    return no_parameters(num_rows)
 
-  def combine(gramian, task_losses, params, state, rng, step):
+  def weigh(gramian, task_losses, params, state, rng, step):
     del rng, step
     aux = {}
     if loss_scaling:
       scales = jnp.exp(params["log_scale"])
       fixed = jax.lax.stop_gradient(scales)
       weights = imtl_g_weights(gramian * fixed[:, None] * fixed[None, :]) * fixed
-      aux["weighting_loss"] = jnp.sum(scales * jax.lax.stop_gradient(task_losses) - params["log_scale"])
+      losses = jax.lax.stop_gradient(task_losses)
+      aux["weighting_loss"] = jnp.sum(scales * losses - params["log_scale"])
     else:
       weights = imtl_g_weights(gramian)
     aux["weights"] = weights
     return weights, state, aux
 
-  return _gramian_weighting("imtl", combine, "impartial MTL (IMTL-G, with IMTL-L at task level)", init)
+  description = "impartial MTL (IMTL-G, with IMTL-L at task level)"
+  return GramianWeighting("imtl", init, weigh, description)
 
 
 @register("cagrad")
-def cagrad(options: ml_collections.ConfigDict) -> Weighting:
-  """CAGrad (Liu et al. 2021), c = `cagrad_c` (0.5), rescale = `cagrad_rescale` (1)."""
-  c = float(options.get("cagrad_c", 0.5))
-  rescale = int(options.get("cagrad_rescale", 1))
+def cagrad(options: ml_collections.ConfigDict) -> GramianWeighting:
+  """CAGrad (Liu et al. 2021) with radius `cagrad_c` and rescaling `cagrad_rescale`."""
+  c = float(options.cagrad_c)
+  rescale = int(options.cagrad_rescale)
   if rescale not in (0, 1, 2):
     raise ValueError(f"config.method.cagrad_rescale must be 0, 1 or 2, got {rescale}.")
-  outer = int(options.get("cagrad_outer_iterations", 20))
-  inner = int(options.get("solver_iterations", 1000))
+  outer = int(options.cagrad_outer_iterations)
+  inner = int(options.solver_iterations)
 
-  return _stateless_gramian_weighting(
-      "cagrad", lambda gramian: cagrad_weights(gramian, c, rescale, outer, inner),
-      f"conflict-averse gradient (c={c:g})")
+  def weigh(gramian, task_losses, params, state, rng, step):
+    del task_losses, params, rng, step
+    weights = cagrad_weights(gramian, c, rescale, outer, inner)
+    return weights, state, {"weights": weights}
+
+  return GramianWeighting("cagrad", no_parameters, weigh, f"conflict-averse gradient (c={c:g})")
 
 
-@register("aligned_mtl")
-def aligned_mtl(options: ml_collections.ConfigDict) -> Weighting:
+@gramian_method("aligned_mtl", "aligned MTL (equalised singular values)")
+def _aligned_mtl(gramian: jax.Array, options: ml_collections.ConfigDict) -> jax.Array:
   """Aligned-MTL (Senushkin et al. 2023); see `aligned_mtl_weights`."""
   del options
-  return _stateless_gramian_weighting("aligned_mtl", aligned_mtl_weights,
-                                      "aligned MTL (equalised singular values)")
+  return aligned_mtl_weights(gramian)
 
 
-@register("mgda")
-def mgda(options: ml_collections.ConfigDict) -> Weighting:
+@gramian_method("mgda", "multiple-gradient descent (min-norm point)")
+def _mgda(gramian: jax.Array, options: ml_collections.ConfigDict) -> jax.Array:
   """MGDA (Sener & Koltun 2018) min-norm weights; see `mgda_weights`."""
-  iterations = int(options.get("solver_iterations", 1000))
-
-  return _stateless_gramian_weighting("mgda", lambda gramian: mgda_weights(gramian, iterations),
-                                      "multiple-gradient descent (min-norm point)")
+  return mgda_weights(gramian, int(options.solver_iterations))
 
 
-@register("upgrad")
-def upgrad(options: ml_collections.ConfigDict) -> Weighting:
+@gramian_method("upgrad", "unconflicting projections of gradients")
+def _upgrad(gramian: jax.Array, options: ml_collections.ConfigDict) -> jax.Array:
   """UPGrad (Quinton & Rey 2024, TorchJD); see `upgrad_weights`."""
-  iterations = int(options.get("solver_iterations", 1000))
-
-  return _stateless_gramian_weighting("upgrad", lambda gramian: upgrad_weights(gramian, iterations),
-                                      "unconflicting projections of gradients")
+  return upgrad_weights(gramian, int(options.solver_iterations))
 
 
-@register("nash_mtl")
-def nash_mtl(options: ml_collections.ConfigDict) -> Weighting:
+@gramian_method("nash_mtl", "Nash bargaining among tasks")
+def _nash_mtl(gramian: jax.Array, options: ml_collections.ConfigDict) -> jax.Array:
   """Nash-MTL (Navon et al. 2022), `nash_mtl_iterations` Newton steps, `nash_mtl_max_norm` clip."""
-  iterations = int(options.get("nash_mtl_iterations", 50))
-  max_norm = float(options.get("nash_mtl_max_norm", 1.0))
-
-  return _stateless_gramian_weighting(
-      "nash_mtl", lambda gramian: nash_mtl_weights(gramian, iterations, max_norm),
-      "Nash bargaining among tasks")
+  return nash_mtl_weights(gramian, int(options.nash_mtl_iterations), float(options.nash_mtl_max_norm))
 
 
+class GradNormState(NamedTuple):
+  """GradNorm's reference losses L_t(0), taken at the first step."""
+
+  initial_losses: jax.Array
+
+
+@register("gradnorm")
+def gradient_normalization(options: ml_collections.ConfigDict) -> GramianWeighting:
+  """GradNorm (Chen et al. 2018), at level 'task' only: it needs ‖g_t‖ = √G_tt of each task.
+
+  The weights w = T softmax(s) (LibMTL) have trainable logits s, trained by the model's optimizer
+  on Σ_t |w_t ‖g_t‖ - mean_k(w_k ‖g_k‖) r_t^α| with r_t = (L_t / L_t(0)) / mean(L / L(0)) held
+  constant. L_t(0) is the loss at the first step (the paper's choice; LibMTL uses the first
+  epoch's mean). The model descends Σ_t sg(w_t) L_t.
+  """
+  alpha = float(options.gradnorm_alpha)
+  if options.level != "task":
+    raise ValueError(
+        "GradNorm works on task gradients; config.method.level must be 'task', got "
+        f"{options.level!r}."
+    )
+
+  def init(num_rows: int):
+    zeros = jnp.zeros((num_rows,), jnp.float32)
+    return {"logits": zeros}, GradNormState(zeros)
+
+  def weigh(gramian, task_losses, params, state: GradNormState, rng, step):
+    del rng
+    num_tasks = task_losses.shape[0]
+    losses = jax.lax.stop_gradient(task_losses)
+    initial = jnp.where(step == 0, losses, state.initial_losses)
+    weights = num_tasks * jax.nn.softmax(params["logits"])
+    norms = jnp.sqrt(jnp.maximum(jnp.diag(jax.lax.stop_gradient(gramian)), 0.0))
+    weighted_norms = weights * norms
+    ratios = losses / jnp.where(initial > 0, initial, 1.0)
+    relative = ratios / jnp.maximum(jnp.mean(ratios), 1e-12)
+    target = jax.lax.stop_gradient(jnp.mean(weighted_norms) * relative**alpha)
+    weighting_loss = jnp.sum(jnp.abs(weighted_norms - target))
+    fixed = jax.lax.stop_gradient(weights)
+    return fixed, GradNormState(initial), {"weights": fixed, "weighting_loss": weighting_loss}
+
+  description = f"gradient normalisation (alpha {alpha:g})"
+  return GramianWeighting("gradnorm", init, weigh, description, levels=("task",))

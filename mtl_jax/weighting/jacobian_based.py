@@ -20,12 +20,8 @@ import ml_collections
 import optax
 
 from mtl_jax import optim
-from mtl_jax.weighting.base import Weighting, register
-
-
-def _no_parameters(num_tasks: int):
-  del num_tasks
-  return {}, {}
+from mtl_jax.weighting.base import JacobianMethod
+from mtl_jax.weighting.base import register
 
 
 def graddrop_cotangent(feature_gradients: jax.Array, features: jax.Array, rng: jax.Array, leak: float) -> jax.Array:
@@ -53,16 +49,16 @@ def graddrop_cotangent(feature_gradients: jax.Array, features: jax.Array, rng: j
 
 
 @register("graddrop")
-def graddrop(options: ml_collections.ConfigDict) -> Weighting:
-  """GradDrop with leak `graddrop_leak` (0, LibMTL's default) on the shared features."""
-  leak = float(options.get("graddrop_leak", 0.0))
+def graddrop(options: ml_collections.ConfigDict) -> JacobianMethod:
+  """GradDrop with leak `graddrop_leak` (LibMTL's default 0) on the shared features."""
+  leak = float(options.graddrop_leak)
 
   def combine(feature_gradients, features, params, state, rng, step):
     del params, step
     return graddrop_cotangent(feature_gradients, features, rng, leak), state, {}
 
-  return Weighting("graddrop", "jacobian", _no_parameters, combine, "gradient sign dropout on shared features",
-                   jacobian_mode="features")
+  description = "gradient sign dropout on shared features"
+  return JacobianMethod("graddrop", "features", combine=combine, description=description)
 
 
 def _labels(trainable: Any, encoder_label: str, head_label) -> Any:
@@ -101,7 +97,7 @@ def _check_optimizer(method: str, name: str, allowed: Sequence[str]) -> None:
 
 
 @register("adatask")
-def adatask(options: ml_collections.ConfigDict) -> Weighting:
+def adatask(options: ml_collections.ConfigDict) -> JacobianMethod:
   """AdaTask (Yang et al. 2023): per-task Adam moments on the shared parameters; Adam only.
 
   The encoder's update is Σ_t adam_t(g_t), each task with its own complete copy of the base
@@ -116,9 +112,10 @@ def adatask(options: ml_collections.ConfigDict) -> Weighting:
     transforms = {"per_task": per_task_transform(base, len(task_names)), "base": base}
     return optax.multi_transform(transforms, lambda trainable: _labels(trainable, "per_task", lambda task: "base"))
 
-  return Weighting("adatask", "jacobian", _no_parameters, lambda *args: None,
-                   "per-task Adam moments on the shared parameters", jacobian_mode="per_task_optimizer",
-                   make_optimizer=make_optimizer)
+  description = "per-task Adam moments on the shared parameters"
+  return JacobianMethod(
+      "adatask", "per_task_optimizer", make_optimizer=make_optimizer, description=description
+  )
 
 
 class SequentialOptimizers(NamedTuple):
@@ -131,7 +128,7 @@ class SequentialOptimizers(NamedTuple):
 
 
 @register("mtl_io")
-def mtl_io(options: ml_collections.ConfigDict) -> Weighting:
+def mtl_io(options: ml_collections.ConfigDict) -> JacobianMethod:
   """MTL-IO (Pascal et al. 2021): per batch, one step per task in turn, each with its own SGD.
 
   Task t's optimizer covers the shared parameters and head t (other heads are frozen for it);
@@ -149,5 +146,5 @@ def mtl_io(options: ml_collections.ConfigDict) -> Weighting:
           lambda trainable, own=own: _labels(trainable, "base", lambda task: "base" if task == own else "frozen")))
     return SequentialOptimizers(tuple(transforms))
 
-  return Weighting("mtl_io", "jacobian", _no_parameters, lambda *args: None, "one optimizer per task, stepped in turn",
-                   jacobian_mode="sequential", make_optimizer=make_optimizer)
+  description = "one optimizer per task, stepped in turn"
+  return JacobianMethod("mtl_io", "sequential", make_optimizer=make_optimizer, description=description)

@@ -1,14 +1,12 @@
-"""The main job: a small version of all four studies, written into one report.md.
+"""The main job: a small version of every study, written into one report.md.
 
-Each study is a function `(config, workdir) -> StudyResult` in the registry `STUDIES`. The
-optimizer × method sweep lives here; the other three are plug-ins imported lazily from the
-modules named in `PLUGINS`, so this build runs (and says "not available in this build" in the
-report) when a study module has not landed yet.
+Each study is a function `(config, workdir) -> StudyResult` in the registry `STUDIES`, which
+runs them in order, each in its own subdirectory; a study that fails is reported as failed and
+the others still run.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import time
 import traceback
@@ -17,27 +15,25 @@ from typing import Callable, Mapping, Sequence
 import ml_collections
 
 from mtl_jax import metric_writers
-from mtl_jax import sweep as sweep_lib
 from mtl_jax.report import markdown
+from mtl_jax.studies import conflicts as conflicts_study
+from mtl_jax.studies import invariance
+from mtl_jax.studies import optimizers
+from mtl_jax.studies import robustness
+from mtl_jax.studies import toy
 
 Study = Callable[[ml_collections.ConfigDict, str], markdown.StudyResult]
 
-# Study name -> (section title, candidate (module, function) pairs, tried in order).
-PLUGINS: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
-    "invariance": ("Adam's partial loss-scale invariance and the 2-D toy",
-                   (("mtl_jax.reproduce", "invariance_study"),)),
-    "conflicts": ("Gradient conflicts: inter-task vs inter-sample",
-                  (("mtl_jax.conflicts", "run_conflicts"),)),
-    "robustness": ("Robustness of MTL vs STL features under corruptions",
-                   (("mtl_jax.reproduce", "robustness_study"),)),
+TITLES = {
+    "optimizers": "Optimizer choice vs MTL method",
+    "invariance": "Adam's partial loss-scale invariance and the 2-D toy",
+    "conflicts": "Gradient conflicts: inter-task vs inter-sample",
+    "robustness": "Robustness of MTL vs STL features under corruptions",
 }
 
 
 def invariance_study(config: ml_collections.ConfigDict, workdir: str) -> markdown.StudyResult:
   """SPEC sections 1 and 3: the exact invariance check, the App. A2 runs and the toy table."""
-  from mtl_jax.studies import invariance  # pylint: disable=import-outside-toplevel
-  from mtl_jax.studies import toy  # pylint: disable=import-outside-toplevel
-
   os.makedirs(workdir, exist_ok=True)
   check = invariance.run_invariance_check(config.invariance)
   held = sum(row["ok"] for row in check["rows"])
@@ -57,13 +53,11 @@ def invariance_study(config: ml_collections.ConfigDict, workdir: str) -> markdow
                ", ".join(f"{key} {count}/{len(config.toy.learning_rates)}" for key, count in converged.items()) + ".")
   parts.append(toy_results["markdown"])
   figures = list(app["figures"]) + ([toy_results["figure"]] if toy_results.get("figure") else [])
-  return markdown.StudyResult(PLUGINS["invariance"][0], "\n\n".join(parts), figures)
+  return markdown.StudyResult(TITLES["invariance"], "\n\n".join(parts), figures)
 
 
 def robustness_study(config: ml_collections.ConfigDict, workdir: str) -> markdown.StudyResult:
   """SPEC section 5: frozen-encoder head fine-tuning under corruptions, δ per task, linear probes."""
-  from mtl_jax import robustness  # pylint: disable=import-outside-toplevel
-
   results = robustness.run_robustness(config, workdir)
   findings = []
   for run, delta in results["delta"].items():
@@ -76,12 +70,13 @@ def robustness_study(config: ml_collections.ConfigDict, workdir: str) -> markdow
   body = robustness.report_markdown(results).split("\n", 1)[1].strip()
   text = "**Findings (from the numbers below):**\n\n" + "\n".join(findings) + "\n\n" + body
   figure = os.path.join(workdir, robustness.FIGURE_FILE)
-  return markdown.StudyResult(PLUGINS["robustness"][0], text, [figure] if os.path.exists(figure) else [])
+  figures = [figure] if os.path.exists(figure) else []
+  return markdown.StudyResult(TITLES["robustness"], text, figures)
 
 
 def optimizer_study(config: ml_collections.ConfigDict, workdir: str) -> markdown.StudyResult:
   """The optimizer × method sweep with STL baselines, Δm tables and Pareto counts."""
-  result = sweep_lib.run_sweep(config, workdir)
+  result = optimizers.run_sweep(config, workdir)
   grid = config.sweep
   parts = [
       f"Grid: methods {', '.join(grid.methods)} × optimizers {', '.join(grid.optimizers)} × lr "
@@ -96,52 +91,27 @@ def optimizer_study(config: ml_collections.ConfigDict, workdir: str) -> markdown
   findings = markdown.optimizer_findings(result.selections, result.pareto_counts)
   if findings:
     parts.append("**Findings (from the numbers below):**\n\n" + "\n".join(findings))
-  delta_markdown, _ = sweep_lib.delta_m_table(result.selections)
-  metric_markdown, _ = sweep_lib.metric_table(result.selections, result.directions)
+  delta_markdown, _ = optimizers.delta_m_table(result.selections)
+  metric_markdown, _ = optimizers.metric_table(result.selections, result.directions)
   parts += ["### Δm (%) at the best lr", delta_markdown, "### Test metrics at the best lr", metric_markdown,
-            "### Pareto analysis (one point per seed at the best lr)", sweep_lib.pareto_table(result.pareto_counts),
+            "### Pareto analysis (one point per seed at the best lr)", optimizers.pareto_table(result.pareto_counts),
             f"Tables as CSV: `{os.path.join(workdir, 'delta_m.csv')}`, `{os.path.join(workdir, 'metrics.csv')}`; "
             f"run index: `{os.path.join(workdir, 'sweep.csv')}`."]
   figures = [result.files["parallel_coordinates.png"]] if "parallel_coordinates.png" in result.files else []
-  return markdown.StudyResult("Optimizer choice vs MTL method", "\n\n".join(parts), figures)
+  return markdown.StudyResult(TITLES["optimizers"], "\n\n".join(parts), figures)
 
 
-def _as_result(title: str, value) -> markdown.StudyResult:
-  """Accepts what a plug-in returns: a StudyResult, a markdown string, or a dict with 'markdown'."""
-  if isinstance(value, markdown.StudyResult):
-    return value
-  if isinstance(value, str):
-    return markdown.StudyResult(title, value)
-  if isinstance(value, Mapping) and "markdown" in value:
-    return markdown.StudyResult(value.get("title", title), value["markdown"], list(value.get("figures", [])))
-  raise TypeError(f"Study {title!r} returned {type(value).__name__}; expected StudyResult, str or a dict "
-                  "with 'markdown'.")
-
-
-def plugin_study(name: str) -> Study:
-  """A study that imports its implementation on first use; unavailable modules give a placeholder."""
-  title, candidates = PLUGINS[name]
-
-  def study(config: ml_collections.ConfigDict, workdir: str) -> markdown.StudyResult:
-    for module_name, function_name in candidates:
-      try:
-        module = importlib.import_module(module_name)
-      except ModuleNotFoundError as error:
-        if error.name and module_name.startswith(error.name):
-          continue
-        raise
-      function = getattr(module, function_name, None)
-      if function is not None:
-        return _as_result(title, function(config, workdir))
-    tried = ", ".join(f"{module}.{function}" for module, function in candidates)
-    return markdown.StudyResult(title, f"Not available in this build (looked for {tried}).", available=False)
-
-  return study
+def conflicts_study_result(config: ml_collections.ConfigDict, workdir: str) -> markdown.StudyResult:
+  """SPEC section 4: gradient conflicts between tasks and between samples, probed in training."""
+  results = conflicts_study.run_conflicts(config, workdir)
+  return markdown.StudyResult(TITLES["conflicts"], results["markdown"], list(results.get("figures", [])))
 
 
 STUDIES: dict[str, Study] = {
     "optimizers": optimizer_study,
-    **{name: plugin_study(name) for name in PLUGINS},
+    "invariance": invariance_study,
+    "conflicts": conflicts_study_result,
+    "robustness": robustness_study,
 }
 
 

@@ -33,6 +33,7 @@ from mtl_jax import config_validation
 from mtl_jax import metric_writers
 from mtl_jax import tasks as tasks_lib
 from mtl_jax import train as train_lib
+from mtl_jax.models import apply as apply_lib
 from mtl_jax.data import corruptions as corruptions_lib
 from mtl_jax.data import pipeline
 from mtl_jax.data import registry as data_registry
@@ -226,7 +227,7 @@ def make_head_step(model, tasks: Sequence[tasks_lib.Task], optimizer: optax.Grad
   """
 
   def loss_fn(heads, encoder, batch_stats, batch):
-    predictions, _ = train_lib.apply_model(model, {"encoder": encoder, "heads": heads}, batch_stats,
+    predictions, _ = apply_lib.predict(model, {"encoder": encoder, "heads": heads}, batch_stats,
                                            batch["image"], train=False)
     losses = jnp.mean(tasks_lib.losses_matrix(tasks, predictions, batch), axis=0)
     return jnp.sum(losses), losses

@@ -33,10 +33,12 @@ import numpy as np
 
 from mtl_jax import metric_writers
 from mtl_jax import metrics as metrics_lib
-from mtl_jax import multirun
 from mtl_jax import optim
+from mtl_jax import tasks as tasks_lib
 from mtl_jax import train
 from mtl_jax import weighting as weighting_lib
+from mtl_jax.data import registry as data_registry
+from mtl_jax.report import figures
 
 STL_OPTIMIZER = "adam"
 
@@ -101,7 +103,7 @@ def mtl_grid(config: ml_collections.ConfigDict) -> tuple[list[RunSpec], list[str
   for name in config.sweep.optimizers:
     optim.check_optimizer_name(name)
   # Checked here so a bad value fails before any run trains, not at the first group.
-  multirun.default_lane_mode(config.sweep.get("lane_mode", "auto"))
+  train.default_lane_mode(config.sweep.lane_mode)
   if not config.sweep.seeds:
     raise ValueError("config.sweep.seeds is empty.")
   known = set(weighting_lib.method_names())
@@ -139,7 +141,7 @@ def run_status(run_dir: str) -> str:
   """'finished' (results.json), 'failed' (failed.json: the run diverged) or 'pending'."""
   if os.path.exists(os.path.join(run_dir, train.RESULTS_FILE)):
     return "finished"
-  if os.path.exists(os.path.join(run_dir, multirun.FAILED_FILE)):
+  if os.path.exists(os.path.join(run_dir, train.FAILED_FILE)):
     return "failed"
   return "pending"
 
@@ -437,8 +439,8 @@ class JobProgress:
             f"elapsed {metric_writers.format_duration(elapsed)}, ETA {eta}")
 
 
-def _train_runs(config, workdir, items, dataset, progress: JobProgress, use_vmap: bool) -> None:
-  """Trains pending runs: grouped and vmapped when allowed, else one by one; skips finished runs."""
+def _train_runs(config, workdir, items, dataset, progress: JobProgress, group_runs: bool) -> None:
+  """Trains pending runs: grouped (one program per group) when allowed, else one by one; skips finished runs."""
   pending = []
   for spec, run in items:
     if run_status(os.path.join(workdir, spec.path)) != "pending":
@@ -450,24 +452,23 @@ def _train_runs(config, workdir, items, dataset, progress: JobProgress, use_vmap
     return
   groups: dict[str, list] = {}
   for spec, run in pending:
-    key = multirun.group_key(run) if use_vmap else spec.path
+    key = train.group_key(run) if group_runs else spec.path
     groups.setdefault(key, []).append((spec, run))
   for members in groups.values():
     names = ", ".join(spec.path for spec, _ in members)
     metric_writers.status(f"{progress.line()}; now: {names}")
     dirs = [os.path.join(workdir, spec.path) for spec, _ in members]
     if len(members) > 1:
-      multirun.train_group([run for _, run in members], dirs, dataset, label=f"[{members[0][0].kind} group] ",
-                           lane_mode=config.sweep.get("lane_mode", "auto"))
+      label = f"[{members[0][0].kind} group] "
+      runs = [run for _, run in members]
+      train.train_group(runs, dirs, dataset, label=label, lane_mode=config.sweep.lane_mode)
     else:
       spec, run = members[0]
       try:
         train.train_and_evaluate(run, dirs[0], dataset)
       except train.NonFiniteLossError as error:
         # A diverged run is a result of the sweep (e.g. SGD at a large lr), not a crash.
-        os.makedirs(dirs[0], exist_ok=True)
-        with open(os.path.join(dirs[0], multirun.FAILED_FILE), "w") as file:
-          json.dump({"fingerprint": train.config_fingerprint(run), "error": str(error)}, file, indent=2)
+        train.write_failure(dirs[0], run, str(error))
         metric_writers.status(f"{spec.path} diverged: {error}")
     progress.finish(len(members), trained=True)
   metric_writers.status(progress.line())
@@ -493,7 +494,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, dataset=None) -> 
 
   Args:
     config: an experiment config with a `sweep` section (methods, optimizers, lr_grid,
-      stl_lr_grid, seeds, vmap).
+      stl_lr_grid, seeds, group_runs, lane_mode).
     workdir: the sweep directory.
     dataset: an already loaded dataset to reuse (loaded from config.dataset otherwise).
 
@@ -501,29 +502,26 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, dataset=None) -> 
     The SweepResult; files written: sweep.json, sweep.csv, delta_m.md/.csv, metrics.md/.csv,
     pareto.md, parallel_coordinates.png under workdir.
   """
-  from mtl_jax.data import registry as data_registry  # pylint: disable=import-outside-toplevel
-
   if dataset is None:
     dataset = data_registry.load_dataset(config.dataset)
   stl_specs = stl_grid(config)
   mtl_specs, notes = mtl_grid(config)
   for note in notes:
     metric_writers.status(f"note: {note}")
-  use_vmap = bool(config.sweep.vmap)
+  group_runs = bool(config.sweep.group_runs)
   progress = JobProgress(len(stl_specs) + len(mtl_specs))
   metric_writers.status(f"Sweep in {workdir}: {len(stl_specs)} STL + {len(mtl_specs)} MTL runs "
-                        f"({'vmapped groups' if use_vmap else 'sequential'}).")
-  _train_runs(config, workdir, [(spec, run_config(config, spec)) for spec in stl_specs], dataset, progress, use_vmap)
+                        f"({'grouped runs' if group_runs else 'one by one'}).")
+  _train_runs(config, workdir, [(spec, run_config(config, spec)) for spec in stl_specs], dataset, progress, group_runs)
   choices, baselines = choose_stl(workdir, stl_specs)
   for task, choice in choices.items():
     metric_writers.status(f"STL {task}: best lr {choice.learning_rate:g} (mean validation loss "
                           f"{choice.validation_loss[choice.learning_rate]:.4f})")
   items = [(spec, run_config(config, spec, baseline_for(baselines, spec.seed))) for spec in mtl_specs]
-  _train_runs(config, workdir, items, dataset, progress, use_vmap)
+  _train_runs(config, workdir, items, dataset, progress, group_runs)
   records = {spec: read_results(os.path.join(workdir, spec.path)) for spec in mtl_specs}
   selections = select_best(records)
   tasks = dataset.select_tasks(list(config.tasks))
-  from mtl_jax import tasks as tasks_lib  # pylint: disable=import-outside-toplevel
   directions = tasks_lib.flat_directions(tasks)
   points, counts = pareto_analysis(selections, directions)
   files = write_outputs(workdir, stl_specs + mtl_specs, selections, directions, points, counts)
@@ -532,8 +530,6 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, dataset=None) -> 
 
 def write_outputs(workdir, specs, selections, directions, points, counts) -> dict[str, str]:
   """Writes the run index (sweep.json, sweep.csv), the tables and the parallel-coordinates figure."""
-  from mtl_jax.report import figures  # pylint: disable=import-outside-toplevel
-
   index = []
   for spec in specs:
     run_dir = os.path.join(workdir, spec.path)

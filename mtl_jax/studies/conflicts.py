@@ -30,7 +30,6 @@ SETTINGS = {
     "attributes": {"tasks": ("attributes",)},
     "config": {},
 }
-DEFAULT_PROBE_EVERY_STEPS = 5
 SUMMARY_FILE = "summary.md"
 RESULTS_FILE = "conflicts_study.json"
 FIGURE_FILE = "conflicts.png"
@@ -307,12 +306,19 @@ def summary_markdown(config: ml_collections.ConfigDict, runs: Mapping[str, Seque
 
 
 def setting_config(config: ml_collections.ConfigDict, setting: str) -> ml_collections.ConfigDict:
-  """`config` with the tasks of a study setting (see SETTINGS) and the probe switched on."""
+  """`config` with the tasks of a study setting (see SETTINGS) and the probe switched on.
+
+  The study's runs probe every `config.conflicts.study_probe_every_steps` steps (ordinary runs
+  keep `config.conflicts.probe_every_steps`, 0 = off, so one config can serve every study).
+  """
   if setting not in SETTINGS:
     raise ValueError(f"Unknown config.conflicts.settings entry {setting!r}; valid: {', '.join(SETTINGS)}.")
+  every = int(config.conflicts.study_probe_every_steps)
+  if every <= 0:
+    raise config_validation.ConfigError(
+        f"config.conflicts.study_probe_every_steps: must be a positive integer, got {every}.")
   overrides = dict(SETTINGS[setting])
-  if int(config.conflicts.probe_every_steps) <= 0:
-    overrides["conflicts.probe_every_steps"] = DEFAULT_PROBE_EVERY_STEPS
+  overrides["conflicts.probe_every_steps"] = every
   # [choice] The study needs no per-epoch model selection: evaluate (and checkpoint) once, at the end.
   overrides["training.eval_every_epochs"] = int(config.training.num_epochs)
   return config_validation.with_overrides(config, **overrides)

@@ -1,0 +1,290 @@
+"""Lane strategies: how the one training loop advances K runs of one experiment together.
+
+A lane is one run. `SingleLane` is an ordinary run (K = 1): one jitted step, on one device or
+split over a mesh. The grouped strategies train K runs that share dataset, tasks, model, method
+and optimizer but differ in seed and/or learning rate with one compiled program, their states
+stacked along a leading run axis:
+
+* 'vmap' batches the runs into every op (for accelerators, where one small run leaves the
+  device idle);
+* 'map' is `lax.map` over the runs inside one program;
+* 'loop' steps the lanes one after another through one compiled single-run step, updating the
+  stacked states in place (for CPU, where a vmapped convolution whose kernel carries the run
+  axis becomes a grouped convolution that XLA:CPU runs 2-3x slower than K separate ones).
+
+Because `optim.make_optimizer` applies the learning rate last and every update is exactly
+proportional to it, each grouped lane builds the same optimizer with the schedule
+`lr_k * unit_schedule(step)`, so a lane computes what the single run computes, up to float
+reordering by XLA. Each run's data order is a function of its own seed, as in a single run.
+
+Every strategy offers the same interface to the loop: initial states, the batch of a step,
+`step(states, batch) -> (states, metrics with a leading [K] axis)`, evaluation of every lane,
+and a lane's own state.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mtl_jax import optim
+from mtl_jax import parallel
+from mtl_jax.data import pipeline
+from mtl_jax.train import evaluation
+from mtl_jax.train import steps
+from mtl_jax.train.state import Experiment
+from mtl_jax.train.state import TrainState
+from mtl_jax.train.state import init_state
+
+LANE_MODES = ("vmap", "map", "loop")
+
+
+def default_lane_mode(requested: str = "auto") -> str:
+  """The lane mode for `requested` ('auto' or one of LANE_MODES): 'auto' is 'loop' on CPU, else 'vmap'.
+
+  Measured on 2 CPU cores (BENCHMARKS.md): vmapped convolutions run 2-3x slower than the K
+  separate ones and `lax.map` slower still, so on CPU a group's gain is its single compilation,
+  which 'loop' keeps at sequential step speed.
+  """
+  if requested == "auto":
+    return "loop" if jax.default_backend() == "cpu" else "vmap"
+  if requested not in LANE_MODES:
+    raise ValueError(f"Unknown lane mode {requested!r}; valid: auto, {', '.join(LANE_MODES)}.")
+  return requested
+
+
+def _skip_non_finite(config: ml_collections.ConfigDict) -> bool:
+  return config.training.on_non_finite == "skip"
+
+
+def _train_batch(experiment: Experiment, seed: int, step: int) -> dict[str, np.ndarray]:
+  split = experiment.dataset.splits["train"]
+  batch_size = int(experiment.config.training.batch_size)
+  return pipeline.train_batch(split, batch_size, seed, step, experiment.dataset.augment)
+
+
+class SingleLane:
+  """One run: the step jitted as is, or for the mesh (GSPMD, batch split over 'data')."""
+
+  size = 1
+  stacked = False
+
+  def __init__(self, experiment: Experiment, mesh: jax.sharding.Mesh | None = None):
+    self.experiment = experiment
+    self.mesh = mesh
+    self.seed = int(experiment.config.seed)
+    step = steps.make_train_step(
+        experiment.model,
+        experiment.tasks,
+        experiment.weighting,
+        experiment.optimizer,
+        level=experiment.level,
+        mesh=mesh,
+    )
+    self._step_function = steps.with_skipping(step) if _skip_non_finite(experiment.config) else step
+    self._step = None
+    self._eval_step = jax.jit(steps.make_eval_step(experiment.model, experiment.tasks))
+
+  def initial_states(self) -> TrainState:
+    """The initial state, placed on the mesh's devices when there is one."""
+    state = init_state(self.experiment, self.seed)
+    if self.mesh is None:
+      self._step = jax.jit(self._step_function)
+      return state
+    self._step, state = parallel.shard_training(self.experiment.config, self.mesh, self._step_function, state)
+    return state
+
+  def batch(self, step: int) -> tuple[Any, dict[str, np.ndarray]]:
+    """(the batch the step takes, the host's copy of the global batch)."""
+    host_batch = _train_batch(self.experiment, self.seed, step)
+    if self.mesh is None:
+      return host_batch, host_batch
+    return parallel.global_batch(host_batch, self.mesh), host_batch
+
+  def step(self, states: TrainState, batch) -> tuple[TrainState, dict[str, np.ndarray]]:
+    new_state, step_metrics = self._step(states, batch)
+    step_metrics = jax.device_get(step_metrics)
+    return new_state, {key: np.asarray(value)[None] for key, value in step_metrics.items()}
+
+  def evaluate(self, states: TrainState, split: str) -> list[dict[str, float]]:
+    totals = evaluation.summed_statistics(
+        self._eval_step, self.experiment, states.params, states.batch_stats, split
+    )
+    return [evaluation.flat_metrics(self.experiment.tasks, totals)]
+
+  def run_state(self, states: TrainState, index: int) -> TrainState:
+    del index
+    return states
+
+
+def stack_states(states: Sequence[TrainState]) -> TrainState:
+  """Stacks K states along a new leading axis."""
+  return jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *states)
+
+
+def unstack_state(states: TrainState, index: int) -> TrainState:
+  """Run `index` of a stacked state."""
+  return jax.tree_util.tree_map(lambda leaf: leaf[index], states)
+
+
+def _unit_optimizer_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  unit = ml_collections.ConfigDict(config.optimizer.to_dict())
+  unit.learning_rate = 1.0
+  return unit
+
+
+def make_lane_step(experiment: Experiment, skip_non_finite: bool):
+  """`(state, batch, learning_rate) -> (state, metrics)`: one run's step with a traced learning rate."""
+  unit_config = _unit_optimizer_config(experiment.config)
+  unit_schedule = optim.learning_rate_schedule(unit_config, experiment.steps_per_epoch)
+
+  def lane_step(state, batch, learning_rate):
+    # The optimizer is rebuilt per lane at trace time; only the scale of its schedule is traced.
+    optimizer = optim.make_optimizer(
+        unit_config,
+        experiment.steps_per_epoch,
+        learning_rate=lambda count: learning_rate * unit_schedule(count),
+    )
+    step = steps.make_train_step(
+        experiment.model, experiment.tasks, experiment.weighting, optimizer, level=experiment.level
+    )
+    step = steps.with_skipping(step) if skip_non_finite else step
+    return step(state, batch)
+
+  return lane_step
+
+
+def make_multi_train_step(experiment: Experiment, shared_batch: bool, skip_non_finite: bool,
+                          lane_mode: str = "vmap"):
+  """The step of K stacked runs: `(states [K], batch, learning_rates [K]) -> (states, metrics [K])`.
+
+  Args:
+    experiment: built from any config of the group (its optimizer is not used).
+    shared_batch: True when all runs see the same batch (same seed); the batch then has no run
+      axis, otherwise every array is [K, B, ...].
+    skip_non_finite: on a non-finite loss or gradient, keep the lane's previous state (the data
+      position and RNG still advance), as `training.on_non_finite='skip'` does.
+    lane_mode: one of LANE_MODES; all compute the same per-run steps.
+
+  Returns:
+    The un-jitted step for 'vmap' and 'map'; for 'loop' a Python function that calls its own
+    jitted, buffer-donating lane step K times (do not jit it again).
+  """
+  if lane_mode not in LANE_MODES:
+    raise ValueError(f"Unknown lane_mode {lane_mode!r}; valid modes: {', '.join(LANE_MODES)}.")
+  lane_step = make_lane_step(experiment, skip_non_finite)
+  if lane_mode == "vmap":
+    return jax.vmap(lane_step, in_axes=(0, None if shared_batch else 0, 0))
+  if lane_mode == "loop":
+    return _looped(lane_step, shared_batch)
+
+  def mapped_step(states, batch, learning_rates):
+    if shared_batch:
+      return jax.lax.map(lambda lane: lane_step(lane[0], batch, lane[1]), (states, learning_rates))
+    return jax.lax.map(lambda lane: lane_step(*lane), (states, batch, learning_rates))
+
+  return mapped_step
+
+
+def _index_lane(tree: Any, index) -> Any:
+  return jax.tree_util.tree_map(lambda leaf: leaf[index], tree)
+
+
+def _looped(lane_step, shared_batch: bool):
+  """Steps the lanes of stacked states one after another with one compiled program.
+
+  The lane index is an argument, so K runs share one compilation; the stacked states are
+  donated and lane k is updated in place (`.at[k].set`), so no copy of all K states is made.
+  """
+
+  def one_lane(states, batch, learning_rates, index):
+    lane_batch = batch if shared_batch else _index_lane(batch, index)
+    new_state, step_metrics = lane_step(_index_lane(states, index), lane_batch, learning_rates[index])
+    states = jax.tree_util.tree_map(lambda stacked, leaf: stacked.at[index].set(leaf), states, new_state)
+    return states, step_metrics
+
+  compiled = jax.jit(one_lane, donate_argnums=0)
+
+  def step(states, batch, learning_rates):
+    per_lane = []
+    for index in range(int(np.shape(learning_rates)[0])):
+      states, step_metrics = compiled(states, batch, learning_rates, np.int32(index))
+      per_lane.append(step_metrics)
+    return states, jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *per_lane)
+
+  return step
+
+
+def _stacked_eval_step(experiment: Experiment, lane_mode: str):
+  """`(params [K], batch_stats [K], batch, mask) -> statistics [K]`: every lane on one batch."""
+  eval_step = steps.make_eval_step(experiment.model, experiment.tasks)
+  if lane_mode != "loop":
+    return jax.jit(jax.vmap(eval_step, in_axes=(0, 0, None, None)))
+  single = jax.jit(
+      lambda params, batch_stats, batch, mask, index: eval_step(
+          _index_lane(params, index), _index_lane(batch_stats, index), batch, mask
+      )
+  )
+
+  def lanes(params, batch_stats, batch, mask):
+    runs = jax.tree_util.tree_leaves(params)[0].shape[0]
+    per_lane = [single(params, batch_stats, batch, mask, np.int32(index)) for index in range(runs)]
+    return jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *per_lane)
+
+  return lanes
+
+
+class StackedLanes:
+  """K runs with stacked states, advanced by one compiled program (see `make_multi_train_step`)."""
+
+  stacked = True
+
+  def __init__(self, experiment: Experiment, configs: Sequence[ml_collections.ConfigDict],
+               lane_mode: str = "auto"):
+    self.experiment = experiment
+    self.size = len(configs)
+    self.seeds = [int(config.seed) for config in configs]
+    self.shared_batch = len(set(self.seeds)) == 1
+    self.mode = default_lane_mode(lane_mode)
+    rates = [float(config.optimizer.learning_rate) for config in configs]
+    self.learning_rates = jnp.asarray(rates, jnp.float32)
+    step = make_multi_train_step(
+        experiment, self.shared_batch, _skip_non_finite(experiment.config), self.mode
+    )
+    self._step = step if self.mode == "loop" else jax.jit(step)
+    self._eval_step = _stacked_eval_step(experiment, self.mode)
+    self._select = jax.jit(
+        lambda mask, new, old: jax.tree_util.tree_map(
+            lambda a, b: jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old
+        )
+    )
+
+  def initial_states(self) -> TrainState:
+    return stack_states([init_state(self.experiment, seed) for seed in self.seeds])
+
+  def batch(self, step: int) -> tuple[Any, None]:
+    if self.shared_batch:
+      return _train_batch(self.experiment, self.seeds[0], step), None
+    batches = [_train_batch(self.experiment, seed, step) for seed in self.seeds]
+    return {key: np.stack([batch[key] for batch in batches]) for key in batches[0]}, None
+
+  def step(self, states: TrainState, batch) -> tuple[TrainState, dict[str, np.ndarray]]:
+    states, step_metrics = self._step(states, batch, self.learning_rates)
+    return states, jax.device_get(step_metrics)
+
+  def evaluate(self, states: TrainState, split: str) -> list[dict[str, float]]:
+    totals = evaluation.summed_statistics(
+        self._eval_step, self.experiment, states.params, states.batch_stats, split
+    )
+    return evaluation.per_run_metrics(self.experiment.tasks, totals)
+
+  def run_state(self, states: TrainState, index: int) -> TrainState:
+    return unstack_state(states, index)
+
+  def select(self, improved: np.ndarray, new: TrainState, old: TrainState) -> TrainState:
+    """Lanes where `improved` is True from `new`, the others from `old`."""
+    return self._select(jnp.asarray(improved), new, old)
