@@ -46,8 +46,9 @@ def get_config() -> ml_collections.ConfigDict:
       # Gradient methods: the rows of the Gramian, 'task' | 'sample' | 'sample_task'
       # (per-sample levels need norm group/layer/none).
       level="task",
-      # Maximum iteration counts of the JAX solvers (MGDA, UPGrad, CAGrad's inner QP); they stop
-      # earlier once an iteration changes no weight by more than 1e-6.
+      # Maximum iteration counts of the JAX solvers (MGDA, UPGrad; CAGrad runs up to
+      # cagrad_outer_iterations x solver_iterations); they stop earlier, on a certificate of
+      # optimality (weighting/solvers.py).
       solver_iterations=1000,
       cagrad_c=0.5,
       cagrad_rescale=1,
@@ -56,6 +57,8 @@ def get_config() -> ml_collections.ConfigDict:
       imtl_loss_scaling=True,
       nash_mtl_iterations=50,
       nash_mtl_max_norm=1.0,
+      # Added to Nash-MTL's normalised Gramian; 0 solves the published condition.
+      nash_mtl_ridge=0.0,
       graddrop_leak=0.0,
       dwa_temperature=2.0,
       gradnorm_alpha=1.5,

@@ -1,9 +1,9 @@
-"""The certified solvers of MGDA, UPGrad and CAGrad against float64 optima of the same problems.
+"""The solvers of MGDA, UPGrad, CAGrad and Nash-MTL against float64 optima of the same problems.
 
 Our weights come from a float32 Gramian under jax.jit. The references are computed here in
 float64 on coordinates, by other methods than the solvers': MGDA's min-norm point and UPGrad's
 dual-cone projections by non-negative least squares, CAGrad from its primal problem (maximise
-the worst task's improvement within a ball, by SLSQP).
+the worst task's improvement within a ball, by SLSQP), Nash-MTL's α by BFGS on log α.
 
 Two families of inputs: rows of random directions with norms spread over 0.1-10 (well posed:
 the float64 optimum of J is the target), and nearly opposite rows (g1 = -g0 + 1e-3 noise),
@@ -30,6 +30,7 @@ WEIGHTS = {
     "mgda": _jit(lambda g: gb.mgda_weights(g, 1000)),
     "upgrad": _jit(lambda g: gb.upgrad_weights(g, 1000)),
     "cagrad": _jit(lambda g: gb.cagrad_weights(g, C, 1, 20, 1000)),
+    "nash_mtl": _jit(lambda g: gb.nash_mtl_weights(g, 50, 0.0)),
 }
 SEEDS = range(8)
 
@@ -96,7 +97,22 @@ def cagrad_coefficients(jacobian, c=C):
   return np.linalg.lstsq(jacobian.T, direction / (1 + c**2), rcond=None)[0]
 
 
-REFERENCES = {"mgda": mgda_coefficients, "upgrad": upgrad_coefficients, "cagrad": cagrad_coefficients}
+def nash_mtl_coefficients(jacobian):
+  """α > 0 with Ĝα = 1/α (Ĝ = G/‖G‖_F): the minimiser of ½‖Ĵᵀα‖² - Σ log α, no ridge."""
+  scaled = jacobian / np.sqrt(np.linalg.norm(jacobian @ jacobian.T))
+
+  def objective(log_alpha):
+    alpha = np.exp(log_alpha)
+    combined = alpha @ scaled
+    return 0.5 * combined @ combined - log_alpha.sum(), alpha * (scaled @ combined) - 1.0
+
+  result = optimize.minimize(objective, np.zeros(len(jacobian)), jac=True, method="BFGS",
+                             options={"gtol": 1e-13, "maxiter": 10000})
+  return np.exp(result.x)
+
+
+REFERENCES = {"mgda": mgda_coefficients, "upgrad": upgrad_coefficients, "cagrad": cagrad_coefficients,
+              "nash_mtl": nash_mtl_coefficients}
 
 
 def _relative_error(ours, reference):

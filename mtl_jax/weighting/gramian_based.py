@@ -217,19 +217,21 @@ def upgrad_weights(gramian: jax.Array, iterations: int) -> jax.Array:
   return jnp.mean(projections, axis=0)
 
 
-def nash_mtl_weights(gramian: jax.Array, iterations: int, max_norm: float) -> jax.Array:
+def nash_mtl_weights(gramian: jax.Array, iterations: int, max_norm: float, ridge: float = 0.0) -> jax.Array:
   """Nash-MTL's weights: α > 0 solving Ĝα = 1/α with Ĝ = G / ‖G‖_F, then d clipped to max_norm.
 
   The Nash bargaining solution among the rows is d = Σ α_k g_k with (Gα)_k = 1/α_k, a
   condition on G only. Like LibMTL, G is normalised by its Frobenius norm and the direction's
   norm (√(αᵀGα), also from G) is clipped to max_norm (0 disables). LibMTL reaches α with
-  cvxpy's concave-convex procedure; here a damped Newton solver (`solvers.nash_bargaining`)
-  finds the exact stationary point.
+  cvxpy's concave-convex procedure; here damped Newton (`solvers.nash_bargaining`) solves the
+  condition itself to float32 accuracy in `iterations` steps. `ridge` (0 by default, as in
+  Nash-MTL) adds ridge·I to Ĝ; see `solvers.nash_bargaining` for what happens on singular
+  Gramians without it.
   """
   gramian = solvers.symmetric(gramian)
   frobenius = jnp.sqrt(jnp.sum(gramian**2))
   normalised = gramian / jnp.where(frobenius > 0, frobenius, 1.0)
-  alpha = solvers.nash_bargaining(normalised, iterations)
+  alpha = solvers.nash_bargaining(normalised, iterations, ridge)
   if max_norm > 0:
     norm = jnp.sqrt(jnp.maximum(alpha @ gramian @ alpha, 0.0))
     alpha = alpha * jnp.minimum(1.0, max_norm / (norm + 1e-6))
@@ -363,12 +365,14 @@ def upgrad(options: ml_collections.ConfigDict) -> Weighting:
 
 @register("nash_mtl")
 def nash_mtl(options: ml_collections.ConfigDict) -> Weighting:
-  """Nash-MTL (Navon et al. 2022), `nash_mtl_iterations` Newton steps, `nash_mtl_max_norm` clip."""
+  """Nash-MTL (Navon et al. 2022): `nash_mtl_iterations` Newton steps, `nash_mtl_max_norm` clip,
+  `nash_mtl_ridge` (0) added to the normalised Gramian."""
   iterations = int(options.get("nash_mtl_iterations", 50))
   max_norm = float(options.get("nash_mtl_max_norm", 1.0))
+  ridge = float(options.get("nash_mtl_ridge", 0.0))
 
   return _stateless_gramian_weighting(
-      "nash_mtl", lambda gramian: nash_mtl_weights(gramian, iterations, max_norm),
+      "nash_mtl", lambda gramian: nash_mtl_weights(gramian, iterations, max_norm, ridge),
       "Nash bargaining among tasks")
 
 
