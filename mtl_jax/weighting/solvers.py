@@ -8,13 +8,14 @@ projected gradient find which weights are zero, an exact linear solve on the oth
 certificate of optimality: its duality gap is at most `TOLERANCE`² times the objective (the
 direction is then within `TOLERANCE` of the optimum's, relatively), or, for a polished point,
 indistinguishable from zero in float32 (`ROUNDOFF`). A rule on how far the weights moved in one
-iteration is not a certificate: slow progress looks like convergence, and on nearly opposite
-gradients it stopped CAGrad 5% away from its optimum.
+iteration is not a certificate: slow progress looks like convergence (on nearly opposite
+gradients such a rule ends CAGrad's solve with its dual objective at 3x the optimum).
 
 What float32 cannot promise. On Gramians that are nearly singular (two gradients nearly
 opposite), rounding the Gramian itself to float32 moves the exact optimum of the UPGrad and
-CAGrad problems by up to a few percent (the information is below float32's resolution of G);
-the solvers then certify optimality for the Gramian they were given, to float32 round-off.
+CAGrad problems by up to a few percent (the information is below float32's resolution of G),
+and float32 arithmetic on G moves the solvers' answer by as much. The certificate then says
+that the answer is optimal up to the float32 round-off of the terms it is computed from.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ TOLERANCE = 1e-4
 ROUNDOFF = 16.0 * float(jnp.finfo(jnp.float32).eps)
 # Accelerated projected gradient iterations between two polish-and-certify checks.
 CHECK_EVERY = 8
+# Checks in a row that must leave a support unchanged before it is polished.
+SETTLED_ROUNDS = 2
 
 
 def symmetric(gramian: jax.Array) -> jax.Array:
@@ -158,20 +161,28 @@ def certified_minimum(
   best, best_excess = _keep_better(start, excess(start), best, best_excess)
 
   def body(carry):
-    count, state, best, best_excess, previous_support = carry
+    count, state, best, best_excess, previous_support, unchanged, polished_support = carry
     state = advance(state)
     point = current(state)
     point_support = support(point)
-    settled = jnp.all(point_support == previous_support, axis=-1) | (best_excess <= 0)
-    best, best_excess = jax.lax.cond(jnp.all(settled), with_polish, lambda _, b, e: (b, e), point, best, best_excess)
+    open_rows = best_excess > 0
+    unchanged = jnp.where(jnp.all(point_support == previous_support, axis=-1), unchanged + 1, 0)
+    settled = (unchanged >= SETTLED_ROUNDS) | ~open_rows
+    # A support already polished would give the same solution again.
+    new = jnp.any(open_rows & jnp.any(point_support != polished_support, axis=-1))
+    polish_now = jnp.all(settled) & new
+    best, best_excess = jax.lax.cond(polish_now, with_polish, lambda _, b, e: (b, e), point, best, best_excess)
+    polished_support = jnp.where(polish_now, point_support, polished_support)
     best, best_excess = _keep_better(point, excess(point), best, best_excess)
-    return count + 1, state, best, best_excess, point_support
+    return count + 1, state, best, best_excess, point_support, unchanged, polished_support
 
   def keep_going(carry):
-    count, _, _, best_excess, _ = carry
+    count, _, _, best_excess, _, _, _ = carry
     return (count < max_rounds) & jnp.any(best_excess > 0)
 
-  carry = (jnp.zeros((), jnp.int32), state, best, best_excess, support(start))
+  start_support = support(start)
+  carry = (jnp.zeros((), jnp.int32), state, best, best_excess, start_support,
+           jnp.zeros(start.shape[:-1], jnp.int32), start_support)
   return jax.lax.while_loop(keep_going, body, carry)[2]
 
 
