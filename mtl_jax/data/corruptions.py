@@ -291,7 +291,7 @@ def _motion_blur(images, level, rng):
 def _zoom_blur(images, level, rng):
   del rng
   largest = (1.06, 1.11, 1.16, 1.21, 1.26)[level]
-  # From 1.00 as in CIFAR-10-C: with the image itself added too, it weighs 2 / (n + 1).
+  # From 1.00 as in CIFAR-10-C, so the unzoomed image weighs 2 / (len(factors) + 1).
   factors = np.arange(1, largest, 0.01)
   total = images.copy()
   for factor in factors:
