@@ -11,8 +11,8 @@ Two paths compute the same G:
 * 'reference': `jax.vmap` over samples of `jax.jacrev` over tasks (vmap(grad)), flattened, then
   J Jᵀ. Exact and simple; memory B·T·P. The ground truth in the tests.
 * 'fast' (ghost): one forward pass captures every encoder layer's input, one backward per task
-  (`stacked_vjp`) gives every layer's output gradient d_{i,t} for all samples at once, and each layer's
-  contribution to G is assembled from those, never materialising the B·T·P Jacobian:
+  (`stacked_vjp`) gives every layer's output gradient d_{i,t} for all samples at once, and each
+  layer's contribution to G is assembled from those, never materialising the B·T·P Jacobian:
   - Dense (S = 1 position): <g_i, g_j> = (<a_i, a_j> + 1{bias}) <d_i, d_j>.
   - Conv, or Dense over positions: either the "ghost" form sum_{p,q} <a_ip, a_jq><d_ip, d_jq>,
     costing B²S², or that layer's per-row gradient [B·T, k·k·Cin·Cout] materialised from the
@@ -221,7 +221,9 @@ def stacked_vjp(pullback: Callable, cotangents: Any, unroll_limit: int = 16) -> 
   tiles of about 128 KiB of input and every tile after the first gets the first tile's product
   reduction (row t gets row t mod k's). A vmapped layer norm backward is that pattern (the
   cotangent axis leads; the primal's statistics are broadcast along it), which made the fast
-  Gramian of a layer-normalised SegNet wrong by 2-4 relative. `--xla_cpu_experimental_ynn_fusion_type=individual_convolution` makes it exact;
+  Gramian of a layer-normalised SegNet wrong by 2-4 relative. The same program compiled without
+  YNNPACK reduce fusions is exact (XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=
+  individual_convolution, or the jit compiler option xla_cpu_experimental_ynn_fusion_type='');
   tests/test_xla_cpu_faults.py records the fault and pins this workaround.
 
   Up to `unroll_limit` rows are unrolled, which measured 4-5x faster than `lax.map` (a loop XLA

@@ -116,6 +116,7 @@ class FastPathCheck:
     self._compiled: dict[int, Any] = {}
 
   def due(self, step: int) -> bool:
+    """Whether a Gramian computed at `step` is to be checked (see the module docstring)."""
     if self.every_steps == NEVER:
       return False
     if self.last_step is None:
@@ -147,7 +148,8 @@ class FastPathCheck:
     encoder, norm = describe_encoder(self.model)
     # A NaN comes from non-finite gradients, which the training loop reports by step and task.
     if np.isfinite(value) and value > self.tolerance:
-      rows = f"samples {list(range(min(SAMPLES, batch_size)))} x tasks {[self.tasks[t].name for t in self.task_indices]}"
+      task_names = [self.tasks[index].name for index in self.task_indices]
+      rows = f"samples {list(range(min(SAMPLES, batch_size)))} x tasks {task_names}"
       raise FastPathMismatchError(
           f"The fast Gramian path disagrees with the reference path for encoder {encoder} with norm {norm!r}: "
           f"relative discrepancy {value:.3g} > tolerance {self.tolerance:g} on rows {rows} of a batch of "
