@@ -65,6 +65,13 @@ def get_config() -> ml_collections.ConfigDict:
       famo_learning_rate=0.025,
       famo_weight_decay=1e-3,
   ))
+  # The Gramian engine's self-check (mtl_jax/gramian_check.py), for runs that compute per-sample
+  # Gramians on the fast path (Gramian methods at level 'sample'/'sample_task', the conflict probe
+  # with path 'fast'): a few rows are compared with the reference path and a disagreement beyond
+  # float32 rounding stops the run. -1 = once, at the first such step; 0 = never; k = every k steps.
+  config.gramian = ml_collections.ConfigDict(dict(
+      verify_every_steps=-1,
+  ))
   config.optimizer = ml_collections.ConfigDict(dict(
       name="adam",
       learning_rate=1e-3,

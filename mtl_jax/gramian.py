@@ -11,8 +11,8 @@ Two paths compute the same G:
 * 'reference': `jax.vmap` over samples of `jax.jacrev` over tasks (vmap(grad)), flattened, then
   J Jᵀ. Exact and simple; memory B·T·P. The ground truth in the tests.
 * 'fast' (ghost): one forward pass captures every encoder layer's input, one backward per task
-  (vmapped) gives every layer's output gradient d_{i,t} for all samples at once, and each layer's
-  contribution to G is assembled from those, never materialising the B·T·P Jacobian:
+  (`stacked_vjp`) gives every layer's output gradient d_{i,t} for all samples at once, and each
+  layer's contribution to G is assembled from those, never materialising the B·T·P Jacobian:
   - Dense (S = 1 position): <g_i, g_j> = (<a_i, a_j> + 1{bias}) <d_i, d_j>.
   - Conv, or Dense over positions: either the "ghost" form sum_{p,q} <a_ip, a_jq><d_ip, d_jq>,
     costing B²S², or that layer's per-row gradient [B·T, k·k·Cin·Cout] materialised from the
@@ -213,8 +213,20 @@ def stacked_vjp(pullback: Callable, cotangents: Any, unroll_limit: int = 16) -> 
   vmapped over cotangents with a shared primal returned wrong gradients (measured: 125%
   relative error on a task Gramian of a small CNN; 59% already for the feature gradients of its
   three dense conv heads alone; disabling XLA's CSE pass made them exact), while one VJP per
-  cotangent is exact (tests/test_gramian.py pins this against eager per-task gradients). Up to
-  `unroll_limit` rows are unrolled, which measured 4-5x faster than `lax.map` (a loop XLA
+  cotangent is exact (tests/test_gramian.py pins this against eager per-task gradients).
+
+  A second fault of the same shape: XLA:CPU hands reductions to YNNPACK ("__ynn_fusion", the
+  dot-library-rewriter pass), and in a fusion of two sibling minor-axis reductions, one of them
+  of a product with an operand broadcast along the leading axis, the leading axis is cut into
+  tiles of about 128 KiB of input and every tile after the first gets the first tile's product
+  reduction (row t gets row t mod k's). A vmapped layer norm backward is that pattern (the
+  cotangent axis leads; the primal's statistics are broadcast along it), which made the fast
+  Gramian of a layer-normalised SegNet wrong by 2-4 relative. The same program compiled without
+  YNNPACK reduce fusions is exact (XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=
+  individual_convolution, or the jit compiler option xla_cpu_experimental_ynn_fusion_type='');
+  tests/test_xla_cpu_faults.py records the fault and pins this workaround.
+
+  Up to `unroll_limit` rows are unrolled, which measured 4-5x faster than `lax.map` (a loop XLA
   optimises less); longer stacks use `lax.map` to bound compile time.
   """
   count = jax.tree_util.tree_leaves(cotangents)[0].shape[0]
@@ -386,10 +398,13 @@ class Capture(NamedTuple):
 
 
 def capture(model, params, batch_stats, batch, tasks, train: bool = True) -> Capture:
-  """Runs the capturing forward pass and one (vmapped) encoder backward per task.
+  """Runs the capturing forward pass and one encoder backward per task.
 
   Samples must be independent (no training-mode batch norm): the output gradient of
-  sum_i L_t(x_i) at sample i is then the output gradient of L_t(x_i) alone.
+  sum_i L_t(x_i) at sample i is then the output gradient of L_t(x_i) alone. The T backward
+  passes go through `stacked_vjp`, one pullback per task, not `jax.vmap` over the pullback: on
+  XLA:CPU (jaxlib 0.10.2) the vmapped pullback of a layer-normalised SegNet returned wrong
+  output gradients for the third and later tasks (see `stacked_vjp` for the compiler fault).
   """
   registry: dict[tuple[str, ...], LayerInfo] = {}
   images = batch["image"]
@@ -432,7 +447,7 @@ def capture(model, params, batch_stats, batch, tasks, train: bool = True) -> Cap
     head_vjps[task.name] = head_vjp
     feature_gradients.append(feature_gradient)
 
-  (perturbation_gradients,) = jax.vmap(encoder_vjp)(jnp.stack(feature_gradients))
+  (perturbation_gradients,) = stacked_vjp(encoder_vjp, jnp.stack(feature_gradients))
   inputs = {path: value[0] for path, value in _by_path(sown, "inputs").items()}
   output_gradients = _by_path(perturbation_gradients, "outputs")
   infos = dict(registry)

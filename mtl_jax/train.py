@@ -28,6 +28,7 @@ from mtl_jax import checkpoint as checkpoint_lib
 from mtl_jax import config_validation
 from mtl_jax import conflicts as conflicts_lib
 from mtl_jax import gramian as gramian_lib
+from mtl_jax import gramian_check
 from mtl_jax import method_steps
 from mtl_jax import metric_writers
 from mtl_jax import metrics as metrics_lib
@@ -395,6 +396,19 @@ def _check_finite(step: int, step_metrics: Mapping[str, np.ndarray], task_names:
       )
 
 
+def _verify_fast_path(check: gramian_check.FastPathCheck | None, step: int, state: TrainState, batch,
+                      checkpointer: checkpoint_lib.Checkpointer, writer: metric_writers.MetricWriter) -> None:
+  """The fast Gramian path's self-check when due; a mismatch stops training after pending saves finish."""
+  if check is None or not check.due(step):
+    return
+  try:
+    check.verify(step, state.params, state.batch_stats, batch)
+  except gramian_check.FastPathMismatchError:
+    checkpointer.wait_until_finished()
+    writer.close()
+    raise
+
+
 def config_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The settings a checkpoint must agree with to be resumed (JSON-able).
 
@@ -446,6 +460,8 @@ def train_and_evaluate(
   Raises:
     preemption.Preempted: stopped by a signal after checkpointing; rerun to resume.
     NonFiniteLossError: a non-finite loss or gradient with on_non_finite='stop'.
+    gramian_check.FastPathMismatchError: per-sample Gramians computed on the fast path (a method's
+      level 'sample'/'sample_task', the conflict probe) disagree with the reference path.
     config_validation.ConfigError: a bad config, or a workdir written by a different config.
     checkpoint.CheckpointError: checkpoints exist but none is intact.
   """
@@ -523,6 +539,7 @@ def _train_and_evaluate(config, workdir, dataset, guard: preemption_lib.Preempti
   last_saved = checkpointer.latest_step()
   locator = None
   conflict_probe = conflicts_lib.make_probe(experiment, config, workdir, mesh)  # Gradient conflicts (SPEC §4).
+  fast_path_check = gramian_check.for_training(experiment, config, mesh)  # Per-sample Gramians checked on device.
   for step, batch in batches:
     if stopped_early:
       break
@@ -545,6 +562,7 @@ def _train_and_evaluate(config, workdir, dataset, guard: preemption_lib.Preempti
     if conflict_probe is not None:  # Gradient conflicts: probes the pre-step parameters on this batch.
       # The host's copy: on several hosts the global array is not addressable as a whole here.
       conflict_probe.maybe_probe(step, state, host_batch)
+    _verify_fast_path(fast_path_check, step, state, host_batch, checkpointer, writer)
     new_state, step_metrics = train_step(state, batch)
     step_metrics = jax.device_get(step_metrics)
 
