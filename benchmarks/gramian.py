@@ -4,13 +4,15 @@ Each case (encoder, batch size) compiles three jit functions on the same inputs:
 
 * plain: equal-weight loss and gradients of all parameters (one ordinary backward pass);
 * reference: loss, gradients and the [B, T, B, T] Gramian by vmap(grad) (B·T·P memory);
-* fast: loss, gradients and the same Gramian from captured layer inputs and output gradients.
+* fast: loss, gradients and the same Gramian from captured layer inputs and output gradients;
+* fast-path check: what `config.gramian.verify_every_steps` runs (once per run by default): the
+  fast Gramian of the batch and the reference gradients of a few rows (`gramian.check`).
 
 Timings are medians of interleaved runs (one call of each function per round, plus an untimed
 plain call after the reference's), so load from other processes hits all three alike; ratios
 are to the plain step. Peak memory is XLA's own account of the compiled program (temporary
-buffers plus outputs), which on CPU is the only allocator-independent number. Prints a
-markdown table.
+buffers plus outputs), which on CPU is the only allocator-independent number; compile time is
+that of `jit(...).lower(...).compile()` with the persistent cache off. Prints a markdown table.
 
   python benchmarks/gramian.py [--rounds 15] [--batch-sizes 64,128]
 """
@@ -32,6 +34,7 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 
 from mtl_jax import gramian  # noqa: E402
+from mtl_jax.gramian import check as gramian_check  # noqa: E402
 from mtl_jax import models  # noqa: E402
 from mtl_jax import tasks as tasks_lib  # noqa: E402
 
@@ -62,13 +65,15 @@ def make_case(encoder: str, batch_size: int):
 
 
 def compiled(function, *arguments):
-  """(compiled function, peak bytes) of a jit function on these arguments."""
+  """(compiled function, peak bytes, compile seconds) of a jit function on these arguments."""
+  start = time.perf_counter()
   executable = jax.jit(function).lower(*arguments).compile()
+  seconds = time.perf_counter() - start
   analysis = executable.memory_analysis()
   peak = None
   if analysis is not None:
     peak = analysis.temp_size_in_bytes + analysis.output_size_in_bytes
-  return executable, peak
+  return executable, peak, seconds
 
 
 def benchmark(encoder: str, batch_size: int, rounds: int) -> list[dict]:
@@ -87,15 +92,20 @@ def benchmark(encoder: str, batch_size: int, rounds: int) -> list[dict]:
 
     return run
 
-  functions = {"plain EW step": step(None), "reference Gramian": step("reference"), "fast Gramian": step("fast")}
-  executables, peaks, times = {}, {}, {name: [] for name in functions}
+  def check(params, batch):
+    samples = tuple(range(min(gramian_check.SAMPLES, batch_size)))
+    return gramian_check.discrepancy(model, params, {}, batch, TASKS, samples, gramian_check.checked_tasks(len(TASKS)))
+
+  functions = {"plain EW step": step(None), "reference Gramian": step("reference"), "fast Gramian": step("fast"),
+               "fast-path check": check}
+  executables, peaks, compile_seconds, times = {}, {}, {}, {name: [] for name in functions}
   for name, function in functions.items():
-    executables[name], peaks[name] = compiled(function, params, batch)
+    executables[name], peaks[name], compile_seconds[name] = compiled(function, params, batch)
     jax.block_until_ready(executables[name](params, batch))  # Warm-up.
   # Each round times the reference first, then one untimed plain call, then plain and fast: a
   # call right after the reference's multi-GB program ran measurably slower (cold caches,
   # fresh allocations), which would bias whichever step came next.
-  order = ["reference Gramian", "plain EW step", "fast Gramian"]
+  order = ["reference Gramian", "plain EW step", "fast Gramian", "fast-path check"]
   for _ in range(rounds):
     for name in order:
       if name == "plain EW step":
@@ -114,6 +124,7 @@ def benchmark(encoder: str, batch_size: int, rounds: int) -> list[dict]:
             method=name,
             median_ms=1e3 * statistics.median(times[name]),
             peak_mib=None if peaks[name] is None else peaks[name] / 2**20,
+            compile_s=compile_seconds[name],
         )
     )
   plain = rows[0]
@@ -137,8 +148,8 @@ def main() -> None:
       f"{os.cpu_count()} CPU cores, jax {jax.__version__}, T={len(TASKS)}, images {IMAGE_SHAPE}"
   )
   print()
-  print("| encoder | B | encoder params P | method | median ms | x plain | peak MiB | x plain |")
-  print("|---|---|---|---|---|---|---|---|")
+  print("| encoder | B | encoder params P | method | median ms | x plain | peak MiB | x plain | compile s |")
+  print("|---|---|---|---|---|---|---|---|---|")
   for encoder in arguments.encoders.split(","):
     for batch_size in (int(size) for size in arguments.batch_sizes.split(",")):
       print(f"[running {encoder} B={batch_size} ...]", file=sys.stderr, flush=True)
@@ -148,7 +159,7 @@ def main() -> None:
         memory_ratio = "n/a" if row["memory_ratio"] is None else f"{row['memory_ratio']:.2f}"
         print(
             f"| {row['encoder']} | {row['batch']} | {row['parameters']:,} | {row['method']} | "
-            f"{row['median_ms']:.1f} | {row['time_ratio']:.2f} | {peak} | {memory_ratio} |",
+            f"{row['median_ms']:.1f} | {row['time_ratio']:.2f} | {peak} | {memory_ratio} | {row['compile_s']:.1f} |",
             flush=True,
         )
       fast = next(row for row in rows if row["method"] == "fast Gramian")

@@ -46,8 +46,9 @@ def get_config() -> ml_collections.ConfigDict:
       # Gradient methods: the rows of the Gramian, 'task' | 'sample' | 'sample_task'
       # (per-sample levels need norm group/layer/none).
       level="task",
-      # Maximum iteration counts of the JAX solvers (MGDA, UPGrad, CAGrad's inner QP); they stop
-      # earlier once converged.
+      # Maximum iteration counts of the JAX solvers (MGDA, UPGrad; CAGrad runs up to
+      # cagrad_outer_iterations x solver_iterations); they stop earlier, on a certificate of
+      # optimality (weighting/solvers.py).
       solver_iterations=1000,
       cagrad_c=0.5,
       cagrad_rescale=1,
@@ -56,11 +57,20 @@ def get_config() -> ml_collections.ConfigDict:
       imtl_loss_scaling=True,
       nash_mtl_iterations=50,
       nash_mtl_max_norm=1.0,
+      # Added to Nash-MTL's normalised Gramian; 0 solves the published condition.
+      nash_mtl_ridge=0.0,
       graddrop_leak=0.0,
       dwa_temperature=2.0,
       gradnorm_alpha=1.5,
       famo_learning_rate=0.025,
       famo_weight_decay=1e-3,
+  ))
+  # The Gramian engine's self-check (mtl_jax/gramian/check.py), for runs that compute per-sample
+  # Gramians on the fast path (Gramian methods at level 'sample'/'sample_task', the conflict probe
+  # with path 'fast'): a few rows are compared with the reference path and a disagreement beyond
+  # float32 rounding stops the run. -1 = once, at the first such step; 0 = never; k = every k steps.
+  config.gramian = ml_collections.ConfigDict(dict(
+      verify_every_steps=-1,
   ))
   config.optimizer = ml_collections.ConfigDict(dict(
       name="adam",

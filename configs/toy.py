@@ -17,6 +17,17 @@ def get_config(argument: str | None = None) -> ml_collections.ConfigDict:
   config.learning_rates = (10.0, 5.0, 1.0, 0.5, 0.1, 0.05, 0.01, 0.005, 0.001)
   config.cagrad_c = 0.5
   config.max_iterations = 100_000
+  # The runs' precision: float64 (as PyTorch's float64 toy would be; x64 is enabled only while
+  # the toy runs) or float32.
+  config.dtype = "float64"
+  # Sensitivity of each cell: the grid again from starts moved by `perturbation` in random
+  # directions (`perturbed_starts` times) and in the other precision; a cell is reproducible
+  # when every variant is within `reproducible_spread` (relative) of it.
+  config.perturbed_starts = 2
+  config.perturbation = 1e-6
+  config.perturbation_seed = 0
+  config.compare_precisions = True
+  config.reproducible_spread = 0.1
   # A run has reached the minimum at the first iteration where either criterion holds.
   config.distance_tolerance = 1e-2
   config.loss_gap_tolerance = 1e-4

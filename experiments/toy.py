@@ -1,7 +1,8 @@
 """Runs the 2-D toy study (paper Table 1) and prints the iterations table beside the paper's.
 
   python experiments/toy.py --config=configs/toy.py --workdir=runs/toy
-All 162 runs are one compiled program; the figure goes to <workdir>/toy_trajectories.png.
+All 162 runs are one compiled program (float64 by default), run again from moved starts and in
+float32 for each cell's sensitivity; the figure goes to <workdir>/toy_trajectories.png.
 """
 
 import json
@@ -28,8 +29,8 @@ def main(argv):
   results = toy_study.run_toy(_CONFIG.value, _WORKDIR.value)
   print(results["markdown"])
   print(results["tolerance"])
-  print(f"{results['num_runs']} runs: compile {results['compile_seconds']:.2f} s, "
-        f"run {results['run_seconds']:.2f} s (after compilation)")
+  print(f"{results['num_runs']} runs in {results['dtype']}, and {len(results['sensitivity']['names'])} variants: "
+        f"compile {results['compile_seconds']:.2f} s, run {results['run_seconds']:.2f} s (after compilation)")
   with open(os.path.join(_WORKDIR.value, "results.json"), "w") as file:
     json.dump({k: v for k, v in results.items() if k != "markdown"}, file, indent=2)
   print(f"Figure: {results['figure']}")

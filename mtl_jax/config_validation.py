@@ -147,6 +147,13 @@ def _check_model(checker: _Checker) -> None:
                           f"(five 2x2 max-pool stages); valid nearby: {options}.")
 
 
+def _check_gramian(checker: _Checker) -> None:
+  present, value = checker.value("gramian.verify_every_steps")
+  if present and (not _is_int(value) or value < -1):
+    checker.fail("gramian.verify_every_steps", f"expected -1 (once, at the first step with a fast-path Gramian), 0 "
+                                               f"(never) or a positive step count; got {value!r}.")
+
+
 def validate_config(
     config: ml_collections.ConfigDict,
     dataset: data_registry.Dataset | None = None,
@@ -177,6 +184,7 @@ def validate_config(
   _check_tasks(checker, dataset)
   _check_model(checker)
   checker.choice("method.name", weighting_lib.method_names(), "methods")
+  _check_gramian(checker)
   checker.choice("optimizer.name", optim.OPTIMIZERS, "optimizers")
   checker.real("optimizer.learning_rate", lambda value: 0 < value < float("inf"), "> 0 and finite")
   for key in ("optimizer.momentum", "optimizer.b1", "optimizer.b2"):

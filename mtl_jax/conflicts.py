@@ -41,6 +41,7 @@ import ml_collections
 import numpy as np
 
 from mtl_jax import gramian as gramian_lib
+from mtl_jax.gramian import check as gramian_check
 from mtl_jax import metric_writers
 from mtl_jax import parallel
 from mtl_jax import tasks as tasks_lib
@@ -376,10 +377,15 @@ class ConflictProbe:
   materialised gradients for the parameter ratio are computed whole on every device. Otherwise
   the one-device computation runs whole on every device (`parallel.replicated_program`). Results come back
   replicated, so every host adds the same values.
+
+  On the 'fast' path the probe first checks its Gramian against the reference path
+  (`gramian.check`, when `verify_every_steps` says so) and raises
+  `gramian_check.FastPathMismatchError` rather than record wrong statistics.
   """
 
   def __init__(self, model, tasks: Sequence[tasks_lib.Task], options: ml_collections.ConfigDict,
-               workdir: str | None = None, seed: int = 0, mesh: jax.sharding.Mesh | None = None):
+               workdir: str | None = None, seed: int = 0, mesh: jax.sharding.Mesh | None = None,
+               verify_every_steps: int = gramian_check.ONCE):
     """Args:
       model: the `MultiTaskModel` being trained.
       tasks: all its tasks, in column order.
@@ -388,6 +394,7 @@ class ConflictProbe:
       workdir: where conflicts.jsonl / conflicts.csv go (None: nowhere).
       seed: the run's seed (sample and task subsets).
       mesh: the training mesh (`parallel.make_mesh`), or None on one device.
+      verify_every_steps: `config.gramian.verify_every_steps`, for the fast path's self-check.
     """
     self.every = int(options.probe_every_steps)
     if self.every <= 0:
@@ -411,6 +418,10 @@ class ConflictProbe:
     self.accumulator = ConflictAccumulator()
     self.records = read_records(workdir) if workdir else []
     self._compiled: dict[int, Any] = {}
+    self.fast_path_check = None
+    if self.path == "fast" and verify_every_steps != gramian_check.NEVER:
+      self.fast_path_check = gramian_check.FastPathCheck(model, self.tasks, verify_every_steps, self.batch_norm,
+                                                         purpose="conflict probe", mesh=mesh)
 
   @property
   def task_names(self) -> list[str]:
@@ -468,6 +479,8 @@ class ConflictProbe:
     batch_size = int(np.shape(batch["image"])[0])
     indices = self.sample_indices(step, batch_size)
     sub_batch = {key: np.asarray(value)[indices] for key, value in batch.items()}
+    if self.fast_path_check is not None:
+      self.fast_path_check.maybe_verify(step, params, batch_stats, sub_batch)
     if self.mesh is not None:
       if self.splits_rows(len(indices)):
         sub_batch = parallel.global_batch(sub_batch, self.mesh)
@@ -517,4 +530,5 @@ def make_probe(experiment, config, workdir: str | None, mesh: jax.sharding.Mesh 
   options = config.get("conflicts", None)
   if options is None or int(options.probe_every_steps) <= 0:
     return None
-  return ConflictProbe(experiment.model, experiment.tasks, options, workdir, seed=int(config.seed), mesh=mesh)
+  return ConflictProbe(experiment.model, experiment.tasks, options, workdir, seed=int(config.seed), mesh=mesh,
+                       verify_every_steps=int(config.gramian.verify_every_steps))

@@ -66,6 +66,10 @@ CASES = [
     ({"optimizer.lr_decay_factor": 0.0}, "config.optimizer.lr_decay_factor", "must be in (0, 1]"),
     ({"delta_m.baseline": ("/nonexistent/stl_depth",)}, "config.delta_m.baseline", "'/nonexistent/stl_depth' does not exist"),
     ({"seed": -1}, "config.seed", "must be an integer >= 0"),
+    ({"gramian.verify_every_steps": -2}, "config.gramian.verify_every_steps",
+     "expected -1 (once, at the first step with a fast-path Gramian), 0 (never) or a positive step count; got -2"),
+    ({"gramian.verify_every_steps": 2.5}, "config.gramian.verify_every_steps", "or a positive step count; got 2.5"),
+    ({"gramian.verify_every_steps": True}, "config.gramian.verify_every_steps", "got True"),
 ]
 
 

@@ -19,6 +19,8 @@ from mtl_jax import conflicts
 from mtl_jax import gramian as gramian_lib
 from mtl_jax import train
 from mtl_jax.data import registry
+from mtl_jax.gramian import blocks
+from mtl_jax.gramian import check as gramian_check
 from mtl_jax.studies import conflicts as conflict_study
 from tests.options import conflict_options
 
@@ -225,6 +227,24 @@ def test_probe_equals_statistics_of_reference_per_sample_gradients(tiny, tmp_pat
   row = next(row for row in rows if row["pair_type"] == "inter_task" and row["measure"] == "cosine")
   assert float(row["conflict_rate"]) == pytest.approx(record["inter_task"]["cosine"]["conflict_rate"])
   assert probe.end_epoch(2, 8, writer) is None
+
+
+def test_fast_probe_checks_its_gramian_against_the_reference_path_first(tiny, monkeypatch):
+  config, dataset, experiment, state = tiny
+  options = conflict_options(probe_every_steps=1, max_samples=4, max_tasks=3, parameter_ratio=False)
+  assert conflicts.ConflictProbe(experiment.model, experiment.tasks, conflict_options(**{**options, "path": "reference"})
+                                 ).fast_path_check is None
+  assert conflicts.ConflictProbe(experiment.model, experiment.tasks, options, verify_every_steps=0
+                                 ).fast_path_check is None
+  assert conflicts.make_probe(experiment, config_validation.with_overrides(
+      config, **{"conflicts.probe_every_steps": 2}), None).fast_path_check.every_steps == gramian_check.ONCE
+  original = blocks.fast_gramian_from_capture
+  monkeypatch.setattr(blocks, "fast_gramian_from_capture",
+                      lambda captured, rows=None: 1.01 * original(captured, rows))
+  probe = conflicts.ConflictProbe(experiment.model, experiment.tasks, options)
+  with pytest.raises(gramian_check.FastPathMismatchError, match=r"SmallCNN.*norm 'group'.*conflict probe, step 0"):
+    probe.maybe_probe(0, state, dataset.splits["train"].batch(np.arange(8)))
+  assert probe.accumulator.probes == 0
 
 
 def test_probe_refuses_training_mode_batch_norm_by_default(tiny):

@@ -1,7 +1,10 @@
-"""Tests of the 15 common corruptions: shape, dtype, range, determinism, severity ordering, errors."""
+"""Tests of the 15 common corruptions: shape, dtype, range, determinism, severity ordering, errors,
+and four of them against the CIFAR-10-C recipe."""
 
 import numpy as np
+from PIL import Image
 import pytest
+from scipy import ndimage
 
 from mtl_jax.data import corruptions
 from mtl_jax.data import scenes
@@ -62,3 +65,90 @@ def test_bad_name_or_severity_gives_a_clear_error(images):
       corruptions.corrupt(images, "fog", severity, 0)
   with pytest.raises(ValueError, match=r"\[N, H, W, 3\]"):
     corruptions.corrupt(images[..., :1], "fog", 1, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Four corruptions against the CIFAR-10-C recipe, written again here from it (32x32 images, where
+# the pixel parameters apply unscaled).
+
+CIFAR_SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def cifar_images():
+  return scenes.load_split("test", 3, scenes.SceneConfig(height=CIFAR_SIZE, width=CIFAR_SIZE))["image"]
+
+
+def cifar_contrast(image, severity):
+  factor = [0.75, 0.5, 0.4, 0.3, 0.15][severity - 1]
+  means = np.mean(image, axis=(0, 1), keepdims=True)
+  return np.clip((image - means) * factor + means, 0, 1)
+
+
+def cifar_pixelate(image, severity):
+  """PIL's BOX resize down to int(32c) and back to 32, per channel on float ('F') images."""
+  factor = [0.95, 0.9, 0.85, 0.75, 0.65][severity - 1]
+  small = int(CIFAR_SIZE * factor)
+  channels = []
+  for channel in np.moveaxis(image, -1, 0):
+    picture = Image.fromarray(channel.astype(np.float32), mode="F")
+    picture = picture.resize((small, small), Image.BOX).resize((CIFAR_SIZE, CIFAR_SIZE), Image.BOX)
+    channels.append(np.asarray(picture))
+  return np.clip(np.stack(channels, axis=-1), 0, 1)
+
+
+def cifar_clipped_zoom(image, factor):
+  size = image.shape[0]
+  crop = int(np.ceil(size / factor))
+  top = (size - crop) // 2
+  zoomed = ndimage.zoom(image[top:top + crop, top:top + crop], (factor, factor, 1), order=1)
+  trim = (zoomed.shape[0] - size) // 2
+  return zoomed[trim:trim + size, trim:trim + size]
+
+
+def cifar_zoom_blur(image, severity):
+  factors = [np.arange(1, 1.06, 0.01), np.arange(1, 1.11, 0.01), np.arange(1, 1.16, 0.01),
+             np.arange(1, 1.21, 0.01), np.arange(1, 1.26, 0.01)][severity - 1]
+  total = np.zeros_like(image)
+  for factor in factors:
+    total += cifar_clipped_zoom(image, factor)
+  return np.clip((image + total) / (len(factors) + 1), 0, 1)
+
+
+def imagemagick_motion_blur(image, severity, angle):
+  """MotionBlurImage: a 2⌈r⌉+1 pixel ray of normalised exp(-t²/2σ²) weights, edge pixels outside."""
+  radius, sigma = [(6, 1), (6, 1.5), (6, 2), (8, 2), (9, 2.5)][severity - 1]
+  width = 2 * radius + 1
+  weights = np.exp(-np.arange(width) ** 2 / (2 * sigma**2))
+  weights /= weights.sum()
+  stencil = np.zeros((2 * width + 1, 2 * width + 1))
+  for step, weight in enumerate(weights):
+    column = int(np.ceil(step * np.cos(np.deg2rad(angle)) - 0.5))
+    row = int(np.ceil(step * np.sin(np.deg2rad(angle)) - 0.5))
+    stencil[width + row, width + column] += weight
+  channels = [ndimage.correlate(channel, stencil, mode="nearest") for channel in np.moveaxis(image, -1, 0)]
+  return np.clip(np.stack(channels, axis=-1), 0, 1)
+
+
+def _motion_blur_references(images, severity, seed):
+  # corrupt() draws one angle per image from the generator it is given.
+  angles = np.random.default_rng(seed).uniform(-45, 45, len(images))
+  return [imagemagick_motion_blur(image, severity, angle) for image, angle in zip(images, angles)]
+
+
+RECIPES = {
+    "contrast": lambda images, severity, seed: [cifar_contrast(image, severity) for image in images],
+    "pixelate": lambda images, severity, seed: [cifar_pixelate(image, severity) for image in images],
+    "zoom_blur": lambda images, severity, seed: [cifar_zoom_blur(image.astype(np.float32), severity)
+                                                 for image in images],
+    "motion_blur": _motion_blur_references,
+}
+
+
+@pytest.mark.parametrize("severity", corruptions.SEVERITIES)
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_four_corruptions_follow_the_cifar_10_c_recipe(cifar_images, name, severity):
+  reference = np.stack(RECIPES[name](cifar_images.astype(np.float64), severity, 5))
+  ours = corruptions.corrupt(cifar_images, name, severity, np.random.default_rng(5))
+  # float32 images against float64 references.
+  np.testing.assert_allclose(ours, reference, atol=1e-5)

@@ -13,6 +13,15 @@ it) by `s = min(H, W) / 32`: a 32x64 scenes image uses the CIFAR-10-C values as 
 ImageNet-C values. Parameters that are not lengths (noise strength, blend weights, JPEG
 quality, zoom factors, the pixelation factor) are used unscaled.
 
+Contrast, pixelate, zoom blur and motion blur follow the CIFAR-10-C recipe (tests/
+test_corruptions.py checks each against an independent implementation of it at 32x32): contrast
+blends every channel towards its own mean; pixelate resizes down and back up with PIL's BOX
+filter (which averages going down and repeats pixels going up); zoom blur averages the image
+with its zooms by 1.00, 1.01, ... (the unzoomed image counted twice), each a crop of the centre
+resized with linear interpolation as in CIFAR-10-C's `clipped_zoom` (rows and columns each
+cropped by their own length, so non-square images work); motion blur is ImageMagick's kernel.
+Everything runs on float images rather than 8-bit ones, so no output is rounded to 1/255.
+
 Deviations from the reference implementation, each chosen to avoid a dependency or a slow
 per-pixel Python loop:
 * frost: the original blends in one of six photographs of frost, which we cannot ship. We
@@ -23,8 +32,8 @@ per-pixel Python loop:
 * glass blur: pixels are displaced by a random local offset (a gather) instead of the
   original's sequential pairwise swaps; the visual effect (local shuffling between two
   Gaussian blurs) is the same.
-* motion blur: ImageMagick's motion blur is replaced by a one-sided Gaussian line kernel at a
-  random angle, which is what ImageMagick computes.
+* motion blur: ImageMagick's motion blur is computed here (`line_blur`) rather than called, so
+  no ImageMagick is needed; the result is the same up to ImageMagick's 8-bit rounding.
 * elastic transform: a smooth random displacement field of a given RMS size (in pixels, scaled
   as above), without the original's extra random affine warp; RMS displacement grows with
   severity.
@@ -89,25 +98,27 @@ def _gaussian_blur(images: np.ndarray, sigma: float) -> np.ndarray:
   return ndimage.gaussian_filter(images, sigma=(0, sigma, sigma, 0), mode="reflect")
 
 
-def line_blur(images: np.ndarray, sigma: float, angles_degrees: np.ndarray) -> np.ndarray:
-  """Motion-blurs image n of [N, H, W, C] along a ray at angles_degrees[n] (one-sided Gaussian).
+def line_blur(images: np.ndarray, radius: float, sigma: float, angles_degrees: np.ndarray) -> np.ndarray:
+  """ImageMagick's motion blur of image n of [N, H, W, C] at angles_degrees[n] (a one-sided ray).
 
-  The weight of the pixel t steps along the ray is exp(-t^2 / 2 sigma^2), t = 0 .. ceil(3 sigma),
-  normalised; positions are rounded to whole pixels and clamped at the borders. Written as a
-  sum of shifted copies, so its cost is linear in the ray length rather than quadratic.
+  Output pixel (y, x) is Σ_t k_t · image[y + ⌈t sin θ - ½⌉, x + ⌈t cos θ - ½⌉] over the ray's
+  2⌈radius⌉ + 1 pixels t = 0, 1, ..., with k_t ∝ exp(-t² / 2σ²) summing to 1; rows grow
+  downwards, and positions outside the image take the nearest edge pixel (ImageMagick's default
+  'edge' virtual pixels). Written as a sum of shifted copies, so its cost is linear in the ray
+  length rather than quadratic.
   """
   count, height, width = images.shape[:3]
-  steps = np.arange(max(1, int(np.ceil(3 * sigma))) + 1)
-  weights = np.exp(-(steps**2) / (2 * max(sigma, 1e-6) ** 2)).astype(np.float32)
+  steps = np.arange(2 * int(np.ceil(radius)) + 1)
+  weights = np.exp(-(steps**2) / (2 * max(sigma, 1e-6) ** 2))
   weights /= weights.sum()
   angles = np.deg2rad(np.asarray(angles_degrees, np.float64))[:, None]
-  row_offsets = np.rint(-steps[None, :] * np.sin(angles)).astype(int)  # [N, K]; up is positive.
-  col_offsets = np.rint(steps[None, :] * np.cos(angles)).astype(int)
+  row_offsets = np.ceil(steps[None, :] * np.sin(angles) - 0.5).astype(int)  # [N, K]
+  col_offsets = np.ceil(steps[None, :] * np.cos(angles) - 0.5).astype(int)
   batch = np.arange(count)[:, None, None]
   rows = np.arange(height)[None, :, None]
   cols = np.arange(width)[None, None, :]
   output = np.zeros_like(images)
-  for step, weight in enumerate(weights):
+  for step, weight in enumerate(weights.astype(np.float32)):
     source_rows = np.clip(rows + row_offsets[:, step, None, None], 0, height - 1)
     source_cols = np.clip(cols + col_offsets[:, step, None, None], 0, width - 1)
     output += weight * images[batch, source_rows, source_cols]
@@ -127,12 +138,26 @@ def _linear_resample_axis(images: np.ndarray, coordinates: np.ndarray, axis: int
   return np.take(images, lower, axis=axis) * (1 - fraction) + np.take(images, upper, axis=axis) * fraction
 
 
-def _zoom_centre(images: np.ndarray, factor: float) -> np.ndarray:
-  """Zooms into the centre of each image by factor (>= 1), keeping the size (bilinear)."""
+def _clipped_zoom_coordinates(size: int, factor: float) -> np.ndarray:
+  """Source positions of CIFAR-10-C's clipped zoom along one axis of length `size`.
+
+  The centre crop of ⌈size / factor⌉ pixels (starting at (size - crop) // 2) is resized to
+  round(crop · factor) pixels by linear interpolation with the end pixels aligned (what
+  scipy.ndimage.zoom does at order 1), and the middle `size` of those are kept.
+  """
+  crop = int(np.ceil(size / factor))
+  start = (size - crop) // 2
+  zoomed = int(round(crop * factor))
+  trim = (zoomed - size) // 2
+  step = (crop - 1) / (zoomed - 1) if zoomed > 1 else 0.0
+  return start + (trim + np.arange(size)) * step
+
+
+def _clipped_zoom(images: np.ndarray, factor: float) -> np.ndarray:
+  """Zooms into the centre of each image of [N, H, W, C] by factor (>= 1), keeping the size."""
   height, width = images.shape[1:3]
-  rows = (height - 1) / 2 + (np.arange(height) - (height - 1) / 2) / factor
-  cols = (width - 1) / 2 + (np.arange(width) - (width - 1) / 2) / factor
-  return _linear_resample_axis(_linear_resample_axis(images, rows, 1), cols, 2)
+  rows = _linear_resample_axis(images, _clipped_zoom_coordinates(height, factor), 1)
+  return _linear_resample_axis(rows, _clipped_zoom_coordinates(width, factor), 2)
 
 
 def plasma_fractal(rng: np.random.Generator, count: int, size: int, decay: float) -> np.ndarray:
@@ -186,7 +211,7 @@ def frost_texture(rng: np.random.Generator, count: int, height: int, width: int)
   streaks = np.zeros((count, height, width), np.float32)
   for _ in range(3):
     specks = (rng.random((count, height, width, 1)) < 0.06).astype(np.float32)
-    streaks += line_blur(specks, 2.0 * scale, rng.uniform(0, 360, count))[..., 0] * 3.0
+    streaks += line_blur(specks, 3.0 * scale, 2.0 * scale, rng.uniform(0, 360, count))[..., 0] * 3.0
   texture = np.clip(0.55 * haze + np.clip(streaks, 0, 1) * 0.6, 0, 1)
   tint = np.array([0.82, 0.92, 1.0], np.float32)
   return np.clip(texture[..., None] * tint + 0.1 * texture[..., None], 0, 1).astype(np.float32)
@@ -257,22 +282,25 @@ def _glass_blur(images, level, rng):
 
 
 def _motion_blur(images, level, rng):
-  sigma = (1.0, 1.5, 2.0, 2.5, 3.0)[level] * pixel_scale(*images.shape[1:3])
-  return line_blur(images, sigma, rng.uniform(-45, 45, len(images)))
+  # CIFAR-10-C's (radius, sigma) of ImageMagick's motion blur.
+  radius, sigma = ((6, 1.0), (6, 1.5), (6, 2.0), (8, 2.0), (9, 2.5))[level]
+  scale = pixel_scale(*images.shape[1:3])
+  return line_blur(images, radius * scale, sigma * scale, rng.uniform(-45, 45, len(images)))
 
 
 def _zoom_blur(images, level, rng):
   del rng
   largest = (1.06, 1.11, 1.16, 1.21, 1.26)[level]
-  factors = np.arange(1.01, largest, 0.01)
+  # From 1.00 as in CIFAR-10-C, so the unzoomed image weighs 2 / (len(factors) + 1).
+  factors = np.arange(1, largest, 0.01)
   total = images.copy()
   for factor in factors:
-    total += _zoom_centre(images, float(factor))
+    total += _clipped_zoom(images, float(factor))
   return total / (len(factors) + 1)
 
 
 def _snow(images, level, rng):
-  mean, spread, zoom, threshold, _, sigma, keep = (
+  mean, spread, zoom, threshold, radius, sigma, keep = (
       (0.1, 0.2, 1.0, 0.6, 8, 3, 0.95),
       (0.1, 0.2, 1.0, 0.5, 10, 4, 0.9),
       (0.15, 0.3, 1.75, 0.55, 10, 4, 0.9),
@@ -280,12 +308,11 @@ def _snow(images, level, rng):
       (0.3, 0.3, 1.25, 0.65, 14, 12, 0.8),
   )[level]
   count, height, width = images.shape[:3]
-  # Severity 5 smears over sigma = 12 px at 32 px; a ray longer than the image adds nothing.
-  sigma = min(sigma * pixel_scale(height, width), max(height, width) / 3.0)
+  scale = pixel_scale(height, width)
   flakes = rng.normal(mean, spread, (count, height, width, 1)).astype(np.float32)
-  flakes = _zoom_centre(flakes, zoom)
+  flakes = _clipped_zoom(flakes, zoom)
   flakes[flakes < threshold] = 0
-  flakes = line_blur(flakes, sigma, rng.uniform(-135, -45, count))
+  flakes = line_blur(flakes, radius * scale, sigma * scale, rng.uniform(-135, -45, count))
   gray = images @ np.array([0.299, 0.587, 0.114], np.float32)
   brightened = np.maximum(images, gray[..., None] * 1.5 + 0.5)
   images = keep * images + (1 - keep) * brightened
@@ -319,7 +346,8 @@ def _brightness(images, level, rng):
 def _contrast(images, level, rng):
   del rng
   factor = (0.75, 0.5, 0.4, 0.3, 0.15)[level]
-  means = images.mean(axis=(1, 2, 3), keepdims=True)
+  # One mean per image and channel, as CIFAR-10-C: colours keep their balance.
+  means = images.mean(axis=(1, 2), keepdims=True)
   return (images - means) * factor + means
 
 
@@ -344,15 +372,25 @@ def _elastic_transform(images, level, rng):
   return output
 
 
-def _area_matrix(source: int, target: int) -> np.ndarray:
-  """[target, source] weights averaging each output cell's footprint (box / area resampling)."""
-  edges = np.linspace(0, source, target + 1)
-  matrix = np.zeros((target, source), np.float32)
-  for out_index in range(target):
-    for in_index in range(int(np.floor(edges[out_index])), int(np.ceil(edges[out_index + 1]))):
-      overlap = min(edges[out_index + 1], in_index + 1) - max(edges[out_index], in_index)
-      matrix[out_index, in_index] = max(overlap, 0.0)
-  return matrix / matrix.sum(axis=1, keepdims=True)
+def box_resize_matrix(source: int, target: int) -> np.ndarray:
+  """[target, source] weights of PIL's BOX resize along one axis (Image.resize(..., BOX)).
+
+  Output pixel i has its centre at c = (i + ½)·scale in input coordinates (scale = source /
+  target) and averages, with equal weights, the input pixels whose centres lie in
+  (c - ½·max(scale, 1), c + ½·max(scale, 1)]. Going down that is a box average; going up it
+  picks one pixel, so enlarged images come out blocky.
+  """
+  scale = source / target
+  support = 0.5 * max(scale, 1.0)
+  centres = (np.arange(target) + 0.5) * scale
+  # PIL's window bounds: truncated like its C casts, then clamped to the image.
+  low = np.maximum(np.trunc(centres - support + 0.5), 0)
+  high = np.minimum(np.trunc(centres + support + 0.5), source)
+  positions = np.arange(source)[None, :]
+  offsets = (positions + 0.5 - centres[:, None]) / max(scale, 1.0)
+  inside = (positions >= low[:, None]) & (positions < high[:, None]) & (offsets > -0.5) & (offsets <= 0.5)
+  weights = inside.astype(np.float64)
+  return (weights / weights.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 def _pixelate(images, level, rng):
@@ -360,9 +398,8 @@ def _pixelate(images, level, rng):
   factor = (0.95, 0.9, 0.85, 0.75, 0.65)[level]
   height, width = images.shape[1:3]
   small_height, small_width = max(1, int(height * factor)), max(1, int(width * factor))
-  # Box (area) resampling down and back up, as PIL's BOX filter does in the original.
-  rows = _area_matrix(small_height, height) @ _area_matrix(height, small_height)
-  cols = _area_matrix(small_width, width) @ _area_matrix(width, small_width)
+  rows = box_resize_matrix(small_height, height) @ box_resize_matrix(height, small_height)
+  cols = box_resize_matrix(small_width, width) @ box_resize_matrix(width, small_width)
   images = np.einsum("ah,nhwc->nawc", rows, images, optimize=True)
   return np.einsum("nawc,bw->nabc", images, cols, optimize=True)
 

@@ -24,8 +24,11 @@ import jax.numpy as jnp
 LOG_FLOOR = 5e-6
 # The three starting points used in the CAGrad paper and in the studied paper's Table 1.
 STARTS = ((-8.5, 7.5), (-8.5, -5.0), (9.0, 9.0))
-# Small constants that keep the CAGrad square roots differentiable at zero gradients.
-_CAGRAD_EPS = 1e-4
+# CAGrad's own toy.py (Liu et al.) keeps its square roots away from zero with these: the radius
+# is c·√(|g0|² + RADIUS_EPS), the dual uses √(|g_w|² + NORM_EPS), and λ = R / (√(|g_w|² +
+# NORM_EPS) + NORM_EPS). Near the valley |g0| ≈ 0.009, so they shape the direction there.
+CAGRAD_RADIUS_EPS = 2.5e-5
+CAGRAD_NORM_EPS = 1e-4
 
 
 def objectives(point: jax.Array) -> jax.Array:
@@ -91,11 +94,13 @@ def cagrad_weight(gradient_1: jax.Array, gradient_2: jax.Array, c: float) -> jax
 
   CAGrad looks for the direction d maximising the worst task's improvement within a ball of
   radius R = c |g0| around the mean gradient g0. Its dual over the simplex is, with
-  g_w = g2 + w (g1 - g2),  F(w) = <g_w, g0> + R |g_w|, convex in w. Writing
-  |g_w|^2 = A w^2 + 2 B w + C and u = A w + B, the stationarity condition
+  g_w = g2 + w (g1 - g2),  F(w) = <g_w, g0> + R |g_w|, convex in w; as in CAGrad's toy.py,
+  R = c sqrt(|g0|^2 + CAGRAD_RADIUS_EPS) and |g_w| is sqrt(|g_w|^2 + CAGRAD_NORM_EPS). Writing
+  |g_w|^2 + CAGRAD_NORM_EPS = A w^2 + 2 B w + C and u = A w + B, the stationarity condition
   u sqrt(A) / sqrt(u^2 + D) = -<g1 - g2, g0> / R  (D = A C - B^2 >= 0) has the one root
   below; clipping it to [0, 1] gives the constrained minimiser because F is convex. When the
-  right-hand side reaches +-sqrt(A), F is monotone and the minimiser is an end point.
+  right-hand side reaches +-sqrt(A), F is monotone and the minimiser is an end point. (toy.py
+  searches for it numerically, to about 1e-5.)
 
   Args:
     gradient_1: [D] the first task's gradient.
@@ -107,10 +112,10 @@ def cagrad_weight(gradient_1: jax.Array, gradient_2: jax.Array, c: float) -> jax
   """
   g0 = 0.5 * (gradient_1 + gradient_2)
   difference = gradient_1 - gradient_2
-  radius = c * jnp.sqrt(jnp.dot(g0, g0) + _CAGRAD_EPS)
+  radius = c * jnp.sqrt(jnp.dot(g0, g0) + CAGRAD_RADIUS_EPS)
   a = jnp.dot(difference, difference)
   b = jnp.dot(difference, gradient_2)
-  gap = jnp.maximum(a * (jnp.dot(gradient_2, gradient_2) + _CAGRAD_EPS) - b * b, 0.0)
+  gap = jnp.maximum(a * (jnp.dot(gradient_2, gradient_2) + CAGRAD_NORM_EPS) - b * b, 0.0)
   target = -jnp.dot(difference, g0) / jnp.maximum(radius, 1e-30)
   safe_a = jnp.maximum(a, 1e-30)
   interior = target * target < safe_a
@@ -129,13 +134,15 @@ def cagrad_direction(gradient_1: jax.Array, gradient_2: jax.Array, c: float = 0.
     c: the radius factor; c = 0 gives the mean gradient.
 
   Returns:
-    [D]: (g0 + c |g0| g_w / |g_w|) / (1 + c) at the dual minimiser w.
+    [D]: (g0 + λ g_w) / (1 + c) at the dual minimiser w, λ = R / (|g_w| + CAGRAD_NORM_EPS) with
+    R and |g_w| as in `cagrad_weight` (CAGrad's toy.py).
   """
   g0 = 0.5 * (gradient_1 + gradient_2)
   w = cagrad_weight(gradient_1, gradient_2, c)
   g_w = w * gradient_1 + (1.0 - w) * gradient_2
-  radius = c * jnp.sqrt(jnp.dot(g0, g0) + _CAGRAD_EPS)
-  return (g0 + radius / jnp.sqrt(jnp.dot(g_w, g_w) + _CAGRAD_EPS) * g_w) / (1.0 + c)
+  radius = c * jnp.sqrt(jnp.dot(g0, g0) + CAGRAD_RADIUS_EPS)
+  multiplier = radius / (jnp.sqrt(jnp.dot(g_w, g_w) + CAGRAD_NORM_EPS) + CAGRAD_NORM_EPS)
+  return (g0 + multiplier * g_w) / (1.0 + c)
 
 
 DIRECTIONS = {"ew": mean_direction, "pcgrad": pcgrad_direction, "cagrad": cagrad_direction}

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mtl_jax.gramian.reference import stacked_vjp
 from mtl_jax.models import apply as apply_lib
 from mtl_jax.models import layers
 
@@ -106,10 +107,13 @@ class Capture(NamedTuple):
 
 
 def capture(model, params, batch_stats, batch, tasks, train: bool = True) -> Capture:
-  """Runs the capturing forward pass and one (vmapped) encoder backward per task.
+  """Runs the capturing forward pass and one encoder backward per task.
 
   Samples must be independent (no training-mode batch norm): the output gradient of
-  sum_i L_t(x_i) at sample i is then the output gradient of L_t(x_i) alone.
+  sum_i L_t(x_i) at sample i is then the output gradient of L_t(x_i) alone. The T backward
+  passes go through `stacked_vjp`, one pullback per task, not `jax.vmap` over the pullback: on
+  XLA:CPU (jaxlib 0.10.2) the vmapped pullback of a layer-normalised SegNet returned wrong
+  output gradients for the third and later tasks (see `stacked_vjp` for the compiler fault).
   """
   registry: dict[tuple[str, ...], LayerInfo] = {}
   images = batch["image"]
@@ -152,7 +156,7 @@ def capture(model, params, batch_stats, batch, tasks, train: bool = True) -> Cap
     head_vjps[task.name] = head_vjp
     feature_gradients.append(feature_gradient)
 
-  (perturbation_gradients,) = jax.vmap(encoder_vjp)(jnp.stack(feature_gradients))
+  (perturbation_gradients,) = stacked_vjp(encoder_vjp, jnp.stack(feature_gradients))
   inputs = {path: value[0] for path, value in by_path(sown, "inputs").items()}
   output_gradients = by_path(perturbation_gradients, "outputs")
   infos = dict(registry)

@@ -48,9 +48,14 @@ def invariance_study(config: ml_collections.ConfigDict, workdir: str) -> markdow
   converged = {key: sum(value is not None for value in row) for key, row in toy_results["table"].items()}
   parts.append("**2-D toy** (iterations to the minimum of the mean loss; tolerance: distance "
                f"< {config.toy.distance_tolerance:g} or mean-loss gap < {config.toy.loss_gap_tolerance:g}; "
-               f"{toy_results['num_runs']} runs in {toy_results['run_seconds']:.1f} s after compilation). "
+               f"{toy_results['num_runs']} runs in {toy_results['dtype']}, with their variants in "
+               f"{toy_results['run_seconds']:.1f} s after compilation). "
                "Learning rates at which every start converged: " +
-               ", ".join(f"{key} {count}/{len(config.toy.learning_rates)}" for key, count in converged.items()) + ".")
+               ", ".join(f"{key} {count}/{len(config.toy.learning_rates)}" for key, count in converged.items()) +
+               f". {toy_results['reproducible_cells']} of {toy_results['cells']} cells are reproducible numbers "
+               "(unmarked below); the others (*) change by more than "
+               f"{100 * float(config.toy.reproducible_spread):g}% when a start moves by {config.toy.perturbation:g} or "
+               "the precision changes, so only their pattern across learning rates is meaningful.")
   parts.append(toy_results["markdown"])
   figures = list(app["figures"]) + ([toy_results["figure"]] if toy_results.get("figure") else [])
   return markdown.StudyResult(TITLES["invariance"], "\n\n".join(parts), figures)

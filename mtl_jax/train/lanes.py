@@ -266,11 +266,13 @@ class StackedLanes:
   def initial_states(self) -> TrainState:
     return stack_states([init_state(self.experiment, seed) for seed in self.seeds])
 
-  def batch(self, step: int) -> tuple[Any, None]:
+  def batch(self, step: int) -> tuple[Any, dict[str, np.ndarray]]:
+    """(the stacked batch [K, B, ...], or the one batch all runs share; the first run's batch)."""
     if self.shared_batch:
-      return _train_batch(self.experiment, self.seeds[0], step), None
+      batch = _train_batch(self.experiment, self.seeds[0], step)
+      return batch, batch
     batches = [_train_batch(self.experiment, seed, step) for seed in self.seeds]
-    return {key: np.stack([batch[key] for batch in batches]) for key in batches[0]}, None
+    return {key: np.stack([batch[key] for batch in batches]) for key in batches[0]}, batches[0]
 
   def step(self, states: TrainState, batch) -> tuple[TrainState, dict[str, np.ndarray]]:
     states, step_metrics = self._step(states, batch, self.learning_rates)

@@ -54,6 +54,8 @@ def train_and_evaluate(
   Raises:
     preemption.Preempted: stopped by a signal after checkpointing; rerun to resume.
     NonFiniteLossError: a non-finite loss or gradient with on_non_finite='stop'.
+    gramian.check.FastPathMismatchError: per-sample Gramians computed on the fast path (a Gramian
+      method at level 'sample' / 'sample_task', the conflict probe) disagree with the reference.
     config_validation.ConfigError: a bad config, or a workdir written by a different config.
     checkpoint.CheckpointError: checkpoints exist but none is intact.
   """
@@ -120,7 +122,7 @@ def train_lanes(session: "session_lib.Session", guard: preemption_lib.Preemption
     batch, host_batch = session.lanes.batch(step)
     if guard.should_stop(step):
       session.stop_for_preemption(step, guard.signal_name)
-    session.probe(step, host_batch)
+    session.before_step(step, host_batch)
     new_states, step_metrics = session.lanes.step(session.states, batch)
     session.accept(step, new_states, step_metrics, batch)
     done = step + 1

@@ -22,6 +22,8 @@ import numpy as np
 from mtl_jax import checkpoint as checkpoint_lib
 from mtl_jax import conflicts as conflicts_lib
 from mtl_jax import metric_writers
+from mtl_jax import weighting as weighting_lib
+from mtl_jax.gramian import check as gramian_check
 from mtl_jax.train import evaluation
 from mtl_jax.train import guards
 from mtl_jax.train import preemption as preemption_lib
@@ -59,6 +61,17 @@ def check_group(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence
         "config.conflicts.probe_every_steps: the conflict probe runs in single runs only; "
         "train these runs one by one (sweep.group_runs=False) or set it to 0."
     )
+
+
+def fast_path_check(experiment: Experiment, mesh=None) -> gramian_check.FastPathCheck | None:
+  """The self-check of a run whose train step computes fast-path Gramians (a Gramian method at a
+  per-sample level), or None (other methods, level 'task', or gramian.verify_every_steps = 0)."""
+  every_steps = int(experiment.config.gramian.verify_every_steps)
+  gramian_method = isinstance(experiment.weighting, weighting_lib.GramianWeighting)
+  if not gramian_method or experiment.level == "task" or every_steps == gramian_check.NEVER:
+    return None
+  purpose = f"train step at level {experiment.level!r}"
+  return gramian_check.FastPathCheck(experiment.model, experiment.tasks, every_steps, purpose=purpose, mesh=mesh)
 
 
 def new_progress(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -187,13 +200,14 @@ class Session:
   """Everything the loop keeps between steps; see the module docstring."""
 
   def __init__(self, experiment: Experiment, lanes, runs: list[Run], store, label: str,
-               probe=None):
+               probe=None, mesh=None):
     self.experiment = experiment
     self.lanes = lanes
     self.runs = runs
     self.store = store
     self.label = label
     self.conflict_probe = probe
+    self.gramian_check = fast_path_check(experiment, mesh)
     training = experiment.config.training
     self.eval_every = max(1, int(training.eval_every_epochs)) * experiment.steps_per_epoch
     self.log_every = max(1, int(training.log_every_steps))
@@ -217,7 +231,7 @@ class Session:
         f"seed={config.seed}] "
     )
     probe = conflicts_lib.make_probe(experiment, config, workdir, mesh)
-    session = cls(experiment, lanes, [run], CheckpointStore(workdir, config), label, probe)
+    session = cls(experiment, lanes, [run], CheckpointStore(workdir, config), label, probe, mesh)
     metric_writers.status(
         f"{label}training {experiment.model.encoder.__class__.__name__} on {config.dataset.name} "
         f"tasks {experiment.task_names}: {experiment.total_steps} steps ({config.training.num_epochs} "
@@ -256,11 +270,19 @@ class Session:
     metric_writers.status(message)
     raise preemption_lib.Preempted(message, step, self.runs[0].workdir, signal_name)
 
-  def probe(self, step: int, host_batch) -> None:
-    """The conflict probe, on the pre-step parameters and the batch about to be trained on."""
-    if self.conflict_probe is not None:
-      # The host's copy: on several hosts the global array is not addressable as a whole here.
-      self.conflict_probe.maybe_probe(step, self.states, host_batch)
+  def before_step(self, step: int, host_batch) -> None:
+    """The conflict probe and the fast Gramian path's self-check, on the pre-step parameters and
+    the batch about to be trained on (the host's copy: on several hosts the global array is not
+    addressable as a whole here; for a group, the first run's state and batch)."""
+    try:
+      if self.conflict_probe is not None:
+        self.conflict_probe.maybe_probe(step, self.states, host_batch)
+      if self.gramian_check is not None and self.gramian_check.due(step):
+        state = self.lanes.run_state(self.states, 0)
+        self.gramian_check.verify(step, state.params, state.batch_stats, host_batch)
+    except gramian_check.FastPathMismatchError:
+      self.close()
+      raise
 
   def accept(self, step: int, new_states, step_metrics, batch) -> None:
     """Takes the step's new states, or stops / marks lanes failed when a lane is not finite."""

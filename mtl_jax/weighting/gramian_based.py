@@ -150,51 +150,29 @@ def cagrad_weights(gramian: jax.Array, c: float, rescale: int, outer_iterations:
                    inner_iterations: int) -> jax.Array:
   """CAGrad's weights: d = (g_0 + λ g_w) / (1 + c²) with g_0 the mean row gradient (LibMTL).
 
-  w = argmin_{w ∈ simplex} wᵀ G b + c‖g_0‖ √(wᵀGw + 1e-8) (b = 1/R: the dual problem in
-  LibMTL), λ = c‖g_0‖ / ‖g_w‖, ‖g_0‖² = mean(G), ‖g_w‖² = wᵀGw: all from G, so d = Σ_k
-  (1/R + λ w_k)/(1 + c²) g_k. Mean convention, as LibMTL. The dual is solved by
-  majorise-minimise: √x ≤ x/(2η) + η/2 with η the current √(wᵀGw + 1e-8) turns each outer step
-  into a simplex QP, solved (warm-started) by accelerated projected gradient; the objective never
-  increases.
+  w = argmin_{w ∈ simplex} wᵀ G b + c‖g_0‖ ‖g_w‖ (b = 1/R: the dual problem in LibMTL),
+  λ = c‖g_0‖ / ‖g_w‖, ‖g_0‖² = mean(G), ‖g_w‖² = wᵀGw: all from G, so d = Σ_k
+  (1/R + λ w_k)/(1 + c²) g_k. Mean convention, as LibMTL. The dual is solved to a certified
+  optimum by `solvers.cagrad_dual`.
 
   Args:
     gramian: [R, R].
     c: the conflict-averse radius (0.5 in the study).
     rescale: 0 (none), 1 (divide by 1 + c², the study's setting) or 2 (divide by 1 + c).
-    outer_iterations, inner_iterations: maximum iteration counts of the solver; each loop stops
-      earlier once an iteration moves no weight by more than `solvers.TOLERANCE`.
+    outer_iterations, inner_iterations: their product bounds the solver's accelerated steps
+      (it stops earlier, on its optimality certificate).
   """
   gramian, _ = solvers.normalise(gramian)
   size = gramian.shape[0]
-  mean_norm = jnp.sqrt(jnp.maximum(jnp.mean(gramian), 0.0) + EPSILON)
-  radius = c * mean_norm + EPSILON
-  linear = gramian @ jnp.full((size,), 1.0 / size, jnp.float32)
-  largest = solvers.largest_eigenvalue(gramian)
-
-  def outer(carry):
-    count, weights, _ = carry
-    eta = jnp.sqrt(jnp.maximum(weights @ gramian @ weights, 0.0) + EPSILON)
-    curvature = radius / eta
-
-    def gradient(w):
-      return linear + curvature * (gramian @ w)
-
-    step = 1.0 / (curvature * largest + EPSILON)
-    updated = solvers.accelerated_projected_gradient(gradient, solvers.project_to_simplex, weights, step,
-                                                     inner_iterations)
-    return count + 1, updated, jnp.max(jnp.abs(updated - weights))
-
-  def keep_going(carry):
-    count, _, change = carry
-    return (count < outer_iterations) & (change > solvers.TOLERANCE)
-
-  start = (jnp.zeros((), jnp.int32), jnp.full((size,), 1.0 / size, jnp.float32), jnp.full((), jnp.inf))
-  _, weights, _ = jax.lax.while_loop(keep_going, outer, start)
+  mean = jnp.full((size,), 1.0 / size, jnp.float32)
+  divisor = {0: 1.0, 1: 1.0 + c**2, 2: 1.0 + c}[int(rescale)]
+  if c == 0:
+    return mean / divisor
+  radius = c * jnp.sqrt(jnp.maximum(jnp.mean(gramian), 0.0))
+  weights = solvers.cagrad_dual(gramian, radius, int(outer_iterations) * int(inner_iterations))
   combined_norm = jnp.sqrt(jnp.maximum(weights @ gramian @ weights, 0.0))
   multiplier = radius / (combined_norm + EPSILON)
-  direction = 1.0 / size + multiplier * weights
-  divisor = {0: 1.0, 1: 1.0 + c**2, 2: 1.0 + c}[int(rescale)]
-  return direction / divisor
+  return (mean + multiplier * weights) / divisor
 
 
 def aligned_mtl_weights(gramian: jax.Array, relative_tolerance: float = 1e-5) -> jax.Array:
@@ -239,19 +217,21 @@ def upgrad_weights(gramian: jax.Array, iterations: int) -> jax.Array:
   return jnp.mean(projections, axis=0)
 
 
-def nash_mtl_weights(gramian: jax.Array, iterations: int, max_norm: float) -> jax.Array:
+def nash_mtl_weights(gramian: jax.Array, iterations: int, max_norm: float, ridge: float = 0.0) -> jax.Array:
   """Nash-MTL's weights: α > 0 solving Ĝα = 1/α with Ĝ = G / ‖G‖_F, then d clipped to max_norm.
 
   The Nash bargaining solution among the rows is d = Σ α_k g_k with (Gα)_k = 1/α_k, a
   condition on G only. Like LibMTL, G is normalised by its Frobenius norm and the direction's
   norm (√(αᵀGα), also from G) is clipped to max_norm (0 disables). LibMTL reaches α with
-  cvxpy's concave-convex procedure; here a damped Newton solver (`solvers.nash_bargaining`)
-  finds the exact stationary point.
+  cvxpy's concave-convex procedure; here damped Newton (`solvers.nash_bargaining`) solves the
+  condition itself to float32 accuracy in `iterations` steps. `ridge` (0 by default, as in
+  Nash-MTL) adds ridge·I to Ĝ; see `solvers.nash_bargaining` for what happens on singular
+  Gramians without it.
   """
   gramian = solvers.symmetric(gramian)
   frobenius = jnp.sqrt(jnp.sum(gramian**2))
   normalised = gramian / jnp.where(frobenius > 0, frobenius, 1.0)
-  alpha = solvers.nash_bargaining(normalised, iterations)
+  alpha = solvers.nash_bargaining(normalised, iterations, ridge)
   if max_norm > 0:
     norm = jnp.sqrt(jnp.maximum(alpha @ gramian @ alpha, 0.0))
     alpha = alpha * jnp.minimum(1.0, max_norm / (norm + 1e-6))
@@ -373,8 +353,10 @@ def _upgrad(gramian: jax.Array, options: ml_collections.ConfigDict) -> jax.Array
 
 @gramian_method("nash_mtl", "Nash bargaining among tasks")
 def _nash_mtl(gramian: jax.Array, options: ml_collections.ConfigDict) -> jax.Array:
-  """Nash-MTL (Navon et al. 2022), `nash_mtl_iterations` Newton steps, `nash_mtl_max_norm` clip."""
-  return nash_mtl_weights(gramian, int(options.nash_mtl_iterations), float(options.nash_mtl_max_norm))
+  """Nash-MTL (Navon et al. 2022): `nash_mtl_iterations` Newton steps, `nash_mtl_max_norm` clip,
+  `nash_mtl_ridge` added to the normalised Gramian (0: the published condition)."""
+  return nash_mtl_weights(gramian, int(options.nash_mtl_iterations), float(options.nash_mtl_max_norm),
+                          float(options.nash_mtl_ridge))
 
 
 class GradNormState(NamedTuple):
