@@ -66,8 +66,17 @@ def results(tmp_path_factory):
 @pytest.mark.parametrize("key", ["ew_step", "gramian_step_shard_map"])
 def test_train_steps_match_one_device(results, key):
   # ew_step: GSPMD-jitted make_train_step, SGD (an n-fold gradient would show);
-  # gramian_step_shard_map: a 1/||g_t||-weighted method on sharded_loss_grads_and_gramian.
+  # gramian_step_shard_map: a 1/||g_t||-weighted method on the engine's per-sample ('full')
+  # Gramian and weighted gradient, computed by its shard_map path.
   assert results[0][key] < RELATIVE_TOLERANCE, results[0]
+
+
+# UPGrad at level 'sample' weighs 16 per-sample rows whose weighted sum largely cancels, and the
+# mesh adds their contributions in another order (a backward over each device's rows, then an
+# all-reduce) than one device's capture does: float32 round-off reached 1.29e-5 of the encoder's
+# change on this 2-core machine (the same before and after the solvers' rewrite; a gradient
+# counted per device would show as ~1).
+METHOD_TOLERANCES = {"method_upgrad_sample": 5e-5}
 
 
 @pytest.mark.parametrize("key", ["method_upgrad_task", "method_upgrad_sample", "method_pcgrad_sample_task",
@@ -77,7 +86,7 @@ def test_real_method_steps_match_one_device(results, key):
   # train.make_train_step for the mesh through sharding.shard_training, as the training loop
   # builds it, against the one-device step: two steps (SGD; AdaTask on its per-task Adam),
   # parameter changes, loss, weighting state.
-  assert results[0][key] < RELATIVE_TOLERANCE, results[0]
+  assert results[0][key] < METHOD_TOLERANCES.get(key, RELATIVE_TOLERANCE), results[0]
 
 
 @pytest.mark.parametrize("key", ["run_test", "run_params", "run_conflicts"])
