@@ -40,13 +40,13 @@ from mtl_jax import tasks as tasks_lib  # noqa: E402
 
 IMAGE_SHAPE = (32, 32, 3)
 TASKS = (
-    tasks_lib.Classification(name="digit", num_classes=10),
-    tasks_lib.BinaryAttribute(name="smiling", index=0),
-    tasks_lib.BinaryAttribute(name="glasses", index=1),
+  tasks_lib.Classification(name="digit", num_classes=10),
+  tasks_lib.BinaryAttribute(name="smiling", index=0),
+  tasks_lib.BinaryAttribute(name="glasses", index=1),
 )
 ENCODERS = {
-    "mlp": dict(encoder="mlp", norm="group", hidden=(256, 256)),
-    "small_cnn": dict(encoder="small_cnn", norm="group", features=(16, 32, 32)),
+  "mlp": dict(encoder="mlp", norm="group", hidden=(256, 256)),
+  "small_cnn": dict(encoder="small_cnn", norm="group", features=(16, 32, 32)),
 }
 
 
@@ -57,9 +57,9 @@ def make_case(encoder: str, batch_size: int):
   variables = models.init_model(model, jax.random.PRNGKey(0), (1, *IMAGE_SHAPE))
   keys = jax.random.split(jax.random.PRNGKey(1), 3)
   batch = {
-      "image": jax.random.normal(keys[0], (batch_size, *IMAGE_SHAPE)),
-      "attributes": (jax.random.uniform(keys[1], (batch_size, 2)) > 0.5).astype(jnp.float32),
-      "label": jax.random.randint(keys[2], (batch_size,), 0, 10),
+    "image": jax.random.normal(keys[0], (batch_size, *IMAGE_SHAPE)),
+    "attributes": (jax.random.uniform(keys[1], (batch_size, 2)) > 0.5).astype(jnp.float32),
+    "label": jax.random.randint(keys[2], (batch_size,), 0, 10),
   }
   return model, variables["params"], batch
 
@@ -82,7 +82,9 @@ def benchmark(encoder: str, batch_size: int, rounds: int) -> list[dict]:
   def step(path):
     def run(params, batch):
       if path is None:
-        loss_fn = lambda p: jnp.sum(jnp.mean(gramian.per_sample_losses(model, p, {}, batch, TASKS), axis=0))
+        loss_fn = lambda p: jnp.sum(
+          jnp.mean(gramian.per_sample_losses(model, p, {}, batch, TASKS), axis=0)
+        )
         loss, grads = jax.value_and_grad(loss_fn)(params)
         return loss, grads, None
       result = gramian.compute(model, params, {}, batch, TASKS, gramian.FULL, path=path)
@@ -94,10 +96,16 @@ def benchmark(encoder: str, batch_size: int, rounds: int) -> list[dict]:
 
   def check(params, batch):
     samples = tuple(range(min(gramian_check.SAMPLES, batch_size)))
-    return gramian_check.discrepancy(model, params, {}, batch, TASKS, samples, gramian_check.checked_tasks(len(TASKS)))
+    return gramian_check.discrepancy(
+      model, params, {}, batch, TASKS, samples, gramian_check.checked_tasks(len(TASKS))
+    )
 
-  functions = {"plain EW step": step(None), "reference Gramian": step("reference"), "fast Gramian": step("fast"),
-               "fast-path check": check}
+  functions = {
+    "plain EW step": step(None),
+    "reference Gramian": step("reference"),
+    "fast Gramian": step("fast"),
+    "fast-path check": check,
+  }
   executables, peaks, compile_seconds, times = {}, {}, {}, {name: [] for name in functions}
   for name, function in functions.items():
     executables[name], peaks[name], compile_seconds[name] = compiled(function, params, batch)
@@ -117,21 +125,23 @@ def benchmark(encoder: str, batch_size: int, rounds: int) -> list[dict]:
   rows = []
   for name in functions:
     rows.append(
-        dict(
-            encoder=encoder,
-            batch=batch_size,
-            parameters=parameters,
-            method=name,
-            median_ms=1e3 * statistics.median(times[name]),
-            peak_mib=None if peaks[name] is None else peaks[name] / 2**20,
-            compile_s=compile_seconds[name],
-        )
+      dict(
+        encoder=encoder,
+        batch=batch_size,
+        parameters=parameters,
+        method=name,
+        median_ms=1e3 * statistics.median(times[name]),
+        peak_mib=None if peaks[name] is None else peaks[name] / 2**20,
+        compile_s=compile_seconds[name],
+      )
     )
   plain = rows[0]
   for row in rows:
     row["time_ratio"] = row["median_ms"] / plain["median_ms"]
     row["memory_ratio"] = (
-        None if row["peak_mib"] is None or not plain["peak_mib"] else row["peak_mib"] / plain["peak_mib"]
+      None
+      if row["peak_mib"] is None or not plain["peak_mib"]
+      else row["peak_mib"] / plain["peak_mib"]
     )
   return rows
 
@@ -143,12 +153,14 @@ def main() -> None:
   parser.add_argument("--encoders", default="mlp,small_cnn", help="comma-separated: mlp,small_cnn")
   arguments = parser.parse_args()
   print(
-      f"# Gramian benchmark, {datetime.date.today()}, {platform.machine()} "
-      f"{platform.processor() or ''} {jax.devices()[0].device_kind} x{jax.device_count()}, "
-      f"{os.cpu_count()} CPU cores, jax {jax.__version__}, T={len(TASKS)}, images {IMAGE_SHAPE}"
+    f"# Gramian benchmark, {datetime.date.today()}, {platform.machine()} "
+    f"{platform.processor() or ''} {jax.devices()[0].device_kind} x{jax.device_count()}, "
+    f"{os.cpu_count()} CPU cores, jax {jax.__version__}, T={len(TASKS)}, images {IMAGE_SHAPE}"
   )
   print()
-  print("| encoder | B | encoder params P | method | median ms | x plain | peak MiB | x plain | compile s |")
+  print(
+    "| encoder | B | encoder params P | method | median ms | x plain | peak MiB | x plain | compile s |"
+  )
   print("|---|---|---|---|---|---|---|---|---|")
   for encoder in arguments.encoders.split(","):
     for batch_size in (int(size) for size in arguments.batch_sizes.split(",")):
@@ -158,17 +170,17 @@ def main() -> None:
         peak = "n/a" if row["peak_mib"] is None else f"{row['peak_mib']:.1f}"
         memory_ratio = "n/a" if row["memory_ratio"] is None else f"{row['memory_ratio']:.2f}"
         print(
-            f"| {row['encoder']} | {row['batch']} | {row['parameters']:,} | {row['method']} | "
-            f"{row['median_ms']:.1f} | {row['time_ratio']:.2f} | {peak} | {memory_ratio} | {row['compile_s']:.1f} |",
-            flush=True,
+          f"| {row['encoder']} | {row['batch']} | {row['parameters']:,} | {row['method']} | "
+          f"{row['median_ms']:.1f} | {row['time_ratio']:.2f} | {peak} | {memory_ratio} | {row['compile_s']:.1f} |",
+          flush=True,
         )
       fast = next(row for row in rows if row["method"] == "fast Gramian")
       reference = next(row for row in rows if row["method"] == "reference Gramian")
       print(
-          f"[{encoder} B={batch_size}: fast is {reference['median_ms'] / fast['median_ms']:.1f}x "
-          "faster than reference]",
-          file=sys.stderr,
-          flush=True,
+        f"[{encoder} B={batch_size}: fast is {reference['median_ms'] / fast['median_ms']:.1f}x "
+        "faster than reference]",
+        file=sys.stderr,
+        flush=True,
       )
 
 

@@ -47,8 +47,8 @@ try:
   import torch.func
 except ImportError as error:  # pragma: no cover - depends on the environment
   raise SystemExit(
-      "benchmarks/gramian_pytorch.py compares against PyTorch, which mtl_jax does not depend "
-      f"on ({error}). Install it beside mtl_jax: pip install torch opacus"
+    "benchmarks/gramian_pytorch.py compares against PyTorch, which mtl_jax does not depend "
+    f"on ({error}). Install it beside mtl_jax: pip install torch opacus"
   ) from error
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -101,7 +101,9 @@ def _linear(node) -> torch.nn.Linear:
 
 def _conv(node) -> torch.nn.Conv2d:
   kernel = np.asarray(node["kernel"])  # HWIO
-  conv = torch.nn.Conv2d(kernel.shape[2], kernel.shape[3], kernel.shape[:2], padding=kernel.shape[0] // 2)
+  conv = torch.nn.Conv2d(
+    kernel.shape[2], kernel.shape[3], kernel.shape[:2], padding=kernel.shape[0] // 2
+  )
   conv.weight.data = _tensor(kernel.transpose(3, 2, 0, 1))
   conv.bias.data = _tensor(node["bias"])
   return conv
@@ -120,9 +122,9 @@ class TorchModel(torch.nn.Module):
       for index in range(len(encoder) // 2):
         dense = encoder[f"dense_{index}"]
         modules += [
-            _linear(dense),
-            _group_norm(np.shape(dense["kernel"])[1], 1, encoder[f"norm_{index}"]),
-            torch.nn.ReLU(),
+          _linear(dense),
+          _group_norm(np.shape(dense["kernel"])[1], 1, encoder[f"norm_{index}"]),
+          torch.nn.ReLU(),
         ]
     else:
       height, width = image_shape[:2]
@@ -131,9 +133,9 @@ class TorchModel(torch.nn.Module):
         block = encoder[name]
         channels = np.shape(block["conv"]["kernel"])[3]
         modules += [
-            _conv(block["conv"]),
-            _group_norm(channels, height * width, block["norm"]),
-            torch.nn.ReLU(),
+          _conv(block["conv"]),
+          _group_norm(channels, height * width, block["norm"]),
+          torch.nn.ReLU(),
         ]
         if index < len(blocks) - 1:
           modules.append(torch.nn.MaxPool2d(2))
@@ -143,7 +145,7 @@ class TorchModel(torch.nn.Module):
     self.encoder_kind = encoder_kind
     self.encoder = torch.nn.Sequential(*modules)
     self.heads = torch.nn.ModuleDict(
-        {name: _linear(head["dense_output"]) for name, head in params["heads"].items()}
+      {name: _linear(head["dense_output"]) for name, head in params["heads"].items()}
     )
 
   def model_layout(self, images: torch.Tensor) -> torch.Tensor:
@@ -169,9 +171,9 @@ def task_losses(outputs: dict[str, torch.Tensor], labels, attributes) -> torch.T
       columns.append(torch.nn.functional.cross_entropy(prediction, labels, reduction="none"))
     elif isinstance(task, tasks_lib.BinaryAttribute):
       columns.append(
-          torch.nn.functional.binary_cross_entropy_with_logits(
-              prediction[:, 0], attributes[:, task.index], reduction="none"
-          )
+        torch.nn.functional.binary_cross_entropy_with_logits(
+          prediction[:, 0], attributes[:, task.index], reduction="none"
+        )
       )
     else:
       raise ValueError(f"No PyTorch loss for task type {type(task).__name__} in this benchmark.")
@@ -194,16 +196,16 @@ class TorchMethods:
     self.batch = self.images.shape[0]
     self.encoder_params = dict(model.encoder.named_parameters())
     self.head_params = {
-        name: {key: value.detach() for key, value in head.named_parameters()}
-        for name, head in model.heads.items()
+      name: {key: value.detach() for key, value in head.named_parameters()}
+      for name, head in model.heads.items()
     }
 
   def _sample_losses(self, encoder_params, image, label, attribute):
     """Per-task losses [T] of one sample, functional in the encoder's parameters."""
     features = torch.func.functional_call(self.model.encoder, encoder_params, (image[None],))
     outputs = {
-        name: torch.func.functional_call(head, self.head_params[name], (features,))
-        for name, head in self.model.heads.items()
+      name: torch.func.functional_call(head, self.head_params[name], (features,))
+      for name, head in self.model.heads.items()
     }
     return task_losses(outputs, label[None], attribute[None])[0]
 
@@ -216,20 +218,23 @@ class TorchMethods:
   def vmap_jacrev(self):
     params = {k: v.detach() for k, v in self.encoder_params.items()}
     jacobian = torch.func.vmap(torch.func.jacrev(self._sample_losses), in_dims=(None, 0, 0, 0))(
-        params, self.images, self.labels, self.attributes
+      params, self.images, self.labels, self.attributes
     )  # {name: [B, T, *shape]}
-    rows = torch.cat([value.reshape(self.batch, len(CASE.TASKS), -1) for value in jacobian.values()], -1)
+    rows = torch.cat(
+      [value.reshape(self.batch, len(CASE.TASKS), -1) for value in jacobian.values()], -1
+    )
     return _gram(rows, self.batch)
 
   def vmap_grad_per_task(self):
     params = {k: v.detach() for k, v in self.encoder_params.items()}
     per_task = []
     for task in range(len(CASE.TASKS)):
+
       def loss(encoder_params, image, label, attribute, task=task):
         return self._sample_losses(encoder_params, image, label, attribute)[task]
 
       grads = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0, 0))(
-          params, self.images, self.labels, self.attributes
+        params, self.images, self.labels, self.attributes
       )
       per_task.append(torch.cat([value.reshape(self.batch, -1) for value in grads.values()], -1))
     return _gram(torch.stack(per_task, dim=1), self.batch)
@@ -238,8 +243,10 @@ class TorchMethods:
     params = list(self.encoder_params.values())
     rows = []
     for index in range(self.batch):
-      outputs = self.model(self.images[index:index + 1])
-      losses = task_losses(outputs, self.labels[index:index + 1], self.attributes[index:index + 1])[0]
+      outputs = self.model(self.images[index : index + 1])
+      losses = task_losses(
+        outputs, self.labels[index : index + 1], self.attributes[index : index + 1]
+      )[0]
       for task in range(len(CASE.TASKS)):
         grads = torch.autograd.grad(losses[task], params, retain_graph=task < len(CASE.TASKS) - 1)
         rows.append(torch.cat([grad.reshape(-1) for grad in grads]))
@@ -269,7 +276,7 @@ class OpacusMethod:
       outputs = {name: head(features) for name, head in self.model.heads.items()}
       task_losses(outputs, methods.labels, methods.attributes)[:, task].sum().backward()
       per_task.append(
-          torch.cat([p.grad_sample.reshape(methods.batch, -1) for p in self.module.parameters()], -1)
+        torch.cat([p.grad_sample.reshape(methods.batch, -1) for p in self.module.parameters()], -1)
       )
     return _gram(torch.stack(per_task, dim=1), methods.batch)
 
@@ -280,7 +287,7 @@ def benchmark(encoder: str, batch_size: int, rounds: int, with_loop: bool) -> li
   def jax_step(with_gramian):
     def run(params, batch):
       result = gramian.loss_grads_and_gramian(
-          model, params, {}, batch, CASE.TASKS, path="fast", with_gramian=with_gramian
+        model, params, {}, batch, CASE.TASKS, path="fast", with_gramian=with_gramian
       )
       return result.loss, result.grads, result.gramian
 
@@ -293,11 +300,11 @@ def benchmark(encoder: str, batch_size: int, rounds: int, with_loop: bool) -> li
   torch_model = TorchModel(encoder, params, CASE.IMAGE_SHAPE)
   methods = TorchMethods(torch_model, batch)
   functions = {
-      "JAX plain EW step": lambda: jax.block_until_ready(jax_plain(params, batch)),
-      "JAX fast Gramian (+ loss, grads)": lambda: jax.block_until_ready(jax_fast(params, batch)),
-      "PyTorch plain EW step": methods.plain_step,
-      "torch.func vmap(jacrev)": methods.vmap_jacrev,
-      "torch.func vmap(grad) per task": methods.vmap_grad_per_task,
+    "JAX plain EW step": lambda: jax.block_until_ready(jax_plain(params, batch)),
+    "JAX fast Gramian (+ loss, grads)": lambda: jax.block_until_ready(jax_fast(params, batch)),
+    "PyTorch plain EW step": methods.plain_step,
+    "torch.func vmap(jacrev)": methods.vmap_jacrev,
+    "torch.func vmap(grad) per task": methods.vmap_grad_per_task,
   }
   try:
     functions["Opacus GradSampleModule"] = OpacusMethod(torch_model, methods)
@@ -316,9 +323,12 @@ def benchmark(encoder: str, batch_size: int, rounds: int, with_loop: bool) -> li
       got = output.detach().numpy()
       differences[name] = float(np.max(np.abs(got - expected)) / np.max(np.abs(expected)))
       if differences[name] > MISMATCH:
-        print(f"[WARNING: {name} disagrees with the JAX fast Gramian by {differences[name]:.1e} "
-              "relative: the PyTorch model no longer mirrors the Flax one, or the method is "
-              "wrong; its timing compares different computations]", file=sys.stderr)
+        print(
+          f"[WARNING: {name} disagrees with the JAX fast Gramian by {differences[name]:.1e} "
+          "relative: the PyTorch model no longer mirrors the Flax one, or the method is "
+          "wrong; its timing compares different computations]",
+          file=sys.stderr,
+        )
   times = {name: [] for name in functions}
   for _ in range(rounds):
     for name, function in functions.items():
@@ -337,8 +347,14 @@ def benchmark(encoder: str, batch_size: int, rounds: int, with_loop: bool) -> li
   for name in functions:
     median_ms = 1e3 * statistics.median(times[name])
     rows.append(
-        dict(encoder=encoder, batch=batch_size, method=name, median_ms=median_ms,
-             fast_speedup=median_ms / fast_ms, difference=differences.get(name))
+      dict(
+        encoder=encoder,
+        batch=batch_size,
+        method=name,
+        median_ms=median_ms,
+        fast_speedup=median_ms / fast_ms,
+        difference=differences.get(name),
+      )
     )
   return rows
 
@@ -348,17 +364,20 @@ def main() -> None:
   parser.add_argument("--rounds", type=int, default=9, help="timed calls of each method")
   parser.add_argument("--batch-sizes", default="64,128", help="comma-separated batch sizes")
   parser.add_argument("--encoders", default="small_cnn,mlp", help="comma-separated: mlp,small_cnn")
-  parser.add_argument("--loop-all", action="store_true",
-                      help="time the autograd.grad loop at every batch size, not only the smallest")
+  parser.add_argument(
+    "--loop-all",
+    action="store_true",
+    help="time the autograd.grad loop at every batch size, not only the smallest",
+  )
   arguments = parser.parse_args()
   # Opacus's hooks on the first layer, whose input needs no gradient: expected, and harmless.
   warnings.filterwarnings("ignore", message="Full backward hook is firing")
   batch_sizes = [int(size) for size in arguments.batch_sizes.split(",")]
   print(
-      f"# Fast Gramian vs PyTorch per-sample methods, {datetime.date.today()}, "
-      f"{platform.machine()}, {os.cpu_count()} CPU cores (torch threads {torch.get_num_threads()}), "
-      f"jax {jax.__version__}, torch {torch.__version__}, T={len(CASE.TASKS)}, "
-      f"images {CASE.IMAGE_SHAPE}"
+    f"# Fast Gramian vs PyTorch per-sample methods, {datetime.date.today()}, "
+    f"{platform.machine()}, {os.cpu_count()} CPU cores (torch threads {torch.get_num_threads()}), "
+    f"jax {jax.__version__}, torch {torch.__version__}, T={len(CASE.TASKS)}, "
+    f"images {CASE.IMAGE_SHAPE}"
   )
   print()
   print("| encoder | B | method | median ms | ÷ JAX fast | Gramian max rel. diff vs JAX fast |")
@@ -370,9 +389,9 @@ def main() -> None:
       for row in benchmark(encoder, batch_size, arguments.rounds, with_loop):
         difference = "–" if row["difference"] is None else f"{row['difference']:.1e}"
         print(
-            f"| {row['encoder']} | {row['batch']} | {row['method']} | {row['median_ms']:.1f} | "
-            f"{row['fast_speedup']:.2f} | {difference} |",
-            flush=True,
+          f"| {row['encoder']} | {row['batch']} | {row['method']} | {row['median_ms']:.1f} | "
+          f"{row['fast_speedup']:.2f} | {difference} |",
+          flush=True,
         )
 
 

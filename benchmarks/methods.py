@@ -37,12 +37,18 @@ from configs import test as test_config  # noqa: E402
 from mtl_jax import train  # noqa: E402
 from mtl_jax.data import registry  # noqa: E402
 
-_METHODS = flags.DEFINE_list("methods", ["pcgrad", "imtl", "cagrad", "mgda", "upgrad", "nash_mtl", "aligned_mtl",
-                                         "gradvac"], "Gramian methods to time (at level 'task').")
-_SAMPLE_LEVEL_METHODS = flags.DEFINE_list("sample_level_methods", ["upgrad"],
-                                          "Methods also timed at level 'sample_task' (tiny case only).")
+_METHODS = flags.DEFINE_list(
+  "methods",
+  ["pcgrad", "imtl", "cagrad", "mgda", "upgrad", "nash_mtl", "aligned_mtl", "gradvac"],
+  "Gramian methods to time (at level 'task').",
+)
+_SAMPLE_LEVEL_METHODS = flags.DEFINE_list(
+  "sample_level_methods", ["upgrad"], "Methods also timed at level 'sample_task' (tiny case only)."
+)
 _CASES = flags.DEFINE_list("cases", ["tiny", "scenes"], "Cases to run: tiny, scenes.")
-_REPEATS = flags.DEFINE_integer("repeats", 15, "Timed rounds (one call of every step each, after a warm-up).")
+_REPEATS = flags.DEFINE_integer(
+  "repeats", 15, "Timed rounds (one call of every step each, after a warm-up)."
+)
 
 CASES = ("tiny", "scenes")
 
@@ -66,9 +72,15 @@ def case_config(case: str, method: str, level: str = "task"):
 def describe(case: str) -> str:
   config = case_config(case, "ew")
   model = config.model
-  features = f"features {tuple(model.features)}" if model.encoder == "small_cnn" else f"width {model.width_multiplier}"
-  return (f"{case}: {model.encoder} ({features}, {model.norm} norm), {config.dataset.height}x{config.dataset.width} "
-          f"images, batch {config.training.batch_size}, T = {len(config.tasks)}")
+  features = (
+    f"features {tuple(model.features)}"
+    if model.encoder == "small_cnn"
+    else f"width {model.width_multiplier}"
+  )
+  return (
+    f"{case}: {model.encoder} ({features}, {model.norm} norm), {config.dataset.height}x{config.dataset.width} "
+    f"images, batch {config.training.batch_size}, T = {len(config.tasks)}"
+  )
 
 
 def time_case(case: str, methods, sample_level_methods, repeats: int) -> dict[str, float]:
@@ -84,8 +96,9 @@ def time_case(case: str, methods, sample_level_methods, repeats: int) -> dict[st
     print(f"[{case}: compiling {key} ...]", file=sys.stderr, flush=True)
     experiment = train.build_experiment(case_config(case, method, level), dataset)
     state = train.init_state(experiment, 0)
-    step = train.make_train_step(experiment.model, experiment.tasks, experiment.weighting, experiment.optimizer,
-                                 level=level)
+    step = train.make_train_step(
+      experiment.model, experiment.tasks, experiment.weighting, experiment.optimizer, level=level
+    )
     compiled = jax.jit(step).lower(state, batch).compile()
     jax.block_until_ready(compiled(state, batch))  # Warm-up.
     executables[key] = (compiled, state)
@@ -104,16 +117,26 @@ def main(argv):
   for case in cases:
     if case not in CASES:
       raise ValueError(f"Unknown --cases entry {case!r}; valid cases: {', '.join(CASES)}.")
-  results = {case: time_case(case, _METHODS.value, _SAMPLE_LEVEL_METHODS.value if case == "tiny" else [],
-                             _REPEATS.value) for case in cases}
-  print(f"\n{datetime.date.today()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-        f"jax {jax.__version__} on {jax.default_backend()}; medians of {_REPEATS.value} interleaved rounds.")
+  results = {
+    case: time_case(
+      case, _METHODS.value, _SAMPLE_LEVEL_METHODS.value if case == "tiny" else [], _REPEATS.value
+    )
+    for case in cases
+  }
+  print(
+    f"\n{datetime.date.today()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+    f"jax {jax.__version__} on {jax.default_backend()}; medians of {_REPEATS.value} interleaved rounds."
+  )
   for case in cases:
     print(f"- {describe(case)}")
   print()
   print("| Method | " + " | ".join(f"{case} (ms) | ÷ EW" for case in cases) + " |")
   print("|---|" + "---|---|" * len(cases))
-  keys = ["ew"] + list(_METHODS.value) + [f"{method}@sample_task" for method in _SAMPLE_LEVEL_METHODS.value]
+  keys = (
+    ["ew"]
+    + list(_METHODS.value)
+    + [f"{method}@sample_task" for method in _SAMPLE_LEVEL_METHODS.value]
+  )
   for key in keys:
     label = "EW" if key == "ew" else key.replace("@sample_task", " (level sample_task)")
     cells = []

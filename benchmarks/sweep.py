@@ -35,11 +35,17 @@ from ml_collections import config_flags  # noqa: E402
 from mtl_jax import train  # noqa: E402
 from mtl_jax.data import pipeline  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/scenes.py", "Experiment config.", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", "configs/scenes.py", "Experiment config.", lock_config=True
+)
 _RUNS = flags.DEFINE_list("runs", ["4", "8"], "Group sizes K to measure.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per run.")
-_ROUNDS = flags.DEFINE_integer("rounds", 5, "Timed rounds per side, alternating; the median round counts.")
-_MODES = flags.DEFINE_list("modes", ["vmap", "loop"], f"Lane modes to measure, of {', '.join(train.LANE_MODES)}.")
+_ROUNDS = flags.DEFINE_integer(
+  "rounds", 5, "Timed rounds per side, alternating; the median round counts."
+)
+_MODES = flags.DEFINE_list(
+  "modes", ["vmap", "loop"], f"Lane modes to measure, of {', '.join(train.LANE_MODES)}."
+)
 
 
 def _batches(experiment, seeds, step):
@@ -62,14 +68,24 @@ class Sequential:
       with run_config.unlocked():
         run_config.optimizer.learning_rate = rate
       run_experiment = train.build_experiment(run_config, experiment.dataset)
-      self.steps.append(jax.jit(train.make_train_step(
-          run_experiment.model, run_experiment.tasks, run_experiment.weighting, run_experiment.optimizer)))
+      self.steps.append(
+        jax.jit(
+          train.make_train_step(
+            run_experiment.model,
+            run_experiment.tasks,
+            run_experiment.weighting,
+            run_experiment.optimizer,
+          )
+        )
+      )
       self.states.append(train.init_state(experiment, seed))
 
   def compile(self) -> float:
     start = time.perf_counter()
     for index, seed in enumerate(self.seeds):  # The first call of each program compiles it.
-      self.states[index], _ = self.steps[index](self.states[index], _batches(self.experiment, [seed], 0)[0])
+      self.states[index], _ = self.steps[index](
+        self.states[index], _batches(self.experiment, [seed], 0)[0]
+      )
     _block(self.states)
     return time.perf_counter() - start
 
@@ -77,7 +93,9 @@ class Sequential:
     start = time.perf_counter()
     for index, seed in enumerate(self.seeds):
       for step in range(first_step, first_step + steps):
-        self.states[index], metrics = self.steps[index](self.states[index], _batches(self.experiment, [seed], step)[0])
+        self.states[index], metrics = self.steps[index](
+          self.states[index], _batches(self.experiment, [seed], step)[0]
+        )
         jax.device_get(metrics)
     _block(self.states)
     return time.perf_counter() - start
@@ -88,8 +106,9 @@ class Grouped:
 
   def __init__(self, experiment, seeds, rates, lane_mode):
     self.experiment, self.seeds = experiment, seeds
-    step_fn = train.make_multi_train_step(experiment, shared_batch=False, skip_non_finite=False,
-                                             lane_mode=lane_mode)
+    step_fn = train.make_multi_train_step(
+      experiment, shared_batch=False, skip_non_finite=False, lane_mode=lane_mode
+    )
     self.step_fn = step_fn if lane_mode == "loop" else jax.jit(step_fn)
     self.states = train.stack_states([train.init_state(experiment, seed) for seed in seeds])
     self.rates = jnp.asarray(rates, jnp.float32)
@@ -119,14 +138,18 @@ def main(argv):
   experiment = train.build_experiment(config)
   total = experiment.total_steps
   modes = [train.default_lane_mode(mode) for mode in _MODES.value]
-  print(f"backend {jax.default_backend()}, {os.cpu_count()} CPUs; model {config.model.encoder} "
-        f"{config.dataset.height}x{config.dataset.width}, batch {config.training.batch_size}, method "
-        f"{config.method.name}; {_STEPS.value} timed steps per run in {_ROUNDS.value} rounds; a full run = {total} steps")
-  print("| K | side | run-steps/s | speed-up | compile (s) | K full runs incl. compile (s) | speed-up |")
+  print(
+    f"backend {jax.default_backend()}, {os.cpu_count()} CPUs; model {config.model.encoder} "
+    f"{config.dataset.height}x{config.dataset.width}, batch {config.training.batch_size}, method "
+    f"{config.method.name}; {_STEPS.value} timed steps per run in {_ROUNDS.value} rounds; a full run = {total} steps"
+  )
+  print(
+    "| K | side | run-steps/s | speed-up | compile (s) | K full runs incl. compile (s) | speed-up |"
+  )
   print("|---|---|---|---|---|---|---|")
   for runs in (int(value) for value in _RUNS.value):
     seeds = list(range(runs))
-    rates = [float(config.optimizer.learning_rate) * (0.5 ** index) for index in range(runs)]
+    rates = [float(config.optimizer.learning_rate) * (0.5**index) for index in range(runs)]
     sides = {"sequential": Sequential(config, experiment, seeds, rates)}
     for mode in modes:
       sides[mode] = Grouped(experiment, seeds, rates, mode)
@@ -141,8 +164,12 @@ def main(argv):
     base_full = compile_seconds["sequential"] + per_step["sequential"] * total
     for name in sides:
       full = compile_seconds[name] + per_step[name] * total
-      print(f"| {runs} | {name} | {runs / per_step[name]:.2f} | {per_step['sequential'] / per_step[name]:.2f}x | "
-            f"{compile_seconds[name]:.1f} | {full:.1f} | {base_full / full:.2f}x |", flush=True)
+      print(
+        f"| {runs} | {name} | {runs / per_step[name]:.2f} | {per_step['sequential'] / per_step[name]:.2f}x | "
+        f"{compile_seconds[name]:.1f} | {full:.1f} | {base_full / full:.2f}x |",
+        flush=True,
+      )
+
 
 if __name__ == "__main__":
   app.run(main)

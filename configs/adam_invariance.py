@@ -18,13 +18,16 @@ MODES = ("check", "app_a2", "classify", "all")
 def get_config(argument: str | None = None) -> ml_collections.ConfigDict:
   mode = argument or "all"
   if mode not in MODES:
-    raise ValueError(f"Unknown configs/adam_invariance.py mode {mode!r}; valid: {', '.join(MODES)}.")
+    raise ValueError(
+      f"Unknown configs/adam_invariance.py mode {mode!r}; valid: {', '.join(MODES)}."
+    )
   config = ml_collections.ConfigDict()
   config.mode = mode
   config.model = ml_collections.ConfigDict(dict(width=20))
   # Task t's target is targets_scale[t] * x ("the same depth in different units").
   config.targets_scale = (1.0, 2.0)
-  config.check = ml_collections.ConfigDict(dict(
+  config.check = ml_collections.ConfigDict(
+    dict(
       seed=0,
       steps=20,
       batch_size=16,
@@ -37,8 +40,10 @@ def get_config(argument: str | None = None) -> ml_collections.ConfigDict:
       # float64: 'equal' means below equal_tolerance, 'differ' means above differ_threshold.
       equal_tolerance=1e-8,
       differ_threshold=1e-6,
-  ))
-  config.app_a2 = ml_collections.ConfigDict(dict(
+    )
+  )
+  config.app_a2 = ml_collections.ConfigDict(
+    dict(
       seed=0,
       num_samples=1024,
       batch_size=32,
@@ -49,10 +54,12 @@ def get_config(argument: str | None = None) -> ml_collections.ConfigDict:
       adam_learning_rate=1e-3,
       adam_eps=1e-8,
       runs=("ew+sgd", "ew+adam", "uw_o+sgd", "ew+per_task_adam"),
-  ))
+    )
+  )
   train = test.get_config()
   train.optimizer.weight_decay = 0.0
-  config.classify = ml_collections.ConfigDict(dict(
+  config.classify = ml_collections.ConfigDict(
+    dict(
       # The train-step config whose model, data and method options are used.
       train=train,
       steps=4,
@@ -70,5 +77,6 @@ def get_config(argument: str | None = None) -> ml_collections.ConfigDict:
       methods=(),
       # Also classify one Adam per task (not a registry method; costs one more compile).
       include_per_task_adam=True,
-  ))
+    )
+  )
   return config

@@ -9,7 +9,8 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.dataset = ml_collections.ConfigDict(dict(
+  config.dataset = ml_collections.ConfigDict(
+    dict(
       name="scenes",
       height=32,
       width=64,
@@ -25,9 +26,11 @@ def get_config() -> ml_collections.ConfigDict:
       validation_seed=0,
       augment=True,
       scales=(1.0, 1.2, 1.5),
-  ))
+    )
+  )
   config.tasks = ("segmentation", "depth", "normals")
-  config.model = ml_collections.ConfigDict(dict(
+  config.model = ml_collections.ConfigDict(
+    dict(
       encoder="segnet",
       norm="batch",
       width_multiplier=0.125,
@@ -38,8 +41,10 @@ def get_config() -> ml_collections.ConfigDict:
       resnet_stem="cifar",
       # A local .npz / .msgpack of encoder variables to start from ('' = random init).
       pretrained_backbone="",
-  ))
-  config.method = ml_collections.ConfigDict(dict(
+    )
+  )
+  config.method = ml_collections.ConfigDict(
+    dict(
       name="ew",
       uw_initial_log_variance=-0.5,
       uw_o_epsilon=1e-8,
@@ -64,15 +69,19 @@ def get_config() -> ml_collections.ConfigDict:
       gradnorm_alpha=1.5,
       famo_learning_rate=0.025,
       famo_weight_decay=1e-3,
-  ))
+    )
+  )
   # The Gramian engine's self-check (mtl_jax/gramian/check.py), for runs that compute per-sample
   # Gramians on the fast path (Gramian methods at level 'sample'/'sample_task', the conflict probe
   # with path 'fast'): a few rows are compared with the reference path and a disagreement beyond
   # float32 rounding stops the run. -1 = once, at the first such step; 0 = never; k = every k steps.
-  config.gramian = ml_collections.ConfigDict(dict(
+  config.gramian = ml_collections.ConfigDict(
+    dict(
       verify_every_steps=-1,
-  ))
-  config.optimizer = ml_collections.ConfigDict(dict(
+    )
+  )
+  config.optimizer = ml_collections.ConfigDict(
+    dict(
       name="adam",
       learning_rate=1e-3,
       momentum=0.9,
@@ -83,8 +92,10 @@ def get_config() -> ml_collections.ConfigDict:
       decoupled_weight_decay=False,
       lr_decay_every_epochs=0,
       lr_decay_factor=0.5,
-  ))
-  config.training = ml_collections.ConfigDict(dict(
+    )
+  )
+  config.training = ml_collections.ConfigDict(
+    dict(
       num_epochs=8,
       batch_size=32,
       eval_batch_size=128,
@@ -95,23 +106,29 @@ def get_config() -> ml_collections.ConfigDict:
       # 'stop' raises on a non-finite loss or gradient; 'skip' drops the step and counts it.
       on_non_finite="stop",
       async_checkpoints=True,
-  ))
-  config.delta_m = ml_collections.ConfigDict(dict(
+    )
+  )
+  config.delta_m = ml_collections.ConfigDict(
+    dict(
       # STL run directories (or their results.json files) whose metrics are the Δm baseline.
       baseline=(),
       variant="flat",
-  ))
+    )
+  )
   # Scaling out (mtl_jax/parallel.py): the batch split over a 'data' mesh axis.
-  config.sharding = ml_collections.ConfigDict(dict(
+  config.sharding = ml_collections.ConfigDict(
+    dict(
       data_axis_size=-1,  # devices on the 'data' axis; -1 = all. Used only with > 1 device.
       fsdp=False,  # split large parameters and optimizer moments over 'data' (big encoders).
       fsdp_min_size=2**14,  # leaves with fewer elements stay replicated under fsdp.
       # 'auto': jax.distributed.initialize() when the environment names several hosts
       # (TPU pod slice, SLURM, JAX_COORDINATOR_ADDRESS); 'on' always; 'off' never.
       distributed="auto",
-  ))
+    )
+  )
   # The gradient-conflict probe (mtl_jax/conflicts.py), run inside training every k steps.
-  config.conflicts = ml_collections.ConfigDict(dict(
+  config.conflicts = ml_collections.ConfigDict(
+    dict(
       # Probe every k training steps (0 = no probe; ordinary training is untouched).
       probe_every_steps=0,
       max_samples=8,  # Samples of the batch per probe (0 = all).
@@ -124,5 +141,6 @@ def get_config() -> ml_collections.ConfigDict:
       zero_tolerance=1e-12,  # Rows with squared norm <= this x the largest have no direction.
       # Parameter ratio: coordinates with |g| <= this x max |g| of their gradient count as zero.
       sign_tolerance=1e-6,
-  ))
+    )
+  )
   return config

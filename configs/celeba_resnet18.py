@@ -14,6 +14,14 @@ from configs import paper
 
 def get_config(argument: str | None = None) -> ml_collections.ConfigDict:
   return paper.paper_config(
-      "celeb_a", "resnet18", ("attributes",), height=64, width=64, num_epochs=100, batch_size=512,
-      lr_decay_every_epochs=30, learning_rate=1e-3, argument=argument,
+    "celeb_a",
+    "resnet18",
+    ("attributes",),
+    height=64,
+    width=64,
+    num_epochs=100,
+    batch_size=512,
+    lr_decay_every_epochs=30,
+    learning_rate=1e-3,
+    argument=argument,
   )

@@ -14,6 +14,14 @@ from configs import paper
 
 def get_config(argument: str | None = None) -> ml_collections.ConfigDict:
   return paper.paper_config(
-      "cityscapes", "deeplabv3_resnet50", ("segmentation", "depth"), height=128, width=256, num_epochs=300, batch_size=64,
-      lr_decay_every_epochs=100, learning_rate=1e-3, argument=argument,
+    "cityscapes",
+    "deeplabv3_resnet50",
+    ("segmentation", "depth"),
+    height=128,
+    width=256,
+    num_epochs=300,
+    batch_size=64,
+    lr_decay_every_epochs=100,
+    learning_rate=1e-3,
+    argument=argument,
   )

@@ -14,6 +14,14 @@ from configs import paper
 
 def get_config(argument: str | None = None) -> ml_collections.ConfigDict:
   return paper.paper_config(
-      "cityscapes", "segnet", ("segmentation", "depth"), height=128, width=256, num_epochs=300, batch_size=64,
-      lr_decay_every_epochs=100, learning_rate=5e-3, argument=argument,
+    "cityscapes",
+    "segnet",
+    ("segmentation", "depth"),
+    height=128,
+    width=256,
+    num_epochs=300,
+    batch_size=64,
+    lr_decay_every_epochs=100,
+    learning_rate=5e-3,
+    argument=argument,
   )

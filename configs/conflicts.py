@@ -20,11 +20,15 @@ from configs.sections import conflicts
 ARCHITECTURES = ("small_heads", "large_heads")
 
 
-def apply_study_settings(config: ml_collections.ConfigDict, argument: str | None) -> ml_collections.ConfigDict:
+def apply_study_settings(
+  config: ml_collections.ConfigDict, argument: str | None
+) -> ml_collections.ConfigDict:
   """The settings all conflict configs share: small CPU sizes, EW + Adam, group norm, the probe."""
   if argument and argument not in ARCHITECTURES:
-    raise ValueError(f"Bad config argument {argument!r} for a conflicts config; valid: "
-                     f"{', '.join(ARCHITECTURES)} or none (both).")
+    raise ValueError(
+      f"Bad config argument {argument!r} for a conflicts config; valid: "
+      f"{', '.join(ARCHITECTURES)} or none (both)."
+    )
   config.dataset.height, config.dataset.width = 16, 32
   config.dataset.num_train, config.dataset.num_validation, config.dataset.num_test = 256, 32, 32
   # A small CNN: global-average-pooled output for the attribute setting, full-resolution

@@ -14,6 +14,14 @@ from configs import paper
 
 def get_config(argument: str | None = None) -> ml_collections.ConfigDict:
   return paper.paper_config(
-      "nyuv2", "deeplabv3_resnet50", ("segmentation", "depth", "normals"), height=288, width=384, num_epochs=200, batch_size=8,
-      lr_decay_every_epochs=100, learning_rate=1e-4, argument=argument,
+    "nyuv2",
+    "deeplabv3_resnet50",
+    ("segmentation", "depth", "normals"),
+    height=288,
+    width=384,
+    num_epochs=200,
+    batch_size=8,
+    lr_decay_every_epochs=100,
+    learning_rate=1e-4,
+    argument=argument,
   )

@@ -17,9 +17,18 @@ METHODS = ("ew", "uw", "rlw", "imtl", "pcgrad", "cagrad", "aligned_mtl", "adatas
 OPTIMIZERS = ("adam", "sgd")
 
 
-def paper_config(dataset: str, encoder: str, tasks: tuple[str, ...], height: int, width: int, num_epochs: int,
-                 batch_size: int, lr_decay_every_epochs: int, learning_rate: float,
-                 argument: str | None) -> ml_collections.ConfigDict:
+def paper_config(
+  dataset: str,
+  encoder: str,
+  tasks: tuple[str, ...],
+  height: int,
+  width: int,
+  num_epochs: int,
+  batch_size: int,
+  lr_decay_every_epochs: int,
+  learning_rate: float,
+  argument: str | None,
+) -> ml_collections.ConfigDict:
   """base.py with the paper's dataset, network and schedule; `argument` as in configs/scenes.py."""
   config = optimizers.add(base.get_config())
   config.dataset.name = dataset

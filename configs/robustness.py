@@ -29,5 +29,7 @@ def get_config(argument: str | None = None) -> ml_collections.ConfigDict:
   if argument == "figure":
     config.robustness.mode = "figure"
   elif argument:
-    raise ValueError(f"Bad config argument {argument!r} for configs/robustness.py; valid: 'figure' or none.")
+    raise ValueError(
+      f"Bad config argument {argument!r} for configs/robustness.py; valid: 'figure' or none."
+    )
   return config

@@ -24,12 +24,16 @@ def parse_arguments(argument: str | None) -> dict[str, str]:
   for item in filter(None, (argument or "").split(",")):
     key, separator, value = item.partition("=")
     if not separator or key not in _ARGUMENTS:
-      raise ValueError(f"Bad config argument {item!r}; expected key=value with key in {', '.join(_ARGUMENTS)}.")
+      raise ValueError(
+        f"Bad config argument {item!r}; expected key=value with key in {', '.join(_ARGUMENTS)}."
+      )
     values[key] = value
   return values
 
 
-def apply_arguments(config: ml_collections.ConfigDict, argument: str | None) -> ml_collections.ConfigDict:
+def apply_arguments(
+  config: ml_collections.ConfigDict, argument: str | None
+) -> ml_collections.ConfigDict:
   values = parse_arguments(argument)
   if "task" in values:
     config.tasks = (values["task"],)

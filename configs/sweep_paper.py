@@ -22,11 +22,29 @@ from configs import base
 from configs.sections import optimizers
 
 _VARIANTS = {
-    # name: (dataset, tasks, encoder, height, width, epochs, batch size, lr decay every epochs)
-    "cityscapes_segnet": ("cityscapes", ("segmentation", "depth"), "segnet", 128, 256, 300, 64, 100),
-    "cityscapes_deeplab": ("cityscapes", ("segmentation", "depth"), "deeplabv3", 128, 256, 300, 64, 100),
-    "nyuv2_segnet": ("nyuv2", ("segmentation", "depth", "normals"), "segnet", 288, 384, 200, 8, 100),
-    "nyuv2_deeplab": ("nyuv2", ("segmentation", "depth", "normals"), "deeplabv3", 288, 384, 200, 8, 100),
+  # name: (dataset, tasks, encoder, height, width, epochs, batch size, lr decay every epochs)
+  "cityscapes_segnet": ("cityscapes", ("segmentation", "depth"), "segnet", 128, 256, 300, 64, 100),
+  "cityscapes_deeplab": (
+    "cityscapes",
+    ("segmentation", "depth"),
+    "deeplabv3",
+    128,
+    256,
+    300,
+    64,
+    100,
+  ),
+  "nyuv2_segnet": ("nyuv2", ("segmentation", "depth", "normals"), "segnet", 288, 384, 200, 8, 100),
+  "nyuv2_deeplab": (
+    "nyuv2",
+    ("segmentation", "depth", "normals"),
+    "deeplabv3",
+    288,
+    384,
+    200,
+    8,
+    100,
+  ),
 }
 
 
@@ -62,7 +80,17 @@ def get_config(argument: str | None = None) -> ml_collections.ConfigDict:
   if "sweep" not in config:
     optimizers.add(config)
   config.training.early_stopping_patience = 0
-  config.sweep.methods = ("ew", "uw", "rlw", "imtl", "pcgrad", "cagrad", "aligned_mtl", "adatask", "mtl_io")
+  config.sweep.methods = (
+    "ew",
+    "uw",
+    "rlw",
+    "imtl",
+    "pcgrad",
+    "cagrad",
+    "aligned_mtl",
+    "adatask",
+    "mtl_io",
+  )
   config.sweep.optimizers = ("adam", "sgd")
   config.sweep.lr_grid = (0.5, 0.1, 0.05, 0.01, 0.005, 0.001, 5e-4, 1e-4, 5e-5, 1e-5)
   config.sweep.stl_lr_grid = (0.01, 0.005, 0.001, 5e-4, 1e-4, 5e-5)

@@ -20,9 +20,12 @@ from ml_collections import config_flags  # noqa: E402
 from mtl_jax import runtime  # noqa: E402
 from mtl_jax.studies import invariance  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/adam_invariance.py", "Config file (argument = mode).",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", "runs/adam_invariance", "Directory for tables, figures and results.")
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", "configs/adam_invariance.py", "Config file (argument = mode).", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+  "workdir", "runs/adam_invariance", "Directory for tables, figures and results."
+)
 
 
 def main(argv):

@@ -22,9 +22,12 @@ from ml_collections import config_flags  # noqa: E402
 from mtl_jax import runtime  # noqa: E402
 from mtl_jax.studies import conflicts as conflict_study  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/conflicts.py", "A conflicts config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", "runs/conflicts", "Directory for the runs, figures and summary.md.")
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", "configs/conflicts.py", "A conflicts config file.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+  "workdir", "runs/conflicts", "Directory for the runs, figures and summary.md."
+)
 
 
 def main(argv):
@@ -33,8 +36,10 @@ def main(argv):
   runtime.setup(_CONFIG.value)
   results = conflict_study.run_conflicts(_CONFIG.value, _WORKDIR.value)
   print(results["summary"])
-  print(f"Summary written to {os.path.join(_WORKDIR.value, conflict_study.SUMMARY_FILE)}; figures: "
-        f"{', '.join(results['figures'])}")
+  print(
+    f"Summary written to {os.path.join(_WORKDIR.value, conflict_study.SUMMARY_FILE)}; figures: "
+    f"{', '.join(results['figures'])}"
+  )
 
 
 if __name__ == "__main__":

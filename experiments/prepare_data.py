@@ -31,13 +31,21 @@ def main(argv):
   from mtl_jax.data.builders import cityscapes_mtl
   from mtl_jax.data.builders import nyuv2_mtl
 
-  builder_class = {"cityscapes": cityscapes_mtl.CityscapesMtl, "nyuv2": nyuv2_mtl.Nyuv2Mtl}[_DATASET.value]
-  name = {"cityscapes": tfds_datasets.CITYSCAPES_TFDS_NAME, "nyuv2": tfds_datasets.NYUV2_TFDS_NAME}[_DATASET.value]
+  builder_class = {"cityscapes": cityscapes_mtl.CityscapesMtl, "nyuv2": nyuv2_mtl.Nyuv2Mtl}[
+    _DATASET.value
+  ]
+  name = {"cityscapes": tfds_datasets.CITYSCAPES_TFDS_NAME, "nyuv2": tfds_datasets.NYUV2_TFDS_NAME}[
+    _DATASET.value
+  ]
   config = name.partition("/")[2] or None
-  builder = builder_class(config=config, data_dir=_DATA_DIR.value or None, file_format="array_record")
+  builder = builder_class(
+    config=config, data_dir=_DATA_DIR.value or None, file_format="array_record"
+  )
   start = time.time()
   print(f"Building {name} from {_MANUAL_DIR.value} into {builder.data_dir} ...", flush=True)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=_MANUAL_DIR.value))
+  builder.download_and_prepare(
+    download_config=tfds.download.DownloadConfig(manual_dir=_MANUAL_DIR.value)
+  )
   sizes = {split: info.num_examples for split, info in builder.info.splits.items()}
   print(f"Done in {time.time() - start:.0f} s: {sizes} in {builder.data_dir}", flush=True)
 

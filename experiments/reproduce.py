@@ -17,10 +17,15 @@ from ml_collections import config_flags  # noqa: E402
 from mtl_jax import runtime  # noqa: E402
 from mtl_jax.studies import reproduce  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/reproduce.py", "Reproduce config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", "runs/reproduce", "Directory of all studies and report.md.")
-_STUDIES = flags.DEFINE_list("studies", None, f"Studies to run (default all): {', '.join(reproduce.STUDIES)}.")
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", "configs/reproduce.py", "Reproduce config file.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+  "workdir", "runs/reproduce", "Directory of all studies and report.md."
+)
+_STUDIES = flags.DEFINE_list(
+  "studies", None, f"Studies to run (default all): {', '.join(reproduce.STUDIES)}."
+)
 
 
 def main(argv):

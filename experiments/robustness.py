@@ -19,9 +19,12 @@ from mtl_jax import runtime  # noqa: E402
 from mtl_jax.data import registry  # noqa: E402
 from mtl_jax.studies import robustness  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/robustness.py", "Robustness config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", "runs/robustness", "Directory for the prepared runs and the results.")
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", "configs/robustness.py", "Robustness config file.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+  "workdir", "runs/robustness", "Directory for the prepared runs and the results."
+)
 
 
 def main(argv):

@@ -19,9 +19,12 @@ from ml_collections import config_flags  # noqa: E402
 from mtl_jax import runtime  # noqa: E402
 from mtl_jax.studies import optimizers as sweep  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/sweep_scenes.py", "Sweep config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", "runs/sweep_scenes", "Directory of the sweep's runs and tables.")
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", "configs/sweep_scenes.py", "Sweep config file.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+  "workdir", "runs/sweep_scenes", "Directory of the sweep's runs and tables."
+)
 
 
 def main(argv):

@@ -18,8 +18,12 @@ from ml_collections import config_flags  # noqa: E402
 from mtl_jax import runtime  # noqa: E402
 from mtl_jax.studies import toy as toy_study  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/toy.py", "Toy config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", "runs/toy", "Directory for the table, figure and results.json.")
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", "configs/toy.py", "Toy config file.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+  "workdir", "runs/toy", "Directory for the table, figure and results.json."
+)
 
 
 def main(argv):
@@ -29,8 +33,10 @@ def main(argv):
   results = toy_study.run_toy(_CONFIG.value, _WORKDIR.value)
   print(results["markdown"])
   print(results["tolerance"])
-  print(f"{results['num_runs']} runs in {results['dtype']}, and {len(results['sensitivity']['names'])} variants: "
-        f"compile {results['compile_seconds']:.2f} s, run {results['run_seconds']:.2f} s (after compilation)")
+  print(
+    f"{results['num_runs']} runs in {results['dtype']}, and {len(results['sensitivity']['names'])} variants: "
+    f"compile {results['compile_seconds']:.2f} s, run {results['run_seconds']:.2f} s (after compilation)"
+  )
   with open(os.path.join(_WORKDIR.value, "results.json"), "w") as file:
     json.dump({k: v for k, v in results.items() if k != "markdown"}, file, indent=2)
   print(f"Figure: {results['figure']}")

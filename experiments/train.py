@@ -24,8 +24,12 @@ from mtl_jax import runtime  # noqa: E402
 from mtl_jax import train  # noqa: E402
 from mtl_jax.data import validation  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/scenes.py", "Experiment config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", "runs/scenes", "Directory for checkpoints, metrics and results.")
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", "configs/scenes.py", "Experiment config file.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+  "workdir", "runs/scenes", "Directory for checkpoints, metrics and results."
+)
 
 
 def main(argv):

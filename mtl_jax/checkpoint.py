@@ -59,12 +59,14 @@ def state_digest(state: Any) -> str | None:
 
 def _manager(directory: str, max_to_keep: int, asynchronous: bool) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep,
-      create=True,
-      enable_async_checkpointing=asynchronous,
-      cleanup_tmp_directories=True,
+    max_to_keep=max_to_keep,
+    create=True,
+    enable_async_checkpointing=asynchronous,
+    cleanup_tmp_directories=True,
   )
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=("state", "progress"))
+  return ocp.CheckpointManager(
+    os.path.abspath(directory), options=options, item_names=("state", "progress")
+  )
 
 
 def partial_checkpoints(directory: str) -> list[str]:
@@ -80,8 +82,12 @@ class Checkpointer:
   def __init__(self, workdir: str, max_to_keep: int = 2, asynchronous: bool = True):
     self.workdir = workdir
     # Partial saves from a killed run are reported before the manager's cleanup removes them.
-    for name in partial_checkpoints(os.path.join(workdir, LATEST)) + partial_checkpoints(os.path.join(workdir, BEST)):
-      metric_writers.status(f"Ignoring partially written checkpoint {name} in {workdir} (the save never finished).")
+    for name in partial_checkpoints(os.path.join(workdir, LATEST)) + partial_checkpoints(
+      os.path.join(workdir, BEST)
+    ):
+      metric_writers.status(
+        f"Ignoring partially written checkpoint {name} in {workdir} (the save never finished)."
+      )
     self.latest = _manager(os.path.join(workdir, LATEST), max_to_keep, asynchronous)
     self.best = _manager(os.path.join(workdir, BEST), 1, asynchronous)
 
@@ -89,14 +95,17 @@ class Checkpointer:
     """Saves state and progress at step, to the best slot when best is True."""
     manager = self.best if best else self.latest
     progress = {**progress, DIGEST_KEY: state_digest(state)}
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress))
+    args = ocp.args.Composite(
+      state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)
+    )
     manager.save(step, args=args, force=True)
 
   def latest_step(self) -> int | None:
     return self.latest.latest_step()
 
-  def restore(self, target: Any, best: bool = False,
-              check_progress: Callable[[dict], None] | None = None) -> tuple[Any, dict] | None:
+  def restore(
+    self, target: Any, best: bool = False, check_progress: Callable[[dict], None] | None = None
+  ) -> tuple[Any, dict] | None:
     """Restores the newest intact checkpoint onto target's structure, or None when there is none.
 
     A checkpoint that fails to restore (truncated, garbled or missing files) or whose content
@@ -120,12 +129,16 @@ class Checkpointer:
     for step in steps:
       if check_progress is not None:
         try:
-          saved_progress = manager.restore(step, args=ocp.args.Composite(progress=ocp.args.JsonRestore())).progress
+          saved_progress = manager.restore(
+            step, args=ocp.args.Composite(progress=ocp.args.JsonRestore())
+          ).progress
         except Exception:  # A damaged record is reported by the full restore below.
           saved_progress = None
         if saved_progress is not None:
           check_progress(dict(saved_progress))
-      args = ocp.args.Composite(state=ocp.args.StandardRestore(target), progress=ocp.args.JsonRestore())
+      args = ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), progress=ocp.args.JsonRestore()
+      )
       try:
         restored = manager.restore(step, args=args)
         progress = dict(restored.progress)
@@ -135,18 +148,25 @@ class Checkpointer:
       except Exception as error:  # Orbax and TensorStore raise many types for damaged files.
         reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
         failures.append(f"step {step}: {reason}")
-        metric_writers.status(f"Warning: checkpoint step {step} in {manager.directory} is damaged ({reason}); "
-                              "falling back to an older one.")
-        logging.warning("Checkpoint at step %d in %s could not be restored: %s", step, manager.directory, error)
+        metric_writers.status(
+          f"Warning: checkpoint step {step} in {manager.directory} is damaged ({reason}); "
+          "falling back to an older one."
+        )
+        logging.warning(
+          "Checkpoint at step %d in %s could not be restored: %s", step, manager.directory, error
+        )
         continue
       if failures:
-        metric_writers.status(f"Restored checkpoint step {step} from {manager.directory} after skipping "
-                              f"{len(failures)} damaged one(s).")
+        metric_writers.status(
+          f"Restored checkpoint step {step} from {manager.directory} after skipping "
+          f"{len(failures)} damaged one(s)."
+        )
       return restored.state, progress
     if failures:
       raise CheckpointError(
-          f"No intact checkpoint in {manager.directory}: every one failed to restore ("
-          + "; ".join(failures) + "). Move the directory away to start over, or restore it from a backup."
+        f"No intact checkpoint in {manager.directory}: every one failed to restore ("
+        + "; ".join(failures)
+        + "). Move the directory away to start over, or restore it from a backup."
       )
     return None
 
@@ -159,7 +179,9 @@ class Checkpointer:
     self.best.close()
 
 
-def fingerprint_mismatches(saved: Mapping[str, Any] | None, current: Mapping[str, Any], prefix: str = "") -> list[str]:
+def fingerprint_mismatches(
+  saved: Mapping[str, Any] | None, current: Mapping[str, Any], prefix: str = ""
+) -> list[str]:
   """Lists 'key: checkpoint X vs config Y' for every (nested, dotted) key where two fingerprints differ.
 
   Args:

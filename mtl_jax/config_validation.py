@@ -58,7 +58,9 @@ class _Checker:
   def fail(self, key: str, message: str) -> None:
     self.problems.append(f"config.{key}: {message}")
 
-  def integer(self, key: str, minimum: int, divisor: int | None = None, divisor_name: str = "") -> None:
+  def integer(
+    self, key: str, minimum: int, divisor: int | None = None, divisor_name: str = ""
+  ) -> None:
     present, value = self.value(key)
     if not present:
       return
@@ -69,8 +71,11 @@ class _Checker:
     elif divisor and value % divisor:
       lower = (value // divisor) * divisor
       options = " or ".join(str(option) for option in (lower, lower + divisor) if option > 0)
-      self.fail(key, f"{value} is not divisible by {divisor_name} ({divisor}); use a multiple of {divisor}, "
-                     f"e.g. {options}.")
+      self.fail(
+        key,
+        f"{value} is not divisible by {divisor_name} ({divisor}); use a multiple of {divisor}, "
+        f"e.g. {options}.",
+      )
 
   def real(self, key: str, check: Callable[[float], bool], allowed: str) -> None:
     present, value = self.value(key)
@@ -118,10 +123,14 @@ def _check_tasks(checker: _Checker, dataset: data_registry.Dataset | None) -> No
   elif len(set(tasks)) != len(tasks):
     checker.fail("tasks", f"names a task twice: {tuple(tasks)!r}.")
   elif dataset is not None:
-    known = set(dataset.tasks) | ({data_registry.ALL_ATTRIBUTES} if dataset.attribute_tasks else set())
+    known = set(dataset.tasks) | (
+      {data_registry.ALL_ATTRIBUTES} if dataset.attribute_tasks else set()
+    )
     unknown = [task for task in tasks if task not in known]
     if unknown:
-      checker.fail("tasks", f"Unknown task(s) {unknown} for dataset {dataset.name!r}; valid tasks: {valid}.")
+      checker.fail(
+        "tasks", f"Unknown task(s) {unknown} for dataset {dataset.name!r}; valid tasks: {valid}."
+      )
 
 
 def _check_model(checker: _Checker) -> None:
@@ -143,21 +152,27 @@ def _check_model(checker: _Checker) -> None:
       if size % step:
         lower = (size // step) * step
         options = " or ".join(str(option) for option in (lower, lower + step) if option > 0)
-        checker.fail(key, f"{size} cannot be taken by model.encoder 'segnet', which needs multiples of {step} "
-                          f"(five 2x2 max-pool stages); valid nearby: {options}.")
+        checker.fail(
+          key,
+          f"{size} cannot be taken by model.encoder 'segnet', which needs multiples of {step} "
+          f"(five 2x2 max-pool stages); valid nearby: {options}.",
+        )
 
 
 def _check_gramian(checker: _Checker) -> None:
   present, value = checker.value("gramian.verify_every_steps")
   if present and (not _is_int(value) or value < -1):
-    checker.fail("gramian.verify_every_steps", f"expected -1 (once, at the first step with a fast-path Gramian), 0 "
-                                               f"(never) or a positive step count; got {value!r}.")
+    checker.fail(
+      "gramian.verify_every_steps",
+      f"expected -1 (once, at the first step with a fast-path Gramian), 0 "
+      f"(never) or a positive step count; got {value!r}.",
+    )
 
 
 def validate_config(
-    config: ml_collections.ConfigDict,
-    dataset: data_registry.Dataset | None = None,
-    device_count: int | None = None,
+  config: ml_collections.ConfigDict,
+  dataset: data_registry.Dataset | None = None,
+  device_count: int | None = None,
 ) -> None:
   """Raises a ConfigError naming each bad key and its valid choices; returns None if the config is usable.
 
@@ -173,14 +188,23 @@ def validate_config(
   device_count = jax.device_count() if device_count is None else int(device_count)
   checker.integer("seed", 0)
   checker.choice("dataset.name", data_registry.dataset_names(), "datasets")
-  for key in ("dataset.height", "dataset.width", "dataset.num_train", "dataset.num_validation", "dataset.num_test"):
+  for key in (
+    "dataset.height",
+    "dataset.width",
+    "dataset.num_train",
+    "dataset.num_validation",
+    "dataset.num_test",
+  ):
     checker.integer(key, 1)
   present, data_dir = checker.value("dataset.data_dir")
   if present and data_dir and not isinstance(data_dir, str):
     checker.fail("dataset.data_dir", f"expected a directory path (string), got {data_dir!r}.")
   elif present and data_dir and not os.path.isdir(os.path.expanduser(data_dir)):
-    checker.fail("dataset.data_dir", f"directory {data_dir!r} does not exist (absolute: "
-                                     f"{os.path.abspath(os.path.expanduser(data_dir))}).")
+    checker.fail(
+      "dataset.data_dir",
+      f"directory {data_dir!r} does not exist (absolute: "
+      f"{os.path.abspath(os.path.expanduser(data_dir))}).",
+    )
   _check_tasks(checker, dataset)
   _check_model(checker)
   checker.choice("method.name", weighting_lib.method_names(), "methods")
@@ -209,7 +233,10 @@ def validate_config(
     baselines = (baselines,)
   for path in (baselines or ()) if present else ():
     if not os.path.exists(path):
-      checker.fail("delta_m.baseline", f"{path!r} does not exist; give STL run directories or results.json files.")
+      checker.fail(
+        "delta_m.baseline",
+        f"{path!r} does not exist; give STL run directories or results.json files.",
+      )
   if checker.problems:
     raise ConfigError("\n".join(checker.problems))
 

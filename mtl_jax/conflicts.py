@@ -94,14 +94,20 @@ def inter_sample_pairs(num_samples: int, num_tasks: int) -> tuple[np.ndarray, np
   """Flat row indices (i·T + t, j·T + t), i < j, of every inter-sample pair: T·B(B-1)/2 pairs."""
   samples_first, samples_second = upper_pairs(num_samples)
   tasks = np.arange(num_tasks, dtype=np.int32)[:, None]
-  return (samples_first * num_tasks + tasks).reshape(-1), (samples_second * num_tasks + tasks).reshape(-1)
+  return (samples_first * num_tasks + tasks).reshape(-1), (
+    samples_second * num_tasks + tasks
+  ).reshape(-1)
 
 
 # ------------------------------------------------------------------------------- pure measures
 
 
-def pair_measures(rows_gramian: jax.Array, first: np.ndarray, second: np.ndarray,
-                  zero_tolerance: float = DEFAULT_ZERO_TOLERANCE) -> PairMeasures:
+def pair_measures(
+  rows_gramian: jax.Array,
+  first: np.ndarray,
+  second: np.ndarray,
+  zero_tolerance: float = DEFAULT_ZERO_TOLERANCE,
+) -> PairMeasures:
   """Cosine, magnitude similarity and dot products of chosen pairs of rows of a Gramian.
 
   Args:
@@ -135,8 +141,9 @@ def sample_average_gramian(gramian: jax.Array) -> jax.Array:
   return gramian_lib.sample_gramian(gramian) / float(num_tasks * num_tasks)
 
 
-def conflict_measures(gramian: jax.Array,
-                      zero_tolerance: float = DEFAULT_ZERO_TOLERANCE) -> dict[str, PairMeasures]:
+def conflict_measures(
+  gramian: jax.Array, zero_tolerance: float = DEFAULT_ZERO_TOLERANCE
+) -> dict[str, PairMeasures]:
   """Every pair type's measures from the [B, T, B, T] Gramian (fixed shapes, jit-able).
 
   Args:
@@ -150,17 +157,22 @@ def conflict_measures(gramian: jax.Array,
   num_samples, num_tasks = gramian.shape[:2]
   rows = gramian.reshape(num_samples * num_tasks, num_samples * num_tasks)
   return {
-      "inter_task": pair_measures(rows, *inter_task_pairs(num_samples, num_tasks), zero_tolerance),
-      "inter_sample": pair_measures(rows, *inter_sample_pairs(num_samples, num_tasks), zero_tolerance),
-      "inter_task_averaged": pair_measures(
-          gramian_lib.task_gramian(gramian), *upper_pairs(num_tasks), zero_tolerance),
-      "inter_sample_averaged": pair_measures(
-          sample_average_gramian(gramian), *upper_pairs(num_samples), zero_tolerance),
+    "inter_task": pair_measures(rows, *inter_task_pairs(num_samples, num_tasks), zero_tolerance),
+    "inter_sample": pair_measures(
+      rows, *inter_sample_pairs(num_samples, num_tasks), zero_tolerance
+    ),
+    "inter_task_averaged": pair_measures(
+      gramian_lib.task_gramian(gramian), *upper_pairs(num_tasks), zero_tolerance
+    ),
+    "inter_sample_averaged": pair_measures(
+      sample_average_gramian(gramian), *upper_pairs(num_samples), zero_tolerance
+    ),
   }
 
 
-def conflicting_parameter_ratios(gradients: jax.Array, sign_tolerance: float = DEFAULT_SIGN_TOLERANCE
-                                 ) -> dict[str, tuple[jax.Array, jax.Array]]:
+def conflicting_parameter_ratios(
+  gradients: jax.Array, sign_tolerance: float = DEFAULT_SIGN_TOLERANCE
+) -> dict[str, tuple[jax.Array, jax.Array]]:
   """Share of coordinates with opposite signs, for every inter-task and inter-sample pair.
 
   Coordinates where either gradient is zero are not counted (they have no sign); a coordinate
@@ -188,8 +200,10 @@ def conflicting_parameter_ratios(gradients: jax.Array, sign_tolerance: float = D
   opposite = cross + cross.T
   both = jnp.matmul(nonzero, nonzero.T, precision=highest)
   results = {}
-  for name, pairs in (("inter_task", inter_task_pairs(num_samples, num_tasks)),
-                      ("inter_sample", inter_sample_pairs(num_samples, num_tasks))):
+  for name, pairs in (
+    ("inter_task", inter_task_pairs(num_samples, num_tasks)),
+    ("inter_sample", inter_sample_pairs(num_samples, num_tasks)),
+  ):
     counted = both[pairs]
     valid = counted > 0
     results[name] = (jnp.where(valid, opposite[pairs] / jnp.where(valid, counted, 1.0), 0.0), valid)
@@ -209,21 +223,21 @@ def summarise(values: np.ndarray, cosine: bool = False) -> dict[str, float]:
   nan = float("nan")
   count = values.size
   stats = {
-      "mean": float(values.mean()) if count else nan,
-      "std": float(values.std()) if count else nan,
-      "p2_5": float(np.percentile(values, PERCENTILES[0])) if count else nan,
-      "p97_5": float(np.percentile(values, PERCENTILES[1])) if count else nan,
-      "count": int(count),
+    "mean": float(values.mean()) if count else nan,
+    "std": float(values.std()) if count else nan,
+    "p2_5": float(np.percentile(values, PERCENTILES[0])) if count else nan,
+    "p97_5": float(np.percentile(values, PERCENTILES[1])) if count else nan,
+    "count": int(count),
   }
   if cosine:
     negative = values[values < 0]
     positive = values[values >= 0]
     stats.update(
-        conflict_rate=float(negative.size / count) if count else nan,
-        positive_count=int(positive.size),
-        negative_count=int(negative.size),
-        positive_mean=float(positive.mean()) if positive.size else nan,
-        negative_mean=float(negative.mean()) if negative.size else nan,
+      conflict_rate=float(negative.size / count) if count else nan,
+      positive_count=int(positive.size),
+      negative_count=int(negative.size),
+      positive_mean=float(positive.mean()) if positive.size else nan,
+      negative_mean=float(negative.mean()) if negative.size else nan,
     )
   return stats
 
@@ -241,10 +255,13 @@ class ConflictAccumulator:
     self._pairs = {name: 0 for name in PAIR_TYPES}
 
   def _append(self, pair_type: str, measure: str, values: np.ndarray) -> None:
-    self._values[pair_type].setdefault(measure, []).append(np.asarray(values, np.float64).reshape(-1))
+    self._values[pair_type].setdefault(measure, []).append(
+      np.asarray(values, np.float64).reshape(-1)
+    )
 
-  def add(self, measures: Mapping[str, PairMeasures],
-          ratios: Mapping[str, tuple[Any, Any]] | None = None) -> None:
+  def add(
+    self, measures: Mapping[str, PairMeasures], ratios: Mapping[str, tuple[Any, Any]] | None = None
+  ) -> None:
     """Adds one probe: `conflict_measures` output and optionally `conflicting_parameter_ratios`."""
     measures = jax.device_get(measures)
     for pair_type, pair in measures.items():
@@ -262,7 +279,10 @@ class ConflictAccumulator:
     """{'probes': n, pair type: {measure: statistics, 'pairs': n, 'excluded_zero_norm': n}}."""
     result: dict[str, Any] = {"probes": self.probes}
     for pair_type in PAIR_TYPES:
-      entry: dict[str, Any] = {"pairs": self._pairs[pair_type], "excluded_zero_norm": self._excluded[pair_type]}
+      entry: dict[str, Any] = {
+        "pairs": self._pairs[pair_type],
+        "excluded_zero_norm": self._excluded[pair_type],
+      }
       for measure, chunks in self._values[pair_type].items():
         entry[measure] = summarise(np.concatenate(chunks), cosine=measure == "cosine")
       result[pair_type] = entry
@@ -282,8 +302,23 @@ def flatten_record(record: Mapping[str, Any]) -> dict[str, float]:
   return flat
 
 
-CSV_COLUMNS = ("epoch", "step", "probes", "pair_type", "measure", "mean", "std", "p2_5", "p97_5", "count",
-               "conflict_rate", "positive_count", "negative_count", "positive_mean", "negative_mean")
+CSV_COLUMNS = (
+  "epoch",
+  "step",
+  "probes",
+  "pair_type",
+  "measure",
+  "mean",
+  "std",
+  "p2_5",
+  "p97_5",
+  "count",
+  "conflict_rate",
+  "positive_count",
+  "negative_count",
+  "positive_mean",
+  "negative_mean",
+)
 
 
 def csv_rows(record: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -292,8 +327,13 @@ def csv_rows(record: Mapping[str, Any]) -> list[dict[str, Any]]:
   for pair_type in PAIR_TYPES:
     for measure, stats in record.get(pair_type, {}).items():
       if isinstance(stats, Mapping):
-        row = {"epoch": record["epoch"], "step": record["step"], "probes": record["probes"],
-               "pair_type": pair_type, "measure": measure}
+        row = {
+          "epoch": record["epoch"],
+          "step": record["step"],
+          "probes": record["probes"],
+          "pair_type": pair_type,
+          "measure": measure,
+        }
         row.update({key: stats.get(key, "") for key in CSV_COLUMNS[5:]})
         rows.append(row)
   return rows
@@ -383,26 +423,36 @@ class ConflictProbe:
   `gramian_check.FastPathMismatchError` rather than record wrong statistics.
   """
 
-  def __init__(self, model, tasks: Sequence[tasks_lib.Task], options: ml_collections.ConfigDict,
-               workdir: str | None = None, seed: int = 0, mesh: jax.sharding.Mesh | None = None,
-               verify_every_steps: int = gramian_check.ONCE):
+  def __init__(
+    self,
+    model,
+    tasks: Sequence[tasks_lib.Task],
+    options: ml_collections.ConfigDict,
+    workdir: str | None = None,
+    seed: int = 0,
+    mesh: jax.sharding.Mesh | None = None,
+    verify_every_steps: int = gramian_check.ONCE,
+  ):
     """Args:
-      model: the `MultiTaskModel` being trained.
-      tasks: all its tasks, in column order.
-      options: `config.conflicts` (probe_every_steps, max_samples, max_tasks, path, batch_norm,
-        parameter_ratio, zero_tolerance, sign_tolerance).
-      workdir: where conflicts.jsonl / conflicts.csv go (None: nowhere).
-      seed: the run's seed (sample and task subsets).
-      mesh: the training mesh (`parallel.make_mesh`), or None on one device.
-      verify_every_steps: `config.gramian.verify_every_steps`, for the fast path's self-check.
+    model: the `MultiTaskModel` being trained.
+    tasks: all its tasks, in column order.
+    options: `config.conflicts` (probe_every_steps, max_samples, max_tasks, path, batch_norm,
+      parameter_ratio, zero_tolerance, sign_tolerance).
+    workdir: where conflicts.jsonl / conflicts.csv go (None: nowhere).
+    seed: the run's seed (sample and task subsets).
+    mesh: the training mesh (`parallel.make_mesh`), or None on one device.
+    verify_every_steps: `config.gramian.verify_every_steps`, for the fast path's self-check.
     """
     self.every = int(options.probe_every_steps)
     if self.every <= 0:
-      raise ValueError(f"config.conflicts.probe_every_steps must be positive for a probe, got {self.every}.")
+      raise ValueError(
+        f"config.conflicts.probe_every_steps must be positive for a probe, got {self.every}."
+      )
     self.max_samples = int(options.max_samples)
     self.path = _choice(options.path, gramian_lib.PATHS, "config.conflicts.path")
-    self.batch_norm = _choice(options.batch_norm, gramian_lib.BATCH_NORM_MODES,
-                              "config.conflicts.batch_norm")
+    self.batch_norm = _choice(
+      options.batch_norm, gramian_lib.BATCH_NORM_MODES, "config.conflicts.batch_norm"
+    )
     self.parameter_ratio = bool(options.parameter_ratio)
     self.zero_tolerance = float(options.zero_tolerance)
     self.sign_tolerance = float(options.sign_tolerance)
@@ -420,8 +470,9 @@ class ConflictProbe:
     self._compiled: dict[int, Any] = {}
     self.fast_path_check = None
     if self.path == "fast" and verify_every_steps != gramian_check.NEVER:
-      self.fast_path_check = gramian_check.FastPathCheck(model, self.tasks, verify_every_steps, self.batch_norm,
-                                                         purpose="conflict probe", mesh=mesh)
+      self.fast_path_check = gramian_check.FastPathCheck(
+        model, self.tasks, verify_every_steps, self.batch_norm, purpose="conflict probe", mesh=mesh
+      )
 
   @property
   def task_names(self) -> list[str]:
@@ -430,36 +481,68 @@ class ConflictProbe:
   def sample_indices(self, step: int, batch_size: int) -> np.ndarray:
     """The (sorted) batch positions probed at `step`."""
     count = _limit(batch_size, self.max_samples)
-    return np.sort(np.random.default_rng([self.seed, 2, int(step)]).choice(batch_size, count, replace=False))
+    return np.sort(
+      np.random.default_rng([self.seed, 2, int(step)]).choice(batch_size, count, replace=False)
+    )
 
   def splits_rows(self, num_samples: int) -> bool:
     """Whether a probe of `num_samples` rows runs split over the mesh's devices (see the class docstring)."""
-    return (self.mesh is not None and self.path == "fast"
-            and num_samples % parallel.data_size(self.mesh) == 0)
+    return (
+      self.mesh is not None
+      and self.path == "fast"
+      and num_samples % parallel.data_size(self.mesh) == 0
+    )
 
   def _function(self, num_samples: int):
     if num_samples not in self._compiled:
-      model, tasks, path, batch_norm, mesh = self.model, self.tasks, self.path, self.batch_norm, self.mesh
-      tolerance, sign_tolerance, with_ratio = self.zero_tolerance, self.sign_tolerance, self.parameter_ratio
+      model, tasks, path, batch_norm, mesh = (
+        self.model,
+        self.tasks,
+        self.path,
+        self.batch_norm,
+        self.mesh,
+      )
+      tolerance, sign_tolerance, with_ratio = (
+        self.zero_tolerance,
+        self.sign_tolerance,
+        self.parameter_ratio,
+      )
       rows = (tuple(range(num_samples)), tuple(range(len(tasks))))
       split = self.splits_rows(num_samples)
 
       def compute(params, batch_stats, batch):
-        gramian = gramian_lib.compute(model, params, batch_stats, batch, tasks, gramian_lib.FULL, path=path,
-                                      batch_norm=batch_norm, mesh=mesh if split else None).gramian
+        gramian = gramian_lib.compute(
+          model,
+          params,
+          batch_stats,
+          batch,
+          tasks,
+          gramian_lib.FULL,
+          path=path,
+          batch_norm=batch_norm,
+          mesh=mesh if split else None,
+        ).gramian
         if split:
           # [n, T, n, T] is tiny: the measures run replicated rather than on row blocks.
           gramian = jax.lax.with_sharding_constraint(gramian, parallel.replicated(mesh))
         outputs = {"measures": conflict_measures(gramian, tolerance)}
         if with_ratio:
-          gradients = functools.partial(gramian_lib.per_sample_gradients, model, tasks=tasks, sample_indices=rows[0],
-                                        task_indices=rows[1], batch_norm=batch_norm)
+          gradients = functools.partial(
+            gramian_lib.per_sample_gradients,
+            model,
+            tasks=tasks,
+            sample_indices=rows[0],
+            task_indices=rows[1],
+            batch_norm=batch_norm,
+          )
           if split:
             # Every device materialises all probed rows: split over devices they agree to ~5e-7
             # (rounding), but the sign counts are discontinuous and a coordinate at the
             # threshold flipped (ratio error 7e-4 measured); replicated they are bitwise equal.
             gradients = parallel.replicated_program(gradients, mesh)
-          outputs["ratios"] = conflicting_parameter_ratios(gradients(params, batch_stats, batch), sign_tolerance)
+          outputs["ratios"] = conflicting_parameter_ratios(
+            gradients(params, batch_stats, batch), sign_tolerance
+          )
         return outputs
 
       if mesh is None:
@@ -500,7 +583,12 @@ class ConflictProbe:
     """Summarises and resets the epoch's probes; writes scalars and files. None if no probe ran."""
     if not self.accumulator.probes:
       return None
-    record = {"epoch": int(epoch), "step": int(step), "tasks": self.task_names, **self.accumulator.summary()}
+    record = {
+      "epoch": int(epoch),
+      "step": int(step),
+      "tasks": self.task_names,
+      **self.accumulator.summary(),
+    }
     self.accumulator.reset()
     self.records = [old for old in self.records if old["epoch"] != record["epoch"]] + [record]
     self.records.sort(key=lambda old: old["epoch"])
@@ -520,15 +608,26 @@ def epoch_line(record: Mapping[str, Any]) -> str:
     stats = record[pair_type][measure]
     return f"{stats['mean']:+.3f}±{stats['std']:.3f}"
 
-  return (f"conflicts epoch {record['epoch']} ({record['probes']} probes): cosine inter-task "
-          f"{part('inter_task', 'cosine')} inter-sample {part('inter_sample', 'cosine')}; magnitude "
-          f"inter-task {part('inter_task', 'magnitude')} inter-sample {part('inter_sample', 'magnitude')}")
+  return (
+    f"conflicts epoch {record['epoch']} ({record['probes']} probes): cosine inter-task "
+    f"{part('inter_task', 'cosine')} inter-sample {part('inter_sample', 'cosine')}; magnitude "
+    f"inter-task {part('inter_task', 'magnitude')} inter-sample {part('inter_sample', 'magnitude')}"
+  )
 
 
-def make_probe(experiment, config, workdir: str | None, mesh: jax.sharding.Mesh | None = None) -> ConflictProbe | None:
+def make_probe(
+  experiment, config, workdir: str | None, mesh: jax.sharding.Mesh | None = None
+) -> ConflictProbe | None:
   """The probe a training run asks for (`config.conflicts.probe_every_steps` > 0), else None; `mesh`: the run's."""
   options = config.get("conflicts", None)
   if options is None or int(options.probe_every_steps) <= 0:
     return None
-  return ConflictProbe(experiment.model, experiment.tasks, options, workdir, seed=int(config.seed), mesh=mesh,
-                       verify_every_steps=int(config.gramian.verify_every_steps))
+  return ConflictProbe(
+    experiment.model,
+    experiment.tasks,
+    options,
+    workdir,
+    seed=int(config.seed),
+    mesh=mesh,
+    verify_every_steps=int(config.gramian.verify_every_steps),
+  )

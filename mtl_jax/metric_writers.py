@@ -92,8 +92,10 @@ class ProgressReport:
 
   def line(self, step: int, stats: Mapping[str, float]) -> str:
     percent = 100.0 * step / max(1, self.total_steps)
-    return (f"{self.label}step {step}/{self.total_steps} ({percent:.0f}%)  "
-            f"{stats['steps_per_second']:.2f} steps/s  ETA {format_duration(stats['eta_seconds'])}")
+    return (
+      f"{self.label}step {step}/{self.total_steps} ({percent:.0f}%)  "
+      f"{stats['steps_per_second']:.2f} steps/s  ETA {format_duration(stats['eta_seconds'])}"
+    )
 
 
 def status(message: str) -> None:

@@ -31,10 +31,10 @@ def _task_of(key: str) -> str:
 
 
 def delta_m(
-    metrics: Mapping[str, float],
-    baseline: Mapping[str, float],
-    directions: Mapping[str, bool],
-    variant: str = "flat",
+  metrics: Mapping[str, float],
+  baseline: Mapping[str, float],
+  directions: Mapping[str, bool],
+  variant: str = "flat",
 ) -> float:
   """Δm (%) of a model's metrics relative to a baseline; lower is better.
 
@@ -62,16 +62,16 @@ def delta_m(
   missing_in_baseline = [key for key in keys if key not in baseline]
   if missing_in_baseline:
     raise ValueError(
-        f"baseline lacks metrics {missing_in_baseline} needed for Δm (baseline has "
-        f"{sorted(baseline)}); is an STL run of every task included?"
+      f"baseline lacks metrics {missing_in_baseline} needed for Δm (baseline has "
+      f"{sorted(baseline)}); is an STL run of every task included?"
     )
   missing_in_metrics = [key for key in keys if key not in metrics]
   if missing_in_metrics:
     raise ValueError(f"metrics lack {missing_in_metrics}, which the baseline has")
   if not keys:
     raise ValueError(
-        f"no metric in common between metrics {sorted(metrics)}, baseline {sorted(baseline)} "
-        f"and directions {sorted(directions)}"
+      f"no metric in common between metrics {sorted(metrics)}, baseline {sorted(baseline)} "
+      f"and directions {sorted(directions)}"
     )
   zero = [key for key in keys if float(baseline[key]) == 0.0]
   if zero:
@@ -96,8 +96,8 @@ def _read_split(path: str, split: str) -> dict[str, float]:
   file_path = os.path.join(path, RESULTS_FILENAME) if os.path.isdir(path) else path
   if not os.path.isfile(file_path):
     raise FileNotFoundError(
-        f"baseline {path!r}: no results file at {file_path!r}; a baseline path should be an STL "
-        f"run's workdir (containing {RESULTS_FILENAME}) or a {RESULTS_FILENAME} file"
+      f"baseline {path!r}: no results file at {file_path!r}; a baseline path should be an STL "
+      f"run's workdir (containing {RESULTS_FILENAME}) or a {RESULTS_FILENAME} file"
     )
   with open(file_path) as f:
     results = json.load(f)
@@ -130,11 +130,11 @@ def load_baseline(paths: Sequence[str | os.PathLike], split: str = "test") -> di
     path = os.fspath(path)
     for key, value in _read_split(path, split).items():
       if key in merged and not (
-          merged[key] == value or (math.isnan(merged[key]) and math.isnan(value))
+        merged[key] == value or (math.isnan(merged[key]) and math.isnan(value))
       ):
         raise ValueError(
-            f"baseline metric {key!r} conflicts: {merged[key]} in {source[key]!r} vs {value} in "
-            f"{path!r}"
+          f"baseline metric {key!r} conflicts: {merged[key]} in {source[key]!r} vs {value} in "
+          f"{path!r}"
         )
       merged[key] = value
       source.setdefault(key, path)

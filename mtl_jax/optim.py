@@ -29,7 +29,9 @@ def check_optimizer_name(name: str) -> str:
   return name
 
 
-def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
+def learning_rate_schedule(
+  config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> optax.Schedule:
   """Step decay: the learning rate is multiplied by `lr_decay_factor` every `lr_decay_every_epochs`.
 
   Args:
@@ -46,10 +48,10 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: i
   if every_epochs <= 0:
     return optax.constant_schedule(learning_rate)
   return optax.exponential_decay(
-      init_value=learning_rate,
-      transition_steps=every_epochs * max(1, steps_per_epoch),
-      decay_rate=float(config.get("lr_decay_factor", 0.5)),
-      staircase=True,
+    init_value=learning_rate,
+    transition_steps=every_epochs * max(1, steps_per_epoch),
+    decay_rate=float(config.get("lr_decay_factor", 0.5)),
+    staircase=True,
   )
 
 
@@ -58,9 +60,9 @@ def direction(config: ml_collections.ConfigDict) -> optax.GradientTransformation
   name = check_optimizer_name(config.name)
   if name in ("adam", "adamw"):
     return optax.scale_by_adam(
-        b1=float(config.get("b1", 0.9)),
-        b2=float(config.get("b2", 0.999)),
-        eps=float(config.get("eps", 1e-8)),
+      b1=float(config.get("b1", 0.9)),
+      b2=float(config.get("b2", 0.999)),
+      eps=float(config.get("eps", 1e-8)),
     )
   momentum = float(config.get("momentum", 0.9))
   if name == "sgd":
@@ -72,7 +74,7 @@ def direction(config: ml_collections.ConfigDict) -> optax.GradientTransformation
 
 
 def make_optimizer(
-    config: ml_collections.ConfigDict, steps_per_epoch: int, learning_rate: Any = None
+  config: ml_collections.ConfigDict, steps_per_epoch: int, learning_rate: Any = None
 ) -> optax.GradientTransformation:
   """Builds the optimizer named by `config.name`.
 
@@ -86,7 +88,9 @@ def make_optimizer(
     An optax GradientTransformation whose updates are already negated (apply with
     `optax.apply_updates`).
   """
-  schedule = learning_rate if learning_rate is not None else learning_rate_schedule(config, steps_per_epoch)
+  schedule = (
+    learning_rate if learning_rate is not None else learning_rate_schedule(config, steps_per_epoch)
+  )
   weight_decay = float(config.get("weight_decay", 0.0))
   if weight_decay < 0:
     raise ValueError(f"config.optimizer.weight_decay must be >= 0, got {weight_decay}.")
@@ -113,8 +117,9 @@ class PerTaskAdamState(NamedTuple):
   nu: Any
 
 
-def scale_by_per_task_adam(num_tasks: int, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
-                           ) -> optax.GradientTransformation:
+def scale_by_per_task_adam(
+  num_tasks: int, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
+) -> optax.GradientTransformation:
   """Adam with separate moments per task, summed over tasks: invariant to per-task loss scales.
 
   Unlike other transformations, `update` takes the PER-TASK gradients, a pytree whose leaves
@@ -132,7 +137,9 @@ def scale_by_per_task_adam(num_tasks: int, b1: float = 0.9, b2: float = 0.999, e
   """
 
   def init(params):
-    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros((num_tasks, *jnp.shape(p)), jnp.result_type(p)), params)
+    zeros = jax.tree_util.tree_map(
+      lambda p: jnp.zeros((num_tasks, *jnp.shape(p)), jnp.result_type(p)), params
+    )
     return PerTaskAdamState(count=jnp.zeros((), jnp.int32), mu=zeros, nu=zeros)
 
   def update(task_gradients, state, params=None):
@@ -145,7 +152,9 @@ def scale_by_per_task_adam(num_tasks: int, b1: float = 0.9, b2: float = 0.999, e
     def direction(m, v):
       denominator = jnp.sqrt(v / second_correction) + eps
       # 0/0 (a task that never touched this leaf, with eps = 0) contributes nothing.
-      ratio = jnp.where(denominator > 0, (m / first_correction) / jnp.where(denominator > 0, denominator, 1), 0)
+      ratio = jnp.where(
+        denominator > 0, (m / first_correction) / jnp.where(denominator > 0, denominator, 1), 0
+      )
       return jnp.sum(ratio, axis=0)
 
     return jax.tree_util.tree_map(direction, mu, nu), PerTaskAdamState(count=count, mu=mu, nu=nu)

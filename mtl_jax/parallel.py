@@ -49,17 +49,21 @@ DEFAULT_FSDP_MIN_SIZE = 2**14
 
 def _sharding_config(config: ml_collections.ConfigDict | None) -> Mapping[str, Any]:
   """config.sharding as a plain dict with defaults filled in, validated."""
-  values = dict(data_axis_size=-1, fsdp=False, fsdp_min_size=DEFAULT_FSDP_MIN_SIZE, distributed="auto")
+  values = dict(
+    data_axis_size=-1, fsdp=False, fsdp_min_size=DEFAULT_FSDP_MIN_SIZE, distributed="auto"
+  )
   if config is not None and "sharding" in config:
     values.update(config.sharding.to_dict())
   size = values["data_axis_size"]
   if not isinstance(size, int) or isinstance(size, bool) or (size < 1 and size != -1):
     raise config_validation.ConfigError(
-        f"config.sharding.data_axis_size: expected a positive integer or -1 (all devices), got {size!r}.")
+      f"config.sharding.data_axis_size: expected a positive integer or -1 (all devices), got {size!r}."
+    )
   if values["distributed"] not in DISTRIBUTED_MODES:
     raise config_validation.ConfigError(
-        f"config.sharding.distributed: unknown value {values['distributed']!r}; valid choices: "
-        f"{', '.join(DISTRIBUTED_MODES)}.")
+      f"config.sharding.distributed: unknown value {values['distributed']!r}; valid choices: "
+      f"{', '.join(DISTRIBUTED_MODES)}."
+    )
   return values
 
 
@@ -90,7 +94,9 @@ def initialize_distributed(config: ml_collections.ConfigDict | None = None) -> b
   return True
 
 
-def make_mesh(config: ml_collections.ConfigDict | None = None, data_axis_size: int | None = None) -> jax.sharding.Mesh:
+def make_mesh(
+  config: ml_collections.ConfigDict | None = None, data_axis_size: int | None = None
+) -> jax.sharding.Mesh:
   """A one-axis ('data') mesh over the first `data_axis_size` devices (-1: all), axis type Auto.
 
   Args:
@@ -100,22 +106,29 @@ def make_mesh(config: ml_collections.ConfigDict | None = None, data_axis_size: i
   Raises:
     ConfigError: more devices asked for than exist.
   """
-  size = _sharding_config(config)["data_axis_size"] if data_axis_size is None else int(data_axis_size)
+  size = (
+    _sharding_config(config)["data_axis_size"] if data_axis_size is None else int(data_axis_size)
+  )
   devices = jax.devices()
   size = len(devices) if size == -1 else size
   if size > len(devices) or (jax.process_count() > 1 and size != len(devices)):
     raise config_validation.ConfigError(
-        f"config.sharding.data_axis_size: {size} devices asked for, {len(devices)} available "
-        f"({jax.process_count()} process(es)); use -1 for all of them"
-        + (" (multi-host runs must use every device)." if jax.process_count() > 1 else "."))
-  return jax.make_mesh((size,), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices[:size])
+      f"config.sharding.data_axis_size: {size} devices asked for, {len(devices)} available "
+      f"({jax.process_count()} process(es)); use -1 for all of them"
+      + (" (multi-host runs must use every device)." if jax.process_count() > 1 else ".")
+    )
+  return jax.make_mesh(
+    (size,), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices[:size]
+  )
 
 
 def data_size(mesh: jax.sharding.Mesh) -> int:
   return int(mesh.shape[DATA_AXIS])
 
 
-def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh, key: str = "training.batch_size") -> None:
+def check_batch_size(
+  batch_size: int, mesh: jax.sharding.Mesh, key: str = "training.batch_size"
+) -> None:
   """Raises a ConfigError unless batch_size splits evenly over the mesh's 'data' axis.
 
   The check is `config_validation`'s (one wording for every entry point), applied to this key.
@@ -147,8 +160,12 @@ def _fsdp_spec(shape: Sequence[int], devices: int, min_size: int) -> PartitionSp
   return PartitionSpec()
 
 
-def state_shardings(state: Any, mesh: jax.sharding.Mesh, fsdp: bool = False,
-                    fsdp_min_size: int = DEFAULT_FSDP_MIN_SIZE) -> Any:
+def state_shardings(
+  state: Any,
+  mesh: jax.sharding.Mesh,
+  fsdp: bool = False,
+  fsdp_min_size: int = DEFAULT_FSDP_MIN_SIZE,
+) -> Any:
   """A pytree of NamedShardings like `state`: replicated, or FSDP-split large leaves.
 
   The rule depends only on a leaf's shape, so a parameter and its optimizer moments are split
@@ -171,17 +188,26 @@ def place_state(state: Any, shardings: Any) -> Any:
     return jax.device_put(state, shardings)
   # Every host holds the full value; each places the pieces its devices own.
   return jax.tree_util.tree_map(
-      lambda leaf, sharding: jax.make_array_from_callback(np.shape(leaf), sharding, lambda index: np.asarray(leaf)[index]),
-      state, shardings)
+    lambda leaf, sharding: jax.make_array_from_callback(
+      np.shape(leaf), sharding, lambda index: np.asarray(leaf)[index]
+    ),
+    state,
+    shardings,
+  )
 
 
 def host_slice(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   """This process's contiguous share of a global batch every host computed identically."""
   count, index = jax.process_count(), jax.process_index()
-  return {key: value[len(value) // count * index: len(value) // count * (index + 1)] for key, value in batch.items()}
+  return {
+    key: value[len(value) // count * index : len(value) // count * (index + 1)]
+    for key, value in batch.items()
+  }
 
 
-def shard_batch(batch: Mapping[str, Any], mesh: jax.sharding.Mesh, process_local: bool | None = None) -> dict[str, jax.Array]:
+def shard_batch(
+  batch: Mapping[str, Any], mesh: jax.sharding.Mesh, process_local: bool | None = None
+) -> dict[str, jax.Array]:
   """A batch as global arrays split over 'data'.
 
   Args:
@@ -198,13 +224,18 @@ def shard_batch(batch: Mapping[str, Any], mesh: jax.sharding.Mesh, process_local
   process_local = jax.process_count() > 1 if process_local is None else process_local
   sizes = {len(value) for value in batch.values()}
   if len(sizes) != 1:
-    raise ValueError(f"Batch arrays disagree on the batch size: { {k: len(v) for k, v in batch.items()} }.")
+    raise ValueError(
+      f"Batch arrays disagree on the batch size: { {k: len(v) for k, v in batch.items()} }."
+    )
   local = sizes.pop()
   check_batch_size(local * (jax.process_count() if process_local else 1), mesh)
   sharding = batch_sharding(mesh)
   if not process_local:
     return jax.device_put(dict(batch), sharding)
-  return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value)) for key, value in batch.items()}
+  return {
+    key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+    for key, value in batch.items()
+  }
 
 
 def shard_train_step(step: Callable, mesh: jax.sharding.Mesh, shardings: Any) -> Callable:
@@ -218,11 +249,16 @@ def shard_train_step(step: Callable, mesh: jax.sharding.Mesh, shardings: Any) ->
   Returns:
     The jitted step; pass batches from `shard_batch`. Metrics come back replicated.
   """
-  return jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, replicated(mesh)))
+  return jax.jit(
+    step,
+    in_shardings=(shardings, batch_sharding(mesh)),
+    out_shardings=(shardings, replicated(mesh)),
+  )
 
 
-def shard_training(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, step: Callable,
-                   state: Any) -> tuple[Callable, Any]:
+def shard_training(
+  config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, step: Callable, state: Any
+) -> tuple[Callable, Any]:
   """The training loop's set-up: checks the batch size, places the state, jits the step for the mesh.
 
   Returns:
@@ -231,7 +267,9 @@ def shard_training(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, s
   """
   options = _sharding_config(config)
   check_batch_size(int(config.training.batch_size), mesh)
-  shardings = state_shardings(state, mesh, fsdp=bool(options["fsdp"]), fsdp_min_size=int(options["fsdp_min_size"]))
+  shardings = state_shardings(
+    state, mesh, fsdp=bool(options["fsdp"]), fsdp_min_size=int(options["fsdp_min_size"])
+  )
   return shard_train_step(step, mesh, shardings), place_state(state, shardings)
 
 
@@ -254,4 +292,6 @@ def replicated_program(function: Callable, mesh: jax.sharding.Mesh) -> Callable:
   over devices) against 1 all-reduce and the Gramian's 7 all-gathers here. Every device
   computes the same value from the same replicated inputs (random keys included).
   """
-  return jax.shard_map(function, mesh=mesh, in_specs=PartitionSpec(), out_specs=PartitionSpec(), check_vma=False)
+  return jax.shard_map(
+    function, mesh=mesh, in_specs=PartitionSpec(), out_specs=PartitionSpec(), check_vma=False
+  )

@@ -116,7 +116,7 @@ class Task:
     raise NotImplementedError
 
   def metric_statistics(
-      self, prediction: jax.Array, batch: Batch, example_mask: jax.Array | None = None
+    self, prediction: jax.Array, batch: Batch, example_mask: jax.Array | None = None
   ) -> dict[str, jax.Array]:
     """Sums over the batch from which `metrics` computes dataset-level metrics.
 
@@ -159,11 +159,11 @@ class Segmentation(Task):
   dense: ClassVar[bool] = True
 
   def __init__(
-      self,
-      name: str = "segmentation",
-      num_classes: int | None = None,
-      target_key: str = "segmentation",
-      ignore_index: int = -1,
+    self,
+    name: str = "segmentation",
+    num_classes: int | None = None,
+    target_key: str = "segmentation",
+    ignore_index: int = -1,
   ) -> None:
     # A hand-written __init__ because the spec orders `name` (defaulted) before the required
     # `num_classes`, which a generated dataclass __init__ cannot express.
@@ -198,7 +198,7 @@ class Segmentation(Task):
     return _masked_mean_per_sample(nll, valid)
 
   def metric_statistics(
-      self, prediction: jax.Array, batch: Batch, example_mask: jax.Array | None = None
+    self, prediction: jax.Array, batch: Batch, example_mask: jax.Array | None = None
   ) -> dict[str, jax.Array]:
     """{'confusion': int32 [C, C]}, rows = true class, columns = predicted class."""
     target, valid = self._targets(batch)
@@ -248,7 +248,7 @@ class Depth(Task):
     return _masked_mean_per_sample(abs_error, valid)
 
   def metric_statistics(
-      self, prediction: jax.Array, batch: Batch, example_mask: jax.Array | None = None
+    self, prediction: jax.Array, batch: Batch, example_mask: jax.Array | None = None
   ) -> dict[str, jax.Array]:
     """Sums of |e| and |e|/target over valid pixels, and the valid-pixel count."""
     abs_error, target, valid = self._errors(prediction, batch)
@@ -257,17 +257,17 @@ class Depth(Task):
     # The where keeps the unused branch finite (target 0 on invalid pixels).
     rel_error = abs_error / jnp.where(valid, target, 1.0)
     return {
-        "abs_error_sum": jnp.sum(abs_error * weight),
-        "rel_error_sum": jnp.sum(rel_error * weight),
-        "pixel_count": jnp.sum(valid.astype(jnp.int32)),
+      "abs_error_sum": jnp.sum(abs_error * weight),
+      "rel_error_sum": jnp.sum(rel_error * weight),
+      "pixel_count": jnp.sum(valid.astype(jnp.int32)),
     }
 
   def metrics(self, statistics: Statistics) -> dict[str, float]:
     """Means over all valid pixels of the dataset (not a mean of per-image means)."""
     count = statistics["pixel_count"]
     return {
-        "abs_err": _ratio(statistics["abs_error_sum"], count),
-        "rel_err": _ratio(statistics["rel_error_sum"], count),
+      "abs_err": _ratio(statistics["abs_error_sum"], count),
+      "rel_err": _ratio(statistics["rel_error_sum"], count),
     }
 
 
@@ -291,15 +291,15 @@ class Normals(Task):
   @property
   def metric_directions(self) -> Mapping[str, bool]:
     return {
-        "mean_angle": False,
-        "median_angle": False,
-        "within_11.25": True,
-        "within_22.5": True,
-        "within_30": True,
+      "mean_angle": False,
+      "median_angle": False,
+      "within_11.25": True,
+      "within_22.5": True,
+      "within_30": True,
     }
 
   def _unit_maps(
-      self, prediction: jax.Array, batch: Batch
+    self, prediction: jax.Array, batch: Batch
   ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(unit prediction, unit target, valid [B,H,W])."""
     target = jnp.asarray(batch[self.target_key]).astype(jnp.float32)
@@ -326,24 +326,24 @@ class Normals(Task):
     return jnp.degrees(jnp.arctan2(sine, cosine)), valid
 
   def metric_statistics(
-      self, prediction: jax.Array, batch: Batch, example_mask: jax.Array | None = None
+    self, prediction: jax.Array, batch: Batch, example_mask: jax.Array | None = None
   ) -> dict[str, jax.Array]:
     """Angle sum, pixel count, counts under each threshold and an angle histogram."""
     angle, valid = self.angles_degrees(prediction, batch)
     valid = valid & _as_example_mask(example_mask, angle.shape[0])[:, None, None]
     weight = valid.astype(jnp.int32)
     bins = jnp.clip(
-        jnp.floor(angle / NORMALS_BIN_WIDTH_DEGREES).astype(jnp.int32),
-        0,
-        NORMALS_HISTOGRAM_BINS - 1,
+      jnp.floor(angle / NORMALS_BIN_WIDTH_DEGREES).astype(jnp.int32),
+      0,
+      NORMALS_HISTOGRAM_BINS - 1,
     )
-    histogram = jnp.zeros((NORMALS_HISTOGRAM_BINS,), jnp.int32).at[bins.reshape(-1)].add(
-        weight.reshape(-1)
+    histogram = (
+      jnp.zeros((NORMALS_HISTOGRAM_BINS,), jnp.int32).at[bins.reshape(-1)].add(weight.reshape(-1))
     )
     statistics = {
-        "angle_sum": jnp.sum(angle * valid.astype(jnp.float32)),
-        "pixel_count": jnp.sum(weight),
-        "angle_histogram": histogram,
+      "angle_sum": jnp.sum(angle * valid.astype(jnp.float32)),
+      "pixel_count": jnp.sum(weight),
+      "angle_histogram": histogram,
     }
     for threshold in NORMALS_THRESHOLDS_DEGREES:
       statistics[f"count_within_{threshold:g}"] = jnp.sum(weight * (angle < threshold))
@@ -353,8 +353,8 @@ class Normals(Task):
     """Mean, histogram median (degrees) and fractions of valid pixels under each threshold."""
     count = statistics["pixel_count"]
     result = {
-        "mean_angle": _ratio(statistics["angle_sum"], count),
-        "median_angle": _histogram_median(np.asarray(statistics["angle_histogram"])),
+      "mean_angle": _ratio(statistics["angle_sum"], count),
+      "median_angle": _histogram_median(np.asarray(statistics["angle_histogram"])),
     }
     for threshold in NORMALS_THRESHOLDS_DEGREES:
       result[f"within_{threshold:g}"] = _ratio(statistics[f"count_within_{threshold:g}"], count)
@@ -409,15 +409,15 @@ class BinaryAttribute(Task):
     return jnp.logaddexp(0.0, logit) - logit * target
 
   def metric_statistics(
-      self, prediction: jax.Array, batch: Batch, example_mask: jax.Array | None = None
+    self, prediction: jax.Array, batch: Batch, example_mask: jax.Array | None = None
   ) -> dict[str, jax.Array]:
     """Correct predictions (logit > 0 means 1) and sample count, padding excluded."""
     target = self._target(batch) > 0.5
     mask = _as_example_mask(example_mask, target.shape[0])
     correct = (prediction[:, 0] > 0) == target
     return {
-        "correct": jnp.sum((correct & mask).astype(jnp.int32)),
-        "count": jnp.sum(mask.astype(jnp.int32)),
+      "correct": jnp.sum((correct & mask).astype(jnp.int32)),
+      "count": jnp.sum(mask.astype(jnp.int32)),
     }
 
   def metrics(self, statistics: Statistics) -> dict[str, float]:
@@ -446,15 +446,15 @@ class Classification(Task):
     return -jnp.take_along_axis(log_probs, label[:, None], axis=-1)[:, 0]
 
   def metric_statistics(
-      self, prediction: jax.Array, batch: Batch, example_mask: jax.Array | None = None
+    self, prediction: jax.Array, batch: Batch, example_mask: jax.Array | None = None
   ) -> dict[str, jax.Array]:
     """Correct top-1 predictions and sample count, padding excluded."""
     label = jnp.asarray(batch[self.target_key]).astype(jnp.int32)
     mask = _as_example_mask(example_mask, label.shape[0])
     correct = jnp.argmax(prediction, axis=-1) == label
     return {
-        "correct": jnp.sum((correct & mask).astype(jnp.int32)),
-        "count": jnp.sum(mask.astype(jnp.int32)),
+      "correct": jnp.sum((correct & mask).astype(jnp.int32)),
+      "count": jnp.sum(mask.astype(jnp.int32)),
     }
 
   def metrics(self, statistics: Statistics) -> dict[str, float]:
@@ -462,11 +462,11 @@ class Classification(Task):
 
 
 TASK_KINDS: dict[str, type[Task]] = {
-    "segmentation": Segmentation,
-    "depth": Depth,
-    "normals": Normals,
-    "binary_attribute": BinaryAttribute,
-    "classification": Classification,
+  "segmentation": Segmentation,
+  "depth": Depth,
+  "normals": Normals,
+  "binary_attribute": BinaryAttribute,
+  "classification": Classification,
 }
 
 
@@ -492,14 +492,14 @@ def flat_directions(tasks: Sequence[Task]) -> dict[str, bool]:
     The directions, keyed and ordered like `flat_metric_names`.
   """
   return {
-      f"{task.name}/{metric}": higher
-      for task in tasks
-      for metric, higher in task.metric_directions.items()
+    f"{task.name}/{metric}": higher
+    for task in tasks
+    for metric, higher in task.metric_directions.items()
   }
 
 
 def losses_matrix(
-    tasks: Sequence[Task], predictions: Mapping[str, jax.Array], batch: Batch
+  tasks: Sequence[Task], predictions: Mapping[str, jax.Array], batch: Batch
 ) -> jax.Array:
   """Per-sample losses of every task.
 
@@ -515,10 +515,10 @@ def losses_matrix(
 
 
 def all_metric_statistics(
-    tasks: Sequence[Task],
-    predictions: Mapping[str, jax.Array],
-    batch: Batch,
-    example_mask: jax.Array | None = None,
+  tasks: Sequence[Task],
+  predictions: Mapping[str, jax.Array],
+  batch: Batch,
+  example_mask: jax.Array | None = None,
 ) -> dict[str, dict[str, jax.Array]]:
   """Every task's `metric_statistics` for one batch.
 
@@ -532,14 +532,13 @@ def all_metric_statistics(
     task name -> statistic name -> array (sum over the batch).
   """
   return {
-      task.name: task.metric_statistics(predictions[task.name], batch, example_mask)
-      for task in tasks
+    task.name: task.metric_statistics(predictions[task.name], batch, example_mask) for task in tasks
   }
 
 
 def add_statistics(
-    total: Mapping[str, Mapping[str, np.ndarray]] | None,
-    statistics: Mapping[str, Mapping[str, Any]],
+  total: Mapping[str, Mapping[str, np.ndarray]] | None,
+  statistics: Mapping[str, Mapping[str, Any]],
 ) -> dict[str, dict[str, np.ndarray]]:
   """Accumulates one batch's statistics into a running total on the host.
 
@@ -566,7 +565,7 @@ def add_statistics(
 
 
 def compute_metrics(
-    tasks: Sequence[Task], statistics: Mapping[str, Mapping[str, np.ndarray]]
+  tasks: Sequence[Task], statistics: Mapping[str, Mapping[str, np.ndarray]]
 ) -> dict[str, float]:
   """Dataset-level metrics of all tasks from their summed statistics.
 

@@ -26,24 +26,24 @@ NUM_CLASSES = 4
 # Share of pixels without a target: ignored segmentation labels, zero depth, zero normals.
 MISSING = 0.2
 DENSE_TASKS = (
-    tasks_lib.Segmentation(num_classes=NUM_CLASSES),
-    tasks_lib.Depth(),
-    tasks_lib.Normals(),
-    tasks_lib.BinaryAttribute(name="attribute", index=0),  # A global head on dense features.
+  tasks_lib.Segmentation(num_classes=NUM_CLASSES),
+  tasks_lib.Depth(),
+  tasks_lib.Normals(),
+  tasks_lib.BinaryAttribute(name="attribute", index=0),  # A global head on dense features.
 )
 GLOBAL_TASKS = (
-    tasks_lib.BinaryAttribute(name="smiling", index=0),
-    tasks_lib.Classification(name="digit", num_classes=3),
-    tasks_lib.BinaryAttribute(name="glasses", index=1),
-    tasks_lib.BinaryAttribute(name="hat", index=2),
+  tasks_lib.BinaryAttribute(name="smiling", index=0),
+  tasks_lib.Classification(name="digit", num_classes=3),
+  tasks_lib.BinaryAttribute(name="glasses", index=1),
+  tasks_lib.BinaryAttribute(name="hat", index=2),
 )
 # Encoder settings and image size; dense encoders get the dense task set.
 ENCODERS = {
-    "mlp": (dict(hidden=(3072,)), 8),
-    "small_cnn": (dict(features=(4, 4)), 32),
-    "segnet": (dict(width_multiplier=0.0625), 32),
-    "resnet18": (dict(width_multiplier=0.0625, resnet_stem="cifar"), 32),
-    "deeplabv3_resnet50": (dict(width_multiplier=0.0625), 32),
+  "mlp": (dict(hidden=(3072,)), 8),
+  "small_cnn": (dict(features=(4, 4)), 32),
+  "segnet": (dict(width_multiplier=0.0625), 32),
+  "resnet18": (dict(width_multiplier=0.0625, resnet_stem="cifar"), 32),
+  "deeplabv3_resnet50": (dict(width_multiplier=0.0625), 32),
 }
 
 
@@ -63,8 +63,9 @@ def is_dense(encoder: str) -> bool:
 def build(encoder: str, norm: str):
   """(model, tasks, image size) of one encoder with four tasks, dense and global mixed where possible."""
   settings, size = ENCODERS[encoder]
-  config = ml_collections.ConfigDict(dict(encoder=encoder, norm=norm, head_hidden=(5,), head_hidden_channels=4,
-                                          **settings))
+  config = ml_collections.ConfigDict(
+    dict(encoder=encoder, norm=norm, head_hidden=(5,), head_hidden_channels=4, **settings)
+  )
   tasks = DENSE_TASKS if is_dense(encoder) else GLOBAL_TASKS
   specs = {task.name: models.HeadSpec(task.output_channels, dense=task.dense) for task in tasks}
   return models.build_model(config, specs), tasks, size
@@ -76,7 +77,9 @@ def random_variables(model, size: int, seed: int) -> tuple[Any, Any]:
   He-normal kernels, norm scales 1 + 0.3 N(0, 1), biases 0.1 N(0, 1); running statistics
   (batch norm) mean 0.3 N(0, 1) and variance in [0.5, 1.5].
   """
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)), train=False))
+  shapes = jax.eval_shape(
+    lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)), train=False)
+  )
   generator = np.random.default_rng(seed)
 
   def parameter(path, leaf):
@@ -106,13 +109,18 @@ def random_batch(size: int, seed: int, batch_size: int = BATCH) -> dict:
   normals = generator.normal(size=(*shape, 3))
   normals /= np.linalg.norm(normals, axis=-1, keepdims=True)
   return {
-      "image": generator.normal(size=(*shape, 3)).astype(np.float32),
-      "segmentation": np.where(missing, -1, generator.integers(0, NUM_CLASSES, shape)).astype(np.int32),
-      "depth": np.where(generator.uniform(size=shape) < MISSING, 0.0, generator.uniform(0.5, 5.0, shape)
-                        ).astype(np.float32),
-      "normals": np.where((generator.uniform(size=shape) < MISSING)[..., None], 0.0, normals).astype(np.float32),
-      "attributes": (generator.uniform(size=(batch_size, 3)) > 0.5).astype(np.float32),
-      "label": generator.integers(0, 3, batch_size).astype(np.int32),
+    "image": generator.normal(size=(*shape, 3)).astype(np.float32),
+    "segmentation": np.where(missing, -1, generator.integers(0, NUM_CLASSES, shape)).astype(
+      np.int32
+    ),
+    "depth": np.where(
+      generator.uniform(size=shape) < MISSING, 0.0, generator.uniform(0.5, 5.0, shape)
+    ).astype(np.float32),
+    "normals": np.where((generator.uniform(size=shape) < MISSING)[..., None], 0.0, normals).astype(
+      np.float32
+    ),
+    "attributes": (generator.uniform(size=(batch_size, 3)) > 0.5).astype(np.float32),
+    "label": generator.integers(0, 3, batch_size).astype(np.int32),
   }
 
 
@@ -125,7 +133,9 @@ def make_case(encoder: str, norm: str, seed: int, model_and_tasks=None) -> Case:
 
 def flat(tree: Any) -> np.ndarray:
   """A pytree's leaves, flattened and concatenated in tree_leaves order (float64)."""
-  return np.concatenate([np.ravel(np.asarray(leaf, np.float64)) for leaf in jax.tree_util.tree_leaves(tree)])
+  return np.concatenate(
+    [np.ravel(np.asarray(leaf, np.float64)) for leaf in jax.tree_util.tree_leaves(tree)]
+  )
 
 
 def eager_rows(case: Case, train: bool = True) -> np.ndarray:
@@ -138,7 +148,7 @@ def eager_rows(case: Case, train: bool = True) -> np.ndarray:
   """
   rows = []
   for sample in range(case.batch["image"].shape[0]):
-    single = {key: value[sample:sample + 1] for key, value in case.batch.items()}
+    single = {key: value[sample : sample + 1] for key, value in case.batch.items()}
 
     def losses(encoder_params, single=single):
       variables = {"params": {**case.params, "encoder": encoder_params}}

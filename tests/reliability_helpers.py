@@ -53,7 +53,9 @@ def fault_config():
 
 
 def command_line_flags():
-  return ["--config=configs/test.py"] + [f"--config.training.{key}={value}" for key, value in OVERRIDES.items()]
+  return ["--config=configs/test.py"] + [
+    f"--config.training.{key}={value}" for key, value in OVERRIDES.items()
+  ]
 
 
 @functools.lru_cache(maxsize=None)
@@ -64,7 +66,9 @@ def dataset():
 def final_state(config, workdir):
   """The newest checkpointed train state of a run directory."""
   experiment = train.build_experiment(config, dataset())
-  restored = checkpoint_lib.Checkpointer(workdir, asynchronous=False).restore(train.init_state(experiment, int(config.seed)))
+  restored = checkpoint_lib.Checkpointer(workdir, asynchronous=False).restore(
+    train.init_state(experiment, int(config.seed))
+  )
   assert restored is not None, f"no checkpoint in {workdir}"
   return restored[0]
 
@@ -83,21 +87,33 @@ def reference_state():
 
 def assert_same_state(left, right):
   assert int(left.step) == int(right.step) == EPOCHS * 4
-  for (path, first), second in zip(jax.tree_util.tree_flatten_with_path(left)[0], jax.tree_util.tree_leaves(right)):
-    np.testing.assert_array_equal(np.asarray(first), np.asarray(second), err_msg=jax.tree_util.keystr(path))
+  for (path, first), second in zip(
+    jax.tree_util.tree_flatten_with_path(left)[0], jax.tree_util.tree_leaves(right)
+  ):
+    np.testing.assert_array_equal(
+      np.asarray(first), np.asarray(second), err_msg=jax.tree_util.keystr(path)
+    )
 
 
 class SignallingSource:
   """Training data that sends this process a signal while the batch of one step is read."""
 
   def __init__(self, source, step, signum, batch_size=16, seed=0):
-    self.source, self.step, self.signum, self.batch_size, self.seed = source, step, signum, batch_size, seed
+    self.source, self.step, self.signum, self.batch_size, self.seed = (
+      source,
+      step,
+      signum,
+      batch_size,
+      seed,
+    )
 
   def __len__(self):
     return len(self.source)
 
   def batch(self, indices):
-    if np.array_equal(indices, pipeline.train_indices(len(self.source), self.batch_size, self.seed, self.step)):
+    if np.array_equal(
+      indices, pipeline.train_indices(len(self.source), self.batch_size, self.seed, self.step)
+    ):
       os.kill(os.getpid(), self.signum)
     return self.source.batch(indices)
 

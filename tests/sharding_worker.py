@@ -43,8 +43,15 @@ from mtl_jax.gramian import capture  # noqa: E402
 # The real methods checked step by step on the mesh: a Gramian method at task level and at the
 # per-sample levels, a Jacobian method, a loss weighting with state (FAMO's extra pass), and the
 # two methods that bring their own optimizers (AdaTask, MTL-IO).
-METHOD_CASES = (("upgrad", "task"), ("upgrad", "sample"), ("pcgrad", "sample_task"), ("graddrop", "task"),
-                ("famo", "task"), ("adatask", "task"), ("mtl_io", "task"))
+METHOD_CASES = (
+  ("upgrad", "task"),
+  ("upgrad", "sample"),
+  ("pcgrad", "sample_task"),
+  ("graddrop", "task"),
+  ("famo", "task"),
+  ("adatask", "task"),
+  ("mtl_io", "task"),
+)
 # Methods that bring their own optimizer, and the base optimizer each runs on (AdaTask: per-task
 # Adam; MTL-IO: one SGD per task, stepped in turn), with option overrides. Adam's eps is raised
 # to the gradients' scale (1e-3 to 1e-1) for two reasons: at eps=1e-8 Adam turns the float
@@ -67,7 +74,10 @@ def relative_error(sharded, single) -> float:
   Per-leaf ratios would be meaningless for leaves whose exact value is 0 (a conv bias before
   group norm has gradient 0 up to rounding).
   """
-  pairs = zip(jax.tree_util.tree_leaves(jax.device_get(sharded)), jax.tree_util.tree_leaves(jax.device_get(single)))
+  pairs = zip(
+    jax.tree_util.tree_leaves(jax.device_get(sharded)),
+    jax.tree_util.tree_leaves(jax.device_get(single)),
+  )
   difference, scale = 0.0, 1e-30
   for a, b in pairs:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
@@ -99,8 +109,11 @@ def change(new_state, state) -> dict:
   Either argument may be a train state or its parameters.
   """
   new, old = (getattr(value, "params", value) for value in (new_state, state))
-  return jax.tree_util.tree_map(lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64),
-                                jax.device_get(new), jax.device_get(old))
+  return jax.tree_util.tree_map(
+    lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64),
+    jax.device_get(new),
+    jax.device_get(old),
+  )
 
 
 def wait_for(path: str, timeout: float = 600.0) -> str:
@@ -108,7 +121,9 @@ def wait_for(path: str, timeout: float = 600.0) -> str:
   deadline = time.monotonic() + timeout
   while not os.path.exists(path):
     if time.monotonic() > deadline:
-      raise TimeoutError(f"{path} was not written within {timeout:g} s; did the 'single' worker fail?")
+      raise TimeoutError(
+        f"{path} was not written within {timeout:g} s; did the 'single' worker fail?"
+      )
     time.sleep(0.2)
   return path
 
@@ -135,18 +150,24 @@ def record_values(records) -> dict:
     for pair_type in conflicts.PAIR_TYPES:
       for measure, stats in record[pair_type].items():
         if isinstance(stats, dict):
-          values[(record["epoch"], pair_type, measure)] = [np.nan if stats[key] is None else float(stats[key])
-                                                            for key in sorted(stats)]
+          values[(record["epoch"], pair_type, measure)] = [
+            np.nan if stats[key] is None else float(stats[key]) for key in sorted(stats)
+          ]
   return values
 
 
 def method_state(experiment, weighting, optimizer, state, level: str):
   """`state` with a method's weighting parameters, state and optimizer state (no new init compile)."""
-  rows = weighting_lib.state_size(weighting, level, len(experiment.tasks), int(experiment.config.training.batch_size))
+  rows = weighting_lib.state_size(
+    weighting, level, len(experiment.tasks), int(experiment.config.training.batch_size)
+  )
   weighting_params, weighting_state = weighting.init(rows)
   trainable = {"model": state.params, "weighting": weighting_params}
-  return state.replace(weighting_params=weighting_params, weighting_state=weighting_state,
-                       opt_state=optimizer.init(trainable))
+  return state.replace(
+    weighting_params=weighting_params,
+    weighting_state=weighting_state,
+    opt_state=optimizer.init(trainable),
+  )
 
 
 def method_case(config, experiment, state, name: str, level: str):
@@ -160,8 +181,9 @@ def method_case(config, experiment, state, name: str, level: str):
     optimizer_config = config.optimizer.copy_and_resolve_references()
     optimizer_config.name, overrides = METHOD_OPTIMIZERS[name]
     optimizer_config.update(overrides)
-    optimizer = weighting.make_optimizer(optimizer_config, experiment.steps_per_epoch,
-                                         [task.name for task in experiment.tasks])
+    optimizer = weighting.make_optimizer(
+      optimizer_config, experiment.steps_per_epoch, [task.name for task in experiment.tasks]
+    )
   return weighting, optimizer, method_state(experiment, weighting, optimizer, state, level)
 
 
@@ -174,11 +196,15 @@ def method_references(config, experiment, state, batch, directory: str) -> None:
   device, saved as (parameters, loss, weighting state) for the 'sharded' process."""
   for name, level in METHOD_CASES:
     weighting, optimizer, reference = method_case(config, experiment, state, name, level)
-    step = jax.jit(train.make_train_step(experiment.model, experiment.tasks, weighting, optimizer, level))
+    step = jax.jit(
+      train.make_train_step(experiment.model, experiment.tasks, weighting, optimizer, level)
+    )
     for _ in range(2):
       reference, metrics = step(reference, batch)
-    write_atomically(reference_path(directory, name, level),
-                     jax.device_get((reference.params, metrics["loss"], reference.weighting_state)))
+    write_atomically(
+      reference_path(directory, name, level),
+      jax.device_get((reference.params, metrics["loss"], reference.weighting_state)),
+    )
 
 
 def method_checks(config, experiment, state, mesh, batch, directory: str) -> dict:
@@ -190,14 +216,26 @@ def method_checks(config, experiment, state, mesh, batch, directory: str) -> dic
   for name, level in METHOD_CASES:
     weighting, optimizer, start = method_case(config, experiment, state, name, level)
     sharded_step, sharded = sharding.shard_training(
-        config, mesh, train.make_train_step(experiment.model, experiment.tasks, weighting, optimizer, level,
-                                            mesh=mesh), start)
+      config,
+      mesh,
+      train.make_train_step(
+        experiment.model, experiment.tasks, weighting, optimizer, level, mesh=mesh
+      ),
+      start,
+    )
     for _ in range(2):
       sharded, metrics = sharded_step(sharded, sharding.global_batch(batch, mesh))
     with open(wait_for(reference_path(directory, name, level)), "rb") as file:
       reference_params, reference_loss, reference_weighting_state = pickle.load(file)
-    results[f"method_{name}_{level}"] = update_error(sharded, reference_params, start, metrics["loss"], reference_loss,
-                                                     sharded.weighting_state, reference_weighting_state)
+    results[f"method_{name}_{level}"] = update_error(
+      sharded,
+      reference_params,
+      start,
+      metrics["loss"],
+      reference_loss,
+      sharded.weighting_state,
+      reference_weighting_state,
+    )
   return results
 
 
@@ -214,11 +252,14 @@ def probe_checks(config, experiment, state, mesh, batch) -> dict:
   them whole. Measures and parameter ratios."""
   results = {}
   options = config_options(config.conflicts, probe_every_steps=1, max_samples=8)
-  expected = conflicts.ConflictProbe(experiment.model, experiment.tasks, options, None, seed=0).measure(
-      state.params, state.batch_stats, batch, step=3)
+  expected = conflicts.ConflictProbe(
+    experiment.model, experiment.tasks, options, None, seed=0
+  ).measure(state.params, state.batch_stats, batch, step=3)
   for probe_mesh in (mesh, sharding.make_mesh(data_axis_size=3)):
     placed = sharding.place_state(state, sharding.state_shardings(state, probe_mesh))
-    probe = conflicts.ConflictProbe(experiment.model, experiment.tasks, options, None, seed=0, mesh=probe_mesh)
+    probe = conflicts.ConflictProbe(
+      experiment.model, experiment.tasks, options, None, seed=0, mesh=probe_mesh
+    )
     measured = probe.measure(placed.params, placed.batch_stats, batch, step=3)
     name = "split" if probe.splits_rows(8) else "replicated"
     results[f"probe_{name}_measures"] = relative_error(measured["measures"], expected["measures"])
@@ -234,8 +275,10 @@ def update_error(new_state, reference_state, start, *others) -> float:
   """
   sharded, reference = change(new_state, start), change(reference_state, start)
   pairs = list(zip(others[::2], others[1::2]))
-  return max(relative_error((sharded, [a for a, _ in pairs]), (reference, [b for _, b in pairs])),
-             relative_error(sharded["encoder"], reference["encoder"]))
+  return max(
+    relative_error((sharded, [a for a, _ in pairs]), (reference, [b for _, b in pairs])),
+    relative_error(sharded["encoder"], reference["encoder"]),
+  )
 
 
 def first_batch(experiment, size: int):
@@ -253,8 +296,10 @@ def conflict_statistics(task_gramian, full_gramian) -> dict:
   batch = full_gramian.shape[0]
   off_diagonal = 1.0 - jnp.eye(batch)
   negative = (full_gramian < 0).astype(jnp.float32) * off_diagonal[:, None, :, None]
-  return {"task_cosine": task_gramian / (norms[:, None] * norms[None, :]),
-          "sample_conflict_fraction": jnp.sum(negative, axis=(0, 2)) / (batch * (batch - 1))}
+  return {
+    "task_cosine": task_gramian / (norms[:, None] * norms[None, :]),
+    "sample_conflict_fraction": jnp.sum(negative, axis=(0, 2)) / (batch * (batch - 1)),
+  }
 
 
 def gramian_step(model, tasks, optimizer, mesh=None):
@@ -262,7 +307,9 @@ def gramian_step(model, tasks, optimizer, mesh=None):
   or on the mesh's shard_map engine: rows weighted by 1 / their task's batch gradient norm."""
 
   def step(state, batch):
-    result = gramian.compute(model, state.params, state.batch_stats, batch, tasks, gramian.FULL, mesh=mesh)
+    result = gramian.compute(
+      model, state.params, state.batch_stats, batch, tasks, gramian.FULL, mesh=mesh
+    )
     full = result.gramian
     if mesh is not None:
       full = jax.lax.with_sharding_constraint(full, sharding.replicated(mesh))
@@ -282,32 +329,44 @@ def gramian_step(model, tasks, optimizer, mesh=None):
 # 16 with 3 tasks, so their sharded Gramian blocks gather raw inputs and output gradients: an MLP (dense
 # layers, one position) and a small CNN on 4x4 images (its second conv, 16 positions).
 GHOST_CASES = {
-    "mlp": ({"encoder": "mlp", "norm": "group", "hidden": (64, 32)}, (8, 8, 3)),
-    "small_cnn": ({"encoder": "small_cnn", "norm": "group", "features": (4, 4)}, (4, 4, 3)),
+  "mlp": ({"encoder": "mlp", "norm": "group", "hidden": (64, 32)}, (8, 8, 3)),
+  "small_cnn": ({"encoder": "small_cnn", "norm": "group", "features": (4, 4)}, (4, 4, 3)),
 }
 
 
 def ghost_form_checks(mesh) -> dict:
   """The full Gramian of each GHOST_CASES encoder on the mesh against one device."""
   results = {}
-  tasks = (tasks_lib.Classification(name="digit", num_classes=10), tasks_lib.BinaryAttribute(name="smiling", index=0),
-           tasks_lib.BinaryAttribute(name="glasses", index=1))
+  tasks = (
+    tasks_lib.Classification(name="digit", num_classes=10),
+    tasks_lib.BinaryAttribute(name="smiling", index=0),
+    tasks_lib.BinaryAttribute(name="glasses", index=1),
+  )
   for name, (encoder, image_shape) in GHOST_CASES.items():
-    model = models.build_model(ml_collections.ConfigDict(encoder),
-                               {task.name: models.HeadSpec(task.output_channels, dense=False) for task in tasks})
+    model = models.build_model(
+      ml_collections.ConfigDict(encoder),
+      {task.name: models.HeadSpec(task.output_channels, dense=False) for task in tasks},
+    )
     params = models.init_model(model, jax.random.PRNGKey(0), (1, *image_shape))["params"]
     keys = jax.random.split(jax.random.PRNGKey(1), 3)
-    batch = {"image": np.asarray(jax.random.normal(keys[0], (16, *image_shape))),
-             "attributes": np.asarray(jax.random.uniform(keys[1], (16, 2)) > 0.5, np.float32),
-             "label": np.asarray(jax.random.randint(keys[2], (16,), 0, 10))}
+    batch = {
+      "image": np.asarray(jax.random.normal(keys[0], (16, *image_shape))),
+      "attributes": np.asarray(jax.random.uniform(keys[1], (16, 2)) > 0.5, np.float32),
+      "label": np.asarray(jax.random.randint(keys[2], (16,), 0, 10)),
+    }
     captured = capture.capture(model, params, {}, batch, tasks)
-    ghost_layers = sum(not blocks.is_materialised(info, captured.inputs[path], captured.output_gradients[path])
-                       for path, info in captured.infos.items())
+    ghost_layers = sum(
+      not blocks.is_materialised(info, captured.inputs[path], captured.output_gradients[path])
+      for path, info in captured.infos.items()
+    )
     single = gramian.compute(model, params, {}, batch, tasks).gramian
     sharded = jax.jit(lambda p, b: gramian.compute(model, p, {}, b, tasks, mesh=mesh).gramian)(
-        params, sharding.shard_batch(batch, mesh))
+      params, sharding.shard_batch(batch, mesh)
+    )
     # No ghost-form layer would make the check vacuous: report it as a failure.
-    results[f"ghost_gramian_{name}"] = relative_error(sharded, single) if ghost_layers else float("inf")
+    results[f"ghost_gramian_{name}"] = (
+      relative_error(sharded, single) if ghost_layers else float("inf")
+    )
   return results
 
 
@@ -331,36 +390,54 @@ def sharded_checks(directory: str) -> dict:
   sharded_step = sharding.shard_train_step(step, mesh, shardings)
   for _ in range(2):
     sharded_state, metrics = sharded_step(sharded_state, sharding.shard_batch(batch, mesh))
-  results["ew_step"] = update_error(sharded_state, reference_state, state, metrics["loss"], reference_metrics["loss"])
+  results["ew_step"] = update_error(
+    sharded_state, reference_state, state, metrics["loss"], reference_metrics["loss"]
+  )
   fsdp = sharding.state_shardings(state, mesh, fsdp=True, fsdp_min_size=64)
   results["fsdp_specs"] = sorted({str(leaf.spec) for leaf in jax.tree_util.tree_leaves(fsdp)})
   # The multi-host input path (process-local rows -> global array), exercised on one process.
-  results["process_local_batch"] = relative_error(sharding.shard_batch(batch, mesh, process_local=True), batch)
+  results["process_local_batch"] = relative_error(
+    sharding.shard_batch(batch, mesh, process_local=True), batch
+  )
 
   # Gramians: the full per-row Gramian, the task-level Gramian, conflict statistics.
   params, stats = state.params, state.batch_stats
   placed = sharding.shard_batch(batch, mesh)
-  full_single = jax.jit(lambda p, b: gramian.compute(model, p, stats, b, tasks).gramian)(params, batch)
-  full_sharded = jax.jit(lambda p, b: gramian.compute(model, p, stats, b, tasks, mesh=mesh).gramian)(params, placed)
+  full_single = jax.jit(lambda p, b: gramian.compute(model, p, stats, b, tasks).gramian)(
+    params, batch
+  )
+  full_sharded = jax.jit(
+    lambda p, b: gramian.compute(model, p, stats, b, tasks, mesh=mesh).gramian
+  )(params, placed)
   results["gramian"] = relative_error(full_sharded, full_single)
   results["gramian_sharding"] = str(full_sharded.sharding.spec)
   # The reference is the full Gramian's reduction (independent of the task-rows computation).
   task_single = gramian.task_gramian(full_single)
   losses_single = jnp.mean(gramian.per_sample_losses(model, params, stats, batch, tasks), axis=0)
-  task_result = jax.jit(lambda p, b: gramian.compute(model, p, stats, b, tasks, "task", mesh=mesh)[:2])
+  task_result = jax.jit(
+    lambda p, b: gramian.compute(model, p, stats, b, tasks, "task", mesh=mesh)[:2]
+  )
   task_sharded, losses_sharded = task_result(params, placed)
-  results["task_gramian"] = relative_error((task_sharded, losses_sharded), (task_single, losses_single))
-  results["conflicts"] = relative_error(conflict_statistics(task_sharded, full_sharded),
-                                        conflict_statistics(task_single, full_single))
+  results["task_gramian"] = relative_error(
+    (task_sharded, losses_sharded), (task_single, losses_single)
+  )
+  results["conflicts"] = relative_error(
+    conflict_statistics(task_sharded, full_sharded), conflict_statistics(task_single, full_single)
+  )
   # The per-sample levels' Gramians as the Gramian methods' mesh steps get them (replicated).
   levels = ("sample", "sample_task")
-  rows_sharded = jax.jit(lambda p, b: [gramian.compute(model, p, stats, b, tasks, level, mesh=mesh)[:2]
-                                       for level in levels])(params, placed)
+  rows_sharded = jax.jit(
+    lambda p, b: [
+      gramian.compute(model, p, stats, b, tasks, level, mesh=mesh)[:2] for level in levels
+    ]
+  )(params, placed)
   results["rows_gramian"] = relative_error(
-      [(rows, task_losses) for rows, task_losses in rows_sharded],
-      [(gramian.at_level(full_single, level), losses_single) for level in levels])
-  results["rows_gramian_sharding"] = sorted({str(leaf.sharding.spec)
-                                              for leaf in jax.tree_util.tree_leaves(rows_sharded)})
+    [(rows, task_losses) for rows, task_losses in rows_sharded],
+    [(gramian.at_level(full_single, level), losses_single) for level in levels],
+  )
+  results["rows_gramian_sharding"] = sorted(
+    {str(leaf.sharding.spec) for leaf in jax.tree_util.tree_leaves(rows_sharded)}
+  )
   results.update(ghost_form_checks(mesh))
 
   # A Gramian method's step on the shard_map engine's per-sample Gramian and weighted gradient,
@@ -370,11 +447,15 @@ def sharded_checks(directory: str) -> dict:
   for _ in range(2):
     reference_state, reference_loss = reference(reference_state, batch)
   shardings = sharding.state_shardings(state, mesh)
-  sharded_step = sharding.shard_train_step(gramian_step(model, tasks, experiment.optimizer, mesh), mesh, shardings)
+  sharded_step = sharding.shard_train_step(
+    gramian_step(model, tasks, experiment.optimizer, mesh), mesh, shardings
+  )
   sharded_state = sharding.place_state(state, shardings)
   for _ in range(2):
     sharded_state, loss = sharded_step(sharded_state, placed)
-  results["gramian_step_shard_map"] = update_error(sharded_state, reference_state, state, loss, reference_loss)
+  results["gramian_step_shard_map"] = update_error(
+    sharded_state, reference_state, state, loss, reference_loss
+  )
 
   results.update(method_checks(config, experiment, state, mesh, batch, directory))
   results.update(probe_checks(config, experiment, state, mesh, batch))
@@ -390,12 +471,19 @@ def sharded_checks(directory: str) -> dict:
   wait_for(os.path.join(directory, SINGLE_CHECKPOINT_SAVED))
   shardings = sharding.state_shardings(state, mesh, fsdp=True, fsdp_min_size=64)
   target = sharding.place_state(jax.tree_util.tree_map(jnp.zeros_like, state), shardings)
-  restored, _ = checkpoint_lib.Checkpointer(os.path.join(directory, "from_single"), asynchronous=False).restore(target)
+  restored, _ = checkpoint_lib.Checkpointer(
+    os.path.join(directory, "from_single"), asynchronous=False
+  ).restore(target)
   results["restore_from_single"] = relative_error(restored, reference_state)
-  results["restored_changed"] = relative_error(change(restored, state), change(reference_state, state))
+  results["restored_changed"] = relative_error(
+    change(restored, state), change(reference_state, state)
+  )
   results["restored_sharding_kept"] = all(
-      leaf.sharding == sharding_ for leaf, sharding_ in zip(jax.tree_util.tree_leaves(restored),
-                                                           jax.tree_util.tree_leaves(shardings)))
+    leaf.sharding == sharding_
+    for leaf, sharding_ in zip(
+      jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(shardings)
+    )
+  )
   saver = checkpoint_lib.Checkpointer(os.path.join(directory, "from_sharded"), asynchronous=False)
   saver.save(2, sharding.place_state(reference_state, shardings), {"note": "sharded"})
   saver.close()
@@ -404,23 +492,34 @@ def sharded_checks(directory: str) -> dict:
   # config by the 'single' process: test metrics, conflicts.jsonl and the trained parameters.
   config = run_config(config)
   config.sharding.fsdp, config.sharding.fsdp_min_size = True, 64
-  sharded_directory, single_directory = os.path.join(directory, "run_sharded"), os.path.join(directory, "run_single")
+  sharded_directory, single_directory = (
+    os.path.join(directory, "run_sharded"),
+    os.path.join(directory, "run_single"),
+  )
   sharded_run = train.train_and_evaluate(config, sharded_directory)["test"]
   with open(wait_for(os.path.join(single_directory, train.RESULTS_FILE))) as file:
     single_run = json.load(file)["test"]
-  results["run_test"] = relative_error([sharded_run[key] for key in sorted(single_run)],
-                                       [single_run[key] for key in sorted(single_run)])
+  results["run_test"] = relative_error(
+    [sharded_run[key] for key in sorted(single_run)],
+    [single_run[key] for key in sorted(single_run)],
+  )
   sharded_records = record_values(conflicts.read_records(sharded_directory))
   single_records = record_values(conflicts.read_records(single_directory))
   results["run_conflict_records"] = [len(sharded_records), len(single_records)]
   # Measure by measure: dot products and cosines have different scales.
-  results["run_conflicts"] = max((relative_error(np.nan_to_num(sharded_records.get(key, [np.inf])),
-                                                 np.nan_to_num(values)) for key, values in single_records.items()),
-                                 default=float("inf"))
+  results["run_conflicts"] = max(
+    (
+      relative_error(np.nan_to_num(sharded_records.get(key, [np.inf])), np.nan_to_num(values))
+      for key, values in single_records.items()
+    ),
+    default=float("inf"),
+  )
   experiment = train.build_experiment(config, experiment.dataset)
   target = method_state(experiment, experiment.weighting, experiment.optimizer, state, RUN_LEVEL)
-  finals = [checkpoint_lib.Checkpointer(path, asynchronous=False).restore(target)[0]
-            for path in (sharded_directory, single_directory)]
+  finals = [
+    checkpoint_lib.Checkpointer(path, asynchronous=False).restore(target)[0]
+    for path in (sharded_directory, single_directory)
+  ]
   results["run_params"] = update_error(finals[0], finals[1], state)
   return results
 
@@ -436,10 +535,14 @@ def single_checks(directory: str) -> dict:
     # The sharded process saved the very state the first call saved from one device.
     target = jax.tree_util.tree_map(jnp.zeros_like, state)
     restored, _ = checkpoint_lib.Checkpointer(sharded_path, asynchronous=False).restore(target)
-    expected, _ = checkpoint_lib.Checkpointer(os.path.join(directory, "from_single"), asynchronous=False).restore(target)
+    expected, _ = checkpoint_lib.Checkpointer(
+      os.path.join(directory, "from_single"), asynchronous=False
+    ).restore(target)
     results["restore_from_sharded"] = relative_error(restored, expected)
     results["restored_changed"] = relative_error(change(restored, state), change(expected, state))
-    results["restored_devices"] = sorted({len(leaf.sharding.device_set) for leaf in jax.tree_util.tree_leaves(restored)})
+    results["restored_devices"] = sorted(
+      {len(leaf.sharding.device_set) for leaf in jax.tree_util.tree_leaves(restored)}
+    )
     return results
   step = jax.jit(gramian_step(experiment.model, experiment.tasks, experiment.optimizer))
   batch = first_batch(experiment, 16)

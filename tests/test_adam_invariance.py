@@ -21,7 +21,9 @@ def test_per_task_adam_is_the_sum_of_separate_adams_and_scale_invariant():
   scaled_state = transform.init(params)
   for gradients in task_gradients:
     update, state = transform.update(gradients, state)
-    scaled_update, scaled_state = transform.update({"w": gradients["w"] * jnp.array([[1e3], [1e-3]])}, scaled_state)
+    scaled_update, scaled_state = transform.update(
+      {"w": gradients["w"] * jnp.array([[1e3], [1e-3]])}, scaled_state
+    )
     expected = 0
     for t in range(2):
       part, separate_states[t] = separate[t].update({"w": gradients["w"][t]}, separate_states[t])
@@ -40,7 +42,9 @@ def test_exact_check_confirms_every_prediction():
   failed = [row for row in results["rows"] if not row["ok"]]
   assert not failed, failed
   kinds = {(row["setting"].split(",")[0], row["predicted"]) for row in results["rows"]}
-  assert ("Adam", "equal") in kinds and ("Adam", "differ") in kinds and ("UW-O + Adam", "equal") in kinds
+  assert (
+    ("Adam", "equal") in kinds and ("Adam", "differ") in kinds and ("UW-O + Adam", "equal") in kinds
+  )
   per_task = [row for row in results["rows"] if row["setting"].startswith("EW + per-task Adam")]
   assert {row["group"] for row in per_task} == {"backbone", "head_0", "head_1"}
 
@@ -53,7 +57,10 @@ def classification():
   config.classify.scales = (100.0,)
   # One Adam per task is pinned by the exact check above (cheaper than another compile here).
   config.classify.include_per_task_adam = False
-  return {row["method"]: row for row in invariance.classify_methods(config, progress=lambda _: None)["rows"]}
+  return {
+    row["method"]: row
+    for row in invariance.classify_methods(config, progress=lambda _: None)["rows"]
+  }
 
 
 def test_ew_is_invariant_on_heads_under_adam_only(classification):

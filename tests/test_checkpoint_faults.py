@@ -15,8 +15,10 @@ from tests import reliability_helpers as helpers
 
 
 def _state(value):
-  return {"params": {"kernel": jnp.full((64, 32), value, jnp.float32), "bias": jnp.arange(32.0) + value},
-          "step": jnp.asarray(int(value), jnp.int32)}
+  return {
+    "params": {"kernel": jnp.full((64, 32), value, jnp.float32), "bias": jnp.arange(32.0) + value},
+    "step": jnp.asarray(int(value), jnp.int32),
+  }
 
 
 def _save_steps(workdir, steps=(1, 2, 3)):
@@ -46,13 +48,15 @@ def _garble(path):
   with open(path, "r+b") as file:
     content = bytearray(file.read())
     middle = len(content) // 2
-    content[middle:middle + 16] = bytes(byte ^ 0xFF for byte in content[middle:middle + 16])
+    content[middle : middle + 16] = bytes(byte ^ 0xFF for byte in content[middle : middle + 16])
     file.seek(0)
     file.write(content)
 
 
 def _restore(workdir):
-  return checkpoint_lib.Checkpointer(str(workdir), max_to_keep=3, asynchronous=False).restore(_state(0))
+  return checkpoint_lib.Checkpointer(str(workdir), max_to_keep=3, asynchronous=False).restore(
+    _state(0)
+  )
 
 
 def test_intact_checkpoints_restore_the_newest(tmp_path):
@@ -62,9 +66,18 @@ def test_intact_checkpoints_restore_the_newest(tmp_path):
   np.testing.assert_array_equal(state["params"]["bias"], np.arange(32.0) + 3)
 
 
-@pytest.mark.parametrize("damage", [
-    "truncate_data", "garble_data", "delete_data", "truncate_array_metadata", "garble_progress", "delete_progress",
-    "empty_state_dir"])
+@pytest.mark.parametrize(
+  "damage",
+  [
+    "truncate_data",
+    "garble_data",
+    "delete_data",
+    "truncate_array_metadata",
+    "garble_progress",
+    "delete_progress",
+    "empty_state_dir",
+  ],
+)
 def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys, damage):
   _save_steps(tmp_path)
   files = _step_files(tmp_path, 3)
@@ -87,7 +100,9 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caps
   assert progress == {"step": 2}
   np.testing.assert_array_equal(state["params"]["kernel"], np.full((64, 32), 2.0))
   output = capsys.readouterr().out
-  assert "checkpoint step 3" in output and "damaged" in output and "Restored checkpoint step 2" in output
+  assert (
+    "checkpoint step 3" in output and "damaged" in output and "Restored checkpoint step 2" in output
+  )
 
 
 def test_partially_written_checkpoint_is_never_taken_for_a_complete_one(tmp_path, capsys):
@@ -108,7 +123,10 @@ def test_no_intact_checkpoint_names_the_directory(tmp_path):
   _save_steps(tmp_path, steps=(1, 2))
   for step in (1, 2):
     _truncate(_largest_data_file(tmp_path, step))
-  with pytest.raises(checkpoint_lib.CheckpointError, match=r"No intact checkpoint in .*checkpoints.*step 2: .*step 1: "):
+  with pytest.raises(
+    checkpoint_lib.CheckpointError,
+    match=r"No intact checkpoint in .*checkpoints.*step 2: .*step 1: ",
+  ):
     _restore(tmp_path)
 
 
@@ -123,10 +141,20 @@ def test_state_digest_sees_every_byte_and_the_structure():
 
 
 def test_fingerprint_mismatches_name_each_key():
-  saved = {"model": {"encoder": "small_cnn", "norm": "group"}, "tasks": ["depth"], "method": {"name": "ew"}}
-  current = {"model": {"encoder": "segnet", "norm": "group"}, "tasks": ["depth"], "method": {"name": "uw"}}
+  saved = {
+    "model": {"encoder": "small_cnn", "norm": "group"},
+    "tasks": ["depth"],
+    "method": {"name": "ew"},
+  }
+  current = {
+    "model": {"encoder": "segnet", "norm": "group"},
+    "tasks": ["depth"],
+    "method": {"name": "uw"},
+  }
   assert checkpoint_lib.fingerprint_mismatches(saved, current) == [
-      "method.name: checkpoint 'ew' vs config 'uw'", "model.encoder: checkpoint 'small_cnn' vs config 'segnet'"]
+    "method.name: checkpoint 'ew' vs config 'uw'",
+    "model.encoder: checkpoint 'small_cnn' vs config 'segnet'",
+  ]
   assert checkpoint_lib.fingerprint_mismatches(current, current) == []
 
 
@@ -137,10 +165,13 @@ def preempted_run(tmp_path_factory):
 
 
 def test_resume_after_corrupting_the_latest_checkpoint_falls_back_and_equals_uninterrupted(
-    tmp_path, preempted_run, capsys):
+  tmp_path, preempted_run, capsys
+):
   workdir = str(tmp_path / "run")
   shutil.copytree(preempted_run, workdir)
-  steps = sorted(int(name) for name in os.listdir(os.path.join(workdir, checkpoint_lib.LATEST)) if name.isdigit())
+  steps = sorted(
+    int(name) for name in os.listdir(os.path.join(workdir, checkpoint_lib.LATEST)) if name.isdigit()
+  )
   assert steps[-1] == helpers.STOP_STEP and len(steps) >= 2
   _garble(_largest_data_file(workdir, steps[-1]))
   config = helpers.fault_config()
@@ -150,17 +181,24 @@ def test_resume_after_corrupting_the_latest_checkpoint_falls_back_and_equals_uni
   helpers.assert_same_state(helpers.final_state(config, workdir), helpers.reference_state())
 
 
-@pytest.mark.parametrize("section,key,value,expected", [
+@pytest.mark.parametrize(
+  "section,key,value,expected",
+  [
     ("model", "encoder", "mlp", "model.encoder: checkpoint 'small_cnn' vs config 'mlp'"),
     ("model", "norm", "layer", "model.norm: checkpoint 'group' vs config 'layer'"),
     ("optimizer", "name", "sgd", "optimizer.name: checkpoint 'adam' vs config 'sgd'"),
     ("method", "name", "uw", "method.name: checkpoint 'ew' vs config 'uw'"),
-])
-def test_checkpoint_from_a_different_config_is_refused_naming_the_keys(preempted_run, section, key, value, expected):
+  ],
+)
+def test_checkpoint_from_a_different_config_is_refused_naming_the_keys(
+  preempted_run, section, key, value, expected
+):
   config = helpers.fault_config()
   config[section][key] = value
   if key == "encoder":
     config.tasks = ("has_sphere",)  # a global encoder needs global tasks
   with pytest.raises(config_validation.ConfigError) as error:
     train.train_and_evaluate(config, preempted_run, helpers.dataset())
-  assert expected in str(error.value) and os.path.join(preempted_run, "checkpoints") in str(error.value)
+  assert expected in str(error.value) and os.path.join(preempted_run, "checkpoints") in str(
+    error.value
+  )

@@ -54,11 +54,19 @@ def test_cosine_and_magnitude_of_hand_built_gradients():
   radii = np.array([[1.0, 3.0], [2.0, 0.5], [4.0, 4.0]])
   measures = jax.jit(conflicts.conflict_measures)(_gramian_of(_planar(angles, radii)))
   # Inter-task: (i, 0) vs (i, 1) for each sample.
-  np.testing.assert_allclose(measures["inter_task"].cosine, np.cos(angles[:, 0] - angles[:, 1]), atol=1e-6)
-  np.testing.assert_allclose(measures["inter_task"].magnitude,
-                             2 * radii[:, 0] * radii[:, 1] / (radii[:, 0] ** 2 + radii[:, 1] ** 2), atol=1e-6)
-  np.testing.assert_allclose(measures["inter_task"].dot,
-                             radii[:, 0] * radii[:, 1] * np.cos(angles[:, 0] - angles[:, 1]), atol=1e-5)
+  np.testing.assert_allclose(
+    measures["inter_task"].cosine, np.cos(angles[:, 0] - angles[:, 1]), atol=1e-6
+  )
+  np.testing.assert_allclose(
+    measures["inter_task"].magnitude,
+    2 * radii[:, 0] * radii[:, 1] / (radii[:, 0] ** 2 + radii[:, 1] ** 2),
+    atol=1e-6,
+  )
+  np.testing.assert_allclose(
+    measures["inter_task"].dot,
+    radii[:, 0] * radii[:, 1] * np.cos(angles[:, 0] - angles[:, 1]),
+    atol=1e-5,
+  )
   # Inter-sample, task 0 first: (0,1), (0,2), (1,2); then task 1.
   expected_cosine, expected_magnitude = [], []
   for task in range(2):
@@ -80,14 +88,20 @@ def test_averaged_variants_use_batch_mean_and_task_mean_gradients():
   task_means, sample_means = jacobian.mean(axis=0), jacobian.mean(axis=1)
 
   def cosines(vectors):
-    return [vectors[a] @ vectors[b] / np.linalg.norm(vectors[a]) / np.linalg.norm(vectors[b])
-            for a, b in itertools.combinations(range(len(vectors)), 2)]
+    return [
+      vectors[a] @ vectors[b] / np.linalg.norm(vectors[a]) / np.linalg.norm(vectors[b])
+      for a, b in itertools.combinations(range(len(vectors)), 2)
+    ]
 
   np.testing.assert_allclose(measures["inter_task_averaged"].cosine, cosines(task_means), atol=1e-5)
-  np.testing.assert_allclose(measures["inter_sample_averaged"].cosine, cosines(sample_means), atol=1e-5)
-  np.testing.assert_allclose(measures["inter_sample_averaged"].dot,
-                             [sample_means[a] @ sample_means[b] for a, b in itertools.combinations(range(4), 2)],
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    measures["inter_sample_averaged"].cosine, cosines(sample_means), atol=1e-5
+  )
+  np.testing.assert_allclose(
+    measures["inter_sample_averaged"].dot,
+    [sample_means[a] @ sample_means[b] for a, b in itertools.combinations(range(4), 2)],
+    atol=1e-5,
+  )
 
 
 def test_zero_norm_rows_are_excluded_and_counted():
@@ -101,8 +115,14 @@ def test_zero_norm_rows_are_excluded_and_counted():
   accumulator = conflicts.ConflictAccumulator()
   accumulator.add(measures)
   summary = accumulator.summary()
-  assert summary["inter_task"]["excluded_zero_norm"] == 1 and summary["inter_task"]["cosine"]["count"] == 2
-  assert summary["inter_sample"]["excluded_zero_norm"] == 2 and summary["inter_sample"]["magnitude"]["count"] == 4
+  assert (
+    summary["inter_task"]["excluded_zero_norm"] == 1
+    and summary["inter_task"]["cosine"]["count"] == 2
+  )
+  assert (
+    summary["inter_sample"]["excluded_zero_norm"] == 2
+    and summary["inter_sample"]["magnitude"]["count"] == 4
+  )
   # Dot products of a zero gradient are zero and are kept.
   assert summary["inter_task"]["dot"]["count"] == 3
 
@@ -118,15 +138,23 @@ def test_conflicting_parameter_ratio_counts_opposite_signs_over_nonzero_coordina
   gradients = rng.normal(size=(4, 3, 50)) * (rng.random((4, 3, 50)) < 0.7)
   ratios = conflicts.conflicting_parameter_ratios(jnp.asarray(gradients, jnp.float32))
   rows = gradients.reshape(12, 50)
-  for pair_type, pairs in (("inter_task", conflicts.inter_task_pairs(4, 3)),
-                           ("inter_sample", conflicts.inter_sample_pairs(4, 3))):
-    expected = [np.mean(rows[a][(rows[a] != 0) & (rows[b] != 0)] * rows[b][(rows[a] != 0) & (rows[b] != 0)] < 0)
-                for a, b in zip(*pairs)]
+  for pair_type, pairs in (
+    ("inter_task", conflicts.inter_task_pairs(4, 3)),
+    ("inter_sample", conflicts.inter_sample_pairs(4, 3)),
+  ):
+    expected = [
+      np.mean(
+        rows[a][(rows[a] != 0) & (rows[b] != 0)] * rows[b][(rows[a] != 0) & (rows[b] != 0)] < 0
+      )
+      for a, b in zip(*pairs)
+    ]
     np.testing.assert_allclose(ratios[pair_type][0], expected, atol=1e-6)
   # Rounding noise far below a gradient's scale has no sign: it is not counted.
   noisy = jnp.asarray([[[1.0, 1e-9, -2.0], [1.0, -1e-9, -1.0]]])
   np.testing.assert_allclose(conflicts.conflicting_parameter_ratios(noisy)["inter_task"][0], [0.0])
-  np.testing.assert_allclose(conflicts.conflicting_parameter_ratios(noisy, 0.0)["inter_task"][0], [1.0 / 3.0])
+  np.testing.assert_allclose(
+    conflicts.conflicting_parameter_ratios(noisy, 0.0)["inter_task"][0], [1.0 / 3.0]
+  )
 
 
 def test_accumulator_statistics_match_numpy_over_pooled_probes():
@@ -145,9 +173,11 @@ def test_accumulator_statistics_match_numpy_over_pooled_probes():
     values = np.concatenate(chunks)
     stats = summary["inter_sample"][measure]
     assert stats["count"] == values.size == 2 * 3 * 10
-    np.testing.assert_allclose([stats["mean"], stats["std"], stats["p2_5"], stats["p97_5"]],
-                               [values.mean(), values.std(), np.percentile(values, 2.5), np.percentile(values, 97.5)],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+      [stats["mean"], stats["std"], stats["p2_5"], stats["p97_5"]],
+      [values.mean(), values.std(), np.percentile(values, 2.5), np.percentile(values, 97.5)],
+      rtol=1e-6,
+    )
   cosine, stats = np.concatenate(pooled["cosine"]), summary["inter_sample"]["cosine"]
   assert np.isclose(stats["conflict_rate"], np.mean(cosine < 0))
   assert stats["negative_count"] + stats["positive_count"] == cosine.size
@@ -175,17 +205,25 @@ def tiny():
 
 def _reference_statistics(experiment, state, batches, probe):
   """Pooled statistics of the probed rows computed from reference (vmap/jacrev) gradients in numpy."""
-  values = {pair: {"cosine": [], "magnitude": [], conflicts.PARAMETER_RATIO: []} for pair in conflicts.ROW_PAIR_TYPES}
-  gradients_of = jax.jit(lambda params, sub_batch: gramian_lib.per_sample_gradients(
-      experiment.model, params, {}, sub_batch, experiment.tasks, range(4), probe.task_indices))
+  values = {
+    pair: {"cosine": [], "magnitude": [], conflicts.PARAMETER_RATIO: []}
+    for pair in conflicts.ROW_PAIR_TYPES
+  }
+  gradients_of = jax.jit(
+    lambda params, sub_batch: gramian_lib.per_sample_gradients(
+      experiment.model, params, {}, sub_batch, experiment.tasks, range(4), probe.task_indices
+    )
+  )
   for step, batch in batches:
     samples = probe.sample_indices(step, len(batch["image"]))
     sub_batch = {key: np.asarray(value)[samples] for key, value in batch.items()}
     gradients = np.asarray(gradients_of(state.params, sub_batch), np.float64)
     num_samples, num_tasks = gradients.shape[:2]
     rows = gradients.reshape(num_samples * num_tasks, -1)
-    for pair_type, pairs in (("inter_task", conflicts.inter_task_pairs(num_samples, num_tasks)),
-                             ("inter_sample", conflicts.inter_sample_pairs(num_samples, num_tasks))):
+    for pair_type, pairs in (
+      ("inter_task", conflicts.inter_task_pairs(num_samples, num_tasks)),
+      ("inter_sample", conflicts.inter_sample_pairs(num_samples, num_tasks)),
+    ):
       for a, b in zip(*pairs):
         norm_a, norm_b = np.linalg.norm(rows[a]), np.linalg.norm(rows[b])
         values[pair_type]["cosine"].append(rows[a] @ rows[b] / (norm_a * norm_b))
@@ -193,17 +231,23 @@ def _reference_statistics(experiment, state, batches, probe):
         # The same zero rule as the probe: rounding noise below 1e-6 x the largest coordinate.
         nonzero = np.abs(rows) > probe.sign_tolerance * np.abs(rows).max(axis=1, keepdims=True)
         both = nonzero[a] & nonzero[b]
-        values[pair_type][conflicts.PARAMETER_RATIO].append(np.mean(rows[a][both] * rows[b][both] < 0))
+        values[pair_type][conflicts.PARAMETER_RATIO].append(
+          np.mean(rows[a][both] * rows[b][both] < 0)
+        )
   return values
 
 
 def test_probe_equals_statistics_of_reference_per_sample_gradients(tiny, tmp_path):
   config, dataset, experiment, state = tiny
   options = conflict_options(probe_every_steps=3, max_samples=4, max_tasks=2)
-  probe = conflicts.ConflictProbe(experiment.model, experiment.tasks, options, str(tmp_path), seed=7)
+  probe = conflicts.ConflictProbe(
+    experiment.model, experiment.tasks, options, str(tmp_path), seed=7
+  )
   assert len(probe.task_indices) == 2 and probe.path == "fast"
   source = dataset.splits["train"]
-  batches = [(step, source.batch(np.arange(8 * step, 8 * step + 8) % len(source))) for step in range(4)]
+  batches = [
+    (step, source.batch(np.arange(8 * step, 8 * step + 8) % len(source))) for step in range(4)
+  ]
   probed = [step for step, batch in batches if probe.maybe_probe(step, state, batch)]
   assert probed == [0, 3]
   writer = _Writer()
@@ -213,36 +257,63 @@ def test_probe_equals_statistics_of_reference_per_sample_gradients(tiny, tmp_pat
     for measure, pooled in measures.items():
       stats = record[pair_type][measure]
       assert stats["count"] == len(pooled)
-      np.testing.assert_allclose([stats["mean"], stats["std"], stats["p2_5"], stats["p97_5"]],
-                                 [np.mean(pooled), np.std(pooled), np.percentile(pooled, 2.5),
-                                  np.percentile(pooled, 97.5)], rtol=2e-4, atol=2e-5, err_msg=f"{pair_type} {measure}")
+      np.testing.assert_allclose(
+        [stats["mean"], stats["std"], stats["p2_5"], stats["p97_5"]],
+        [np.mean(pooled), np.std(pooled), np.percentile(pooled, 2.5), np.percentile(pooled, 97.5)],
+        rtol=2e-4,
+        atol=2e-5,
+        err_msg=f"{pair_type} {measure}",
+      )
   assert record["probes"] == 2 and record["tasks"] == probe.task_names
   # Scalars, JSONL and CSV carry the same numbers; the accumulator starts the next epoch empty.
-  (step, scalars), = writer.written
-  assert step == 4 and scalars["conflicts/inter_task/cosine/mean"] == record["inter_task"]["cosine"]["mean"]
-  assert conflicts.read_records(str(tmp_path))[0]["inter_sample"]["magnitude"]["mean"] == pytest.approx(
-      record["inter_sample"]["magnitude"]["mean"])
+  ((step, scalars),) = writer.written
+  assert (
+    step == 4
+    and scalars["conflicts/inter_task/cosine/mean"] == record["inter_task"]["cosine"]["mean"]
+  )
+  assert conflicts.read_records(str(tmp_path))[0]["inter_sample"]["magnitude"][
+    "mean"
+  ] == pytest.approx(record["inter_sample"]["magnitude"]["mean"])
   with open(tmp_path / conflicts.CSV_FILE) as file:
     rows = list(csv.DictReader(file))
   row = next(row for row in rows if row["pair_type"] == "inter_task" and row["measure"] == "cosine")
-  assert float(row["conflict_rate"]) == pytest.approx(record["inter_task"]["cosine"]["conflict_rate"])
+  assert float(row["conflict_rate"]) == pytest.approx(
+    record["inter_task"]["cosine"]["conflict_rate"]
+  )
   assert probe.end_epoch(2, 8, writer) is None
 
 
 def test_fast_probe_checks_its_gramian_against_the_reference_path_first(tiny, monkeypatch):
   config, dataset, experiment, state = tiny
   options = conflict_options(probe_every_steps=1, max_samples=4, max_tasks=3, parameter_ratio=False)
-  assert conflicts.ConflictProbe(experiment.model, experiment.tasks, conflict_options(**{**options, "path": "reference"})
-                                 ).fast_path_check is None
-  assert conflicts.ConflictProbe(experiment.model, experiment.tasks, options, verify_every_steps=0
-                                 ).fast_path_check is None
-  assert conflicts.make_probe(experiment, config_validation.with_overrides(
-      config, **{"conflicts.probe_every_steps": 2}), None).fast_path_check.every_steps == gramian_check.ONCE
+  assert (
+    conflicts.ConflictProbe(
+      experiment.model, experiment.tasks, conflict_options(**{**options, "path": "reference"})
+    ).fast_path_check
+    is None
+  )
+  assert (
+    conflicts.ConflictProbe(
+      experiment.model, experiment.tasks, options, verify_every_steps=0
+    ).fast_path_check
+    is None
+  )
+  assert (
+    conflicts.make_probe(
+      experiment,
+      config_validation.with_overrides(config, **{"conflicts.probe_every_steps": 2}),
+      None,
+    ).fast_path_check.every_steps
+    == gramian_check.ONCE
+  )
   original = blocks.fast_gramian_from_capture
-  monkeypatch.setattr(blocks, "fast_gramian_from_capture",
-                      lambda captured, rows=None: 1.01 * original(captured, rows))
+  monkeypatch.setattr(
+    blocks, "fast_gramian_from_capture", lambda captured, rows=None: 1.01 * original(captured, rows)
+  )
   probe = conflicts.ConflictProbe(experiment.model, experiment.tasks, options)
-  with pytest.raises(gramian_check.FastPathMismatchError, match=r"SmallCNN.*norm 'group'.*conflict probe, step 0"):
+  with pytest.raises(
+    gramian_check.FastPathMismatchError, match=r"SmallCNN.*norm 'group'.*conflict probe, step 0"
+  ):
     probe.maybe_probe(0, state, dataset.splits["train"].batch(np.arange(8)))
   assert probe.accumulator.probes == 0
 
@@ -252,33 +323,66 @@ def test_probe_refuses_training_mode_batch_norm_by_default(tiny):
   config = config_validation.with_overrides(config, **{"model.norm": "batch"})  # pylint: disable=protected-access
   experiment = train.build_experiment(config, dataset)
   state = train.init_state(experiment, 0)
-  probe = conflicts.ConflictProbe(experiment.model, experiment.tasks, conflict_options(probe_every_steps=1), None)
+  probe = conflicts.ConflictProbe(
+    experiment.model, experiment.tasks, conflict_options(probe_every_steps=1), None
+  )
   with pytest.raises(ValueError, match="batch_norm='eval'"):
     probe.maybe_probe(0, state, dataset.splits["train"].batch(np.arange(4)))
   with pytest.raises(ValueError, match="valid choices: reference, fast"):
-    conflicts.ConflictProbe(experiment.model, experiment.tasks, conflict_options(probe_every_steps=1, path="ghost"),
-                            None)
+    conflicts.ConflictProbe(
+      experiment.model, experiment.tasks, conflict_options(probe_every_steps=1, path="ghost"), None
+    )
 
 
 def _record(epoch, task_width, sample_width, task_magnitude, sample_magnitude, std=0.2):
   def entry(width, magnitude):
-    return {"cosine": {"mean": 0.0, "std": std, "p2_5": -width / 2, "p97_5": width / 2, "conflict_rate": 0.5,
-                       "positive_mean": 0.1, "negative_mean": -0.1},
-            "magnitude": {"mean": magnitude, "std": 0.1, "p2_5": 0.0, "p97_5": 1.0},
-            "pairs": 4, "excluded_zero_norm": 0}
-  record = {"epoch": epoch, "step": epoch, "probes": 1, "tasks": ["a", "b"],
-            "inter_task": entry(task_width, task_magnitude), "inter_sample": entry(sample_width, sample_magnitude)}
-  record["inter_task_averaged"], record["inter_sample_averaged"] = record["inter_task"], record["inter_sample"]
+    return {
+      "cosine": {
+        "mean": 0.0,
+        "std": std,
+        "p2_5": -width / 2,
+        "p97_5": width / 2,
+        "conflict_rate": 0.5,
+        "positive_mean": 0.1,
+        "negative_mean": -0.1,
+      },
+      "magnitude": {"mean": magnitude, "std": 0.1, "p2_5": 0.0, "p97_5": 1.0},
+      "pairs": 4,
+      "excluded_zero_norm": 0,
+    }
+
+  record = {
+    "epoch": epoch,
+    "step": epoch,
+    "probes": 1,
+    "tasks": ["a", "b"],
+    "inter_task": entry(task_width, task_magnitude),
+    "inter_sample": entry(sample_width, sample_magnitude),
+  }
+  record["inter_task_averaged"], record["inter_sample_averaged"] = (
+    record["inter_task"],
+    record["inter_sample"],
+  )
   return record
 
 
 def test_findings_follow_the_numbers_whatever_they_are():
-  runs = {"small_heads": [_record(1, 0.5, 0.9, 0.4, 0.9), _record(2, 0.6, 0.8, 0.5, 0.9)],
-          "large_heads": [_record(1, 0.9, 0.5, 0.95, 0.9, std=0.1), _record(2, 0.9, 0.5, 0.8, 0.9, std=0.1)]}
+  runs = {
+    "small_heads": [_record(1, 0.5, 0.9, 0.4, 0.9), _record(2, 0.6, 0.8, 0.5, 0.9)],
+    "large_heads": [
+      _record(1, 0.9, 0.5, 0.95, 0.9, std=0.1),
+      _record(2, 0.9, 0.5, 0.8, 0.9, std=0.1),
+    ],
+  }
   found = conflict_study.findings(runs)
-  assert found["small_heads"]["cosine_spread"]["holds"] and found["small_heads"]["magnitude"]["holds"]
+  assert (
+    found["small_heads"]["cosine_spread"]["holds"] and found["small_heads"]["magnitude"]["holds"]
+  )
   assert not found["large_heads"]["cosine_spread"]["holds"]
-  assert found["large_heads"]["magnitude"]["holds"] and found["large_heads"]["magnitude"]["epochs_holding"] == 1
+  assert (
+    found["large_heads"]["magnitude"]["holds"]
+    and found["large_heads"]["magnitude"]["epochs_holding"] == 1
+  )
   assert found["heads"]["inter_task"]["holds"]
   config = conflicts_dense.get_config()
   summary = conflict_study.summary_markdown(config, runs, found, [], "synthetic")
@@ -306,26 +410,43 @@ def test_config_arguments_settings_and_architectures_are_checked():
 
 def test_run_conflicts_end_to_end(tmp_path):
   config = config_validation.with_overrides(  # pylint: disable=protected-access
-      conflicts_dense.get_config("small_heads"),
-      **{"dataset.num_train": 64, "dataset.num_validation": 16, "dataset.num_test": 16, "model.features": (8, 8),
-         "training.num_epochs": 2, "training.eval_batch_size": 16, "conflicts.study_probe_every_steps": 2,
-         "conflicts.max_samples": 4})
+    conflicts_dense.get_config("small_heads"),
+    **{
+      "dataset.num_train": 64,
+      "dataset.num_validation": 16,
+      "dataset.num_test": 16,
+      "model.features": (8, 8),
+      "training.num_epochs": 2,
+      "training.eval_batch_size": 16,
+      "conflicts.study_probe_every_steps": 2,
+      "conflicts.max_samples": 4,
+    },
+  )
   # The entry point the reproduce job looks up.
   results = conflict_study.run_conflicts(config, str(tmp_path))
   records = results["settings"]["dense"]["records"]["small_heads"]
   # 4 steps per epoch, a probe every 2 steps: 2 probes per epoch, 4 samples x 3 tasks each.
   assert [record["epoch"] for record in records] == [1, 2]
-  assert all(record["probes"] == 2 and record["inter_task"]["pairs"] == 2 * 4 * 3 for record in records)
-  assert all(-1 <= record["inter_sample"]["cosine"]["p2_5"] <= record["inter_sample"]["cosine"]["p97_5"] <= 1
-             for record in records)
+  assert all(
+    record["probes"] == 2 and record["inter_task"]["pairs"] == 2 * 4 * 3 for record in records
+  )
+  assert all(
+    -1 <= record["inter_sample"]["cosine"]["p2_5"] <= record["inter_sample"]["cosine"]["p97_5"] <= 1
+    for record in records
+  )
   assert len(results["figures"]) == 2
   for path in results["figures"]:
     assert os.path.getsize(path) > 1000
   summary = open(tmp_path / conflict_study.SUMMARY_FILE).read()
   assert summary == results["summary"] and "group normalisation" in summary
   assert "### Gradient conflicts: dense" in results["markdown"] and "](" not in results["markdown"]
-  assert "inter-sample cosine spread >= inter-task spread **" in summary and "](dense/conflicts.png)" in summary
-  metrics = [json.loads(line) for line in open(tmp_path / "dense" / "small_heads" / "metrics.jsonl")]
+  assert (
+    "inter-sample cosine spread >= inter-task spread **" in summary
+    and "](dense/conflicts.png)" in summary
+  )
+  metrics = [
+    json.loads(line) for line in open(tmp_path / "dense" / "small_heads" / "metrics.jsonl")
+  ]
   assert any("conflicts/inter_sample/cosine/mean" in line for line in metrics)
   saved = json.load(open(tmp_path / "dense" / conflict_study.RESULTS_FILE))
   assert saved["findings"]["small_heads"]["epochs"] == 2

@@ -17,7 +17,10 @@ def images():
 
 def test_there_are_15_corruptions_in_the_standard_order():
   assert len(corruptions.CORRUPTIONS) == len(set(corruptions.CORRUPTIONS)) == 15
-  assert corruptions.CORRUPTIONS[0] == "gaussian_noise" and corruptions.CORRUPTIONS[-1] == "jpeg_compression"
+  assert (
+    corruptions.CORRUPTIONS[0] == "gaussian_noise"
+    and corruptions.CORRUPTIONS[-1] == "jpeg_compression"
+  )
 
 
 @pytest.mark.parametrize("name", corruptions.CORRUPTIONS)
@@ -32,7 +35,9 @@ def test_corruption_properties(name, images):
   # Mean distance to the clean images grows with severity. Tiny images make neighbouring
   # severities of pixelate and glass blur nearly equal, hence the small tolerance.
   tolerance = 0.1 * distances[-1]
-  assert all(later >= earlier - tolerance for earlier, later in zip(distances, distances[1:])), distances
+  assert all(later >= earlier - tolerance for earlier, later in zip(distances, distances[1:])), (
+    distances
+  )
   assert distances[-1] > 1.2 * distances[0] and distances[-1] > 0.005, distances
 
 
@@ -54,7 +59,10 @@ def test_random_corruptions_differ_by_seed_but_not_on_repeat(images):
   assert list(names) == list(names_again) and list(severities) == list(severities_again)
   assert set(names) <= set(corruptions.CORRUPTIONS) and set(severities) <= {1, 2, 3, 4, 5}
   for index in range(len(images)):
-    assert not np.array_equal(output[index], images[index]) or names[index] in ("defocus_blur", "pixelate")
+    assert not np.array_equal(output[index], images[index]) or names[index] in (
+      "defocus_blur",
+      "pixelate",
+    )
 
 
 def test_bad_name_or_severity_gives_a_clear_error(images):
@@ -76,7 +84,9 @@ CIFAR_SIZE = 32
 
 @pytest.fixture(scope="module")
 def cifar_images():
-  return scenes.load_split("test", 3, scenes.SceneConfig(height=CIFAR_SIZE, width=CIFAR_SIZE))["image"]
+  return scenes.load_split("test", 3, scenes.SceneConfig(height=CIFAR_SIZE, width=CIFAR_SIZE))[
+    "image"
+  ]
 
 
 def cifar_contrast(image, severity):
@@ -101,14 +111,19 @@ def cifar_clipped_zoom(image, factor):
   size = image.shape[0]
   crop = int(np.ceil(size / factor))
   top = (size - crop) // 2
-  zoomed = ndimage.zoom(image[top:top + crop, top:top + crop], (factor, factor, 1), order=1)
+  zoomed = ndimage.zoom(image[top : top + crop, top : top + crop], (factor, factor, 1), order=1)
   trim = (zoomed.shape[0] - size) // 2
-  return zoomed[trim:trim + size, trim:trim + size]
+  return zoomed[trim : trim + size, trim : trim + size]
 
 
 def cifar_zoom_blur(image, severity):
-  factors = [np.arange(1, 1.06, 0.01), np.arange(1, 1.11, 0.01), np.arange(1, 1.16, 0.01),
-             np.arange(1, 1.21, 0.01), np.arange(1, 1.26, 0.01)][severity - 1]
+  factors = [
+    np.arange(1, 1.06, 0.01),
+    np.arange(1, 1.11, 0.01),
+    np.arange(1, 1.16, 0.01),
+    np.arange(1, 1.21, 0.01),
+    np.arange(1, 1.26, 0.01),
+  ][severity - 1]
   total = np.zeros_like(image)
   for factor in factors:
     total += cifar_clipped_zoom(image, factor)
@@ -119,14 +134,16 @@ def imagemagick_motion_blur(image, severity, angle):
   """MotionBlurImage: a 2⌈r⌉+1 pixel ray of normalised exp(-t²/2σ²) weights, edge pixels outside."""
   radius, sigma = [(6, 1), (6, 1.5), (6, 2), (8, 2), (9, 2.5)][severity - 1]
   width = 2 * radius + 1
-  weights = np.exp(-np.arange(width) ** 2 / (2 * sigma**2))
+  weights = np.exp(-(np.arange(width) ** 2) / (2 * sigma**2))
   weights /= weights.sum()
   stencil = np.zeros((2 * width + 1, 2 * width + 1))
   for step, weight in enumerate(weights):
     column = int(np.ceil(step * np.cos(np.deg2rad(angle)) - 0.5))
     row = int(np.ceil(step * np.sin(np.deg2rad(angle)) - 0.5))
     stencil[width + row, width + column] += weight
-  channels = [ndimage.correlate(channel, stencil, mode="nearest") for channel in np.moveaxis(image, -1, 0)]
+  channels = [
+    ndimage.correlate(channel, stencil, mode="nearest") for channel in np.moveaxis(image, -1, 0)
+  ]
   return np.clip(np.stack(channels, axis=-1), 0, 1)
 
 
@@ -137,11 +154,12 @@ def _motion_blur_references(images, severity, seed):
 
 
 RECIPES = {
-    "contrast": lambda images, severity, seed: [cifar_contrast(image, severity) for image in images],
-    "pixelate": lambda images, severity, seed: [cifar_pixelate(image, severity) for image in images],
-    "zoom_blur": lambda images, severity, seed: [cifar_zoom_blur(image.astype(np.float32), severity)
-                                                 for image in images],
-    "motion_blur": _motion_blur_references,
+  "contrast": lambda images, severity, seed: [cifar_contrast(image, severity) for image in images],
+  "pixelate": lambda images, severity, seed: [cifar_pixelate(image, severity) for image in images],
+  "zoom_blur": lambda images, severity, seed: [
+    cifar_zoom_blur(image.astype(np.float32), severity) for image in images
+  ],
+  "motion_blur": _motion_blur_references,
 }
 
 

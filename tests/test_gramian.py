@@ -21,9 +21,9 @@ from mtl_jax.gramian import task_rows
 BATCH = 4
 RELATIVE_TOLERANCE = 1e-5
 TASKS = (
-    tasks_lib.BinaryAttribute(name="smiling", index=0),
-    tasks_lib.Classification(name="digit", num_classes=3),
-    tasks_lib.BinaryAttribute(name="glasses", index=1),
+  tasks_lib.BinaryAttribute(name="smiling", index=0),
+  tasks_lib.Classification(name="digit", num_classes=3),
+  tasks_lib.BinaryAttribute(name="glasses", index=1),
 )
 
 
@@ -31,10 +31,14 @@ TASKS = (
 def setup(encoder: str, norm: str, seed: int = 0):
   """(model, variables, batch) for a tiny encoder; random inputs drawn from `seed`."""
   config = ml_collections.ConfigDict(
-      dict(
-          encoder=encoder, norm=norm, hidden=(16, 12), features=(4, 6), width_multiplier=0.0625,
-          head_hidden=(5,),
-      )
+    dict(
+      encoder=encoder,
+      norm=norm,
+      hidden=(16, 12),
+      features=(4, 6),
+      width_multiplier=0.0625,
+      head_hidden=(5,),
+    )
   )
   specs = {task.name: models.HeadSpec(task.output_channels, dense=False) for task in TASKS}
   model = models.build_model(config, specs)
@@ -42,14 +46,14 @@ def setup(encoder: str, norm: str, seed: int = 0):
   variables = models.init_model(model, jax.random.PRNGKey(seed), (1, size, size, 3))
   keys = jax.random.split(jax.random.PRNGKey(seed + 100), 4)
   batch = {
-      "image": jax.random.normal(keys[0], (BATCH, size, size, 3)),
-      "attributes": (jax.random.uniform(keys[1], (BATCH, 2)) > 0.5).astype(jnp.float32),
-      "label": jax.random.randint(keys[2], (BATCH,), 0, 3),
+    "image": jax.random.normal(keys[0], (BATCH, size, size, 3)),
+    "attributes": (jax.random.uniform(keys[1], (BATCH, 2)) > 0.5).astype(jnp.float32),
+    "label": jax.random.randint(keys[2], (BATCH,), 0, 3),
   }
   if norm == "batch":
     # Running statistics that differ from the batch's, so 'eval' is a distinct definition.
     variables["batch_stats"] = jax.tree_util.tree_map(
-        lambda leaf: leaf + 0.3 * jax.random.uniform(keys[3], leaf.shape), variables["batch_stats"]
+      lambda leaf: leaf + 0.3 * jax.random.uniform(keys[3], leaf.shape), variables["batch_stats"]
     )
   return model, variables, batch
 
@@ -58,40 +62,42 @@ def setup(encoder: str, norm: str, seed: int = 0):
 # minutes) exceeds this file's time budget, so the default run covers every norm kind and both
 # conv strategies once, and MTL_JAX_SLOW_TESTS=1 runs the whole encoder x norm grid.
 _SLOW = pytest.mark.skipif(
-    os.environ.get("MTL_JAX_SLOW_TESTS") != "1", reason="slow: set MTL_JAX_SLOW_TESTS=1"
+  os.environ.get("MTL_JAX_SLOW_TESTS") != "1", reason="slow: set MTL_JAX_SLOW_TESTS=1"
 )
 CASES = [
-    ("mlp", "layer"),
-    ("mlp", "none"),
-    ("mlp", "batch"),
-    ("small_cnn", "group"),
-    pytest.param("mlp", "group", marks=_SLOW),
-    pytest.param("small_cnn", "layer", marks=_SLOW),
-    pytest.param("small_cnn", "none", marks=_SLOW),
-    pytest.param("small_cnn", "batch", marks=_SLOW),
-    pytest.param("segnet", "group", marks=_SLOW),
+  ("mlp", "layer"),
+  ("mlp", "none"),
+  ("mlp", "batch"),
+  ("small_cnn", "group"),
+  pytest.param("mlp", "group", marks=_SLOW),
+  pytest.param("small_cnn", "layer", marks=_SLOW),
+  pytest.param("small_cnn", "none", marks=_SLOW),
+  pytest.param("small_cnn", "batch", marks=_SLOW),
+  pytest.param("segnet", "group", marks=_SLOW),
 ]
 
 
 def full_gramian(model, params, batch_stats, batch, tasks, path="fast", batch_norm="error"):
   """The [B, T, B, T] per-sample Gramian through the engine's one entry."""
-  result = gramian.compute(model, params, batch_stats, batch, tasks, gramian.FULL, path=path,
-                           batch_norm=batch_norm)
+  result = gramian.compute(
+    model, params, batch_stats, batch, tasks, gramian.FULL, path=path, batch_norm=batch_norm
+  )
   return result.gramian
 
 
 def flatten_rows(tree, leading):
-  return jnp.concatenate([leaf.reshape(*leaf.shape[:leading], -1) for leaf in jax.tree_util.tree_leaves(tree)],
-                         axis=-1)
+  return jnp.concatenate(
+    [leaf.reshape(*leaf.shape[:leading], -1) for leaf in jax.tree_util.tree_leaves(tree)], axis=-1
+  )
 
 
 def reductions(full):
   return {
-      "task": gramian.at_level(full, "task"),
-      "sample": gramian.at_level(full, "sample"),
-      "sample_task": gramian.at_level(full, "sample_task"),
-      "sample_of_task_1": gramian.sample_gramian(full, task=1),
-      "row_norms": gramian.row_norms(full),
+    "task": gramian.at_level(full, "task"),
+    "sample": gramian.at_level(full, "sample"),
+    "sample_task": gramian.at_level(full, "sample_task"),
+    "sample_of_task_1": gramian.sample_gramian(full, task=1),
+    "row_norms": gramian.row_norms(full),
   }
 
 
@@ -109,7 +115,7 @@ def test_fast_matches_reference_and_direct_gradients(encoder, norm):
     fast = full_gramian(model, params, batch_stats, batch, TASKS, "fast", mode)
     # The reference Gramian is rows rowsᵀ of these vmap(grad) rows (checked separately below).
     rows = gramian.per_sample_gradients(
-        model, params, batch_stats, batch, TASKS, range(BATCH), range(len(TASKS)), mode
+      model, params, batch_stats, batch, TASKS, range(BATCH), range(len(TASKS)), mode
     )
     if not direct:
       return fast, rows, None, None
@@ -146,18 +152,18 @@ def test_fast_matches_reference_and_direct_gradients(encoder, norm):
 
   # The mean of per-sample gradients is each task's batch gradient.
   np.testing.assert_allclose(
-      rows.mean(axis=0), task_gradients, rtol=1e-4, atol=1e-6 * np.abs(rows).max()
+    rows.mean(axis=0), task_gradients, rtol=1e-4, atol=1e-6 * np.abs(rows).max()
   )
   # Reductions against inner products of directly computed gradients (per-sample levels' rows
   # are divided by B: every level's rows sum to the batch-mean objective).
   summed = rows.sum(axis=1) / BATCH
   flat = rows.reshape(BATCH * len(TASKS), -1) / BATCH
   expected = {
-      "task": task_gradients @ task_gradients.T,
-      "sample": summed @ summed.T,
-      "sample_task": flat @ flat.T,
-      "sample_of_task_1": rows[:, 1] @ rows[:, 1].T,
-      "row_norms": np.linalg.norm(rows, axis=-1),
+    "task": task_gradients @ task_gradients.T,
+    "sample": summed @ summed.T,
+    "sample_task": flat @ flat.T,
+    "sample_of_task_1": rows[:, 1] @ rows[:, 1].T,
+    "row_norms": np.linalg.norm(rows, axis=-1),
   }
   for name, value in expected.items():
     np.testing.assert_allclose(reduced[name], value, rtol=1e-4, atol=1e-6 * scale, err_msg=name)
@@ -184,13 +190,19 @@ def test_weighted_gradient_matches_autodiff_with_row_weights(path):
     def mean_loss(params):
       return jnp.sum(jnp.mean(gramian.per_sample_losses(model, params, {}, batch, TASKS), axis=0))
 
-    return result.gradient(row_weights), jax.grad(weighted_loss)(params), jax.grad(mean_loss)(params)
+    return (
+      result.gradient(row_weights),
+      jax.grad(weighted_loss)(params),
+      jax.grad(mean_loss)(params),
+    )
 
   actual, weighted, plain = run(params, batch)
   # The encoder descends the weighted rows; every head gets its own task's plain gradient.
   expected = {"encoder": weighted["encoder"], "heads": plain["heads"]}
   assert jax.tree_util.tree_structure(actual) == jax.tree_util.tree_structure(expected)
-  for leaf, expected_leaf in zip(jax.tree_util.tree_leaves(actual), jax.tree_util.tree_leaves(expected)):
+  for leaf, expected_leaf in zip(
+    jax.tree_util.tree_leaves(actual), jax.tree_util.tree_leaves(expected)
+  ):
     np.testing.assert_allclose(leaf, expected_leaf, rtol=1e-4, atol=1e-6)
 
 
@@ -207,9 +219,11 @@ def test_batch_norm_modes():
 
   @jax.jit
   def run(params, batch):
-    coupled = full_gramian(model, params, batch_stats, batch, TASKS, "reference", "batch_statistics")
+    coupled = full_gramian(
+      model, params, batch_stats, batch, TASKS, "reference", "batch_statistics"
+    )
     rows = gramian.per_sample_gradients(
-        model, params, batch_stats, batch, TASKS, range(BATCH), range(3), "batch_statistics"
+      model, params, batch_stats, batch, TASKS, range(BATCH), range(3), "batch_statistics"
     )
     task_level = gramian.compute(model, params, batch_stats, batch, TASKS, "task")
     return coupled, rows, (task_level.gramian, task_level.task_losses)
@@ -217,13 +231,15 @@ def test_batch_norm_modes():
   coupled, rows, (task_level, task_losses) = run(params, batch)
   # Rows of the training-mode Jacobian still average to the batch-mean task gradients.
   scale = float(jnp.abs(task_level).max())
-  np.testing.assert_allclose(gramian.task_gramian(coupled), task_level, rtol=1e-4, atol=1e-6 * scale)
+  np.testing.assert_allclose(
+    gramian.task_gramian(coupled), task_level, rtol=1e-4, atol=1e-6 * scale
+  )
   flat = rows.reshape(BATCH * 3, -1)
   np.testing.assert_allclose(
-      coupled.reshape(BATCH * 3, BATCH * 3), flat @ flat.T, rtol=1e-4, atol=1e-6 * scale
+    coupled.reshape(BATCH * 3, BATCH * 3), flat @ flat.T, rtol=1e-4, atol=1e-6 * scale
   )
   expected_losses = jnp.mean(
-      gramian.per_sample_losses(model, params, batch_stats, batch, TASKS, train=True), axis=0
+    gramian.per_sample_losses(model, params, batch_stats, batch, TASKS, train=True), axis=0
   )
   np.testing.assert_allclose(task_losses, expected_losses, rtol=1e-6)
 
@@ -242,7 +258,10 @@ def test_ghost_and_materialised_layer_gramians_agree(positions):
     return blocks.ghost_contribution(info, inputs, gradients), materialised, rows
 
   ghost, materialised, rows = both(inputs, output_gradients)
-  inputs, output_gradients = np.asarray(inputs, np.float64), np.asarray(output_gradients, np.float64)
+  inputs, output_gradients = (
+    np.asarray(inputs, np.float64),
+    np.asarray(output_gradients, np.float64),
+  )
   per_row = np.einsum("bpk,tbpn->btkn", inputs, output_gradients)
   bias = output_gradients.sum(axis=2).transpose(1, 0, 2)
   expected = np.concatenate([per_row.reshape(3, 2, -1), bias], axis=-1)
@@ -255,15 +274,23 @@ def test_ghost_and_materialised_layer_gramians_agree(positions):
   np.testing.assert_allclose(unpacked["bias"], bias[1, 0], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("size,strides,dilation", [((7, 8), (2, 2), (1, 1)), ((6, 5), (1, 2), (2, 1))])
+@pytest.mark.parametrize(
+  "size,strides,dilation", [((7, 8), (2, 2), (1, 1)), ((6, 5), (1, 2), (2, 1))]
+)
 def test_conv_patches_and_rows_are_the_convolution_kernel_gradients(size, strides, dilation):
   info = capture.LayerInfo("conv", True, (3, 3), strides, dilation)
   keys = jax.random.split(jax.random.PRNGKey(sum(size)), 3)
   inputs = jax.random.normal(keys[0], (2, *size, 3))
 
   def convolve(kernel, inputs):
-    return jax.lax.conv_general_dilated(inputs, kernel, strides, "SAME", rhs_dilation=dilation,
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jax.lax.conv_general_dilated(
+      inputs,
+      kernel,
+      strides,
+      "SAME",
+      rhs_dilation=dilation,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
 
   kernel = jax.random.normal(keys[1], (3, 3, 3, 4))
   output_gradients = jax.random.normal(keys[2], (1, *convolve(kernel, inputs).shape))
@@ -271,15 +298,21 @@ def test_conv_patches_and_rows_are_the_convolution_kernel_gradients(size, stride
   @jax.jit
   def run(inputs, output_gradients):
     rows = blocks.layer_rows(info, inputs, output_gradients)
-    per_sample = [jax.vjp(lambda k, i=i: convolve(k, inputs[i:i + 1]), kernel)[1](output_gradients[0, i:i + 1])[0]
-                  for i in range(2)]
+    per_sample = [
+      jax.vjp(lambda k, i=i: convolve(k, inputs[i : i + 1]), kernel)[1](
+        output_gradients[0, i : i + 1]
+      )[0]
+      for i in range(2)
+    ]
     return rows, jnp.stack(per_sample)
 
   rows, expected = run(inputs, output_gradients)
   for sample in range(2):
     unpacked = blocks.unpack_layer(info, rows[sample, 0], {"kernel": kernel})
     np.testing.assert_allclose(unpacked["kernel"], expected[sample], rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(unpacked["bias"], output_gradients[0, sample].sum(axis=(0, 1)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+      unpacked["bias"], output_gradients[0, sample].sum(axis=(0, 1)), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_layer_strategy_prefers_ghost_for_few_positions():
@@ -307,7 +340,9 @@ def _eager_task_gradients(experiment, state, batch):
     variables = {"params": params}
     if state.batch_stats:
       variables["batch_stats"] = state.batch_stats
-      predictions, _ = experiment.model.apply(variables, batch["image"], train=True, mutable=["batch_stats"])
+      predictions, _ = experiment.model.apply(
+        variables, batch["image"], train=True, mutable=["batch_stats"]
+      )
     else:
       predictions = experiment.model.apply(variables, batch["image"], train=True)
     return jnp.mean(tasks_lib.losses_matrix(experiment.tasks, predictions, batch)[:, index])
@@ -315,7 +350,9 @@ def _eager_task_gradients(experiment, state, batch):
   rows, heads = [], []
   for index, task in enumerate(experiment.tasks):
     gradient = jax.grad(task_loss)(state.params, index)
-    rows.append(np.concatenate([np.ravel(leaf) for leaf in jax.tree_util.tree_leaves(gradient["encoder"])]))
+    rows.append(
+      np.concatenate([np.ravel(leaf) for leaf in jax.tree_util.tree_leaves(gradient["encoder"])])
+    )
     heads.append(gradient["heads"][task.name])
   return np.stack(rows), heads
 
@@ -340,17 +377,25 @@ def test_jitted_task_gradients_equal_eager_per_task_gradients(norm):
 
   @jax.jit
   def run(params):
-    result = task_rows.task_gradients(experiment.model, params, state.batch_stats, batch, experiment.tasks)
-    level = gramian.compute(experiment.model, params, state.batch_stats, batch, experiment.tasks, "task")
+    result = task_rows.task_gradients(
+      experiment.model, params, state.batch_stats, batch, experiment.tasks
+    )
+    level = gramian.compute(
+      experiment.model, params, state.batch_stats, batch, experiment.tasks, "task"
+    )
     return flatten_rows(result.encoder, 1), result.heads, level.gramian
 
   rows, head_gradients, task_gramian = run(state.params)
   scale = np.max(np.abs(jacobian))
   np.testing.assert_allclose(np.asarray(rows), jacobian, rtol=1e-4, atol=1e-5 * scale)
   expected = jacobian @ jacobian.T
-  np.testing.assert_allclose(np.asarray(task_gramian), expected, rtol=1e-4, atol=1e-6 * np.max(np.abs(expected)))
+  np.testing.assert_allclose(
+    np.asarray(task_gramian), expected, rtol=1e-4, atol=1e-6 * np.max(np.abs(expected))
+  )
   for task, head in zip(experiment.tasks, heads):
-    for got, want in zip(jax.tree_util.tree_leaves(head_gradients[task.name]), jax.tree_util.tree_leaves(head)):
+    for got, want in zip(
+      jax.tree_util.tree_leaves(head_gradients[task.name]), jax.tree_util.tree_leaves(head)
+    ):
       np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-6)
 
 
@@ -361,22 +406,34 @@ def test_jitted_reference_rows_and_fast_gramian_equal_an_eager_per_sample_loop()
   experiment, state = _test_experiment("group")
   batch = experiment.dataset.splits["train"].batch(np.arange(2))
   tasks = experiment.tasks
-  rows, fast = jax.jit(lambda params: (
-      gramian.per_sample_gradients(experiment.model, params, {}, batch, tasks, range(2), range(len(tasks))),
-      full_gramian(experiment.model, params, {}, batch, tasks, "fast")))(state.params)
+  rows, fast = jax.jit(
+    lambda params: (
+      gramian.per_sample_gradients(
+        experiment.model, params, {}, batch, tasks, range(2), range(len(tasks))
+      ),
+      full_gramian(experiment.model, params, {}, batch, tasks, "fast"),
+    )
+  )(state.params)
   eager = np.zeros(rows.shape)
 
   def loss(encoder, sample, index):
-    single = jax.tree_util.tree_map(lambda leaf: leaf[sample:sample + 1], batch)
+    single = jax.tree_util.tree_map(lambda leaf: leaf[sample : sample + 1], batch)
     full = {**state.params, "encoder": encoder}
     return gramian.per_sample_losses(experiment.model, full, {}, single, tasks)[0, index]
 
   for sample in range(2):
     for index in range(len(tasks)):
-      expected = np.concatenate([np.ravel(leaf) for leaf in jax.tree_util.tree_leaves(
-          jax.grad(loss)(state.params["encoder"], sample, index))])
-      np.testing.assert_allclose(np.asarray(rows[sample, index]), expected, rtol=1e-4,
-                                 atol=1e-5 * np.max(np.abs(expected)))
+      expected = np.concatenate(
+        [
+          np.ravel(leaf)
+          for leaf in jax.tree_util.tree_leaves(
+            jax.grad(loss)(state.params["encoder"], sample, index)
+          )
+        ]
+      )
+      np.testing.assert_allclose(
+        np.asarray(rows[sample, index]), expected, rtol=1e-4, atol=1e-5 * np.max(np.abs(expected))
+      )
       eager[sample, index] = expected
   expected_gramian = np.einsum("itp,jsp->itjs", eager, eager)
   assert relative_error(fast, expected_gramian) < RELATIVE_TOLERANCE
@@ -386,25 +443,45 @@ def test_task_gradients_with_batch_norm_in_the_heads():
   # DeepLab's ASPP heads carry batch norm: task_gradients (and so every Gramian step) must read
   # and update their statistics like the full model's training-mode apply.
   experiment, _ = _test_experiment("batch")
-  heads = {task.name: models.ASPPHead(experiment.model.heads[task.name].out_channels, channels=4, rates=(2,),
-                                      upsample=1, norm="batch") for task in experiment.tasks[:2]}
-  model = models.MultiTaskModel(encoder=models.SmallCNN(features=(4,), norm="batch", dense_output=True), heads=heads)
+  heads = {
+    task.name: models.ASPPHead(
+      experiment.model.heads[task.name].out_channels,
+      channels=4,
+      rates=(2,),
+      upsample=1,
+      norm="batch",
+    )
+    for task in experiment.tasks[:2]
+  }
+  model = models.MultiTaskModel(
+    encoder=models.SmallCNN(features=(4,), norm="batch", dense_output=True), heads=heads
+  )
   tasks = experiment.tasks[:2]
   # An 8x8 crop of two samples: small programs (this test compiles a dozen conv layers).
-  batch = jax.tree_util.tree_map(lambda leaf: leaf[:, :8, :8] if leaf.ndim >= 3 else leaf,
-                                 experiment.dataset.splits["train"].batch(np.arange(2)))
+  batch = jax.tree_util.tree_map(
+    lambda leaf: leaf[:, :8, :8] if leaf.ndim >= 3 else leaf,
+    experiment.dataset.splits["train"].batch(np.arange(2)),
+  )
   # Random variables of the right shapes from numpy: compiling this model's init took 4 s.
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), batch["image"], train=False))
   generator = np.random.default_rng(0)
-  params = jax.tree_util.tree_map(lambda leaf: generator.normal(0.0, 0.3, leaf.shape).astype(np.float32),
-                                  shapes["params"])
-  batch_stats = jax.tree_util.tree_map(lambda leaf: generator.uniform(0.5, 1.5, leaf.shape).astype(np.float32),
-                                       shapes["batch_stats"])
+  params = jax.tree_util.tree_map(
+    lambda leaf: generator.normal(0.0, 0.3, leaf.shape).astype(np.float32), shapes["params"]
+  )
+  batch_stats = jax.tree_util.tree_map(
+    lambda leaf: generator.uniform(0.5, 1.5, leaf.shape).astype(np.float32), shapes["batch_stats"]
+  )
 
   def loss(params, index):
-    predictions, updates = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"], train=True,
-                                       mutable=["batch_stats"])
-    return jnp.mean(tasks_lib.losses_matrix(tasks, predictions, batch)[:, index]), updates["batch_stats"]
+    predictions, updates = model.apply(
+      {"params": params, "batch_stats": batch_stats},
+      batch["image"],
+      train=True,
+      mutable=["batch_stats"],
+    )
+    return jnp.mean(tasks_lib.losses_matrix(tasks, predictions, batch)[:, index]), updates[
+      "batch_stats"
+    ]
 
   @functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
   def run(params):
@@ -415,12 +492,19 @@ def test_task_gradients_with_batch_norm_in_the_heads():
   result, expected = run(params)
   for index, task in enumerate(tasks):
     gradients, updated = expected[index]
-    mine = {"encoder": jax.tree_util.tree_map(lambda leaf, index=index: leaf[index], result.encoder),
-            "heads": result.heads[task.name]}
+    mine = {
+      "encoder": jax.tree_util.tree_map(lambda leaf, index=index: leaf[index], result.encoder),
+      "heads": result.heads[task.name],
+    }
     theirs = {"encoder": gradients["encoder"], "heads": gradients["heads"][task.name]}
     for got, want in zip(jax.tree_util.tree_leaves(mine), jax.tree_util.tree_leaves(theirs)):
-      np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4,
-                                 atol=1e-5 * (np.max(np.abs(want)) + 1e-6))
-  for got, want in zip(jax.tree_util.tree_leaves(result.batch_stats), jax.tree_util.tree_leaves(updated)):
+      np.testing.assert_allclose(
+        np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5 * (np.max(np.abs(want)) + 1e-6)
+      )
+  for got, want in zip(
+    jax.tree_util.tree_leaves(result.batch_stats), jax.tree_util.tree_leaves(updated)
+  ):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
-  assert jax.tree_util.tree_structure(result.batch_stats) == jax.tree_util.tree_structure(batch_stats)
+  assert jax.tree_util.tree_structure(result.batch_stats) == jax.tree_util.tree_structure(
+    batch_stats
+  )

@@ -41,8 +41,14 @@ def test_schedule_once_never_and_every_k_steps():
   assert steps_checked(gramian_check.ONCE, steps) == [5]
   assert steps_checked(gramian_check.NEVER, steps) == []
   assert steps_checked(3, steps) == [5, 8, 11]
-  assert steps_checked(3, [0, 2, 4, 6, 8]) == [0, 4, 8]  # A probe every 2 steps, checked every >= 3.
-  with pytest.raises(ValueError, match="verify_every_steps must be -1 .once., 0 .never. or a positive"):
+  assert steps_checked(3, [0, 2, 4, 6, 8]) == [
+    0,
+    4,
+    8,
+  ]  # A probe every 2 steps, checked every >= 3.
+  with pytest.raises(
+    ValueError, match="verify_every_steps must be -1 .once., 0 .never. or a positive"
+  ):
     gramian_check.FastPathCheck(None, [], -2)
 
 
@@ -63,7 +69,10 @@ def test_check_passes_on_a_correct_model_and_stops_on_a_wrong_fast_path(monkeypa
   message = str(error.value)
   assert "encoder SmallCNN(features=(4, 4)) with norm 'layer'" in message
   assert "relative discrepancy" in message and "> tolerance 0.001" in message
-  assert "tasks ['segmentation', 'depth', 'normals', 'attribute']" in message and "conflict probe" in message
+  assert (
+    "tasks ['segmentation', 'depth', 'normals', 'attribute']" in message
+    and "conflict probe" in message
+  )
   assert "config.gramian.verify_every_steps=0" in message
 
 
@@ -83,7 +92,11 @@ def test_training_checks_per_sample_gramian_steps_only():
   config = _training_config()
   experiment = train.build_experiment(config)
   check = session.fast_path_check(experiment)
-  assert check is not None and check.every_steps == gramian_check.ONCE and "level 'sample'" in check.purpose
+  assert (
+    check is not None
+    and check.every_steps == gramian_check.ONCE
+    and "level 'sample'" in check.purpose
+  )
   for values in ({"method.level": "task"}, {"gramian.verify_every_steps": 0}):
     other = _training_config(**values)
     assert session.fast_path_check(train.build_experiment(other, experiment.dataset)) is None
@@ -95,8 +108,11 @@ def test_training_checks_per_sample_gramian_steps_only():
 def test_training_stops_before_the_first_step_when_the_fast_path_is_wrong(monkeypatch, tmp_path):
   _wrong_fast_path(monkeypatch)
   config = _training_config()
-  with pytest.raises(gramian_check.FastPathMismatchError, match=r"encoder SmallCNN\(features=\(8, 8\)\) with norm "
-                                                                r"'group'.*train step at level 'sample', step 0"):
+  with pytest.raises(
+    gramian_check.FastPathMismatchError,
+    match=r"encoder SmallCNN\(features=\(8, 8\)\) with norm "
+    r"'group'.*train step at level 'sample', step 0",
+  ):
     train.train_and_evaluate(config, str(tmp_path))
   assert not (tmp_path / "results.json").exists()
 

@@ -35,8 +35,11 @@ FAST_ENCODERS = ("mlp", "small_cnn")
 FAST_SEEDS = SEEDS[:2]
 SLOW = os.environ.get("MTL_JAX_SLOW_TESTS") == "1"
 _SLOW_MARK = pytest.mark.skipif(not SLOW, reason="slow: set MTL_JAX_SLOW_TESTS=1")
-CASES = [pytest.param(encoder, norm, marks=() if encoder in FAST_ENCODERS else _SLOW_MARK)
-         for encoder in gramian_cases.ENCODERS for norm in layers.NORM_KINDS]
+CASES = [
+  pytest.param(encoder, norm, marks=() if encoder in FAST_ENCODERS else _SLOW_MARK)
+  for encoder in gramian_cases.ENCODERS
+  for norm in layers.NORM_KINDS
+]
 # Relative Frobenius error allowed (float32 sums over up to 10^5 terms; faults gave 0.3-4).
 TOLERANCE = 1e-4
 # Training-mode batch norm over 3 samples divides by tiny variances: jit(grad) of the same
@@ -56,13 +59,17 @@ def relative_error(actual, expected) -> float:
 def _mixing_weights(gramian: jax.Array) -> jax.Array:
   """Weights linear in every Gramian entry, w = G u / mean(diag G): any wrong entry moves them."""
   count = gramian.shape[0]
-  direction = jnp.asarray(np.random.default_rng(PROBE_VECTOR_SEED).uniform(0.5, 1.5, count), jnp.float32)
+  direction = jnp.asarray(
+    np.random.default_rng(PROBE_VECTOR_SEED).uniform(0.5, 1.5, count), jnp.float32
+  )
   return gramian @ direction / jnp.mean(jnp.diagonal(gramian))
 
 
 MIXING = weighting_lib.GramianWeighting(
-    "mixing", weighting_lib.no_parameters,
-    lambda gramian, losses, params, state, rng, step: (_mixing_weights(gramian), state, {}))
+  "mixing",
+  weighting_lib.no_parameters,
+  lambda gramian, losses, params, state, rng, step: (_mixing_weights(gramian), state, {}),
+)
 
 
 def _levels(norm: str) -> tuple[str, ...]:
@@ -79,12 +86,19 @@ def _step_gradient(model, tasks, level, params, batch_stats, batch):
   sgd = optax.sgd(1.0)
   num_rows = weighting_lib.num_rows(level, len(tasks), batch["image"].shape[0])
   weighting_params, weighting_state = MIXING.init(num_rows)
-  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                           weighting_params=weighting_params, weighting_state=weighting_state,
-                           opt_state=sgd.init({"model": params, "weighting": weighting_params}),
-                           rng=jax.random.PRNGKey(0))
+  state = train.TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    batch_stats=batch_stats,
+    weighting_params=weighting_params,
+    weighting_state=weighting_state,
+    opt_state=sgd.init({"model": params, "weighting": weighting_params}),
+    rng=jax.random.PRNGKey(0),
+  )
   new_state, _ = train.make_train_step(model, tasks, MIXING, sgd, level=level)(state, batch)
-  return jax.tree_util.tree_map(lambda old, new: old - new, params["encoder"], new_state.params["encoder"])
+  return jax.tree_util.tree_map(
+    lambda old, new: old - new, params["encoder"], new_state.params["encoder"]
+  )
 
 
 @functools.lru_cache(maxsize=None)
@@ -94,8 +108,13 @@ def _compiled(encoder: str, norm: str):
   mode = "eval" if norm == "batch" else "error"
 
   def program(params, batch_stats, batch):
-    fast = gramian.compute(model, params, batch_stats, batch, tasks, gramian.FULL, batch_norm=mode).gramian
-    steps = {level: _step_gradient(model, tasks, level, params, batch_stats, batch) for level in _levels(norm)}
+    fast = gramian.compute(
+      model, params, batch_stats, batch, tasks, gramian.FULL, batch_norm=mode
+    ).gramian
+    steps = {
+      level: _step_gradient(model, tasks, level, params, batch_stats, batch)
+      for level in _levels(norm)
+    }
     return fast, steps
 
   return model, tasks, size, jax.jit(program, compiler_options=FAST_COMPILE)
@@ -105,13 +124,22 @@ def _eager_task_rows(case) -> np.ndarray:
   """[T, P]: encoder gradients of the batch-mean task losses in training mode (batch statistics), eager."""
 
   def loss(encoder_params, index):
-    variables = {"params": {**case.params, "encoder": encoder_params}, "batch_stats": case.batch_stats}
-    predictions, _ = case.model.apply(variables, case.batch["image"], train=True, mutable=["batch_stats"])
+    variables = {
+      "params": {**case.params, "encoder": encoder_params},
+      "batch_stats": case.batch_stats,
+    }
+    predictions, _ = case.model.apply(
+      variables, case.batch["image"], train=True, mutable=["batch_stats"]
+    )
     return jnp.mean(tasks_lib.losses_matrix(case.tasks, predictions, case.batch)[:, index])
 
   with jax.disable_jit():
-    return np.stack([gramian_cases.flat(jax.grad(loss)(case.params["encoder"], index))
-                     for index in range(len(case.tasks))])
+    return np.stack(
+      [
+        gramian_cases.flat(jax.grad(loss)(case.params["encoder"], index))
+        for index in range(len(case.tasks))
+      ]
+    )
 
 
 def _level_rows(rows: np.ndarray, level: str) -> np.ndarray:
@@ -143,4 +171,5 @@ def test_jitted_fast_gramian_and_steps_equal_an_eager_per_sample_loop(encoder, n
       level_rows = _eager_task_rows(case) if norm == "batch" else _level_rows(rows, level)
       error = relative_error(gramian_cases.flat(gradient), _expected_step(level_rows))
       assert error < (BATCH_NORM_STEP_TOLERANCE if norm == "batch" else TOLERANCE), (
-          f"{label}, step at level {level!r}: {error:.3g}")
+        f"{label}, step at level {level!r}: {error:.3g}"
+      )

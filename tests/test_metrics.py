@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 
 from mtl_jax.metrics import (
-    DELTA_M_VARIANTS,
-    delta_m,
-    dominates,
-    load_baseline,
-    non_dominated_by,
-    oriented,
-    pareto_mask,
+  DELTA_M_VARIANTS,
+  delta_m,
+  dominates,
+  load_baseline,
+  non_dominated_by,
+  oriented,
+  pareto_mask,
 )
 
 BASELINE = {"seg/miou": 0.5, "seg/pixel_accuracy": 0.8, "depth/abs_err": 0.2}
@@ -72,13 +72,17 @@ def _write_results(path, test, validation=None):
 def test_load_baseline_merges_files_and_directories(tmp_path):
   segmentation_dir = tmp_path / "stl_seg"
   segmentation_dir.mkdir()
-  _write_results(segmentation_dir / "results.json", {"seg/miou": 0.5, "seg/pixel_accuracy": 0.8},
-                 {"seg/miou": 0.45})
+  _write_results(
+    segmentation_dir / "results.json",
+    {"seg/miou": 0.5, "seg/pixel_accuracy": 0.8},
+    {"seg/miou": 0.45},
+  )
   depth_file = tmp_path / "depth.json"
   _write_results(depth_file, {"depth/abs_err": 0.2}, {"depth/abs_err": 0.25})
   assert load_baseline([str(segmentation_dir), depth_file]) == BASELINE
   assert load_baseline([segmentation_dir, depth_file], split="validation") == {
-      "seg/miou": 0.45, "depth/abs_err": 0.25
+    "seg/miou": 0.45,
+    "depth/abs_err": 0.25,
   }
   assert load_baseline(str(depth_file)) == {"depth/abs_err": 0.2}
   # The same value twice is not a conflict.
@@ -120,14 +124,16 @@ def test_oriented_and_dominates():
 
 
 def test_pareto_mask_hand_built():
-  points = np.array([
+  points = np.array(
+    [
       [1.0, 4.0],  # front
       [2.0, 2.0],  # front
       [4.0, 1.0],  # front
       [3.0, 3.0],  # dominated by [2, 2]
       [2.0, 2.0],  # duplicate of a front point: also on the front
       [1.0, 5.0],  # dominated by [1, 4] (equal in one objective)
-  ])
+    ]
+  )
   np.testing.assert_array_equal(pareto_mask(points), [True, True, True, False, True, False])
   assert pareto_mask(np.zeros((0, 3))).shape == (0,)
   with pytest.raises(ValueError, match="NaN"):
@@ -163,12 +169,10 @@ def test_pareto_mask_matches_brute_force(points):
   mask = pareto_mask(points)
   count = points.shape[0]
   expected = [
-      not any(dominates(points[j], points[i]) for j in range(count) if j != i)
-      for i in range(count)
+    not any(dominates(points[j], points[i]) for j in range(count) if j != i) for i in range(count)
   ]
   np.testing.assert_array_equal(mask, np.array(expected, dtype=bool))
   front = points[mask]
   for i in np.flatnonzero(~mask):
     assert any(dominates(f, points[i]) for f in front)
   np.testing.assert_array_equal(non_dominated_by(points, points), mask)
-

@@ -31,14 +31,14 @@ DENSE_CAPABLE = ("small_cnn", "segnet")
 
 def make_config(encoder: str, norm: str, **overrides: Any) -> ml_collections.ConfigDict:
   values = dict(
-      encoder=encoder,
-      norm=norm,
-      width_multiplier=WIDTH,
-      hidden=(16, 16),
-      features=(4, 8),
-      head_hidden_channels=8,
-      head_hidden=(6,),
-      resnet_stem="cifar",
+    encoder=encoder,
+    norm=norm,
+    width_multiplier=WIDTH,
+    hidden=(16, 16),
+    features=(4, 8),
+    head_hidden_channels=8,
+    head_hidden=(6,),
+    resnet_stem="cifar",
   )
   values.update(overrides)
   return ml_collections.ConfigDict(values)
@@ -76,7 +76,7 @@ def test_output_shapes(encoder: str, norm: str) -> None:
   x = jax.ShapeDtypeStruct((BATCH, *IMAGE_SHAPE), jnp.float32)
   predictions = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
   features = jax.eval_shape(
-      lambda v, x: model.apply(v, x, train=False, method=models.MultiTaskModel.encode), variables, x
+    lambda v, x: model.apply(v, x, train=False, method=models.MultiTaskModel.encode), variables, x
   )
   assert predictions["label"].shape == (BATCH, 5)
   assert all(prediction.dtype == jnp.float32 for prediction in predictions.values())
@@ -104,7 +104,7 @@ def test_resnet18_stems(stem: str) -> None:
   model = encoders.ResNet18(width_multiplier=WIDTH, norm="group", stem=stem)
   variables = abstract_variables(model, (BATCH, 64, 64, 3))
   features = jax.eval_shape(
-      lambda v: model.apply(v, jnp.zeros((BATCH, 64, 64, 3)), train=False), variables
+    lambda v: model.apply(v, jnp.zeros((BATCH, 64, 64, 3)), train=False), variables
   )
   assert features.shape == (BATCH, 64)
   stem_kernel = variables["params"]["stem"]["conv"]["kernel"]
@@ -179,7 +179,7 @@ def test_eval_mode_does_not_mutate_batch_stats() -> None:
   model, variables = built("small_cnn", "batch")
   _, updates = model.apply(variables, images(2), train=False, mutable=["batch_stats"])
   for old, new in zip(
-      jax.tree_util.tree_leaves(variables["batch_stats"]), jax.tree_util.tree_leaves(updates)
+    jax.tree_util.tree_leaves(variables["batch_stats"]), jax.tree_util.tree_leaves(updates)
   ):
     np.testing.assert_array_equal(old, new)
 
@@ -188,23 +188,23 @@ def test_max_pool_and_unpool_round_trip_with_tie() -> None:
   # One sample, 4x4, one channel: four 2x2 windows. The top-right window has a tie (7, 7) in
   # its first row; the first position in row-major order must win.
   x = jnp.array(
-      [
-          [1.0, 5.0, 7.0, 7.0],
-          [3.0, 2.0, 0.0, 6.0],
-          [-1.0, -4.0, 2.0, 2.0],
-          [-2.0, -3.0, 2.0, 2.0],
-      ]
+    [
+      [1.0, 5.0, 7.0, 7.0],
+      [3.0, 2.0, 0.0, 6.0],
+      [-1.0, -4.0, 2.0, 2.0],
+      [-2.0, -3.0, 2.0, 2.0],
+    ]
   ).reshape(1, 4, 4, 1)
   pooled, mask = models.max_pool_with_mask(x)
   np.testing.assert_array_equal(pooled[0, :, :, 0], [[5.0, 7.0], [-1.0, 2.0]])
   expected_mask = np.array(
-      [
-          [0, 1, 1, 0],
-          [0, 0, 0, 0],
-          [1, 0, 1, 0],
-          [0, 0, 0, 0],
-      ],
-      dtype=np.float32,
+    [
+      [0, 1, 1, 0],
+      [0, 0, 0, 0],
+      [1, 0, 1, 0],
+      [0, 0, 0, 0],
+    ],
+    dtype=np.float32,
   )
   np.testing.assert_array_equal(mask[0, :, :, 0], expected_mask)
   restored = models.max_unpool(pooled, mask)

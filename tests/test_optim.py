@@ -10,8 +10,18 @@ from mtl_jax import optim
 
 
 def _config(**overrides):
-  values = dict(name="adam", learning_rate=0.1, momentum=0.9, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
-                decoupled_weight_decay=False, lr_decay_every_epochs=0, lr_decay_factor=0.5)
+  values = dict(
+    name="adam",
+    learning_rate=0.1,
+    momentum=0.9,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-8,
+    weight_decay=0.0,
+    decoupled_weight_decay=False,
+    lr_decay_every_epochs=0,
+    lr_decay_factor=0.5,
+  )
   values.update(overrides)
   return ml_collections.ConfigDict(values)
 

@@ -24,11 +24,11 @@ def _blocky_batch(size=4, height=24, width=32):
   labels = np.repeat(np.repeat(blocks, 4, axis=1), 4, axis=2).astype(np.int32)
   normals = np.stack([labels + 1.0, -(labels + 2.0), labels * 0.5], axis=-1).astype(np.float32)
   return {
-      "image": np.repeat((labels / 4.0)[..., None], 3, axis=-1).astype(np.float32),
-      "segmentation": labels,
-      "depth": (labels + 1.0).astype(np.float32),
-      "normals": normals,
-      "attributes": np.ones((size, 3), np.float32),
+    "image": np.repeat((labels / 4.0)[..., None], 3, axis=-1).astype(np.float32),
+    "segmentation": labels,
+    "depth": (labels + 1.0).astype(np.float32),
+    "normals": normals,
+    "attributes": np.ones((size, 3), np.float32),
   }
 
 
@@ -42,8 +42,13 @@ def test_scale_crop_moves_all_maps_together_and_divides_depth():
   np.testing.assert_allclose(out["normals"][..., 0], labels + 1.0)
   # Where the label is constant around a pixel, bilinear image and nearest label agree.
   padded = np.pad(labels, ((0, 0), (1, 1), (1, 1)), mode="edge")
-  neighbours = np.stack([padded[:, 1 + dy : 1 + dy + labels.shape[1], 1 + dx : 1 + dx + labels.shape[2]]
-                         for dy in (-1, 0, 1) for dx in (-1, 0, 1)])
+  neighbours = np.stack(
+    [
+      padded[:, 1 + dy : 1 + dy + labels.shape[1], 1 + dx : 1 + dx + labels.shape[2]]
+      for dy in (-1, 0, 1)
+      for dx in (-1, 0, 1)
+    ]
+  )
   interior = np.all(neighbours == labels[None], axis=0)
   assert interior.mean() > 0.3
   np.testing.assert_allclose(out["image"][..., 0][interior], (labels / 4.0)[interior], atol=1e-6)
@@ -68,9 +73,15 @@ def test_flip_mirrors_everything_and_negates_normal_x():
 
 
 def test_deeplabv3_resnet50_full_size_parameter_count():
-  config = ml_collections.ConfigDict(dict(encoder="deeplabv3_resnet50", norm="batch", width_multiplier=1.0))
-  model = models.build_model(config, {"segmentation": models.HeadSpec(7, True), "depth": models.HeadSpec(1, True)})
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 128, 256, 3)), train=False))
+  config = ml_collections.ConfigDict(
+    dict(encoder="deeplabv3_resnet50", norm="batch", width_multiplier=1.0)
+  )
+  model = models.build_model(
+    config, {"segmentation": models.HeadSpec(7, True), "depth": models.HeadSpec(1, True)}
+  )
+  shapes = jax.eval_shape(
+    lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 128, 256, 3)), train=False)
+  )
   # torchvision's ResNet-50 without its classifier has 23,508,032 parameters.
   assert models.count_parameters(shapes["params"]["encoder"]) == 23_508_032
   heads = shapes["params"]["heads"]
@@ -81,12 +92,20 @@ def test_deeplabv3_resnet50_full_size_parameter_count():
     assert models.count_parameters(heads[task]) == expected
   # Every parameter lives in a layers.Conv or layers.Affine (what the Gramian engine captures).
   for path, _ in jax.tree_util.tree_flatten_with_path(shapes["params"])[0]:
-    assert path[-1].key in ("kernel", "bias", "scale") and (path[-2].key.endswith("_conv")
-                                                           or path[-2].key.startswith("Affine")
-                                                           or path[-2].key == "conv_output"), path
-  predictions = jax.eval_shape(lambda variables: model.apply(variables, jnp.zeros((2, 128, 256, 3)), train=False),
-                               shapes)
-  assert predictions["segmentation"].shape == (2, 128, 256, 7) and predictions["depth"].shape == (2, 128, 256, 1)
+    assert path[-1].key in ("kernel", "bias", "scale") and (
+      path[-2].key.endswith("_conv")
+      or path[-2].key.startswith("Affine")
+      or path[-2].key == "conv_output"
+    ), path
+  predictions = jax.eval_shape(
+    lambda variables: model.apply(variables, jnp.zeros((2, 128, 256, 3)), train=False), shapes
+  )
+  assert predictions["segmentation"].shape == (2, 128, 256, 7) and predictions["depth"].shape == (
+    2,
+    128,
+    256,
+    1,
+  )
 
 
 @pytest.mark.parametrize("suffix", [".npz", ".msgpack"])
@@ -98,39 +117,57 @@ def test_pretrained_backbone_round_trip_and_mismatch(tmp_path, suffix):
   path = str(tmp_path / f"backbone{suffix}")
   models.save_backbone(path, source)
   loaded = models.load_backbone(fresh, path)
-  jax.tree.map(np.testing.assert_array_equal, loaded["params"]["encoder"], source["params"]["encoder"])
+  jax.tree.map(
+    np.testing.assert_array_equal, loaded["params"]["encoder"], source["params"]["encoder"]
+  )
   jax.tree.map(np.testing.assert_array_equal, loaded["params"]["heads"], fresh["params"]["heads"])
   assert models.load_backbone(fresh, "") is fresh
-  wider = models.build_model(ml_collections.ConfigDict(dict(encoder="small_cnn", norm="batch", features=(4, 6))),
-                             {"depth": models.HeadSpec(1, True)})
+  wider = models.build_model(
+    ml_collections.ConfigDict(dict(encoder="small_cnn", norm="batch", features=(4, 6))),
+    {"depth": models.HeadSpec(1, True)},
+  )
   with pytest.raises(ValueError, match="another shape"):
     models.load_backbone(models.init_model(wider, jax.random.PRNGKey(0), (1, 8, 8, 3)), path)
 
 
 # Reduced size per config: (module, height, width, width multiplier).
 _CONFIGS = [
-    (cityscapes_segnet, 32, 64, 1 / 16),
-    (cityscapes_deeplab, 16, 16, 1 / 32),
-    (nyuv2_segnet, 32, 32, 1 / 16),
-    (nyuv2_deeplab, 16, 16, 1 / 32),
-    (celeba_resnet18, 16, 16, 1 / 16),
+  (cityscapes_segnet, 32, 64, 1 / 16),
+  (cityscapes_deeplab, 16, 16, 1 / 32),
+  (nyuv2_segnet, 32, 32, 1 / 16),
+  (nyuv2_deeplab, 16, 16, 1 / 32),
+  (celeba_resnet18, 16, 16, 1 / 16),
 ]
 
 
 def test_paper_configs_match_the_spec():
-  expected = {cityscapes_segnet: (300, 64, 100), nyuv2_deeplab: (200, 8, 100), celeba_resnet18: (100, 512, 30)}
+  expected = {
+    cityscapes_segnet: (300, 64, 100),
+    nyuv2_deeplab: (200, 8, 100),
+    celeba_resnet18: (100, 512, 30),
+  }
   for module, (epochs, batch_size, decay) in expected.items():
     config = module.get_config()
-    assert (config.training.num_epochs, config.training.batch_size, config.optimizer.lr_decay_every_epochs) == (
-        epochs, batch_size, decay)
+    assert (
+      config.training.num_epochs,
+      config.training.batch_size,
+      config.optimizer.lr_decay_every_epochs,
+    ) == (epochs, batch_size, decay)
     assert config.optimizer.weight_decay == 1e-5 and config.optimizer.lr_decay_factor == 0.5
     assert config.sweep.seeds == (0, 1, 2) and len(config.sweep.lr_grid) == 10
   assert nyuv2_segnet.get_config().tasks == ("segmentation", "depth", "normals")
   assert cityscapes_deeplab.get_config().model.encoder == "deeplabv3_resnet50"
-  assert (nyuv2_segnet.get_config().dataset.height, nyuv2_segnet.get_config().dataset.width) == (288, 384)
+  assert (nyuv2_segnet.get_config().dataset.height, nyuv2_segnet.get_config().dataset.width) == (
+    288,
+    384,
+  )
 
 
-@pytest.mark.parametrize("module, height, width, multiplier", _CONFIGS, ids=[c[0].__name__.split(".")[-1] for c in _CONFIGS])
+@pytest.mark.parametrize(
+  "module, height, width, multiplier",
+  _CONFIGS,
+  ids=[c[0].__name__.split(".")[-1] for c in _CONFIGS],
+)
 def test_one_train_step_per_paper_config(module, height, width, multiplier):
   config = module.get_config()
   config.dataset.height, config.dataset.width, config.dataset.validation_size = height, width, 2
@@ -138,15 +175,21 @@ def test_one_train_step_per_paper_config(module, height, width, multiplier):
   config.training.batch_size = 2
   config.model.norm = "group"  # Batch statistics of 2 examples at 1x1 resolution are degenerate.
   if module is celeba_resnet18:
-    config.tasks = ("Smiling", "Male")  # 40 heads compile for minutes on a loaded CPU; 2 test the same code.
+    config.tasks = (
+      "Smiling",
+      "Male",
+    )  # 40 heads compile for minutes on a loaded CPU; 2 test the same code.
   with tfds.testing.mock_data(num_examples=6):
     experiment = train.build_experiment(config)
     state = train.init_state(experiment, 0)
     batch = experiment.dataset.splits["train"].batch(np.arange(2))
   if experiment.dataset.augment is not None:
     batch = experiment.dataset.augment(batch, np.random.default_rng(0))
-  step = jax.jit(train.make_train_step(experiment.model, experiment.tasks, experiment.weighting,
-                                       experiment.optimizer))
+  step = jax.jit(
+    train.make_train_step(
+      experiment.model, experiment.tasks, experiment.weighting, experiment.optimizer
+    )
+  )
   new_state, metrics = step(state, batch)
   assert np.isfinite(float(metrics["loss"])) and np.all(np.isfinite(metrics["task_losses"]))
   assert len(metrics["task_losses"]) == len(config.tasks)

@@ -20,8 +20,12 @@ def test_train_order_is_a_function_of_seed_and_step_and_covers_each_epoch():
 
 def test_resumed_iteration_sees_the_same_batches():
   source = pipeline.ArraySource({"x": np.arange(20)})
-  full = [batch["x"] for _, batch in pipeline.train_batches(source, 4, seed=1, start_step=0, num_steps=12)]
-  resumed = [batch["x"] for _, batch in pipeline.train_batches(source, 4, seed=1, start_step=7, num_steps=12)]
+  full = [
+    batch["x"] for _, batch in pipeline.train_batches(source, 4, seed=1, start_step=0, num_steps=12)
+  ]
+  resumed = [
+    batch["x"] for _, batch in pipeline.train_batches(source, 4, seed=1, start_step=7, num_steps=12)
+  ]
   for left, right in zip(full[7:], resumed):
     np.testing.assert_array_equal(left, right)
 

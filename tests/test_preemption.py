@@ -45,23 +45,37 @@ def test_signal_mid_run_checkpoints_that_step_and_resume_equals_uninterrupted(tm
   assert not checkpoint_lib.partial_checkpoints(os.path.join(workdir, checkpoint_lib.LATEST))
   train.train_and_evaluate(helpers.fault_config(), workdir, helpers.dataset())
   assert f"Resuming from step {helpers.STOP_STEP}" in capsys.readouterr().out
-  helpers.assert_same_state(helpers.final_state(helpers.fault_config(), workdir), helpers.reference_state())
+  helpers.assert_same_state(
+    helpers.final_state(helpers.fault_config(), workdir), helpers.reference_state()
+  )
 
 
 def test_sigterm_to_the_command_exits_75_and_the_same_command_resumes_exactly(tmp_path):
   workdir = tmp_path / "run"
-  command = [sys.executable, os.path.join(helpers.ROOT, "experiments", "train.py"), *helpers.command_line_flags(),
-             f"--workdir={workdir}"]
+  command = [
+    sys.executable,
+    os.path.join(helpers.ROOT, "experiments", "train.py"),
+    *helpers.command_line_flags(),
+    f"--workdir={workdir}",
+  ]
   environment = helpers.subprocess_environment()
-  process = subprocess.Popen(command, cwd=helpers.ROOT, env=environment, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+  process = subprocess.Popen(
+    command,
+    cwd=helpers.ROOT,
+    env=environment,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
   checkpoints = workdir / checkpoint_lib.LATEST
   deadline = time.time() + 240
   while time.time() < deadline and process.poll() is None:
     if checkpoints.exists() and any(name.isdigit() for name in os.listdir(checkpoints)):
       break
     time.sleep(0.01)
-  assert process.poll() is None, "training finished before the signal could be sent:\n" + process.stdout.read()
+  assert process.poll() is None, (
+    "training finished before the signal could be sent:\n" + process.stdout.read()
+  )
   process.send_signal(signal.SIGTERM)
   output = process.communicate(timeout=240)[0]
   assert process.returncode == preemption.PREEMPTED_EXIT_CODE, output[-3000:]
@@ -69,7 +83,11 @@ def test_sigterm_to_the_command_exits_75_and_the_same_command_resumes_exactly(tm
   step = int(stopped_line.split("after ")[1].split(" of")[0])
   assert 0 < step < helpers.EPOCHS * 4
   assert checkpoint_lib.Checkpointer(str(workdir), asynchronous=False).latest_step() == step
-  resumed = subprocess.run(command, cwd=helpers.ROOT, env=environment, capture_output=True, text=True, timeout=240)
+  resumed = subprocess.run(
+    command, cwd=helpers.ROOT, env=environment, capture_output=True, text=True, timeout=240
+  )
   assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
   assert f"Resuming from step {step}" in resumed.stdout
-  helpers.assert_same_state(helpers.final_state(helpers.fault_config(), str(workdir)), helpers.reference_state())
+  helpers.assert_same_state(
+    helpers.final_state(helpers.fault_config(), str(workdir)), helpers.reference_state()
+  )

@@ -40,11 +40,17 @@ def test_delta_on_hand_made_numbers():
   directions = {"a/accuracy": True, "a/loss": False, "b/error": False}
   mtl_clean = {"a/accuracy": 0.8, "a/loss": 1.0, "b/error": 2.0}
   stl_clean = {"a/accuracy": 0.5, "a/loss": 2.0, "b/error": 1.0}
-  mtl_corrupted = {"fog/1": {"a/accuracy": 0.4, "a/loss": 1.5, "b/error": 3.0},
-                   "fog/2": {"a/accuracy": 0.8, "a/loss": 1.0, "b/error": 2.0}}
-  stl_corrupted = {"fog/1": {"a/accuracy": 0.45, "a/loss": 2.0, "b/error": 1.0},
-                   "fog/2": {"a/accuracy": 0.5, "a/loss": 3.0, "b/error": 1.5}}
-  delta = robustness.corruption_delta(mtl_clean, mtl_corrupted, stl_clean, stl_corrupted, directions)
+  mtl_corrupted = {
+    "fog/1": {"a/accuracy": 0.4, "a/loss": 1.5, "b/error": 3.0},
+    "fog/2": {"a/accuracy": 0.8, "a/loss": 1.0, "b/error": 2.0},
+  }
+  stl_corrupted = {
+    "fog/1": {"a/accuracy": 0.45, "a/loss": 2.0, "b/error": 1.0},
+    "fog/2": {"a/accuracy": 0.5, "a/loss": 3.0, "b/error": 1.5},
+  }
+  delta = robustness.corruption_delta(
+    mtl_clean, mtl_corrupted, stl_clean, stl_corrupted, directions
+  )
   # accuracy: -mean(0.5 - 0.9, 1 - 1) = +0.2 (MTL kept less accuracy); the lower-better metrics
   # degrade by 1.5x once for each model, so they cancel on average.
   assert delta["per_metric"] == pytest.approx({"a/accuracy": 0.2, "a/loss": 0.0, "b/error": 0.0})
@@ -54,13 +60,18 @@ def test_delta_on_hand_made_numbers():
   # Identical models have δ = 0; swapping the roles flips the sign.
   same = robustness.corruption_delta(mtl_clean, mtl_corrupted, mtl_clean, mtl_corrupted, directions)
   assert same["mean"] == 0.0
-  swapped = robustness.corruption_delta(stl_clean, stl_corrupted, mtl_clean, mtl_corrupted, directions)
+  swapped = robustness.corruption_delta(
+    stl_clean, stl_corrupted, mtl_clean, mtl_corrupted, directions
+  )
   assert swapped["mean"] == pytest.approx(-0.05)
   with pytest.raises(ValueError, match="different corrupted sets"):
-    robustness.corruption_delta(mtl_clean, mtl_corrupted, stl_clean, {"fog/1": stl_corrupted["fog/1"]}, directions)
+    robustness.corruption_delta(
+      mtl_clean, mtl_corrupted, stl_clean, {"fog/1": stl_corrupted["fog/1"]}, directions
+    )
   with pytest.raises(ValueError, match="clean value is 0"):
-    robustness.corruption_delta(dict(mtl_clean, **{"b/error": 0.0}), mtl_corrupted, stl_clean, stl_corrupted,
-                                directions)
+    robustness.corruption_delta(
+      dict(mtl_clean, **{"b/error": 0.0}), mtl_corrupted, stl_clean, stl_corrupted, directions
+    )
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +99,10 @@ def test_end_to_end_study(study):
   assert all(0.0 <= metrics["has_red_object/accuracy"] <= 1.0 for metrics in probe["runs"].values())
   for name in (robustness.RESULTS_FILE, robustness.REPORT_FILE, robustness.FIGURE_FILE):
     assert os.path.getsize(os.path.join(workdir, name)) > 0
-  assert json.load(open(os.path.join(workdir, robustness.RESULTS_FILE)))["delta"]["mtl_ew"]["mean"] == delta["mean"]
+  assert (
+    json.load(open(os.path.join(workdir, robustness.RESULTS_FILE)))["delta"]["mtl_ew"]["mean"]
+    == delta["mean"]
+  )
   assert "mean δ" in open(os.path.join(workdir, robustness.REPORT_FILE)).read()
 
 
@@ -99,18 +113,34 @@ def test_finetuning_changes_only_the_heads(study, dataset):
   stats_before = jax.device_get(run.batch_stats)
   history = robustness.finetune_heads([run], dataset, _config().robustness, ("fog",), (3,), seed=1)
   assert len(history["mtl_ew"]) == 1 and np.isfinite(history["mtl_ew"][0])
-  jax.tree_util.tree_map(np.testing.assert_array_equal, before["encoder"], jax.device_get(run.params["encoder"]))
-  jax.tree_util.tree_map(np.testing.assert_array_equal, stats_before, jax.device_get(run.batch_stats))
-  changed = jax.tree_util.tree_leaves(jax.tree_util.tree_map(
-      lambda old, new: not np.array_equal(old, new), before["heads"], jax.device_get(run.params["heads"])))
+  jax.tree_util.tree_map(
+    np.testing.assert_array_equal, before["encoder"], jax.device_get(run.params["encoder"])
+  )
+  jax.tree_util.tree_map(
+    np.testing.assert_array_equal, stats_before, jax.device_get(run.batch_stats)
+  )
+  changed = jax.tree_util.tree_leaves(
+    jax.tree_util.tree_map(
+      lambda old, new: not np.array_equal(old, new),
+      before["heads"],
+      jax.device_get(run.params["heads"]),
+    )
+  )
   assert any(changed)
 
 
 def _explicit(workdir, **overrides):
   runs = os.path.join(workdir, "runs")
-  return _config(**{"robustness.mtl_runs": (os.path.join(runs, "mtl_ew"),),
-                    "robustness.stl_runs": (os.path.join(runs, "stl_has_sphere"), os.path.join(runs, "stl_has_box")),
-                    **overrides})
+  return _config(
+    **{
+      "robustness.mtl_runs": (os.path.join(runs, "mtl_ew"),),
+      "robustness.stl_runs": (
+        os.path.join(runs, "stl_has_sphere"),
+        os.path.join(runs, "stl_has_box"),
+      ),
+      **overrides,
+    }
+  )
 
 
 def test_missing_run_directory_or_checkpoint(study, dataset, tmp_path):
@@ -128,20 +158,30 @@ def test_missing_run_directory_or_checkpoint(study, dataset, tmp_path):
   with pytest.raises(FileNotFoundError, match="has no config.json"):
     robustness.restore_run(broken, dataset)
   with pytest.raises(ValueError, match="both robustness.mtl_runs and robustness.stl_runs"):
-    robustness.run_robustness(_explicit(workdir, **{"robustness.stl_runs": ()}), str(tmp_path / "out"))
+    robustness.run_robustness(
+      _explicit(workdir, **{"robustness.stl_runs": ()}), str(tmp_path / "out")
+    )
 
 
 def test_mismatched_runs_are_named(study, dataset, tmp_path):
   workdir, _ = study
   with pytest.raises(ValueError, match=r"mtl_ew.*\n.*tasks: run has \['has_sphere', 'has_box'\]"):
-    robustness.run_robustness(_explicit(workdir, tasks=("has_sphere", "has_wall")), str(tmp_path / "out"))
+    robustness.run_robustness(
+      _explicit(workdir, tasks=("has_sphere", "has_wall")), str(tmp_path / "out")
+    )
   with pytest.raises(ValueError, match="dataset.height: run has 16, config has 8"):
     robustness.run_robustness(_explicit(workdir, **{"dataset.height": 8}), str(tmp_path / "out"))
   with pytest.raises(ValueError, match="No STL run for task"):
-    robustness.run_robustness(_explicit(workdir, **{"robustness.stl_runs": (
-        os.path.join(workdir, "runs", "stl_has_sphere"),)}), str(tmp_path / "out"))
+    robustness.run_robustness(
+      _explicit(
+        workdir, **{"robustness.stl_runs": (os.path.join(workdir, "runs", "stl_has_sphere"),)}
+      ),
+      str(tmp_path / "out"),
+    )
   with pytest.raises(ValueError, match="held-out task"):
-    robustness.run_robustness(_explicit(workdir, **{"robustness.probe_task": "has_box"}), str(tmp_path / "out"))
+    robustness.run_robustness(
+      _explicit(workdir, **{"robustness.probe_task": "has_box"}), str(tmp_path / "out")
+    )
   # A config.json edited after training no longer matches the checkpoint.
   edited = str(tmp_path / "edited")
   shutil.copytree(os.path.join(workdir, "runs", "stl_has_box"), edited)

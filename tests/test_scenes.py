@@ -51,9 +51,14 @@ def _axis_object(kind: str, config: scenes.SceneConfig) -> tuple[scenes.SceneObj
 def test_shapes_dtypes_and_ranges(batch):
   count, height, width = 40, SMALL.height, SMALL.width
   assert batch["image"].shape == (count, height, width, 3) and batch["image"].dtype == np.float32
-  assert batch["segmentation"].shape == (count, height, width) and batch["segmentation"].dtype == np.int32
+  assert (
+    batch["segmentation"].shape == (count, height, width)
+    and batch["segmentation"].dtype == np.int32
+  )
   assert batch["depth"].shape == (count, height, width) and batch["depth"].dtype == np.float32
-  assert batch["normals"].shape == (count, height, width, 3) and batch["normals"].dtype == np.float32
+  assert (
+    batch["normals"].shape == (count, height, width, 3) and batch["normals"].dtype == np.float32
+  )
   assert batch["attributes"].shape == (count, len(scenes.ATTRIBUTE_NAMES))
   assert batch["attributes"].dtype == np.float32
   assert set(np.unique(batch["attributes"])) <= {0.0, 1.0}
@@ -93,8 +98,12 @@ def test_determinism_and_chunking(monkeypatch):
 
 def test_seeds_and_splits_differ():
   first = scenes.generate("train", range(3), SMALL, seed=0)
-  assert not np.array_equal(first["image"], scenes.generate("train", range(3), SMALL, seed=1)["image"])
-  assert not np.array_equal(first["image"], scenes.generate("test", range(3), SMALL, seed=0)["image"])
+  assert not np.array_equal(
+    first["image"], scenes.generate("train", range(3), SMALL, seed=1)["image"]
+  )
+  assert not np.array_equal(
+    first["image"], scenes.generate("test", range(3), SMALL, seed=0)["image"]
+  )
 
 
 def test_unknown_split_lists_valid_ones():
@@ -133,10 +142,14 @@ def test_hand_built_floor_pixel():
   assert result["segmentation"][0, row, column] == scenes.CLASS_NAMES.index("floor")
   pitch = np.radians(ODD.camera_pitch)
   # World up (0, 1, 0) expressed along the camera's right, up and forward axes.
-  np.testing.assert_allclose(result["normals"][0, row, column], [0.0, np.cos(pitch), -np.sin(pitch)], atol=1e-6)
+  np.testing.assert_allclose(
+    result["normals"][0, row, column], [0.0, np.cos(pitch), -np.sin(pitch)], atol=1e-6
+  )
   _, axes = scenes.camera_basis(ODD)
   ray = axes @ scenes.camera_rays(ODD)[row * ODD.width + column]
-  np.testing.assert_allclose(result["depth"][0, row, column], ODD.camera_height / -ray[1], rtol=1e-5)
+  np.testing.assert_allclose(
+    result["depth"][0, row, column], ODD.camera_height / -ray[1], rtol=1e-5
+  )
 
 
 def test_hand_built_wall_and_sky():
@@ -151,7 +164,7 @@ def test_hand_built_wall_and_sky():
   assert wall_rows.size > 0 and np.all(np.diff(wall_rows) == 1)
   pitch = np.radians(ODD.camera_pitch)
   np.testing.assert_allclose(
-      result["normals"][0, wall_rows[0], column], [0.0, -np.sin(pitch), -np.cos(pitch)], atol=1e-6
+    result["normals"][0, wall_rows[0], column], [0.0, -np.sin(pitch), -np.cos(pitch)], atol=1e-6
   )
   _, axes = scenes.camera_basis(ODD)
   ray = axes @ scenes.camera_rays(ODD)[wall_rows[0] * ODD.width + column]
@@ -161,7 +174,9 @@ def test_hand_built_wall_and_sky():
 def test_shadow_and_lambertian_shading():
   radius = 0.7
   light = scenes.light_direction_from_angles(30.0, 90.0)  # From the right, 30 degrees up.
-  scene = scenes.build_scene([scenes.SceneObject("sphere", 0.0, 6.0, radius, "green")], light_direction=light)
+  scene = scenes.build_scene(
+    [scenes.SceneObject("sphere", 0.0, 6.0, radius, "green")], light_direction=light
+  )
   result = scenes.render([scene], ODD)
   centre = scene.centres[0]
   # The light ray through the sphere's centre meets the floor in the middle of its shadow.
@@ -172,62 +187,64 @@ def test_shadow_and_lambertian_shading():
   for point, brightness in ((shadowed, ambient), (lit, ambient + (1 - ambient) * light[1])):
     row, column = _project(point, ODD)
     assert result["segmentation"][0, row, column] == floor
-    np.testing.assert_allclose(result["image"][0, row, column], scene.floor_colour * brightness, atol=1e-5)
+    np.testing.assert_allclose(
+      result["image"][0, row, column], scene.floor_colour * brightness, atol=1e-5
+    )
 
 
 def test_hand_built_attributes():
   wall = 12.0
   objects = [
-      scenes.SceneObject("sphere", -2.2, 6.0, 0.6, "red"),
-      scenes.SceneObject("cylinder", 0.0, 7.5, (0.4, 0.6), "green"),
-      scenes.SceneObject("box", 2.2, 6.0, (0.9, 0.9, 0.9), "blue", rotation=0.3),
+    scenes.SceneObject("sphere", -2.2, 6.0, 0.6, "red"),
+    scenes.SceneObject("cylinder", 0.0, 7.5, (0.4, 0.6), "green"),
+    scenes.SceneObject("box", 2.2, 6.0, (0.9, 0.9, 0.9), "blue", rotation=0.3),
   ]
   right_light = scenes.light_direction_from_angles(50.0, 45.0)
   spread = scenes.build_scene(objects, light_direction=right_light, wall_distance=wall)
   # A sphere partly hidden behind another one, on the left, lit from the left, no wall.
   occluding = scenes.build_scene(
-      [
-          scenes.SceneObject("sphere", -1.0, 5.0, 0.6, "yellow"),
-          scenes.SceneObject("sphere", -1.5, 7.0, 0.8, "purple"),
-      ],
-      light_direction=scenes.light_direction_from_angles(50.0, -45.0),
+    [
+      scenes.SceneObject("sphere", -1.0, 5.0, 0.6, "yellow"),
+      scenes.SceneObject("sphere", -1.5, 7.0, 0.8, "purple"),
+    ],
+    light_direction=scenes.light_direction_from_angles(50.0, -45.0),
   )
   # An object completely hidden behind a bigger one does not count.
   hidden = scenes.build_scene(
-      [
-          scenes.SceneObject("box", 0.0, 5.0, (1.2, 1.2, 0.5), "cyan"),
-          scenes.SceneObject("sphere", 0.0, 8.0, 0.4, "red"),
-      ],
-      light_direction=right_light,
+    [
+      scenes.SceneObject("box", 0.0, 5.0, (1.2, 1.2, 0.5), "cyan"),
+      scenes.SceneObject("sphere", 0.0, 8.0, 0.4, "red"),
+    ],
+    light_direction=right_light,
   )
   result = scenes.render([spread, occluding, hidden], ODD)
   assert _attributes(result["attributes"][0]) == {
-      "has_sphere": True,
-      "has_box": True,
-      "has_cylinder": True,
-      "has_red_object": True,
-      "has_blue_object": True,
-      "at_least_3_objects": True,
-      "largest_object_is_box": True,
-      "leftmost_object_is_sphere": True,
-      "objects_touch_or_overlap_in_image": False,
-      "has_wall": True,
-      "mostly_on_left": False,
-      "light_from_left": False,
+    "has_sphere": True,
+    "has_box": True,
+    "has_cylinder": True,
+    "has_red_object": True,
+    "has_blue_object": True,
+    "at_least_3_objects": True,
+    "largest_object_is_box": True,
+    "leftmost_object_is_sphere": True,
+    "objects_touch_or_overlap_in_image": False,
+    "has_wall": True,
+    "mostly_on_left": False,
+    "light_from_left": False,
   }
   assert _attributes(result["attributes"][1]) == {
-      "has_sphere": True,
-      "has_box": False,
-      "has_cylinder": False,
-      "has_red_object": False,
-      "has_blue_object": False,
-      "at_least_3_objects": False,
-      "largest_object_is_box": False,
-      "leftmost_object_is_sphere": True,
-      "objects_touch_or_overlap_in_image": True,
-      "has_wall": False,
-      "mostly_on_left": True,
-      "light_from_left": True,
+    "has_sphere": True,
+    "has_box": False,
+    "has_cylinder": False,
+    "has_red_object": False,
+    "has_blue_object": False,
+    "at_least_3_objects": False,
+    "largest_object_is_box": False,
+    "leftmost_object_is_sphere": True,
+    "objects_touch_or_overlap_in_image": True,
+    "has_wall": False,
+    "mostly_on_left": True,
+    "light_from_left": True,
   }
   hidden_attributes = _attributes(result["attributes"][2])
   assert not hidden_attributes["has_sphere"] and not hidden_attributes["has_red_object"]

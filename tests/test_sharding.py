@@ -22,12 +22,20 @@ _WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sharding_wor
 
 def _start(mode: str, directory: str, devices: int) -> tuple[subprocess.Popen, str]:
   """Starts a worker process; its output goes to a log file beside the results."""
-  environment = {**os.environ, "JAX_PLATFORMS": "cpu",
-                 "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+  environment = {
+    **os.environ,
+    "JAX_PLATFORMS": "cpu",
+    "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+  }
   log_path = os.path.join(directory, f"{mode}_{devices}_{len(os.listdir(directory))}.log")
   with open(log_path, "w") as log:
-    process = subprocess.Popen([sys.executable, _WORKER, mode, directory], env=environment, stdout=log,
-                               stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+      [sys.executable, _WORKER, mode, directory],
+      env=environment,
+      stdout=log,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
   return process, log_path
 
 
@@ -43,7 +51,7 @@ def _finish(started: tuple[subprocess.Popen, str], devices: int) -> dict:
     output = log.read()
   lines = [line for line in output.splitlines() if line.startswith("RESULTS ")]
   assert process.returncode == 0 and lines, f"{log_path} worker failed:\n{output[-8000:]}"
-  results = json.loads(lines[-1][len("RESULTS "):])
+  results = json.loads(lines[-1][len("RESULTS ") :])
   assert results["device_count"] == devices
   return results
 
@@ -79,9 +87,18 @@ def test_train_steps_match_one_device(results, key):
 METHOD_TOLERANCES = {"method_upgrad_sample": 5e-5}
 
 
-@pytest.mark.parametrize("key", ["method_upgrad_task", "method_upgrad_sample", "method_pcgrad_sample_task",
-                                 "method_graddrop_task", "method_famo_task", "method_adatask_task",
-                                 "method_mtl_io_task"])
+@pytest.mark.parametrize(
+  "key",
+  [
+    "method_upgrad_task",
+    "method_upgrad_sample",
+    "method_pcgrad_sample_task",
+    "method_graddrop_task",
+    "method_famo_task",
+    "method_adatask_task",
+    "method_mtl_io_task",
+  ],
+)
 def test_real_method_steps_match_one_device(results, key):
   # train.make_train_step for the mesh through sharding.shard_training, as the training loop
   # builds it, against the one-device step: two steps (SGD; AdaTask on its per-task Adam),
@@ -102,15 +119,31 @@ def test_training_run_wrote_conflict_records(results):
   assert sharded == single > 0
 
 
-@pytest.mark.parametrize("key", ["probe_split_measures", "probe_split_ratios", "probe_replicated_measures",
-                                 "probe_replicated_ratios"])
+@pytest.mark.parametrize(
+  "key",
+  [
+    "probe_split_measures",
+    "probe_split_ratios",
+    "probe_replicated_measures",
+    "probe_replicated_ratios",
+  ],
+)
 def test_conflict_probe_matches_one_device(results, key):
   # 8 probed rows split over 8 devices (shard_map Gramian), and computed whole on each of 3.
   assert results[0][key] < RELATIVE_TOLERANCE, results[0]
 
 
-@pytest.mark.parametrize("key", ["gramian", "task_gramian", "conflicts", "rows_gramian", "ghost_gramian_mlp",
-                                 "ghost_gramian_small_cnn"])
+@pytest.mark.parametrize(
+  "key",
+  [
+    "gramian",
+    "task_gramian",
+    "conflicts",
+    "rows_gramian",
+    "ghost_gramian_mlp",
+    "ghost_gramian_small_cnn",
+  ],
+)
 def test_gramians_match_one_device(results, key):
   assert results[0][key] < RELATIVE_TOLERANCE, results[0]
 

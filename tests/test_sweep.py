@@ -34,8 +34,13 @@ def dataset():
 
 
 def test_grid_expansion_naming_and_unknown_methods():
-  config = _sweep_config(methods=("ew", "no_such_method", "adatask"), optimizers=("adam", "sgd"),
-                         lr_grid=(0.01, 0.001), stl_lr_grid=(0.005,), seeds=(0, 1))
+  config = _sweep_config(
+    methods=("ew", "no_such_method", "adatask"),
+    optimizers=("adam", "sgd"),
+    lr_grid=(0.01, 0.001),
+    stl_lr_grid=(0.005,),
+    seeds=(0, 1),
+  )
   stl = sweep.stl_grid(config)
   assert len(stl) == len(config.tasks) * 1 * 2
   assert stl[0].path == "stl/segmentation-adam-lr0.005-seed0"
@@ -48,7 +53,12 @@ def test_grid_expansion_naming_and_unknown_methods():
   assert len({run.path for run in runs}) == len(runs)
   assert any("no_such_method" in note for note in notes)
   run = sweep.run_config(config, runs[0], baseline=("x",))
-  assert (run.method.name, run.optimizer.name, run.seed, tuple(run.delta_m.baseline)) == ("ew", "adam", 0, ("x",))
+  assert (run.method.name, run.optimizer.name, run.seed, tuple(run.delta_m.baseline)) == (
+    "ew",
+    "adam",
+    0,
+    ("x",),
+  )
   assert tuple(sweep.run_config(config, stl[0]).tasks) == ("segmentation",)
   with pytest.raises(ValueError, match="valid optimizers"):
     sweep.mtl_grid(_sweep_config(optimizers=("adamax",)))
@@ -89,14 +99,23 @@ def test_stl_choice_uses_mean_validation_loss_and_same_seed(tmp_path):
 def test_best_lr_selection_and_mean_std():
   def record(rate, seed, validation, test_delta, acc):
     return sweep.RunSpec("mtl", "ew", "adam", rate, seed), {
-        "delta_m": {"validation": validation, "test": test_delta}, "test": {"a/acc": acc, "b/err": 1.0}}
-  records = dict([
-      record(0.1, 0, 1.0, 10.0, 0.5), record(0.1, 1, 3.0, 12.0, 0.7),   # mean validation 2.0
-      record(0.01, 0, 2.0, 20.0, 0.1), record(0.01, 1, 2.5, 22.0, 0.2),  # mean 2.25
-  ])
-  records[sweep.RunSpec("mtl", "ew", "adam", 0.5, 0)] = None            # diverged: never chosen
-  records[sweep.RunSpec("mtl", "ew", "adam", 0.5, 1)] = {"delta_m": {"validation": -99.0, "test": 0.0},
-                                                         "test": {"a/acc": 1.0, "b/err": 0.0}}
+      "delta_m": {"validation": validation, "test": test_delta},
+      "test": {"a/acc": acc, "b/err": 1.0},
+    }
+
+  records = dict(
+    [
+      record(0.1, 0, 1.0, 10.0, 0.5),
+      record(0.1, 1, 3.0, 12.0, 0.7),  # mean validation 2.0
+      record(0.01, 0, 2.0, 20.0, 0.1),
+      record(0.01, 1, 2.5, 22.0, 0.2),  # mean 2.25
+    ]
+  )
+  records[sweep.RunSpec("mtl", "ew", "adam", 0.5, 0)] = None  # diverged: never chosen
+  records[sweep.RunSpec("mtl", "ew", "adam", 0.5, 1)] = {
+    "delta_m": {"validation": -99.0, "test": 0.0},
+    "test": {"a/acc": 1.0, "b/err": 0.0},
+  }
   (selection,) = sweep.select_best(records)
   assert selection.learning_rate == 0.1
   assert math.isinf(selection.validation_delta_m[0.5])
@@ -111,9 +130,16 @@ def test_best_lr_selection_and_mean_std():
 
 def test_pareto_counts_match_a_hand_count():
   def selection(optimizer, method, points):
-    return sweep.Selection(method, optimizer, 0.1, {0.1: 0.0}, seeds=list(range(len(points))),
-                           test=[{"a/acc": acc, "b/err": err} for acc, err in points],
-                           test_delta_m=[0.0] * len(points))
+    return sweep.Selection(
+      method,
+      optimizer,
+      0.1,
+      {0.1: 0.0},
+      seeds=list(range(len(points))),
+      test=[{"a/acc": acc, "b/err": err} for acc, err in points],
+      test_delta_m=[0.0] * len(points),
+    )
+
   # acc higher-better, err lower-better.
   adam = selection("adam", "ew", [(0.9, 0.3), (0.5, 0.1), (0.4, 0.5)])
   sgd = selection("sgd", "ew", [(0.8, 0.2), (0.3, 0.6)])
@@ -121,7 +147,10 @@ def test_pareto_counts_match_a_hand_count():
   # sgd (0.8,0.2); no sgd run dominates the other two adam runs. sgd (0.8,0.2) is not dominated
   # by any adam run; sgd (0.3,0.6) is.
   points, counts = sweep.pareto_analysis([adam, sgd], DIRECTIONS)
-  assert counts == {"adam": {"runs": 3, "po_full": 2, "po_other": 2}, "sgd": {"runs": 2, "po_full": 1, "po_other": 1}}
+  assert counts == {
+    "adam": {"runs": 3, "po_full": 2, "po_other": 2},
+    "sgd": {"runs": 2, "po_full": 1, "po_other": 1},
+  }
   assert [point.on_front for point in points] == [True, True, False, True, False]
   findings = markdown.optimizer_findings([adam, sgd], counts)
   assert any("2/3" in line for line in findings)
@@ -160,8 +189,9 @@ def _sequential_results(index):
 @pytest.mark.parametrize("lane_mode", ["vmap", "loop"])
 def test_train_group_writes_the_same_results_as_sequential_runs(tmp_path, dataset, lane_mode):
   configs = _group_configs([(1e-3, 0), (3e-3, 1)])
-  grouped = train.train_group(configs, [str(tmp_path / f"group{i}") for i in range(2)], dataset,
-                                 lane_mode=lane_mode)
+  grouped = train.train_group(
+    configs, [str(tmp_path / f"group{i}") for i in range(2)], dataset, lane_mode=lane_mode
+  )
   for index, config in enumerate(configs):
     sequential = _sequential_results(index)
     assert grouped[index]["fingerprint"] == sequential["fingerprint"]
@@ -175,23 +205,40 @@ def test_train_group_writes_the_same_results_as_sequential_runs(tmp_path, datase
 
 
 def test_tiny_end_to_end_sweep_and_resume(tmp_path, dataset, monkeypatch):
-  config = _sweep_config(methods=("ew",), optimizers=("adam", "sgd"), lr_grid=(0.01,), stl_lr_grid=(0.005,),
-                         seeds=(0,), group_runs=True)
+  config = _sweep_config(
+    methods=("ew",),
+    optimizers=("adam", "sgd"),
+    lr_grid=(0.01,),
+    stl_lr_grid=(0.005,),
+    seeds=(0,),
+    group_runs=True,
+  )
   config.unlock()
   config.tasks = ("segmentation", "depth")
   config.lock()
   result = sweep.run_sweep(config, str(tmp_path), dataset)
-  assert [(s.method, s.optimizer, s.learning_rate) for s in result.selections] == [("ew", "adam", 0.01),
-                                                                                    ("ew", "sgd", 0.01)]
+  assert [(s.method, s.optimizer, s.learning_rate) for s in result.selections] == [
+    ("ew", "adam", 0.01),
+    ("ew", "sgd", 0.01),
+  ]
   assert all(np.isfinite(s.mean_std("delta_m")[0]) for s in result.selections)
   assert sum(count["runs"] for count in result.pareto_counts.values()) == 2
-  for name in ("sweep.json", "sweep.csv", "delta_m.md", "delta_m.csv", "metrics.csv", "parallel_coordinates.png"):
+  for name in (
+    "sweep.json",
+    "sweep.csv",
+    "delta_m.md",
+    "delta_m.csv",
+    "metrics.csv",
+    "parallel_coordinates.png",
+  ):
     assert os.path.getsize(os.path.join(str(tmp_path), name)) > 0
   index = json.load(open(tmp_path / "sweep.json"))
   assert len(index) == 4 and all(entry["status"] == "finished" for entry in index)
   mtl_run = json.load(open(tmp_path / "mtl/ew-adam-lr0.01-seed0/results.json"))
-  assert mtl_run["config"]["delta_m"]["baseline"] == [str(tmp_path / "stl/segmentation-adam-lr0.005-seed0"),
-                                                      str(tmp_path / "stl/depth-adam-lr0.005-seed0")]
+  assert mtl_run["config"]["delta_m"]["baseline"] == [
+    str(tmp_path / "stl/segmentation-adam-lr0.005-seed0"),
+    str(tmp_path / "stl/depth-adam-lr0.005-seed0"),
+  ]
 
   def no_training(*args, **kwargs):
     raise AssertionError("a finished run was trained again")

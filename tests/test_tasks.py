@@ -24,7 +24,7 @@ def _loss(task, prediction, batch):
 
 def _all_stats(tasks, predictions, batch, example_mask=None):
   return jax.jit(tasks_lib.all_metric_statistics, static_argnums=0)(
-      tuple(tasks), predictions, batch, example_mask
+    tuple(tasks), predictions, batch, example_mask
   )
 
 
@@ -53,9 +53,7 @@ def test_segmentation_metrics_missing_class_and_ignore():
   target = np.array([[[0, 0, 1, 1], [2, 2, -1, -1]]], np.int32)  # [1, 2, 4]
   predicted = np.array([[[0, 1, 1, 1], [2, 0, 3, 2]]], np.int32)
   task = Segmentation(num_classes=4)
-  stats = _to_numpy(
-      _stats(task, _one_hot_logits(predicted, 4), {"segmentation": target})
-  )
+  stats = _to_numpy(_stats(task, _one_hot_logits(predicted, 4), {"segmentation": target}))
   expected_confusion = np.zeros((4, 4), int)
   expected_confusion[0, 0] = 1
   expected_confusion[0, 1] = 1
@@ -77,7 +75,7 @@ def test_segmentation_miou_skips_only_empty_union():
   predicted = np.array([[[0, 1]]], np.int32)
   task = Segmentation(num_classes=3)
   metrics = task.metrics(
-      _to_numpy(_stats(task, _one_hot_logits(predicted, 3), {"segmentation": target}))
+    _to_numpy(_stats(task, _one_hot_logits(predicted, 3), {"segmentation": target}))
   )
   assert metrics["miou"] == pytest.approx((1 / 2 + 0.0) / 2)
 
@@ -94,10 +92,10 @@ def test_segmentation_loss_matches_numpy():
   expected = []
   for b in range(3):
     values = [
-        -log_probs[b, i, j, target[b, i, j]]
-        for i in range(2)
-        for j in range(3)
-        if target[b, i, j] >= 0
+      -log_probs[b, i, j, target[b, i, j]]
+      for i in range(2)
+      for j in range(3)
+      if target[b, i, j] >= 0
     ]
     expected.append(np.mean(values) if values else 0.0)
   assert loss.shape == (3,)
@@ -149,9 +147,19 @@ def test_normals_known_angles():
   z = [0.0, 0.0, 1.0]
   # Pixels: 0 deg, 90 deg, 180 deg, 20 deg, 10 deg, invalid target; predictions not normalised.
   prediction = np.array(
-      [[[[0, 0, 5.0], [3.0, 0, 0], [0, 0, -2.0], [2 * v for v in _rotated(20)], _rotated(10),
-         [1.0, 1.0, 1.0]]]],
-      np.float32,
+    [
+      [
+        [
+          [0, 0, 5.0],
+          [3.0, 0, 0],
+          [0, 0, -2.0],
+          [2 * v for v in _rotated(20)],
+          _rotated(10),
+          [1.0, 1.0, 1.0],
+        ]
+      ]
+    ],
+    np.float32,
   )
   target = np.array([[[z, z, z, z, z, [0.0, 0.0, 0.0]]]], np.float32)
   task = Normals()
@@ -188,7 +196,7 @@ def test_normals_median_matches_numpy_within_one_bin():
     t = target / np.where(t_norm > 0, t_norm, 1)
     angles = np.degrees(np.arccos(np.clip((p * t).sum(-1), -1, 1)))[valid]
     assert metrics["median_angle"] == pytest.approx(
-        np.median(angles), abs=tasks_lib.NORMALS_BIN_WIDTH_DEGREES
+      np.median(angles), abs=tasks_lib.NORMALS_BIN_WIDTH_DEGREES
     )
     assert metrics["mean_angle"] == pytest.approx(np.mean(angles), abs=1e-3)
     for threshold in (11.25, 22.5, 30):
@@ -249,25 +257,27 @@ def _random_setup(batch_size=4, height=3, width=5, seed=0):
   depth[1] = 0.0
   normals[1] = 0.0
   batch = {
-      "segmentation": segmentation,
-      "depth": depth,
-      "normals": normals,
-      "attributes": rng.integers(0, 2, size=(batch_size, 4)).astype(np.float32),
-      "label": rng.integers(0, 5, size=(batch_size,)).astype(np.int32),
+    "segmentation": segmentation,
+    "depth": depth,
+    "normals": normals,
+    "attributes": rng.integers(0, 2, size=(batch_size, 4)).astype(np.float32),
+    "label": rng.integers(0, 5, size=(batch_size,)).astype(np.int32),
   }
   tasks = [
-      Segmentation(num_classes=3),
-      Depth(),
-      Normals(),
-      BinaryAttribute("attr2", 2),
-      Classification("label", 5),
+    Segmentation(num_classes=3),
+    Depth(),
+    Normals(),
+    BinaryAttribute("attr2", 2),
+    Classification("label", 5),
   ]
   predictions = {
-      task.name: jnp.asarray(
-          rng.normal(size=((batch_size, height, width) if task.dense else (batch_size,))
-                     + (task.output_channels,)).astype(np.float32)
-      )
-      for task in tasks
+    task.name: jnp.asarray(
+      rng.normal(
+        size=((batch_size, height, width) if task.dense else (batch_size,))
+        + (task.output_channels,)
+      ).astype(np.float32)
+    )
+    for task in tasks
   }
   # A zero normals prediction must not produce NaN either.
   predictions["normals"] = predictions["normals"].at[0, 0, 0].set(0.0)
@@ -279,8 +289,8 @@ def test_statistics_are_additive():
   first, second = slice(0, 2), slice(2, 4)
   whole = _all_stats(tasks, predictions, batch)
   halves = [
-      _all_stats(tasks, {k: v[part] for k, v in predictions.items()}, _half(batch, part))
-      for part in (first, second)
+    _all_stats(tasks, {k: v[part] for k, v in predictions.items()}, _half(batch, part))
+    for part in (first, second)
   ]
   for task in tasks:
     summed = _sum_statistics(halves[0][task.name], halves[1][task.name])
@@ -300,7 +310,7 @@ def test_example_mask_excludes_padding():
     for key, value in reference[task.name].items():
       np.testing.assert_allclose(np.asarray(masked[task.name][key]), np.asarray(value), rtol=1e-5)
       np.testing.assert_allclose(
-          np.asarray(float_masked[task.name][key]), np.asarray(value), rtol=1e-5
+        np.asarray(float_masked[task.name][key]), np.asarray(value), rtol=1e-5
       )
 
 
@@ -311,14 +321,18 @@ def test_losses_shape_per_sample_and_no_nan_gradients():
   assert losses.shape == (4, len(tasks))
   # Per-sample: a sample's loss does not depend on the rest of the batch, so the batch mean is
   # the mean of the single-sample losses.
-  singles = np.concatenate([
-      np.asarray(losses_of(
+  singles = np.concatenate(
+    [
+      np.asarray(
+        losses_of(
           tuple(tasks),
-          {k: v[i:i + 1] for k, v in predictions.items()},
+          {k: v[i : i + 1] for k, v in predictions.items()},
           _half(batch, slice(i, i + 1)),
-      ))
+        )
+      )
       for i in range(4)
-  ])
+    ]
+  )
   np.testing.assert_allclose(singles, losses, rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(losses.mean(axis=0), singles.mean(axis=0), rtol=1e-5)
   for index, task in enumerate(tasks):
@@ -341,18 +355,18 @@ def test_jit_and_vmap():
   stacked_predictions = jax.tree.map(lambda x: jnp.stack([x, 2 * x]), predictions)
   stacked_batch = {key: np.stack([value, value]) for key, value in batch.items()}
   losses = jax.jit(jax.vmap(lambda p, b: tasks_lib.losses_matrix(tasks, p, b)))(
-      stacked_predictions, stacked_batch
+    stacked_predictions, stacked_batch
   )
   assert losses.shape == (2, 2, len(tasks))
   np.testing.assert_allclose(
-      np.asarray(losses[0]),
-      np.asarray(
-          jax.jit(tasks_lib.losses_matrix, static_argnums=0)(tuple(tasks), predictions, batch)
-      ),
-      rtol=1e-5,
+    np.asarray(losses[0]),
+    np.asarray(
+      jax.jit(tasks_lib.losses_matrix, static_argnums=0)(tuple(tasks), predictions, batch)
+    ),
+    rtol=1e-5,
   )
   statistics = jax.jit(
-      jax.vmap(lambda p, b: tasks_lib.all_metric_statistics(tasks, p, b, jnp.ones(2)))
+    jax.vmap(lambda p, b: tasks_lib.all_metric_statistics(tasks, p, b, jnp.ones(2)))
   )(stacked_predictions, stacked_batch)
   assert statistics["segmentation"]["confusion"].shape == (2, 3, 3)
 
@@ -369,18 +383,20 @@ def test_flat_helpers_and_compute_metrics():
   total = None
   for part in (slice(0, 2), slice(2, 4)):
     part_predictions = {name: value[part] for name, value in predictions.items()}
-    total = tasks_lib.add_statistics(
-        total, _all_stats(tasks, part_predictions, _half(batch, part))
-    )
+    total = tasks_lib.add_statistics(total, _all_stats(tasks, part_predictions, _half(batch, part)))
   metrics = tasks_lib.compute_metrics(tasks, total)
   whole = tasks_lib.compute_metrics(
-      tasks, {k: _to_numpy(v) for k, v in _all_stats(tasks, predictions, batch).items()}
+    tasks, {k: _to_numpy(v) for k, v in _all_stats(tasks, predictions, batch).items()}
   )
   assert list(metrics) == names
   for key in names:
     assert metrics[key] == pytest.approx(whole[key], rel=1e-5), key
   assert set(tasks_lib.TASK_KINDS) == {
-      "segmentation", "depth", "normals", "binary_attribute", "classification"
+    "segmentation",
+    "depth",
+    "normals",
+    "binary_attribute",
+    "classification",
   }
 
 

@@ -48,11 +48,22 @@ def test_nyuv2_builder_round_trip_and_loader(tmp_path):
   written = _write_nyuv2_arrays(str(tmp_path / "manual"), {"train": 4, "val": 2})
   data_dir = str(tmp_path / "tfds")
   builder = nyuv2_mtl.Nyuv2Mtl(data_dir=data_dir, file_format="array_record")
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(tmp_path / "manual")))
-  assert {split: info.num_examples for split, info in builder.info.splits.items()} == {"train": 4, "test": 2}
+  builder.download_and_prepare(
+    download_config=tfds.download.DownloadConfig(manual_dir=str(tmp_path / "manual"))
+  )
+  assert {split: info.num_examples for split, info in builder.info.splits.items()} == {
+    "train": 4,
+    "test": 2,
+  }
 
-  dataset = registry.load_dataset(_dataset_config("nyuv2", 288, 384, data_dir=data_dir, validation_size=1))
-  assert {name: len(source) for name, source in dataset.splits.items()} == {"train": 3, "validation": 1, "test": 2}
+  dataset = registry.load_dataset(
+    _dataset_config("nyuv2", 288, 384, data_dir=data_dir, validation_size=1)
+  )
+  assert {name: len(source) for name, source in dataset.splits.items()} == {
+    "train": 3,
+    "validation": 1,
+    "test": 2,
+  }
   batch = dataset.splits["test"].batch(np.arange(2))
   # Files are read in index order, so test example i is val/i.npy.
   for index, (image, label, depth, normal) in enumerate(written["val"]):
@@ -86,21 +97,36 @@ def test_cityscapes_builder_maps_categories_and_inverse_depth(tmp_path):
   for split, count in (("train", 3), ("val", 1)):
     for index in range(count):
       image_id = f"aachen_{index:06d}_000019"
-      members["image"].append((f"leftImg8bit/{split}/aachen/{image_id}_leftImg8bit.png",
-                               _png(rng.integers(0, 256, (height, width, 3)).astype(np.uint8))))
-      members["label"].append((f"gtFine/{split}/aachen/{image_id}_gtFine_labelIds.png", _png(label_ids)))
-      members["disparity"].append((f"disparity/{split}/aachen/{image_id}_disparity.png", _png(disparity)))
+      members["image"].append(
+        (
+          f"leftImg8bit/{split}/aachen/{image_id}_leftImg8bit.png",
+          _png(rng.integers(0, 256, (height, width, 3)).astype(np.uint8)),
+        )
+      )
+      members["label"].append(
+        (f"gtFine/{split}/aachen/{image_id}_gtFine_labelIds.png", _png(label_ids))
+      )
+      members["disparity"].append(
+        (f"disparity/{split}/aachen/{image_id}_disparity.png", _png(disparity))
+      )
   for kind, (file_name, _, _) in cityscapes_mtl.MANUAL_FILES.items():
     with zipfile.ZipFile(manual / file_name, "w") as archive:
       for name, data in members[kind]:
         archive.writestr(name, data)
   data_dir = str(tmp_path / "tfds")
-  builder = cityscapes_mtl.CityscapesMtl(config="segmentation_depth_128x256", data_dir=data_dir,
-                                         file_format="array_record")
+  builder = cityscapes_mtl.CityscapesMtl(
+    config="segmentation_depth_128x256", data_dir=data_dir, file_format="array_record"
+  )
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
 
-  dataset = registry.load_dataset(_dataset_config("cityscapes", 128, 256, data_dir=data_dir, validation_size=1))
-  assert {name: len(source) for name, source in dataset.splits.items()} == {"train": 2, "validation": 1, "test": 1}
+  dataset = registry.load_dataset(
+    _dataset_config("cityscapes", 128, 256, data_dir=data_dir, validation_size=1)
+  )
+  assert {name: len(source) for name, source in dataset.splits.items()} == {
+    "train": 2,
+    "validation": 1,
+    "test": 1,
+  }
   batch = dataset.splits["test"].batch(np.arange(1))
   assert batch["image"].shape == (1, 128, 256, 3) and batch["depth"].shape == (1, 128, 256)
   # Nearest-neighbour downsizing by 2 keeps the odd source pixels (pixel centres aligned).
@@ -108,17 +134,29 @@ def test_cityscapes_builder_maps_categories_and_inverse_depth(tmp_path):
   expected = cityscapes_mtl.map_labels(kept_ids)
   np.testing.assert_array_equal(batch["segmentation"][0], expected)
   # Spot-check the category mapping itself: road flat, sky, car vehicle, ground and id 0 void.
-  assert [int(cityscapes_mtl.map_labels(np.uint8(i))) for i in (7, 23, 26, 6, 0, 33)] == [0, 4, 6, -1, -1, 6]
+  assert [int(cityscapes_mtl.map_labels(np.uint8(i))) for i in (7, 23, 26, 6, 0, 33)] == [
+    0,
+    4,
+    6,
+    -1,
+    -1,
+    6,
+  ]
   kept_disparity = disparity[1::2, 1::2].astype(np.float64)
-  expected_depth = np.where(kept_disparity > 0, (kept_disparity - 1) / 256 / (0.209313 * 2262.52), 0.0)
+  expected_depth = np.where(
+    kept_disparity > 0, (kept_disparity - 1) / 256 / (0.209313 * 2262.52), 0.0
+  )
   np.testing.assert_allclose(batch["depth"][0], expected_depth, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name, height, width, keys", [
+@pytest.mark.parametrize(
+  "name, height, width, keys",
+  [
     ("celeb_a", 32, 32, {"image", "attributes"}),
     ("cityscapes", 32, 64, {"image", "segmentation", "depth"}),
     ("nyuv2", 32, 64, {"image", "segmentation", "depth", "normals"}),
-])
+  ],
+)
 def test_mock_pipelines_follow_the_batch_contract(name, height, width, keys):
   with tfds.testing.mock_data(num_examples=6):
     dataset = registry.load_dataset(_dataset_config(name, height, width, validation_size=2))
@@ -127,7 +165,10 @@ def test_mock_pipelines_follow_the_batch_contract(name, height, width, keys):
   assert batch["image"].shape == (3, height, width, 3) and batch["image"].dtype == np.float32
   assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0
   if name == "celeb_a":
-    assert batch["attributes"].shape == (3, 40) and set(np.unique(batch["attributes"])) <= {0.0, 1.0}
+    assert batch["attributes"].shape == (3, 40) and set(np.unique(batch["attributes"])) <= {
+      0.0,
+      1.0,
+    }
     assert set(dataset.tasks) == set(tfds_datasets.CELEBA_ATTRIBUTES) and dataset.augment is None
     # TFDS's attribute names are exactly ours (it stores them as a dict).
     info = tfds.builder("celeb_a").info
@@ -139,7 +180,9 @@ def test_mock_pipelines_follow_the_batch_contract(name, height, width, keys):
   assert batch["depth"].dtype == np.float32 and batch["depth"].min() >= 0.0
   assert len(dataset.splits["validation"]) == 2 and len(dataset.splits["train"]) == 4
   augmented = dataset.augment(batch, np.random.default_rng(0))
-  assert {key: value.shape for key, value in augmented.items()} == {key: value.shape for key, value in batch.items()}
+  assert {key: value.shape for key, value in augmented.items()} == {
+    key: value.shape for key, value in batch.items()
+  }
 
 
 def test_missing_data_names_the_prepare_command(tmp_path):

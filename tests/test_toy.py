@@ -14,8 +14,12 @@ def _mean_numpy(point):
   """The mean objective written again in numpy (float64), independent of the jnp version."""
   x, y = point
   upper, lower = max(np.tanh(y / 2), 0.0), max(np.tanh(-y / 2), 0.0)
-  f1 = (np.log(max(abs(-(x + 7) / 2 + np.tanh(y)), 5e-6)) + 6) * upper + (((x - 7) ** 2 + 0.1 * (y + 8) ** 2) / 10 - 20) * lower
-  f2 = (np.log(max(abs((3 - x) / 2 - np.tanh(y) + 2), 5e-6)) + 6) * upper + (((x + 7) ** 2 + 0.1 * (y + 8) ** 2) / 10 - 20) * lower
+  f1 = (np.log(max(abs(-(x + 7) / 2 + np.tanh(y)), 5e-6)) + 6) * upper + (
+    ((x - 7) ** 2 + 0.1 * (y + 8) ** 2) / 10 - 20
+  ) * lower
+  f2 = (np.log(max(abs((3 - x) / 2 - np.tanh(y) + 2), 5e-6)) + 6) * upper + (
+    ((x + 7) ** 2 + 0.1 * (y + 8) ** 2) / 10 - 20
+  ) * lower
   return 0.5 * (f1 + f2)
 
 
@@ -23,8 +27,12 @@ def test_global_minimum_of_the_mean_matches_a_dense_grid_search():
   axis = np.linspace(-10, 10, 401)
   values = np.array([[_mean_numpy((x, y)) for y in axis] for x in axis])
   i, j = np.unravel_index(np.argmin(values), values.shape)
-  refined = optimize.minimize(_mean_numpy, x0=[axis[i], axis[j]], method="Nelder-Mead",
-                              options=dict(xatol=1e-10, fatol=1e-12, maxiter=5000))
+  refined = optimize.minimize(
+    _mean_numpy,
+    x0=[axis[i], axis[j]],
+    method="Nelder-Mead",
+    options=dict(xatol=1e-10, fatol=1e-12, maxiter=5000),
+  )
   point, value = toy.global_minimum()
   np.testing.assert_allclose(point, refined.x, atol=1e-4)
   assert abs(value - refined.fun) < 1e-8
@@ -43,8 +51,12 @@ def test_pcgrad_matches_explicit_projection():
       if own @ other < 0:
         own = own - (own @ other) / (other @ other) * other
       expected.append(own)
-    np.testing.assert_allclose(toy.pcgrad_direction(jnp.asarray(g1), jnp.asarray(g2)),
-                               0.5 * (expected[0] + expected[1]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+      toy.pcgrad_direction(jnp.asarray(g1), jnp.asarray(g2)),
+      0.5 * (expected[0] + expected[1]),
+      rtol=1e-5,
+      atol=1e-6,
+    )
 
 
 def test_cagrad_matches_brute_force_dual_with_cagrad_toy_constants_and_improves_worst_task():
@@ -98,7 +110,9 @@ def test_adam_steps_match_pytorch_in_float64_and_float32():
   minimiser, minimum = toy.global_minimum()
   for dtype, tolerance in (("float64", 1e-11), ("float32", 1e-4)):
     outputs, _, _ = toy_study._run_grid(config, minimiser, minimum, [start], dtype)
-    np.testing.assert_allclose(outputs["dense"][0][:, 0], expected, rtol=tolerance, atol=tolerance, err_msg=dtype)
+    np.testing.assert_allclose(
+      outputs["dense"][0][:, 0], expected, rtol=tolerance, atol=tolerance, err_msg=dtype
+    )
   # The first step at lr 10 in float32 is PyTorch's to float32 precision (it was 6e-6 short
   # with 1 - βᵗ computed in float32).
   first_step = outputs["dense"][0][0, 0] - start[0]
@@ -107,16 +121,25 @@ def test_adam_steps_match_pytorch_in_float64_and_float32():
 
 def test_toy_runs_in_float64_without_leaving_x64_on_and_reports_sensitivity():
   config = toy_config.get_config("quick")
-  config.optimizers, config.methods, config.learning_rates = ("adam",), ("ew", "cagrad"), (1.0, 1e-4)
+  config.optimizers, config.methods, config.learning_rates = (
+    ("adam",),
+    ("ew", "cagrad"),
+    (1.0, 1e-4),
+  )
   config.max_iterations, config.dense_iterations, config.record_every = 400, 200, 100
   assert config.dtype == "float64"
   results = toy_study.run_toy(config)
   assert not jax.config.jax_enable_x64
   sensitivity = results["sensitivity"]
-  assert len(sensitivity["names"]) == config.perturbed_starts + 1 and sensitivity["names"][-1] == "float32"
+  assert (
+    len(sensitivity["names"]) == config.perturbed_starts + 1
+    and sensitivity["names"][-1] == "float32"
+  )
   assert results["cells"] == 4 and 0 <= results["reproducible_cells"] <= 4
   for key, row in results["table"].items():
-    for value, variants, reproducible in zip(row, sensitivity["variants"][key], sensitivity["reproducible"][key]):
+    for value, variants, reproducible in zip(
+      row, sensitivity["variants"][key], sensitivity["reproducible"][key]
+    ):
       assert len(variants) == len(sensitivity["names"])
       if value is not None and reproducible:
         assert all(abs(variant - value) <= 0.1 * value for variant in variants)
@@ -142,4 +165,7 @@ def test_runner_finds_convergence_at_high_adam_lr_and_not_at_tiny_lr():
   assert results["num_runs"] == 2 * 2 * 2 * 3
   assert results["table"]["adam/ew"][0] is not None and results["table"]["adam/ew"][0] <= 1200
   assert results["table"]["adam/ew"][1] is None and results["table"]["gd/cagrad"][1] is None
-  assert "1e-04" in results["markdown"].splitlines()[0] or "0.0001" in results["markdown"].splitlines()[0]
+  assert (
+    "1e-04" in results["markdown"].splitlines()[0]
+    or "0.0001" in results["markdown"].splitlines()[0]
+  )

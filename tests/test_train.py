@@ -53,7 +53,9 @@ def test_training_writes_results_checkpoints_and_logs(tmp_path, dataset):
   losses = [line["train/loss"] for line in lines if "train/loss" in line]
   assert losses[-1] < losses[0], "training loss did not decrease"
   # Running the same command on a finished run re-reads its results instead of training.
-  assert train.train_and_evaluate(config, str(tmp_path), dataset) == json.load(open(tmp_path / "results.json"))
+  assert train.train_and_evaluate(config, str(tmp_path), dataset) == json.load(
+    open(tmp_path / "results.json")
+  )
 
 
 def test_same_seed_gives_identical_metrics(tmp_path, dataset):
@@ -69,15 +71,28 @@ def test_same_seed_gives_identical_metrics(tmp_path, dataset):
 
 def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, dataset):
   epochs = 12
-  command = [sys.executable, os.path.join(ROOT, "experiments", "train.py"), "--config=configs/test.py",
-             f"--config.training.num_epochs={epochs}", "--config.training.checkpoint_every_steps=1"]
+  command = [
+    sys.executable,
+    os.path.join(ROOT, "experiments", "train.py"),
+    "--config=configs/test.py",
+    f"--config.training.num_epochs={epochs}",
+    "--config.training.checkpoint_every_steps=1",
+  ]
   killed_dir = tmp_path / "killed"
-  process = subprocess.Popen(command + [f"--workdir={killed_dir}"], cwd=ROOT,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  process = subprocess.Popen(
+    command + [f"--workdir={killed_dir}"],
+    cwd=ROOT,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   deadline = time.time() + 120
   checkpoints = killed_dir / "checkpoints"
   while time.time() < deadline:
-    steps = [int(name) for name in (os.listdir(checkpoints) if checkpoints.exists() else []) if name.isdigit()]
+    steps = [
+      int(name)
+      for name in (os.listdir(checkpoints) if checkpoints.exists() else [])
+      if name.isdigit()
+    ]
     if steps and max(steps) >= 3:
       break
     if process.poll() is not None:
@@ -86,7 +101,9 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, dataset):
   process.send_signal(signal.SIGKILL)
   process.wait()
   assert not (killed_dir / "results.json").exists()
-  resumed = subprocess.run(command + [f"--workdir={killed_dir}"], cwd=ROOT, capture_output=True, text=True)
+  resumed = subprocess.run(
+    command + [f"--workdir={killed_dir}"], cwd=ROOT, capture_output=True, text=True
+  )
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert "Resuming from step" in resumed.stdout
 
@@ -95,7 +112,9 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, dataset):
   interrupted = _final_state(config, str(killed_dir), dataset)
   uninterrupted = _final_state(config, str(tmp_path / "straight"), dataset)
   assert int(interrupted.step) == int(uninterrupted.step) == epochs * 4
-  for left, right in zip(jax.tree_util.tree_leaves(interrupted), jax.tree_util.tree_leaves(uninterrupted)):
+  for left, right in zip(
+    jax.tree_util.tree_leaves(interrupted), jax.tree_util.tree_leaves(uninterrupted)
+  ):
     np.testing.assert_array_equal(np.asarray(left), np.asarray(right))
 
 
@@ -124,28 +143,37 @@ def _poisoned(dataset, step):
 
 def test_non_finite_loss_stops_naming_step_and_task_and_keeps_last_checkpoint(tmp_path, dataset):
   config = _config()
-  with pytest.raises(train.NonFiniteLossError, match=r"step 5 in task\(s\) depth .*last good checkpoint \(step 4\)"):
+  with pytest.raises(
+    train.NonFiniteLossError, match=r"step 5 in task\(s\) depth .*last good checkpoint \(step 4\)"
+  ):
     train.train_and_evaluate(config, str(tmp_path), _poisoned(dataset, 5))
   experiment = train.build_experiment(config, dataset)
-  state, _ = checkpoint_lib.Checkpointer(str(tmp_path), asynchronous=False).restore(train.init_state(experiment, 0))
+  state, _ = checkpoint_lib.Checkpointer(str(tmp_path), asynchronous=False).restore(
+    train.init_state(experiment, 0)
+  )
   assert int(state.step) == 4
   assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(state.params))
   assert not (tmp_path / "results.json").exists()
 
 
 def test_non_finite_step_can_be_skipped_and_counted(tmp_path, dataset):
-  results = train.train_and_evaluate(_config(on_non_finite="skip"), str(tmp_path), _poisoned(dataset, 5))
+  results = train.train_and_evaluate(
+    _config(on_non_finite="skip"), str(tmp_path), _poisoned(dataset, 5)
+  )
   assert results["skipped_steps"] == 1
   assert all(np.isfinite(value) for value in results["test"].values())
 
 
-@pytest.mark.parametrize("section,key,value,message", [
+@pytest.mark.parametrize(
+  "section,key,value,message",
+  [
     ("method", "name", "pcgradd", "valid methods:"),
     ("optimizer", "name", "rmsprop", "valid optimizers: adam, sgd, signsgd, adamw"),
     ("model", "encoder", "vgg", "valid"),
     ("model", "norm", "instance", "valid norms: batch, group, layer, none"),
     ("dataset", "name", "imagenet", "valid datasets: .*scenes"),
-])
+  ],
+)
 def test_unknown_names_list_the_valid_ones(section, key, value, message):
   config = _config()
   config[section][key] = value
@@ -156,14 +184,25 @@ def test_unknown_names_list_the_valid_ones(section, key, value, message):
 
 def test_unknown_task_lists_the_valid_ones(dataset):
   config = _config("task=depthh")
-  with pytest.raises(ValueError, match=r"Unknown task\(s\) \['depthh'\].*valid tasks: segmentation, depth, normals"):
+  with pytest.raises(
+    ValueError, match=r"Unknown task\(s\) \['depthh'\].*valid tasks: segmentation, depth, normals"
+  ):
     train.build_experiment(config, dataset)
 
 
 def test_misspelt_config_key_is_rejected():
   result = subprocess.run(
-      [sys.executable, "experiments/train.py", "--config=configs/test.py", "--config.training.num_epoch=1",
-       "--workdir=/tmp/unused"], cwd=ROOT, capture_output=True, text=True)
+    [
+      sys.executable,
+      "experiments/train.py",
+      "--config=configs/test.py",
+      "--config.training.num_epoch=1",
+      "--workdir=/tmp/unused",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+  )
   assert result.returncode != 0
   assert "num_epoch" in result.stderr
 

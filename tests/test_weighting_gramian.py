@@ -25,20 +25,31 @@ SOLVER_ITERATIONS = 1000
 
 # One jitted function per method (shapes vary only over a few task counts); cheap test-only
 # compilation, since each runs on a handful of tiny inputs.
-_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0,
-                                                    "xla_llvm_disable_expensive_passes": True})
+_jit = functools.partial(
+  jax.jit,
+  compiler_options={"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True},
+)
 WEIGHTS = {
-    "mgda": _jit(lambda g: gb.mgda_weights(g, SOLVER_ITERATIONS)),
-    "upgrad": _jit(lambda g: gb.upgrad_weights(g, SOLVER_ITERATIONS)),
-    "nash_mtl": _jit(lambda g: gb.nash_mtl_weights(g, 50, 0.0)),
-    "nash_mtl_clipped": _jit(lambda g: gb.nash_mtl_weights(g, 50, 1.0)),
-    "cagrad": _jit(lambda g: gb.cagrad_weights(g, 0.5, 1, 20, SOLVER_ITERATIONS)),
-    "aligned_mtl": _jit(gb.aligned_mtl_weights),
-    "imtl": _jit(gb.imtl_g_weights),
-    "pcgrad": _jit(gb.pcgrad_weights),
-    "gradvac": _jit(functools.partial(gb.gradvac_weights, beta=0.5)),
+  "mgda": _jit(lambda g: gb.mgda_weights(g, SOLVER_ITERATIONS)),
+  "upgrad": _jit(lambda g: gb.upgrad_weights(g, SOLVER_ITERATIONS)),
+  "nash_mtl": _jit(lambda g: gb.nash_mtl_weights(g, 50, 0.0)),
+  "nash_mtl_clipped": _jit(lambda g: gb.nash_mtl_weights(g, 50, 1.0)),
+  "cagrad": _jit(lambda g: gb.cagrad_weights(g, 0.5, 1, 20, SOLVER_ITERATIONS)),
+  "aligned_mtl": _jit(gb.aligned_mtl_weights),
+  "imtl": _jit(gb.imtl_g_weights),
+  "pcgrad": _jit(gb.pcgrad_weights),
+  "gradvac": _jit(functools.partial(gb.gradvac_weights, beta=0.5)),
 }
-GRAMIAN_METHODS = ("imtl", "pcgrad", "cagrad", "aligned_mtl", "mgda", "nash_mtl", "upgrad", "gradvac")
+GRAMIAN_METHODS = (
+  "imtl",
+  "pcgrad",
+  "cagrad",
+  "aligned_mtl",
+  "mgda",
+  "nash_mtl",
+  "upgrad",
+  "gradvac",
+)
 
 
 def _jacobian(seed, tasks, dimension=DIMENSION, spread=True):
@@ -62,7 +73,9 @@ def _weights(method, jacobian, seed=0):
   if method == "pcgrad":
     return np.asarray(WEIGHTS[method](gramian, jnp.asarray(_orders(seed, tasks))))
   if method == "gradvac":
-    targets = jnp.asarray(np.random.default_rng(seed + 2).uniform(-0.5, 0.8, (tasks, tasks)), jnp.float32)
+    targets = jnp.asarray(
+      np.random.default_rng(seed + 2).uniform(-0.5, 0.8, (tasks, tasks)), jnp.float32
+    )
     return np.asarray(WEIGHTS[method](gramian, targets, jnp.asarray(_orders(seed, tasks)))[0])
   return np.asarray(WEIGHTS[method](gramian))
 
@@ -92,8 +105,11 @@ def textbook_gradvac(jacobian, targets, orders, beta=0.5):
       cosine = projected[row] @ jacobian[other] / (norm_row * norm_other)
       target = targets[row, other]
       if cosine < target:
-        amount = norm_row * (target * np.sqrt(1 - cosine**2) - cosine * np.sqrt(1 - target**2)) / (
-            norm_other * np.sqrt(1 - target**2))
+        amount = (
+          norm_row
+          * (target * np.sqrt(1 - cosine**2) - cosine * np.sqrt(1 - target**2))
+          / (norm_other * np.sqrt(1 - target**2))
+        )
         projected[row] += amount * jacobian[other]
       targets[row, other] = (1 - beta) * target + beta * cosine
   return projected.sum(0), targets
@@ -118,9 +134,14 @@ def textbook_cagrad(jacobian, c=0.5):
     combined = w @ jacobian
     return combined @ mean + radius * np.linalg.norm(combined)
 
-  result = optimize.minimize(objective, np.full(tasks, 1 / tasks), method="SLSQP",
-                             bounds=[(0, 1)] * tasks, constraints={"type": "eq", "fun": lambda w: w.sum() - 1},
-                             options={"ftol": 1e-14, "maxiter": 1000})
+  result = optimize.minimize(
+    objective,
+    np.full(tasks, 1 / tasks),
+    method="SLSQP",
+    bounds=[(0, 1)] * tasks,
+    constraints={"type": "eq", "fun": lambda w: w.sum() - 1},
+    options={"ftol": 1e-14, "maxiter": 1000},
+  )
   combined = result.x @ jacobian
   return (mean + radius / np.linalg.norm(combined) * combined) / (1 + c**2)
 
@@ -134,9 +155,14 @@ def textbook_aligned_mtl(jacobian):
 
 def textbook_mgda(jacobian):
   tasks = len(jacobian)
-  result = optimize.minimize(lambda w: np.sum((w @ jacobian) ** 2), np.full(tasks, 1 / tasks), method="SLSQP",
-                             bounds=[(0, 1)] * tasks, constraints={"type": "eq", "fun": lambda w: w.sum() - 1},
-                             options={"ftol": 1e-15, "maxiter": 1000})
+  result = optimize.minimize(
+    lambda w: np.sum((w @ jacobian) ** 2),
+    np.full(tasks, 1 / tasks),
+    method="SLSQP",
+    bounds=[(0, 1)] * tasks,
+    constraints={"type": "eq", "fun": lambda w: w.sum() - 1},
+    options={"ftol": 1e-15, "maxiter": 1000},
+  )
   return result.x @ jacobian
 
 
@@ -144,9 +170,14 @@ def textbook_upgrad(jacobian):
   """Projects each row onto {d : J d ≥ 0} in coordinates, then averages."""
   projections = []
   for row in jacobian:
-    result = optimize.minimize(lambda d: np.sum((d - row) ** 2), row, jac=lambda d: 2 * (d - row), method="SLSQP",
-                               constraints={"type": "ineq", "fun": lambda d: jacobian @ d, "jac": lambda d: jacobian},
-                               options={"ftol": 1e-15, "maxiter": 1000})
+    result = optimize.minimize(
+      lambda d: np.sum((d - row) ** 2),
+      row,
+      jac=lambda d: 2 * (d - row),
+      method="SLSQP",
+      constraints={"type": "ineq", "fun": lambda d: jacobian @ d, "jac": lambda d: jacobian},
+      options={"ftol": 1e-15, "maxiter": 1000},
+    )
     projections.append(result.x)
   return np.mean(projections, axis=0)
 
@@ -160,7 +191,9 @@ def textbook_nash_mtl(jacobian, max_norm=0.0):
     combined = alpha @ scaled
     return 0.5 * combined @ combined - log_alpha.sum(), alpha * (scaled @ combined) - 1.0
 
-  result = optimize.minimize(objective, np.zeros(len(jacobian)), jac=True, method="BFGS", options={"gtol": 1e-12})
+  result = optimize.minimize(
+    objective, np.zeros(len(jacobian)), jac=True, method="BFGS", options={"gtol": 1e-12}
+  )
   direction = np.exp(result.x) @ jacobian
   if max_norm > 0:
     direction *= min(1.0, max_norm / (np.linalg.norm(direction) + 1e-6))
@@ -168,13 +201,13 @@ def textbook_nash_mtl(jacobian, max_norm=0.0):
 
 
 TEXTBOOK = {
-    "imtl": textbook_imtl_g,
-    "cagrad": textbook_cagrad,
-    "aligned_mtl": textbook_aligned_mtl,
-    "mgda": textbook_mgda,
-    "upgrad": textbook_upgrad,
-    "nash_mtl": textbook_nash_mtl,
-    "nash_mtl_clipped": functools.partial(textbook_nash_mtl, max_norm=1.0),
+  "imtl": textbook_imtl_g,
+  "cagrad": textbook_cagrad,
+  "aligned_mtl": textbook_aligned_mtl,
+  "mgda": textbook_mgda,
+  "upgrad": textbook_upgrad,
+  "nash_mtl": textbook_nash_mtl,
+  "nash_mtl_clipped": functools.partial(textbook_nash_mtl, max_norm=1.0),
 }
 
 
@@ -184,7 +217,9 @@ def _assert_directions_close(ours, reference, jacobian, tolerance):
 
 
 @SETTINGS
-@given(method=st.sampled_from(sorted(TEXTBOOK)), tasks=st.integers(2, 4), seed=st.integers(0, 10**6))
+@given(
+  method=st.sampled_from(sorted(TEXTBOOK)), tasks=st.integers(2, 4), seed=st.integers(0, 10**6)
+)
 def test_direction_equals_textbook_implementation(method, tasks, seed):
   jacobian = _jacobian(seed, tasks)
   ours = _weights(method, jacobian) @ jacobian
@@ -197,8 +232,9 @@ def test_direction_equals_textbook_implementation(method, tasks, seed):
 def test_pcgrad_and_gradvac_equal_sequential_coordinate_projections(tasks, seed):
   jacobian = _jacobian(seed, tasks)
   orders = _orders(seed, tasks)
-  _assert_directions_close(_weights("pcgrad", jacobian, seed) @ jacobian, textbook_pcgrad(jacobian, orders),
-                           jacobian, 1e-4)
+  _assert_directions_close(
+    _weights("pcgrad", jacobian, seed) @ jacobian, textbook_pcgrad(jacobian, orders), jacobian, 1e-4
+  )
   targets = np.random.default_rng(seed + 2).uniform(-0.5, 0.8, (tasks, tasks)).astype(np.float32)
   gramian = jnp.asarray(jacobian @ jacobian.T, jnp.float32)
   weights, new_targets = WEIGHTS["gradvac"](gramian, jnp.asarray(targets), jnp.asarray(orders))
@@ -208,12 +244,18 @@ def test_pcgrad_and_gradvac_equal_sequential_coordinate_projections(tasks, seed)
 
 
 @SETTINGS
-@given(method=st.sampled_from(sorted(TEXTBOOK)), tasks=st.integers(2, 3), seed=st.integers(0, 10**6))
+@given(
+  method=st.sampled_from(sorted(TEXTBOOK)), tasks=st.integers(2, 3), seed=st.integers(0, 10**6)
+)
 def test_permuting_rows_permutes_weights(method, tasks, seed):
   jacobian = _jacobian(seed, tasks)
   permutation = np.random.default_rng(seed).permutation(tasks)
-  np.testing.assert_allclose(_weights(method, jacobian[permutation]), _weights(method, jacobian)[permutation],
-                             rtol=2e-3, atol=2e-3 * np.max(np.abs(_weights(method, jacobian))))
+  np.testing.assert_allclose(
+    _weights(method, jacobian[permutation]),
+    _weights(method, jacobian)[permutation],
+    rtol=2e-3,
+    atol=2e-3 * np.max(np.abs(_weights(method, jacobian))),
+  )
 
 
 @SETTINGS
@@ -228,18 +270,29 @@ def test_permuting_rows_permutes_pcgrad_and_gradvac_weights_with_their_orders(ta
   gramian = jacobian @ jacobian.T
   permuted_gramian = gramian[np.ix_(permutation, permutation)]
   original = np.asarray(WEIGHTS["pcgrad"](jnp.asarray(gramian, jnp.float32), jnp.asarray(orders)))
-  permuted = np.asarray(WEIGHTS["pcgrad"](jnp.asarray(permuted_gramian, jnp.float32), jnp.asarray(permuted_orders)))
+  permuted = np.asarray(
+    WEIGHTS["pcgrad"](jnp.asarray(permuted_gramian, jnp.float32), jnp.asarray(permuted_orders))
+  )
   np.testing.assert_allclose(permuted, original[permutation], rtol=1e-4, atol=1e-5)
   targets = np.zeros((tasks, tasks), np.float32)
-  original = np.asarray(WEIGHTS["gradvac"](jnp.asarray(gramian, jnp.float32), targets, jnp.asarray(orders))[0])
-  permuted = np.asarray(WEIGHTS["gradvac"](jnp.asarray(permuted_gramian, jnp.float32), targets,
-                                           jnp.asarray(permuted_orders))[0])
+  original = np.asarray(
+    WEIGHTS["gradvac"](jnp.asarray(gramian, jnp.float32), targets, jnp.asarray(orders))[0]
+  )
+  permuted = np.asarray(
+    WEIGHTS["gradvac"](
+      jnp.asarray(permuted_gramian, jnp.float32), targets, jnp.asarray(permuted_orders)
+    )[0]
+  )
   np.testing.assert_allclose(permuted, original[permutation], rtol=1e-4, atol=1e-5)
 
 
 @SETTINGS
-@given(method=st.sampled_from(["mgda", "upgrad"]), tasks=st.integers(2, 4), seed=st.integers(0, 10**6),
-       conflicting=st.booleans())
+@given(
+  method=st.sampled_from(["mgda", "upgrad"]),
+  tasks=st.integers(2, 4),
+  seed=st.integers(0, 10**6),
+  conflicting=st.booleans(),
+)
 def test_non_conflicting_methods_never_oppose_a_row(method, tasks, seed, conflicting):
   jacobian = _jacobian(seed, tasks)
   if conflicting:
@@ -259,8 +312,13 @@ def _degenerate_jacobians():
   zero_row[1] = 0.0
   identical = np.repeat(base[:1], 3, axis=0)
   opposite = np.stack([base[0], -base[0]])
-  return {"zero_row": zero_row, "identical": identical, "single": base[:1], "opposite": opposite,
-          "all_zero": np.zeros((3, DIMENSION))}
+  return {
+    "zero_row": zero_row,
+    "identical": identical,
+    "single": base[:1],
+    "opposite": opposite,
+    "all_zero": np.zeros((3, DIMENSION)),
+  }
 
 
 @pytest.mark.parametrize("case", sorted(_degenerate_jacobians()))
@@ -277,8 +335,9 @@ def test_degenerate_inputs_give_finite_weights(method, case):
     assert cosine == pytest.approx(1.0, abs=1e-5)
   if case == "identical":
     assert np.linalg.norm(direction) > 0
-    np.testing.assert_allclose(direction / np.linalg.norm(direction), jacobian[0] / np.linalg.norm(jacobian[0]),
-                               atol=1e-4)
+    np.testing.assert_allclose(
+      direction / np.linalg.norm(direction), jacobian[0] / np.linalg.norm(jacobian[0]), atol=1e-4
+    )
   if case == "opposite" and method in ("mgda", "upgrad", "imtl"):
     # The min-norm point, the dual-cone projections and IMTL's equal projections all cancel.
     assert np.linalg.norm(direction) <= 1e-3 * np.linalg.norm(jacobian[0])
@@ -291,11 +350,15 @@ def test_nash_mtl_solves_its_optimality_condition():
     jacobian = _jacobian(seed, 4)
     gramian = jacobian @ jacobian.T
     normalised = gramian / np.linalg.norm(gramian)
-    alpha = np.asarray(_jit(lambda g: solvers.nash_bargaining(g, 50))(jnp.asarray(normalised, jnp.float32)))
+    alpha = np.asarray(
+      _jit(lambda g: solvers.nash_bargaining(g, 50))(jnp.asarray(normalised, jnp.float32))
+    )
     assert np.all(alpha > 0)
     # Ĝα = 1/α exactly (no ridge by default), to float32 round-off.
     np.testing.assert_allclose(alpha * (normalised @ alpha), 1.0, atol=1e-5)
-    ridged = np.asarray(_jit(lambda g: solvers.nash_bargaining(g, 50, 1e-3))(jnp.asarray(normalised, jnp.float32)))
+    ridged = np.asarray(
+      _jit(lambda g: solvers.nash_bargaining(g, 50, 1e-3))(jnp.asarray(normalised, jnp.float32))
+    )
     np.testing.assert_allclose(ridged * (normalised @ ridged) + 1e-3 * ridged**2, 1.0, atol=1e-5)
 
 
@@ -304,9 +367,14 @@ def test_simplex_projection_matches_a_brute_force_solution():
   for _ in range(20):
     vector = generator.normal(size=5) * 2
     ours = np.asarray(solvers.project_to_simplex(jnp.asarray(vector, jnp.float32)))
-    result = optimize.minimize(lambda w: np.sum((w - vector) ** 2), np.full(5, 0.2), method="SLSQP",
-                               bounds=[(0, None)] * 5, constraints={"type": "eq", "fun": lambda w: w.sum() - 1},
-                               options={"ftol": 1e-14})
+    result = optimize.minimize(
+      lambda w: np.sum((w - vector) ** 2),
+      np.full(5, 0.2),
+      method="SLSQP",
+      bounds=[(0, None)] * 5,
+      constraints={"type": "eq", "fun": lambda w: w.sum() - 1},
+      options={"ftol": 1e-14},
+    )
     np.testing.assert_allclose(ours, result.x, atol=1e-4)
 
 
@@ -317,8 +385,9 @@ def test_registered_weightings_return_finite_weights_and_keep_their_state_shape(
   params, state = method.init(3)
   jacobian = _jacobian(3, 3)
   gramian = jnp.asarray(jacobian @ jacobian.T, jnp.float32)
-  weights, new_state, aux = jax.jit(method.weigh)(gramian, jnp.ones(3), params, state, jax.random.PRNGKey(0),
-                                                    jnp.zeros((), jnp.int32))
+  weights, new_state, aux = jax.jit(method.weigh)(
+    gramian, jnp.ones(3), params, state, jax.random.PRNGKey(0), jnp.zeros((), jnp.int32)
+  )
   assert weights.shape == (3,) and np.all(np.isfinite(weights))
   assert jax.tree_util.tree_structure(new_state) == jax.tree_util.tree_structure(state)
   assert "weights" in aux
@@ -329,11 +398,17 @@ def test_pcgrad_uses_the_random_key_for_its_order():
   jacobian = np.array([[1.0, 0.0, 0.0], [-0.8, 1.0, 0.0], [-0.5, -0.9, 0.3]])
   gramian = jnp.asarray(jacobian @ jacobian.T, jnp.float32)
   method = weighting.get("pcgrad", method_options())
-  results = {tuple(np.round(np.asarray(method.weigh(gramian, None, {}, {}, jax.random.PRNGKey(seed), 0)[0]), 5))
-             for seed in range(12)}
+  results = {
+    tuple(
+      np.round(np.asarray(method.weigh(gramian, None, {}, {}, jax.random.PRNGKey(seed), 0)[0]), 5)
+    )
+    for seed in range(12)
+  }
   assert len(results) > 1
 
 
 def test_unknown_level_is_rejected_with_the_valid_ones():
-  with pytest.raises(ValueError, match=r"config.method.level 'pixel'; valid levels: task, sample, sample_task"):
+  with pytest.raises(
+    ValueError, match=r"config.method.level 'pixel'; valid levels: task, sample, sample_task"
+  ):
     weighting.get("imtl", method_options(level="pixel"))

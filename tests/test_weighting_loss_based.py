@@ -12,7 +12,11 @@ from tests.options import method_options
 def _combine(name, losses, seed=0, options=None):
   method = weighting.get(name, method_options(**(options or {})))
   params, state = method.init(len(losses))
-  return method, params, method.combine(jnp.asarray(losses), params, state, jax.random.PRNGKey(seed), 0)
+  return (
+    method,
+    params,
+    method.combine(jnp.asarray(losses), params, state, jax.random.PRNGKey(seed), 0),
+  )
 
 
 def test_ew_is_the_plain_sum():
@@ -23,7 +27,9 @@ def test_ew_is_the_plain_sum():
 def test_uw_formula_and_learned_log_variance_gradient():
   method, params, (total, _, _) = _combine("uw", [2.0, 4.0])
   s = -0.5
-  assert float(total) == pytest.approx(sum(l / (2 * np.exp(s)) + s / 2 for l in (2.0, 4.0)), rel=1e-6)
+  assert float(total) == pytest.approx(
+    sum(l / (2 * np.exp(s)) + s / 2 for l in (2.0, 4.0)), rel=1e-6
+  )
 
   def total_of(log_variance):
     return method.combine(jnp.asarray([2.0, 4.0]), {"log_variance": log_variance}, {}, None, 0)[0]
@@ -54,5 +60,7 @@ def test_rlw_weights_are_a_fresh_softmax_each_step():
 
 
 def test_unknown_method_lists_valid_ones():
-  with pytest.raises(ValueError, match=r"Unknown method 'pcgradd'; valid methods: .*ew.*rlw.*uw.*uw_o"):
+  with pytest.raises(
+    ValueError, match=r"Unknown method 'pcgradd'; valid methods: .*ew.*rlw.*uw.*uw_o"
+  ):
     weighting.get("pcgradd", method_options())

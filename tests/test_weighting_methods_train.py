@@ -16,8 +16,22 @@ from mtl_jax import weighting
 from mtl_jax.data import registry
 from mtl_jax.train import gradient_steps
 
-NEW_METHODS = ("imtl", "pcgrad", "cagrad", "aligned_mtl", "mgda", "nash_mtl", "upgrad", "gradvac", "graddrop",
-               "adatask", "mtl_io", "dwa", "gradnorm", "famo")
+NEW_METHODS = (
+  "imtl",
+  "pcgrad",
+  "cagrad",
+  "aligned_mtl",
+  "mgda",
+  "nash_mtl",
+  "upgrad",
+  "gradvac",
+  "graddrop",
+  "adatask",
+  "mtl_io",
+  "dwa",
+  "gradnorm",
+  "famo",
+)
 BATCH = 4
 # Test-only: cheaper XLA compilation (the steps here run twice; compile time dominates on CPU).
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -46,8 +60,15 @@ def dataset():
 
 def _experiment(config, dataset):
   experiment = train.build_experiment(config, dataset)
-  step = _jit(train.make_train_step(experiment.model, experiment.tasks, experiment.weighting,
-                                    experiment.optimizer, level=config.method.level))
+  step = _jit(
+    train.make_train_step(
+      experiment.model,
+      experiment.tasks,
+      experiment.weighting,
+      experiment.optimizer,
+      level=config.method.level,
+    )
+  )
   return experiment, train.init_state(experiment, 0), step
 
 
@@ -75,20 +96,26 @@ def test_every_method_trains_a_few_steps(name, dataset):
   assert np.isfinite(metrics["loss"]) and np.all(np.isfinite(metrics["task_losses"]))
   assert np.isfinite(metrics["grad_norm"]) and metrics["grad_norm"] > 0
   for part in ("encoder", "heads"):
-    moved = jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(a - b))), state.params[part],
-                                   initial.params[part])
+    moved = jax.tree_util.tree_map(
+      lambda a, b: float(jnp.max(jnp.abs(a - b))), state.params[part], initial.params[part]
+    )
     assert max(jax.tree_util.tree_leaves(moved)) > 0, f"{name} did not update the {part}"
   assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(state.weighting_state))
 
 
 def _fixed_weighting(weights):
   """A Gramian weighting that returns fixed weights, to test the train step's plumbing."""
-  return weighting.GramianWeighting("fixed", weighting.no_parameters,
-                                    lambda gramian, losses, params, state, rng, step: (jnp.asarray(weights), state, {}))
+  return weighting.GramianWeighting(
+    "fixed",
+    weighting.no_parameters,
+    lambda gramian, losses, params, state, rng, step: (jnp.asarray(weights), state, {}),
+  )
 
 
 @pytest.mark.parametrize("level", ["task", "sample_task"])
-def test_gramian_step_descends_the_weighted_rows_on_the_encoder_and_plain_losses_on_heads(level, dataset):
+def test_gramian_step_descends_the_weighted_rows_on_the_encoder_and_plain_losses_on_heads(
+  level, dataset
+):
   config = _config(level=level)
   experiment, state, _ = _experiment(config, dataset)
   tasks = experiment.tasks
@@ -96,7 +123,9 @@ def test_gramian_step_descends_the_weighted_rows_on_the_encoder_and_plain_losses
   weights = np.random.default_rng(0).uniform(0.2, 2.0, rows).astype(np.float32)
   sgd = optax.sgd(1.0)
   state = state.replace(opt_state=sgd.init(state.trainable))
-  step = _jit(train.make_train_step(experiment.model, tasks, _fixed_weighting(weights), sgd, level=level))
+  step = _jit(
+    train.make_train_step(experiment.model, tasks, _fixed_weighting(weights), sgd, level=level)
+  )
   batch = _batch(experiment)
   new_state, _ = step(state, batch)
 
@@ -104,12 +133,19 @@ def test_gramian_step_descends_the_weighted_rows_on_the_encoder_and_plain_losses
     predictions = experiment.model.apply({"params": params}, batch["image"], train=True)
     return tasks_lib.losses_matrix(tasks, predictions, batch)  # [B, T]
 
-  coefficients = np.broadcast_to(weights.reshape(1, -1) if level == "task" else weights.reshape(BATCH, -1),
-                                 (BATCH, len(tasks)))
-  encoder_gradient = _jit(jax.grad(lambda p: jnp.sum(losses(p) * coefficients) / BATCH))(state.params)["encoder"]
-  head_gradient = _jit(jax.grad(lambda p: jnp.sum(jnp.mean(losses(p), axis=0))))(state.params)["heads"]
-  for new, old, gradient in ((new_state.params["encoder"], state.params["encoder"], encoder_gradient),
-                             (new_state.params["heads"], state.params["heads"], head_gradient)):
+  coefficients = np.broadcast_to(
+    weights.reshape(1, -1) if level == "task" else weights.reshape(BATCH, -1), (BATCH, len(tasks))
+  )
+  encoder_gradient = _jit(jax.grad(lambda p: jnp.sum(losses(p) * coefficients) / BATCH))(
+    state.params
+  )["encoder"]
+  head_gradient = _jit(jax.grad(lambda p: jnp.sum(jnp.mean(losses(p), axis=0))))(state.params)[
+    "heads"
+  ]
+  for new, old, gradient in (
+    (new_state.params["encoder"], state.params["encoder"], encoder_gradient),
+    (new_state.params["heads"], state.params["heads"], head_gradient),
+  ):
     for a, b, g in zip(*(jax.tree_util.tree_leaves(tree) for tree in (new, old, gradient))):
       np.testing.assert_allclose(np.asarray(b - a), np.asarray(g), rtol=2e-4, atol=1e-6)
 
@@ -121,13 +157,20 @@ def test_gramian_step_with_unit_weights_equals_the_ew_step(dataset):
   # gradient that is zero in exact arithmetic (a conv bias followed by group norm) into a full step.
   sgd = optax.sgd(1.0)
   state = state.replace(opt_state=sgd.init(state.trainable))
-  ew_step = _jit(train.make_train_step(experiment.model, experiment.tasks, experiment.weighting, sgd))
-  step = _jit(train.make_train_step(experiment.model, experiment.tasks, _fixed_weighting(np.ones(BATCH)), sgd,
-                                    level="sample"))
+  ew_step = _jit(
+    train.make_train_step(experiment.model, experiment.tasks, experiment.weighting, sgd)
+  )
+  step = _jit(
+    train.make_train_step(
+      experiment.model, experiment.tasks, _fixed_weighting(np.ones(BATCH)), sgd, level="sample"
+    )
+  )
   batch = _batch(experiment)
   expected, _ = ew_step(state, batch)
   actual, _ = step(state, batch)
-  for a, b in zip(jax.tree_util.tree_leaves(actual.params), jax.tree_util.tree_leaves(expected.params)):
+  for a, b in zip(
+    jax.tree_util.tree_leaves(actual.params), jax.tree_util.tree_leaves(expected.params)
+  ):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
@@ -135,8 +178,11 @@ def test_gramian_rows_match_explicit_per_row_gradients(dataset):
   config = _config(level="sample_task")
   experiment, state, _ = _experiment(config, dataset)
   batch = _batch(experiment)
-  rows = gramian.compute(experiment.model, state.params, state.batch_stats, batch, experiment.tasks, "sample_task")
+  rows = gramian.compute(
+    experiment.model, state.params, state.batch_stats, batch, experiment.tasks, "sample_task"
+  )
   gramian_, task_losses = rows.gramian, rows.task_losses
+
   # Independent of the implementation's per-sample vmap: one full-batch forward, jacrev of [B, T].
   def losses(encoder):
     params = {"encoder": encoder, "heads": state.params["heads"]}
@@ -146,7 +192,9 @@ def test_gramian_rows_match_explicit_per_row_gradients(dataset):
   # Eager on purpose: jit(jacrev(...)) of this full-batch function disagreed with both eager
   # jacrev and per-row jax.grad on XLA CPU (jax 0.10.2) during development.
   jacobian = jax.jacrev(losses)(state.params["encoder"])
-  rows = np.concatenate([np.reshape(leaf, (BATCH * 2, -1)) for leaf in jax.tree_util.tree_leaves(jacobian)], axis=1)
+  rows = np.concatenate(
+    [np.reshape(leaf, (BATCH * 2, -1)) for leaf in jax.tree_util.tree_leaves(jacobian)], axis=1
+  )
   np.testing.assert_allclose(np.asarray(gramian_), rows @ rows.T, rtol=1e-4, atol=1e-7)
   assert task_losses.shape == (2,)
 
@@ -155,15 +203,24 @@ def test_sample_levels_with_batch_norm_raise_a_clear_error(dataset):
   config = _config("method=upgrad", level="sample")
   config.unlock()
   config.model.norm = "batch"
-  with pytest.raises(ValueError, match=r"config.method.level='sample'.*batch norm.*'group', 'layer' or 'none'"):
-    _experiment(config.lock(), dataset)[2](*_experiment(config, dataset)[1:2], _batch(train.build_experiment(
-        config, dataset)))
+  with pytest.raises(
+    ValueError, match=r"config.method.level='sample'.*batch norm.*'group', 'layer' or 'none'"
+  ):
+    _experiment(config.lock(), dataset)[2](
+      *_experiment(config, dataset)[1:2], _batch(train.build_experiment(config, dataset))
+    )
 
 
-@pytest.mark.parametrize("argument,message", [
-    ("method=adatask,optimizer=sgd", r"'adatask' needs config.optimizer.name in adam, adamw; got 'sgd'"),
+@pytest.mark.parametrize(
+  "argument,message",
+  [
+    (
+      "method=adatask,optimizer=sgd",
+      r"'adatask' needs config.optimizer.name in adam, adamw; got 'sgd'",
+    ),
     ("method=mtl_io,optimizer=adam", r"'mtl_io' needs config.optimizer.name in sgd; got 'adam'"),
-])
+  ],
+)
 def test_per_task_optimizer_methods_reject_the_other_optimizer(argument, message, dataset):
   with pytest.raises(ValueError, match=message):
     train.build_experiment(_config(argument), dataset)
@@ -175,8 +232,9 @@ def test_jacobian_methods_and_gradnorm_reject_per_sample_levels(dataset):
   config = _config("method=graddrop", level="sample")
   experiment = train.build_experiment(config, dataset)
   with pytest.raises(ValueError, match="'graddrop' works on task gradients"):
-    train.make_train_step(experiment.model, experiment.tasks, experiment.weighting, experiment.optimizer,
-                          level="sample")
+    train.make_train_step(
+      experiment.model, experiment.tasks, experiment.weighting, experiment.optimizer, level="sample"
+    )
 
 
 def test_dwa_weights_follow_the_ratio_of_the_last_two_epoch_means():
@@ -211,7 +269,9 @@ def test_gradnorm_weights_move_towards_the_slower_task(dataset):
   _, state, _ = method.weigh(gramian, jnp.asarray([1.0, 1.0]), params, state, None, 0)
 
   def objective(params):
-    return method.weigh(gramian, jnp.asarray([0.2, 1.0]), params, state, None, 1)[2]["weighting_loss"]
+    return method.weigh(gramian, jnp.asarray([0.2, 1.0]), params, state, None, 1)[2][
+      "weighting_loss"
+    ]
 
   gradient = jax.grad(objective)(params)["logits"]
   # Task 1 trains slower (its loss ratio is higher), so descending raises its weight.
@@ -220,7 +280,10 @@ def test_gradnorm_weights_move_towards_the_slower_task(dataset):
 
 def test_ew_step_is_untouched_by_the_method_dispatch(dataset):
   experiment, _, _ = _experiment(_config(), dataset)
-  assert isinstance(experiment.weighting, weighting.LossWeighting) and experiment.weighting.after_update is None
+  assert (
+    isinstance(experiment.weighting, weighting.LossWeighting)
+    and experiment.weighting.after_update is None
+  )
   assert dataclasses.replace(experiment.weighting).name == "ew"
 
 
@@ -230,8 +293,11 @@ def test_per_task_encoder_gradients_equal_eager_per_task_gradients(dataset):
   experiment, state, _ = _experiment(config, dataset)
   batch = _batch(experiment)
   _, pullback, _, feature_gradients, _, _ = gradient_steps.per_task_feature_gradients(
-      experiment.model, experiment.tasks, state, batch)
-  (encoder_gradients,) = jax.jit(lambda cotangents: gramian.stacked_vjp(pullback, cotangents))(feature_gradients)
+    experiment.model, experiment.tasks, state, batch
+  )
+  (encoder_gradients,) = jax.jit(lambda cotangents: gramian.stacked_vjp(pullback, cotangents))(
+    feature_gradients
+  )
 
   def task_loss(encoder, index):
     params = {"encoder": encoder, "heads": state.params["heads"]}
@@ -240,5 +306,7 @@ def test_per_task_encoder_gradients_equal_eager_per_task_gradients(dataset):
 
   for index in range(len(experiment.tasks)):
     expected = jax.grad(task_loss)(state.params["encoder"], index)
-    for got, want in zip(jax.tree_util.tree_leaves(encoder_gradients), jax.tree_util.tree_leaves(expected)):
+    for got, want in zip(
+      jax.tree_util.tree_leaves(encoder_gradients), jax.tree_util.tree_leaves(expected)
+    ):
       np.testing.assert_allclose(np.asarray(got[index]), np.asarray(want), rtol=1e-4, atol=1e-6)

@@ -24,13 +24,15 @@ from mtl_jax.weighting import gramian_based as gb
 from mtl_jax.weighting import solvers
 
 C = 0.5
-_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0,
-                                                    "xla_llvm_disable_expensive_passes": True})
+_jit = functools.partial(
+  jax.jit,
+  compiler_options={"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True},
+)
 WEIGHTS = {
-    "mgda": _jit(lambda g: gb.mgda_weights(g, 1000)),
-    "upgrad": _jit(lambda g: gb.upgrad_weights(g, 1000)),
-    "cagrad": _jit(lambda g: gb.cagrad_weights(g, C, 1, 20, 1000)),
-    "nash_mtl": _jit(lambda g: gb.nash_mtl_weights(g, 50, 0.0)),
+  "mgda": _jit(lambda g: gb.mgda_weights(g, 1000)),
+  "upgrad": _jit(lambda g: gb.upgrad_weights(g, 1000)),
+  "cagrad": _jit(lambda g: gb.cagrad_weights(g, C, 1, 20, 1000)),
+  "nash_mtl": _jit(lambda g: gb.nash_mtl_weights(g, 50, 0.0)),
 }
 SEEDS = range(8)
 
@@ -70,7 +72,10 @@ def mgda_coefficients(jacobian):
 def upgrad_coefficients(jacobian):
   """The mean over rows k of u_k + μ_k, μ_k ≥ 0 minimising ‖Jᵀ(e_k + μ_k)‖² (dual-cone projections)."""
   tasks = len(jacobian)
-  rows = [np.eye(tasks)[k] + optimize.nnls(jacobian.T, -jacobian[k], maxiter=1000)[0] for k in range(tasks)]
+  rows = [
+    np.eye(tasks)[k] + optimize.nnls(jacobian.T, -jacobian[k], maxiter=1000)[0]
+    for k in range(tasks)
+  ]
   return np.mean(rows, axis=0)
 
 
@@ -80,14 +85,26 @@ def cagrad_primal(jacobian, c=C):
   mean = jacobian.mean(0)
   radius = c * np.linalg.norm(mean)
   constraints = [
-      {"type": "ineq", "fun": lambda x: jacobian @ x[:size] - x[size],
-       "jac": lambda x: np.hstack([jacobian, -np.ones((len(jacobian), 1))])},
-      {"type": "ineq", "fun": lambda x: radius**2 - np.sum((x[:size] - mean) ** 2),
-       "jac": lambda x: np.concatenate([-2 * (x[:size] - mean), [0.0]])[None]},
+    {
+      "type": "ineq",
+      "fun": lambda x: jacobian @ x[:size] - x[size],
+      "jac": lambda x: np.hstack([jacobian, -np.ones((len(jacobian), 1))]),
+    },
+    {
+      "type": "ineq",
+      "fun": lambda x: radius**2 - np.sum((x[:size] - mean) ** 2),
+      "jac": lambda x: np.concatenate([-2 * (x[:size] - mean), [0.0]])[None],
+    },
   ]
   start = np.concatenate([mean, [np.min(jacobian @ mean)]])
-  result = optimize.minimize(lambda x: -x[size], start, jac=lambda x: np.concatenate([np.zeros(size), [-1.0]]),
-                             method="SLSQP", constraints=constraints, options={"ftol": 1e-16, "maxiter": 2000})
+  result = optimize.minimize(
+    lambda x: -x[size],
+    start,
+    jac=lambda x: np.concatenate([np.zeros(size), [-1.0]]),
+    method="SLSQP",
+    constraints=constraints,
+    options={"ftol": 1e-16, "maxiter": 2000},
+  )
   return result.x[:size], result.x[size]
 
 
@@ -106,13 +123,22 @@ def nash_mtl_coefficients(jacobian):
     combined = alpha @ scaled
     return 0.5 * combined @ combined - log_alpha.sum(), alpha * (scaled @ combined) - 1.0
 
-  result = optimize.minimize(objective, np.zeros(len(jacobian)), jac=True, method="BFGS",
-                             options={"gtol": 1e-13, "maxiter": 10000})
+  result = optimize.minimize(
+    objective,
+    np.zeros(len(jacobian)),
+    jac=True,
+    method="BFGS",
+    options={"gtol": 1e-13, "maxiter": 10000},
+  )
   return np.exp(result.x)
 
 
-REFERENCES = {"mgda": mgda_coefficients, "upgrad": upgrad_coefficients, "cagrad": cagrad_coefficients,
-              "nash_mtl": nash_mtl_coefficients}
+REFERENCES = {
+  "mgda": mgda_coefficients,
+  "upgrad": upgrad_coefficients,
+  "cagrad": cagrad_coefficients,
+  "nash_mtl": nash_mtl_coefficients,
+}
 
 
 def _relative_error(ours, reference):
@@ -135,18 +161,31 @@ def test_directions_are_within_1e_4_of_float64_optima_on_spread_rows(method):
 @pytest.mark.parametrize("method", sorted(WEIGHTS))
 def test_nearly_opposite_rows_are_solved_as_well_as_float32_allows(method):
   for seed in SEEDS:
-    gramian = np.asarray(np.float32(nearly_opposite_jacobian(seed) @ nearly_opposite_jacobian(seed).T), np.float64)
+    gramian = np.asarray(
+      np.float32(nearly_opposite_jacobian(seed) @ nearly_opposite_jacobian(seed).T), np.float64
+    )
     rows = factor(gramian)
     reference = REFERENCES[method](rows) @ rows
     # The float64 optimum's own change when every entry of G moves by one float32 ulp, all in the
     # direction that moves wᵀGw the most for w ≥ 0 (G ± ulp·|G|; a uniform scaling would not).
-    sensitivity = max(_relative_error(REFERENCES[method](factor(gramian + sign * 2.0**-23 * np.abs(gramian))) @ rows,
-                                      reference) for sign in (1.0, -1.0))
+    sensitivity = max(
+      _relative_error(
+        REFERENCES[method](factor(gramian + sign * 2.0**-23 * np.abs(gramian))) @ rows, reference
+      )
+      for sign in (1.0, -1.0)
+    )
     # What rounding the optimum's own coefficients to float32 can cost.
     coefficients = REFERENCES[method](rows)
-    representation = 2.0**-24 * np.abs(coefficients) @ np.linalg.norm(rows, axis=1) / np.linalg.norm(reference)
+    representation = (
+      2.0**-24 * np.abs(coefficients) @ np.linalg.norm(rows, axis=1) / np.linalg.norm(reference)
+    )
     error = _relative_error(_our_weights(method, gramian) @ rows, reference)
-    assert error <= max(1e-4, 4.0 * (sensitivity + representation)), (seed, error, sensitivity, representation)
+    assert error <= max(1e-4, 4.0 * (sensitivity + representation)), (
+      seed,
+      error,
+      sensitivity,
+      representation,
+    )
 
 
 def test_cagrad_reaches_its_dual_optimum_on_nearly_opposite_rows():
@@ -162,7 +201,9 @@ def test_cagrad_reaches_its_dual_optimum_on_nearly_opposite_rows():
     gramian = jacobian @ jacobian.T
     gramian = np.asarray(np.float32(gramian / np.mean(np.diag(gramian))), np.float64)
     radius = C * np.sqrt(mean @ gramian @ mean)
-    weights = np.asarray(dual_solver(jnp.asarray(gramian, jnp.float32), jnp.float32(radius), 20000), np.float64)
+    weights = np.asarray(
+      dual_solver(jnp.asarray(gramian, jnp.float32), jnp.float32(radius), 20000), np.float64
+    )
     dual = weights @ gramian @ mean + radius * np.sqrt(weights @ gramian @ weights)
     _, optimum = cagrad_primal(factor(gramian))
     assert abs(dual - optimum) < 1e-7, (seed, dual, optimum)

@@ -29,8 +29,10 @@ from mtl_jax.gramian import capture
 ON_CPU = jax.default_backend() == "cpu"
 cpu_only = pytest.mark.skipif(not ON_CPU, reason="documents an XLA:CPU fault")
 compiler_fault = pytest.mark.xfail(
-    ON_CPU, strict=False,
-    reason="XLA:CPU YNNPACK reduce fusion returns the first tile's product reduction for later tiles (jaxlib 0.10.2)")
+  ON_CPU,
+  strict=False,
+  reason="XLA:CPU YNNPACK reduce fusion returns the first tile's product reduction for later tiles (jaxlib 0.10.2)",
+)
 # No YNNPACK fusions at all (the option's empty list).
 WITHOUT_YNNPACK = {"xla_cpu_experimental_ynn_fusion_type": ""}
 # Tiles of about 128 KiB: rows of 48 KiB make tiles of two rows, so rows 2 and 3 are in the second.
@@ -68,7 +70,11 @@ def test_the_same_program_without_ynnpack_fusions_is_exact():
   # Pins the diagnosis: only the YNNPACK fusion differs between this and the test above.
   cotangents, primal, expected = _product_inputs()
   try:
-    function = jax.jit(_product_and_plain_sums, compiler_options=WITHOUT_YNNPACK).lower(cotangents, primal).compile()
+    function = (
+      jax.jit(_product_and_plain_sums, compiler_options=WITHOUT_YNNPACK)
+      .lower(cotangents, primal)
+      .compile()
+    )
   except Exception as error:  # pylint: disable=broad-except
     if "xla_cpu_experimental_ynn_fusion_type" in str(error):
       pytest.skip(f"this XLA has no YNNPACK fusion option: {error}")

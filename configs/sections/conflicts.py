@@ -17,8 +17,10 @@ def add(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   # interval of ordinary training runs, so one config can serve every study).
   config.conflicts.study_probe_every_steps = 5
   config.conflicts.architectures = ("small_heads", "large_heads")
-  config.conflicts.heads = ml_collections.ConfigDict(dict(
+  config.conflicts.heads = ml_collections.ConfigDict(
+    dict(
       small_heads=ml_collections.ConfigDict(dict(head_hidden_channels=8, head_hidden=())),
       large_heads=ml_collections.ConfigDict(dict(head_hidden_channels=64, head_hidden=(64, 64))),
-  ))
+    )
+  )
   return config

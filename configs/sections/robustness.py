@@ -5,7 +5,8 @@ import ml_collections
 
 def add(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Adds `config.robustness` with its defaults and returns config."""
-  config.robustness = ml_collections.ConfigDict(dict(
+  config.robustness = ml_collections.ConfigDict(
+    dict(
       # 'study' runs the study; 'figure' draws every corruption of one test image.
       mode="study",
       # experiments/train.py run directories. MTL runs must have config.tasks; STL runs one task
@@ -23,5 +24,6 @@ def add(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       probe_steps=300,
       probe_learning_rate=0.05,
       figure_path="",  # '' = <workdir>/corruptions.png
-  ))
+    )
+  )
   return config

@@ -21,12 +21,21 @@ from mtl_jax.data import pipeline
 _NEAREST_KEYS = ("segmentation", "depth", "normals")
 
 
-def _bilinear(images: np.ndarray, rows: np.ndarray, columns: np.ndarray, top: np.ndarray,
-              left: np.ndarray, crop_height: np.ndarray, crop_width: np.ndarray) -> np.ndarray:
+def _bilinear(
+  images: np.ndarray,
+  rows: np.ndarray,
+  columns: np.ndarray,
+  top: np.ndarray,
+  left: np.ndarray,
+  crop_height: np.ndarray,
+  crop_width: np.ndarray,
+) -> np.ndarray:
   """Samples images [B,H,W,C] at fractional rows [B,H'] x columns [B,W'] inside each crop."""
   batch_index = np.arange(images.shape[0])[:, None, None]
   row_low = np.clip(np.floor(rows), top[:, None], (top + crop_height - 1)[:, None]).astype(np.int64)
-  column_low = np.clip(np.floor(columns), left[:, None], (left + crop_width - 1)[:, None]).astype(np.int64)
+  column_low = np.clip(np.floor(columns), left[:, None], (left + crop_width - 1)[:, None]).astype(
+    np.int64
+  )
   row_high = np.minimum(row_low + 1, (top + crop_height - 1)[:, None])
   column_high = np.minimum(column_low + 1, (left + crop_width - 1)[:, None])
   row_weight = np.clip(rows - row_low, 0.0, 1.0)[:, :, None, None].astype(np.float32)
@@ -35,13 +44,19 @@ def _bilinear(images: np.ndarray, rows: np.ndarray, columns: np.ndarray, top: np
   def gather(row_index, column_index):
     return images[batch_index, row_index[:, :, None], column_index[:, None, :]]
 
-  upper = gather(row_low, column_low) * (1 - column_weight) + gather(row_low, column_high) * column_weight
-  lower = gather(row_high, column_low) * (1 - column_weight) + gather(row_high, column_high) * column_weight
+  upper = (
+    gather(row_low, column_low) * (1 - column_weight) + gather(row_low, column_high) * column_weight
+  )
+  lower = (
+    gather(row_high, column_low) * (1 - column_weight)
+    + gather(row_high, column_high) * column_weight
+  )
   return (upper * (1 - row_weight) + lower * row_weight).astype(images.dtype)
 
 
-def random_scale_crop(batch: pipeline.Batch, rng: np.random.Generator,
-                      scales: Sequence[float] = (1.0, 1.2, 1.5)) -> pipeline.Batch:
+def random_scale_crop(
+  batch: pipeline.Batch, rng: np.random.Generator, scales: Sequence[float] = (1.0, 1.2, 1.5)
+) -> pipeline.Batch:
   """Per example: zoom in by a random scale from `scales` at a random position; depth / scale.
 
   Args:
@@ -53,7 +68,9 @@ def random_scale_crop(batch: pipeline.Batch, rng: np.random.Generator,
     A new batch of the same shapes and dtypes; other keys are passed through.
   """
   if min(scales) < 1.0:
-    raise ValueError(f"Scale-and-crop scales must be >= 1 (a crop inside the image), got {tuple(scales)}.")
+    raise ValueError(
+      f"Scale-and-crop scales must be >= 1 (a crop inside the image), got {tuple(scales)}."
+    )
   images = batch["image"]
   size, height, width = images.shape[:3]
   scale = np.asarray(scales, np.float64)[rng.integers(0, len(scales), size=size)]
@@ -68,10 +85,12 @@ def random_scale_crop(batch: pipeline.Batch, rng: np.random.Generator,
   columns = left[:, None] + column_fraction[None] * crop_width[:, None] - 0.5
   output = dict(batch)
   output["image"] = _bilinear(images, rows, columns, top, left, crop_height, crop_width)
-  nearest_rows = top[:, None] + np.minimum(np.floor(row_fraction[None] * crop_height[:, None]).astype(np.int64),
-                                           crop_height[:, None] - 1)
+  nearest_rows = top[:, None] + np.minimum(
+    np.floor(row_fraction[None] * crop_height[:, None]).astype(np.int64), crop_height[:, None] - 1
+  )
   nearest_columns = left[:, None] + np.minimum(
-      np.floor(column_fraction[None] * crop_width[:, None]).astype(np.int64), crop_width[:, None] - 1)
+    np.floor(column_fraction[None] * crop_width[:, None]).astype(np.int64), crop_width[:, None] - 1
+  )
   batch_index = np.arange(size)[:, None, None]
   for key in _NEAREST_KEYS:
     if key in batch:
@@ -82,14 +101,18 @@ def random_scale_crop(batch: pipeline.Batch, rng: np.random.Generator,
   return output
 
 
-def random_horizontal_flip(batch: pipeline.Batch, rng: np.random.Generator, probability: float = 0.5) -> pipeline.Batch:
+def random_horizontal_flip(
+  batch: pipeline.Batch, rng: np.random.Generator, probability: float = 0.5
+) -> pipeline.Batch:
   """Mirrors each example left-right with the given probability; negates the normals' x component."""
   flip = rng.random(batch["image"].shape[0]) < probability
   output = dict(batch)
   for key in ("image",) + _NEAREST_KEYS:
     if key in batch:
       values = batch[key]
-      output[key] = np.where(flip.reshape((-1,) + (1,) * (values.ndim - 1)), values[:, :, ::-1], values)
+      output[key] = np.where(
+        flip.reshape((-1,) + (1,) * (values.ndim - 1)), values[:, :, ::-1], values
+      )
   if "normals" in output:
     sign = np.where(flip, -1.0, 1.0).astype(output["normals"].dtype)[:, None, None]
     normals = output["normals"].copy()

@@ -52,21 +52,21 @@ from scipy import ndimage
 
 # The standard order of ImageNet-C: noise, blur, weather, digital.
 CORRUPTIONS: tuple[str, ...] = (
-    "gaussian_noise",
-    "shot_noise",
-    "impulse_noise",
-    "defocus_blur",
-    "glass_blur",
-    "motion_blur",
-    "zoom_blur",
-    "snow",
-    "frost",
-    "fog",
-    "brightness",
-    "contrast",
-    "elastic_transform",
-    "pixelate",
-    "jpeg_compression",
+  "gaussian_noise",
+  "shot_noise",
+  "impulse_noise",
+  "defocus_blur",
+  "glass_blur",
+  "motion_blur",
+  "zoom_blur",
+  "snow",
+  "frost",
+  "fog",
+  "brightness",
+  "contrast",
+  "elastic_transform",
+  "pixelate",
+  "jpeg_compression",
 )
 SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
 
@@ -98,7 +98,9 @@ def _gaussian_blur(images: np.ndarray, sigma: float) -> np.ndarray:
   return ndimage.gaussian_filter(images, sigma=(0, sigma, sigma, 0), mode="reflect")
 
 
-def line_blur(images: np.ndarray, radius: float, sigma: float, angles_degrees: np.ndarray) -> np.ndarray:
+def line_blur(
+  images: np.ndarray, radius: float, sigma: float, angles_degrees: np.ndarray
+) -> np.ndarray:
   """ImageMagick's motion blur of image n of [N, H, W, C] at angles_degrees[n] (a one-sided ray).
 
   Output pixel (y, x) is Σ_t k_t · image[y + ⌈t sin θ - ½⌉, x + ⌈t cos θ - ½⌉] over the ray's
@@ -135,7 +137,10 @@ def _linear_resample_axis(images: np.ndarray, coordinates: np.ndarray, axis: int
   shape = [1, 1, 1, 1]
   shape[axis] = len(coordinates)
   fraction = fraction.reshape(shape)
-  return np.take(images, lower, axis=axis) * (1 - fraction) + np.take(images, upper, axis=axis) * fraction
+  return (
+    np.take(images, lower, axis=axis) * (1 - fraction)
+    + np.take(images, upper, axis=axis) * fraction
+  )
 
 
 def _clipped_zoom_coordinates(size: int, factor: float) -> np.ndarray:
@@ -185,16 +190,20 @@ def plasma_fractal(rng: np.random.Generator, count: int, size: int, decay: float
     centres = field[:, half::step, half::step]
     corners = field[:, ::step, ::step]
     field[:, ::step, half::step] = perturbed_mean(
-        centres + np.roll(centres, 1, axis=1) + corners + np.roll(corners, -1, axis=2))
+      centres + np.roll(centres, 1, axis=1) + corners + np.roll(corners, -1, axis=2)
+    )
     field[:, half::step, ::step] = perturbed_mean(
-        centres + np.roll(centres, 1, axis=2) + corners + np.roll(corners, -1, axis=1))
+      centres + np.roll(centres, 1, axis=2) + corners + np.roll(corners, -1, axis=1)
+    )
     step = half
     wibble /= decay
   field -= field.min(axis=(1, 2), keepdims=True)
   return field / np.maximum(field.max(axis=(1, 2), keepdims=True), 1e-12)
 
 
-def _plasma_for(rng: np.random.Generator, count: int, height: int, width: int, decay: float) -> np.ndarray:
+def _plasma_for(
+  rng: np.random.Generator, count: int, height: int, width: int, decay: float
+) -> np.ndarray:
   """Plasma noise cropped to [count, H, W] from the smallest power-of-two square covering it."""
   size = 1 << int(np.ceil(np.log2(max(height, width, 2))))
   return plasma_fractal(rng, count, size, decay)[:, :height, :width]
@@ -265,7 +274,13 @@ def _defocus_kernel(radius: float, alias_sigma: float, supersampling: int = 8) -
 def _glass_blur(images, level, rng):
   # CIFAR-10-C's (sigma, max shift, iterations) made monotone: its severity 4 has a smaller sigma
   # than severity 3 and its severity 5 repeats severity 3's sigma.
-  sigma, max_delta, iterations = ((0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.4, 1, 2), (0.5, 1, 3))[level]
+  sigma, max_delta, iterations = (
+    (0.05, 1, 1),
+    (0.25, 1, 1),
+    (0.4, 1, 1),
+    (0.4, 1, 2),
+    (0.5, 1, 3),
+  )[level]
   count, height, width = images.shape[:3]
   scale = pixel_scale(height, width)
   delta = max(1, int(round(max_delta * scale)))
@@ -301,11 +316,11 @@ def _zoom_blur(images, level, rng):
 
 def _snow(images, level, rng):
   mean, spread, zoom, threshold, radius, sigma, keep = (
-      (0.1, 0.2, 1.0, 0.6, 8, 3, 0.95),
-      (0.1, 0.2, 1.0, 0.5, 10, 4, 0.9),
-      (0.15, 0.3, 1.75, 0.55, 10, 4, 0.9),
-      (0.25, 0.3, 2.25, 0.6, 12, 6, 0.85),
-      (0.3, 0.3, 1.25, 0.65, 14, 12, 0.8),
+    (0.1, 0.2, 1.0, 0.6, 8, 3, 0.95),
+    (0.1, 0.2, 1.0, 0.5, 10, 4, 0.9),
+    (0.15, 0.3, 1.75, 0.55, 10, 4, 0.9),
+    (0.25, 0.3, 2.25, 0.6, 12, 6, 0.85),
+    (0.3, 0.3, 1.25, 0.65, 14, 12, 0.8),
   )[level]
   count, height, width = images.shape[:3]
   scale = pixel_scale(height, width)
@@ -354,7 +369,13 @@ def _contrast(images, level, rng):
 def _elastic_transform(images, level, rng):
   # Own parameterisation (see the module docstring): RMS displacement and smoothness, as
   # fractions of the shorter side.
-  displacement, smoothness = ((0.01, 0.12), (0.0175, 0.1), (0.025, 0.09), (0.0325, 0.08), (0.04, 0.07))[level]
+  displacement, smoothness = (
+    (0.01, 0.12),
+    (0.0175, 0.1),
+    (0.025, 0.09),
+    (0.0325, 0.08),
+    (0.04, 0.07),
+  )[level]
   count, height, width = images.shape[:3]
   side = min(height, width)
   rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
@@ -362,13 +383,16 @@ def _elastic_transform(images, level, rng):
   for index in range(count):
     fields = []
     for _ in range(2):
-      field = ndimage.gaussian_filter(rng.uniform(-1, 1, (height, width)), smoothness * side, mode="reflect")
+      field = ndimage.gaussian_filter(
+        rng.uniform(-1, 1, (height, width)), smoothness * side, mode="reflect"
+      )
       field *= displacement * side / max(float(np.sqrt(np.mean(field**2))), 1e-12)
       fields.append(field)
     coordinates = [rows + fields[0], cols + fields[1]]
     for channel in range(images.shape[3]):
       output[index, :, :, channel] = ndimage.map_coordinates(
-          images[index, :, :, channel], coordinates, order=1, mode="reflect")
+        images[index, :, :, channel], coordinates, order=1, mode="reflect"
+      )
   return output
 
 
@@ -388,7 +412,9 @@ def box_resize_matrix(source: int, target: int) -> np.ndarray:
   high = np.minimum(np.trunc(centres + support + 0.5), source)
   positions = np.arange(source)[None, :]
   offsets = (positions + 0.5 - centres[:, None]) / max(scale, 1.0)
-  inside = (positions >= low[:, None]) & (positions < high[:, None]) & (offsets > -0.5) & (offsets <= 0.5)
+  inside = (
+    (positions >= low[:, None]) & (positions < high[:, None]) & (offsets > -0.5) & (offsets <= 0.5)
+  )
   weights = inside.astype(np.float64)
   return (weights / weights.sum(axis=1, keepdims=True)).astype(np.float32)
 
@@ -410,28 +436,30 @@ def _jpeg_compression(images, level, rng):
   output = np.empty_like(images)
   for index, image in enumerate(images):
     buffer = io.BytesIO()
-    Image.fromarray(np.rint(np.clip(image, 0, 1) * 255).astype(np.uint8)).save(buffer, "JPEG", quality=quality)
+    Image.fromarray(np.rint(np.clip(image, 0, 1) * 255).astype(np.uint8)).save(
+      buffer, "JPEG", quality=quality
+    )
     buffer.seek(0)
     output[index] = np.asarray(Image.open(buffer), np.float32) / 255.0
   return output
 
 
 _FUNCTIONS: dict[str, Callable[[np.ndarray, int, np.random.Generator], np.ndarray]] = {
-    "gaussian_noise": _gaussian_noise,
-    "shot_noise": _shot_noise,
-    "impulse_noise": _impulse_noise,
-    "defocus_blur": _defocus_blur,
-    "glass_blur": _glass_blur,
-    "motion_blur": _motion_blur,
-    "zoom_blur": _zoom_blur,
-    "snow": _snow,
-    "frost": _frost,
-    "fog": _fog,
-    "brightness": _brightness,
-    "contrast": _contrast,
-    "elastic_transform": _elastic_transform,
-    "pixelate": _pixelate,
-    "jpeg_compression": _jpeg_compression,
+  "gaussian_noise": _gaussian_noise,
+  "shot_noise": _shot_noise,
+  "impulse_noise": _impulse_noise,
+  "defocus_blur": _defocus_blur,
+  "glass_blur": _glass_blur,
+  "motion_blur": _motion_blur,
+  "zoom_blur": _zoom_blur,
+  "snow": _snow,
+  "frost": _frost,
+  "fog": _fog,
+  "brightness": _brightness,
+  "contrast": _contrast,
+  "elastic_transform": _elastic_transform,
+  "pixelate": _pixelate,
+  "jpeg_compression": _jpeg_compression,
 }
 
 
@@ -439,7 +467,9 @@ def check_corruption(name: str, severity: int | None = None) -> None:
   """Raises a ValueError for an unknown corruption name (listing the valid ones) or bad severity."""
   if name not in _FUNCTIONS:
     raise ValueError(f"Unknown corruption {name!r}; valid corruptions: {', '.join(CORRUPTIONS)}.")
-  if severity is not None and (isinstance(severity, bool) or int(severity) != severity or severity not in SEVERITIES):
+  if severity is not None and (
+    isinstance(severity, bool) or int(severity) != severity or severity not in SEVERITIES
+  ):
     raise ValueError(f"Corruption severity must be an integer from 1 to 5, got {severity!r}.")
 
 
@@ -467,7 +497,10 @@ def corrupt(images: np.ndarray, name: str, severity: int, rng: RngLike) -> np.nd
 
 
 def corrupt_batch_randomly(
-    images: np.ndarray, rng: RngLike, names: Sequence[str] = CORRUPTIONS, severities: Sequence[int] = SEVERITIES
+  images: np.ndarray,
+  rng: RngLike,
+  names: Sequence[str] = CORRUPTIONS,
+  severities: Sequence[int] = SEVERITIES,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Gives every image its own random corruption and severity (for fine-tuning on corrupted data).
 

@@ -38,11 +38,13 @@ class Dataset:
     for name in names:
       expanded.extend(self.attribute_tasks if name == ALL_ATTRIBUTES else [name])
     if not expanded:
-      raise ValueError(f"config.tasks is empty; valid tasks for {self.name!r}: {self.valid_task_names()}.")
+      raise ValueError(
+        f"config.tasks is empty; valid tasks for {self.name!r}: {self.valid_task_names()}."
+      )
     unknown = [name for name in expanded if name not in self.tasks]
     if unknown:
       raise ValueError(
-          f"Unknown task(s) {unknown} for dataset {self.name!r}; valid tasks: {self.valid_task_names()}."
+        f"Unknown task(s) {unknown} for dataset {self.name!r}; valid tasks: {self.valid_task_names()}."
       )
     if len(set(expanded)) != len(expanded):
       raise ValueError(f"config.tasks names a task twice: {list(names)}.")

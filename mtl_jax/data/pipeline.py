@@ -47,7 +47,7 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     raise ValueError(f"batch_size must be positive, got {batch_size}.")
   if num_examples < batch_size:
     raise ValueError(
-        f"The training split has {num_examples} examples, fewer than one batch of {batch_size}."
+      f"The training split has {num_examples} examples, fewer than one batch of {batch_size}."
     )
   return num_examples // batch_size
 
@@ -63,7 +63,9 @@ def train_indices(num_examples: int, batch_size: int, seed: int, step: int) -> n
 Augment = Callable[[Batch, np.random.Generator], Batch]
 
 
-def train_batch(source: Source, batch_size: int, seed: int, step: int, augment: Augment | None = None) -> Batch:
+def train_batch(
+  source: Source, batch_size: int, seed: int, step: int, augment: Augment | None = None
+) -> Batch:
   """The training batch of a step: a pure function of (seed, step), augmentation included."""
   batch = source.batch(train_indices(len(source), batch_size, seed, step))
   if augment is not None:
@@ -72,12 +74,12 @@ def train_batch(source: Source, batch_size: int, seed: int, step: int, augment: 
 
 
 def train_batches(
-    source: Source,
-    batch_size: int,
-    seed: int,
-    start_step: int,
-    num_steps: int,
-    augment: Augment | None = None,
+  source: Source,
+  batch_size: int,
+  seed: int,
+  start_step: int,
+  num_steps: int,
+  augment: Augment | None = None,
 ) -> Iterator[tuple[int, Batch]]:
   """Yields (step, batch) for steps start_step .. num_steps - 1."""
   for step in range(start_step, num_steps):

@@ -13,7 +13,15 @@ from mtl_jax.data import scenes
 from mtl_jax.data.dataset import ALL_ATTRIBUTES
 from mtl_jax.data.dataset import Dataset
 
-__all__ = ["ALL_ATTRIBUTES", "Dataset", "dataset_names", "load_dataset", "load_scenes", "register_dataset"]
+__all__ = [
+  "ALL_ATTRIBUTES",
+  "Dataset",
+  "dataset_names",
+  "load_dataset",
+  "load_scenes",
+  "register_dataset",
+]
+
 
 def _scene_config(config: ml_collections.ConfigDict) -> scenes.SceneConfig:
   fields = {field.name for field in dataclasses.fields(scenes.SceneConfig)}
@@ -26,18 +34,18 @@ def load_scenes(config: ml_collections.ConfigDict) -> Dataset:
   scene_config = _scene_config(config)
   seed = int(config.get("seed", 0))
   sizes = {
-      "train": int(config.num_train),
-      "validation": int(config.num_validation),
-      "test": int(config.num_test),
+    "train": int(config.num_train),
+    "validation": int(config.num_validation),
+    "test": int(config.num_test),
   }
   splits = {
-      split: pipeline.ArraySource(scenes.load_split(split, size, scene_config, seed=seed))
-      for split, size in sizes.items()
+    split: pipeline.ArraySource(scenes.load_split(split, size, scene_config, seed=seed))
+    for split, size in sizes.items()
   }
   tasks: dict[str, tasks_lib.Task] = {
-      "segmentation": tasks_lib.Segmentation(name="segmentation", num_classes=scenes.NUM_CLASSES),
-      "depth": tasks_lib.Depth(name="depth"),
-      "normals": tasks_lib.Normals(name="normals"),
+    "segmentation": tasks_lib.Segmentation(name="segmentation", num_classes=scenes.NUM_CLASSES),
+    "depth": tasks_lib.Depth(name="depth"),
+    "normals": tasks_lib.Normals(name="normals"),
   }
   for index, attribute in enumerate(scenes.ATTRIBUTE_NAMES):
     tasks[attribute] = tasks_lib.BinaryAttribute(name=attribute, index=index)

@@ -38,30 +38,30 @@ _FIRST_OBJECT_CLASS = CLASS_NAMES.index("sphere")
 
 COLOUR_NAMES: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "cyan")
 PALETTE: np.ndarray = np.array(
-    [
-        [0.86, 0.14, 0.12],
-        [0.18, 0.68, 0.22],
-        [0.14, 0.28, 0.88],
-        [0.92, 0.80, 0.14],
-        [0.56, 0.22, 0.72],
-        [0.12, 0.76, 0.80],
-    ],
-    dtype=np.float64,
+  [
+    [0.86, 0.14, 0.12],
+    [0.18, 0.68, 0.22],
+    [0.14, 0.28, 0.88],
+    [0.92, 0.80, 0.14],
+    [0.56, 0.22, 0.72],
+    [0.12, 0.76, 0.80],
+  ],
+  dtype=np.float64,
 )
 
 ATTRIBUTE_NAMES: tuple[str, ...] = (
-    "has_sphere",
-    "has_box",
-    "has_cylinder",
-    "has_red_object",
-    "has_blue_object",
-    "at_least_3_objects",
-    "largest_object_is_box",
-    "leftmost_object_is_sphere",
-    "objects_touch_or_overlap_in_image",
-    "has_wall",
-    "mostly_on_left",
-    "light_from_left",
+  "has_sphere",
+  "has_box",
+  "has_cylinder",
+  "has_red_object",
+  "has_blue_object",
+  "at_least_3_objects",
+  "largest_object_is_box",
+  "leftmost_object_is_sphere",
+  "objects_touch_or_overlap_in_image",
+  "has_wall",
+  "mostly_on_left",
+  "light_from_left",
 )
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
@@ -118,7 +118,9 @@ class SceneConfig:
     if self.height < 8 or self.width < 8:
       raise ValueError(f"Image size must be at least 8x8, got {self.height}x{self.width}.")
     if not 0 <= self.min_objects <= self.max_objects:
-      raise ValueError(f"Need 0 <= min_objects <= max_objects, got {self.min_objects}, {self.max_objects}.")
+      raise ValueError(
+        f"Need 0 <= min_objects <= max_objects, got {self.min_objects}, {self.max_objects}."
+      )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,18 +175,18 @@ def light_direction_from_angles(elevation: float, azimuth: float) -> np.ndarray:
   """
   elevation, azimuth = np.radians(elevation), np.radians(azimuth)
   return np.array(
-      [np.cos(elevation) * np.sin(azimuth), np.sin(elevation), -np.cos(elevation) * np.cos(azimuth)]
+    [np.cos(elevation) * np.sin(azimuth), np.sin(elevation), -np.cos(elevation) * np.cos(azimuth)]
   )
 
 
 def build_scene(
-    objects: Sequence[SceneObject],
-    light_direction: Sequence[float] | None = None,
-    wall_distance: float | None = None,
-    wall_height: float = 3.0,
-    sky_colour: Sequence[float] = (0.55, 0.72, 0.92),
-    floor_colour: Sequence[float] = (0.6, 0.58, 0.55),
-    wall_colour: Sequence[float] = (0.7, 0.68, 0.62),
+  objects: Sequence[SceneObject],
+  light_direction: Sequence[float] | None = None,
+  wall_distance: float | None = None,
+  wall_height: float = 3.0,
+  sky_colour: Sequence[float] = (0.55, 0.72, 0.92),
+  floor_colour: Sequence[float] = (0.6, 0.58, 0.55),
+  wall_colour: Sequence[float] = (0.7, 0.68, 0.62),
 ) -> Scene:
   """A scene from hand-specified objects (each resting on the floor), e.g. for tests and figures."""
   kinds, centres, sizes, colour_ids = [], [], [], []
@@ -206,18 +208,18 @@ def build_scene(
   light = np.asarray(light_direction, dtype=np.float64)
   colour_ids_array = np.asarray(colour_ids, dtype=np.int64)
   return Scene(
-      kinds=np.asarray(kinds, dtype=np.int64),
-      centres=np.asarray(centres, dtype=np.float64).reshape(-1, 3),
-      sizes=np.asarray(sizes, dtype=np.float64).reshape(-1, 3),
-      rotations=np.asarray([o.rotation for o in objects], dtype=np.float64),
-      colours=PALETTE[colour_ids_array].reshape(-1, 3),
-      colour_ids=colour_ids_array,
-      light_direction=light / np.linalg.norm(light),
-      sky_colour=np.asarray(sky_colour, dtype=np.float64),
-      floor_colour=np.asarray(floor_colour, dtype=np.float64),
-      wall_colour=np.asarray(wall_colour, dtype=np.float64),
-      wall_distance=wall_distance,
-      wall_height=wall_height,
+    kinds=np.asarray(kinds, dtype=np.int64),
+    centres=np.asarray(centres, dtype=np.float64).reshape(-1, 3),
+    sizes=np.asarray(sizes, dtype=np.float64).reshape(-1, 3),
+    rotations=np.asarray([o.rotation for o in objects], dtype=np.float64),
+    colours=PALETTE[colour_ids_array].reshape(-1, 3),
+    colour_ids=colour_ids_array,
+    light_direction=light / np.linalg.norm(light),
+    sky_colour=np.asarray(sky_colour, dtype=np.float64),
+    floor_colour=np.asarray(floor_colour, dtype=np.float64),
+    wall_colour=np.asarray(wall_colour, dtype=np.float64),
+    wall_distance=wall_distance,
+    wall_height=wall_height,
   )
 
 
@@ -238,8 +240,11 @@ def sample_scene(rng: np.random.Generator, config: SceneConfig) -> Scene:
       footprint = radius
     elif kind == BOX:
       half_extents = np.array(
-          [_uniform(rng, config.box_half_width), _uniform(rng, config.box_half_height),
-           _uniform(rng, config.box_half_width)]
+        [
+          _uniform(rng, config.box_half_width),
+          _uniform(rng, config.box_half_height),
+          _uniform(rng, config.box_half_width),
+        ]
       )
       footprint = float(np.hypot(half_extents[0], half_extents[2]))
     else:
@@ -249,10 +254,15 @@ def sample_scene(rng: np.random.Generator, config: SceneConfig) -> Scene:
     rotation = float(rng.uniform(0, np.pi / 2)) if kind == BOX else 0.0
     # Always draw the same number of positions so later objects' draws don't depend on rejections.
     candidates_z = rng.uniform(config.near_distance, config.far_distance, config.placement_attempts)
-    candidates_x = rng.uniform(-1, 1, config.placement_attempts) * config.lateral_fraction * half_view
+    candidates_x = (
+      rng.uniform(-1, 1, config.placement_attempts) * config.lateral_fraction * half_view
+    )
     candidates_x = candidates_x * candidates_z
     for x, z in zip(candidates_x, candidates_z):
-      if all(np.hypot(x - cx, z - cz) >= footprint + other for (cx, _, cz), other in zip(centres, footprints)):
+      if all(
+        np.hypot(x - cx, z - cz) >= footprint + other
+        for (cx, _, cz), other in zip(centres, footprints)
+      ):
         kinds.append(kind)
         centres.append(np.array([x, half_extents[1], z]))
         sizes.append(half_extents)
@@ -265,7 +275,7 @@ def sample_scene(rng: np.random.Generator, config: SceneConfig) -> Scene:
   colours = np.clip(PALETTE[colour_ids] + jitter, 0.0, 1.0)
   side = 1.0 if rng.random() < 0.5 else -1.0
   light = light_direction_from_angles(
-      _uniform(rng, config.light_elevation), side * _uniform(rng, config.light_azimuth)
+    _uniform(rng, config.light_elevation), side * _uniform(rng, config.light_azimuth)
   )
   sky_colour = np.clip(np.array([0.55, 0.72, 0.92]) + rng.uniform(-0.08, 0.08, 3), 0.0, 1.0)
   floor_colour = np.array([0.62, 0.59, 0.55]) * rng.uniform(0.8, 1.15) + rng.uniform(-0.04, 0.04, 3)
@@ -275,18 +285,18 @@ def sample_scene(rng: np.random.Generator, config: SceneConfig) -> Scene:
   wall_distance = _uniform(rng, config.wall_distance)
   wall_height = _uniform(rng, config.wall_height)
   return Scene(
-      kinds=np.asarray(kinds, dtype=np.int64),
-      centres=np.asarray(centres, dtype=np.float64).reshape(-1, 3),
-      sizes=np.asarray(sizes, dtype=np.float64).reshape(-1, 3),
-      rotations=np.asarray(rotations, dtype=np.float64),
-      colours=colours.reshape(-1, 3),
-      colour_ids=np.asarray(colour_ids, dtype=np.int64),
-      light_direction=light,
-      sky_colour=sky_colour,
-      floor_colour=np.clip(floor_colour, 0.0, 1.0),
-      wall_colour=np.clip(wall_colour, 0.0, 1.0),
-      wall_distance=wall_distance if has_wall else None,
-      wall_height=wall_height,
+    kinds=np.asarray(kinds, dtype=np.int64),
+    centres=np.asarray(centres, dtype=np.float64).reshape(-1, 3),
+    sizes=np.asarray(sizes, dtype=np.float64).reshape(-1, 3),
+    rotations=np.asarray(rotations, dtype=np.float64),
+    colours=colours.reshape(-1, 3),
+    colour_ids=np.asarray(colour_ids, dtype=np.int64),
+    light_direction=light,
+    sky_colour=sky_colour,
+    floor_colour=np.clip(floor_colour, 0.0, 1.0),
+    wall_colour=np.clip(wall_colour, 0.0, 1.0),
+    wall_distance=wall_distance if has_wall else None,
+    wall_height=wall_height,
   )
 
 
@@ -343,14 +353,14 @@ def _intersect_box(origins, directions, centres, half_extents, rotations) -> np.
   cosine, sine = np.cos(rotations), np.sin(rotations)
   offsets = origins - centres
   local_origins = (
-      cosine * offsets[..., 0] - sine * offsets[..., 2],
-      offsets[..., 1],
-      sine * offsets[..., 0] + cosine * offsets[..., 2],
+    cosine * offsets[..., 0] - sine * offsets[..., 2],
+    offsets[..., 1],
+    sine * offsets[..., 0] + cosine * offsets[..., 2],
   )
   local_directions = (
-      cosine * directions[..., 0] - sine * directions[..., 2],
-      directions[..., 1],
-      sine * directions[..., 0] + cosine * directions[..., 2],
+    cosine * directions[..., 0] - sine * directions[..., 2],
+    directions[..., 1],
+    sine * directions[..., 0] + cosine * directions[..., 2],
   )
   t_enter, t_exit = -np.inf, np.inf
   for axis in range(3):
@@ -374,7 +384,12 @@ def _intersect_cylinder(origins, directions, centres, radii, half_heights) -> np
     c = ox * ox + oz * oz - radii**2
     discriminant = b * b - a * c
     t_side = (-b - np.sqrt(np.maximum(discriminant, 0.0))) / a
-    side_hit = (discriminant >= 0) & (a > 0) & (t_side > _EPSILON) & (np.abs(oy + t_side * dy) <= half_heights)
+    side_hit = (
+      (discriminant >= 0)
+      & (a > 0)
+      & (t_side > _EPSILON)
+      & (np.abs(oy + t_side * dy) <= half_heights)
+    )
     best = np.where(side_hit, t_side, np.inf)
     for cap in (half_heights, -half_heights):
       t_cap = (cap - oy) / dy
@@ -409,9 +424,9 @@ def _object_normals(kind: int, points, centres, sizes, rotations) -> np.ndarray:
     radial = np.hypot(local[:, 0], local[:, 2]) / sizes[:, 0]
     on_cap = np.abs(local[:, 1]) / sizes[:, 1] >= radial
     normals = np.where(
-        on_cap[:, None],
-        np.stack([np.zeros_like(radial), np.sign(local[:, 1]), np.zeros_like(radial)], axis=-1),
-        local * np.array([1.0, 0.0, 1.0]),
+      on_cap[:, None],
+      np.stack([np.zeros_like(radial), np.sign(local[:, 1]), np.zeros_like(radial)], axis=-1),
+      local * np.array([1.0, 0.0, 1.0]),
     )
   return normals / np.linalg.norm(normals, axis=-1, keepdims=True)
 
@@ -421,12 +436,12 @@ def _pad_scenes(scenes: Sequence[Scene]) -> dict[str, np.ndarray]:
   count = len(scenes)
   slots = max([scene.num_objects for scene in scenes] + [0])
   padded = {
-      "kinds": np.full((count, slots), -1, dtype=np.int64),
-      "centres": np.zeros((count, slots, 3)),
-      "sizes": np.ones((count, slots, 3)),
-      "rotations": np.zeros((count, slots)),
-      "colours": np.zeros((count, slots, 3)),
-      "colour_ids": np.full((count, slots), -1, dtype=np.int64),
+    "kinds": np.full((count, slots), -1, dtype=np.int64),
+    "centres": np.zeros((count, slots, 3)),
+    "sizes": np.ones((count, slots, 3)),
+    "rotations": np.zeros((count, slots)),
+    "colours": np.zeros((count, slots, 3)),
+    "colour_ids": np.full((count, slots), -1, dtype=np.int64),
   }
   for index, scene in enumerate(scenes):
     k = scene.num_objects
@@ -441,11 +456,11 @@ def _pad_scenes(scenes: Sequence[Scene]) -> dict[str, np.ndarray]:
 
 def _empty_render(height: int, width: int) -> dict[str, np.ndarray]:
   return {
-      "image": np.zeros((0, height, width, 3), np.float32),
-      "segmentation": np.zeros((0, height, width), np.int32),
-      "depth": np.zeros((0, height, width), np.float32),
-      "normals": np.zeros((0, height, width, 3), np.float32),
-      "attributes": np.zeros((0, len(ATTRIBUTE_NAMES)), np.float32),
+    "image": np.zeros((0, height, width, 3), np.float32),
+    "segmentation": np.zeros((0, height, width), np.int32),
+    "depth": np.zeros((0, height, width), np.float32),
+    "normals": np.zeros((0, height, width, 3), np.float32),
+    "attributes": np.zeros((0, len(ATTRIBUTE_NAMES)), np.float32),
   }
 
 
@@ -454,16 +469,22 @@ def _trace_planes(scenes, config, camera_position, rays) -> tuple[np.ndarray, np
   with np.errstate(divide="ignore", invalid="ignore"):
     t_floor = np.where(rays[:, 1] < 0, -camera_position[1] / rays[:, 1], np.inf)
   floor_points = camera_position + np.where(np.isfinite(t_floor), t_floor, 0.0)[:, None] * rays
-  floor_inside = (np.abs(floor_points[:, 0]) <= config.floor_half_width) & (floor_points[:, 2] <= config.floor_depth)
+  floor_inside = (np.abs(floor_points[:, 0]) <= config.floor_half_width) & (
+    floor_points[:, 2] <= config.floor_depth
+  )
   t_floor = np.where(floor_inside, t_floor, np.inf)
 
-  wall_distances = np.array([np.inf if s.wall_distance is None else s.wall_distance for s in scenes])
+  wall_distances = np.array(
+    [np.inf if s.wall_distance is None else s.wall_distance for s in scenes]
+  )
   wall_heights = np.array([s.wall_height for s in scenes])
   with np.errstate(divide="ignore", invalid="ignore"):
     t_wall = (wall_distances[:, None] - camera_position[2]) / rays[None, :, 2]
     wall_y = camera_position[1] + t_wall * rays[None, :, 1]
   t_wall = np.where(
-      np.isfinite(t_wall) & (t_wall > 0) & (wall_y >= 0) & (wall_y <= wall_heights[:, None]), t_wall, np.inf
+    np.isfinite(t_wall) & (t_wall > 0) & (wall_y >= 0) & (wall_y <= wall_heights[:, None]),
+    t_wall,
+    np.inf,
   )
 
   best_t = np.broadcast_to(t_floor, (len(scenes), rays.shape[0])).copy()
@@ -483,12 +504,12 @@ def _trace_objects(objects, camera_position, rays, best_t, hits) -> None:
       if members.size == 0:
         continue
       t = _intersect_object(
-          kind,
-          camera_position,
-          rays[None],
-          objects["centres"][members, slot, None],
-          objects["sizes"][members, slot, None],
-          objects["rotations"][members, slot, None],
+        kind,
+        camera_position,
+        rays[None],
+        objects["centres"][members, slot, None],
+        objects["sizes"][members, slot, None],
+        objects["rotations"][members, slot, None],
       )
       previous = best_t[members]
       closer = t < previous
@@ -501,16 +522,16 @@ def _class_and_colour(scenes, objects, hits) -> tuple[np.ndarray, np.ndarray]:
   count = len(scenes)
   rows = np.arange(count)[:, None]
   class_table = np.concatenate(
-      [np.broadcast_to([0, 1, 2], (count, 3)), objects["kinds"] + _FIRST_OBJECT_CLASS], axis=1
+    [np.broadcast_to([0, 1, 2], (count, 3)), objects["kinds"] + _FIRST_OBJECT_CLASS], axis=1
   )
   colour_table = np.concatenate(
-      [
-          np.zeros((count, 1, 3)),
-          np.stack([s.floor_colour for s in scenes])[:, None],
-          np.stack([s.wall_colour for s in scenes])[:, None],
-          objects["colours"],
-      ],
-      axis=1,
+    [
+      np.zeros((count, 1, 3)),
+      np.stack([s.floor_colour for s in scenes])[:, None],
+      np.stack([s.wall_colour for s in scenes])[:, None],
+      objects["colours"],
+    ],
+    axis=1,
   )
   return class_table[rows, hits], colour_table[rows, hits]
 
@@ -529,11 +550,11 @@ def _surface_normals(objects, hits, points) -> np.ndarray:
         continue
       scenes_chosen, pixels_chosen = scene_index[chosen], pixel_index[chosen]
       normals[scenes_chosen, pixels_chosen] = _object_normals(
-          kind,
-          points[scenes_chosen, pixels_chosen],
-          objects["centres"][scenes_chosen, slot],
-          objects["sizes"][scenes_chosen, slot],
-          objects["rotations"][scenes_chosen, slot],
+        kind,
+        points[scenes_chosen, pixels_chosen],
+        objects["centres"][scenes_chosen, slot],
+        objects["sizes"][scenes_chosen, slot],
+        objects["rotations"][scenes_chosen, slot],
       )
   return normals
 
@@ -570,11 +591,11 @@ def render(scenes: Sequence[Scene], config: SceneConfig) -> dict[str, np.ndarray
   camera_normals = normals @ camera_axes  # World to camera: dot with each camera axis.
   attributes = _attributes(hits.reshape(count, height, width), objects, lights, config)
   return {
-      "image": np.clip(image, 0.0, 1.0).reshape(count, height, width, 3).astype(np.float32),
-      "segmentation": segmentation.reshape(count, height, width).astype(np.int32),
-      "depth": depth.reshape(count, height, width).astype(np.float32),
-      "normals": camera_normals.reshape(count, height, width, 3).astype(np.float32),
-      "attributes": attributes,
+    "image": np.clip(image, 0.0, 1.0).reshape(count, height, width, 3).astype(np.float32),
+    "segmentation": segmentation.reshape(count, height, width).astype(np.int32),
+    "depth": depth.reshape(count, height, width).astype(np.float32),
+    "normals": camera_normals.reshape(count, height, width, 3).astype(np.float32),
+    "attributes": attributes,
   }
 
 
@@ -590,12 +611,12 @@ def _in_shadow(points, normals, lit, lights, objects) -> np.ndarray:
       if members.size == 0:
         continue
       t = _intersect_object(
-          kind,
-          origins[members],
-          lights[members, None],
-          objects["centres"][members, slot, None],
-          objects["sizes"][members, slot, None],
-          objects["rotations"][members, slot, None],
+        kind,
+        origins[members],
+        lights[members, None],
+        objects["centres"][members, slot, None],
+        objects["sizes"][members, slot, None],
+        objects["rotations"][members, slot, None],
       )
       blocked[members] |= np.isfinite(t)
   return blocked & lit
@@ -610,7 +631,7 @@ def _sky(scenes: Sequence[Scene], config: SceneConfig) -> np.ndarray:
 
 
 def _attributes(
-    hits: np.ndarray, objects: dict[str, np.ndarray], lights: np.ndarray, config: SceneConfig
+  hits: np.ndarray, objects: dict[str, np.ndarray], lights: np.ndarray, config: SceneConfig
 ) -> np.ndarray:
   """[N,A] float32 attributes, decided from what is visible: hits is the [N,H,W] hit map."""
   count, height, width = hits.shape
@@ -622,13 +643,17 @@ def _attributes(
   scene_index, pixel_index = np.nonzero(object_pixels)
   bins = scene_index * slots + flat[scene_index, pixel_index] - _FIRST_OBJECT_HIT
   areas = np.bincount(bins, minlength=count * slots).reshape(count, slots)
-  column_sums = np.bincount(bins, weights=pixel_index % width, minlength=count * slots).reshape(count, slots)
+  column_sums = np.bincount(bins, weights=pixel_index % width, minlength=count * slots).reshape(
+    count, slots
+  )
   visible = areas >= minimum_pixels
   kinds, colour_ids = objects["kinds"], objects["colour_ids"]
   centroids = np.where(visible, column_sums / np.maximum(areas, 1), np.inf)
   any_visible = visible.any(axis=-1)
   rows = np.arange(count)
-  largest = np.argmax(np.where(visible, areas, -1), axis=-1) if slots else np.zeros(count, dtype=int)
+  largest = (
+    np.argmax(np.where(visible, areas, -1), axis=-1) if slots else np.zeros(count, dtype=int)
+  )
   leftmost = np.argmin(centroids, axis=-1) if slots else np.zeros(count, dtype=int)
   largest_kind = kinds[rows, largest] if slots else np.full(count, -1)
   leftmost_kind = kinds[rows, leftmost] if slots else np.full(count, -1)
@@ -645,21 +670,25 @@ def _attributes(
   right_pixels = (is_object & (column_centres > width / 2)).sum(axis=(1, 2))
 
   values = {
-      "has_sphere": (visible & (kinds == SPHERE)).any(axis=-1),
-      "has_box": (visible & (kinds == BOX)).any(axis=-1),
-      "has_cylinder": (visible & (kinds == CYLINDER)).any(axis=-1),
-      "has_red_object": (visible & (colour_ids == COLOUR_NAMES.index("red"))).any(axis=-1),
-      "has_blue_object": (visible & (colour_ids == COLOUR_NAMES.index("blue"))).any(axis=-1),
-      "at_least_3_objects": visible.sum(axis=-1) >= 3,
-      "largest_object_is_box": any_visible & (largest_kind == BOX),
-      "leftmost_object_is_sphere": any_visible & (leftmost_kind == SPHERE),
-      "objects_touch_or_overlap_in_image": touching,
-      "has_wall": (flat == _WALL_HIT).sum(axis=-1) >= minimum_pixels,
-      "mostly_on_left": left_pixels > right_pixels,
-      "light_from_left": lights[:, 0] < 0,
+    "has_sphere": (visible & (kinds == SPHERE)).any(axis=-1),
+    "has_box": (visible & (kinds == BOX)).any(axis=-1),
+    "has_cylinder": (visible & (kinds == CYLINDER)).any(axis=-1),
+    "has_red_object": (visible & (colour_ids == COLOUR_NAMES.index("red"))).any(axis=-1),
+    "has_blue_object": (visible & (colour_ids == COLOUR_NAMES.index("blue"))).any(axis=-1),
+    "at_least_3_objects": visible.sum(axis=-1) >= 3,
+    "largest_object_is_box": any_visible & (largest_kind == BOX),
+    "leftmost_object_is_sphere": any_visible & (leftmost_kind == SPHERE),
+    "objects_touch_or_overlap_in_image": touching,
+    "has_wall": (flat == _WALL_HIT).sum(axis=-1) >= minimum_pixels,
+    "mostly_on_left": left_pixels > right_pixels,
+    "light_from_left": lights[:, 0] < 0,
   }
   assert tuple(values) == ATTRIBUTE_NAMES
-  return np.stack([values[name] for name in ATTRIBUTE_NAMES], axis=-1).astype(np.float32).reshape(count, -1)
+  return (
+    np.stack([values[name] for name in ATTRIBUTE_NAMES], axis=-1)
+    .astype(np.float32)
+    .reshape(count, -1)
+  )
 
 
 def _split_id(split: str) -> int:
@@ -674,19 +703,23 @@ def _chunk_size(config: SceneConfig) -> int:
 
 
 def generate(
-    split: str, indices: np.ndarray | range | Sequence[int], config: SceneConfig, seed: int = 0
+  split: str, indices: np.ndarray | range | Sequence[int], config: SceneConfig, seed: int = 0
 ) -> dict[str, np.ndarray]:
   """Renders examples `indices` of `split`; example i depends only on (seed, split, i)."""
   split_id = _split_id(split)
   indices = [int(index) for index in np.asarray(indices, dtype=np.int64).reshape(-1)]
-  scenes = [sample_scene(np.random.default_rng([seed, split_id, index]), config) for index in indices]
+  scenes = [
+    sample_scene(np.random.default_rng([seed, split_id, index]), config) for index in indices
+  ]
   chunk = _chunk_size(config)
-  parts = [render(scenes[start:start + chunk], config) for start in range(0, len(scenes), chunk)]
+  parts = [render(scenes[start : start + chunk], config) for start in range(0, len(scenes), chunk)]
   if not parts:
     return render([], config)
   return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
 
-def load_split(split: str, num_examples: int, config: SceneConfig, seed: int = 0) -> dict[str, np.ndarray]:
+def load_split(
+  split: str, num_examples: int, config: SceneConfig, seed: int = 0
+) -> dict[str, np.ndarray]:
   """The first `num_examples` examples of `split`, rendered in memory-bounded chunks."""
   return generate(split, range(num_examples), config, seed)

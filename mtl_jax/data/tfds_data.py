@@ -83,9 +83,9 @@ def open_data_source(name: str, split: str, data_dir: str, prepare_command: str)
   except Exception as error:  # TFDS raises several types here (not prepared, wrong format, ...).
     where = data_dir or "the default TFDS data directory ($TFDS_DATA_DIR or ~/tensorflow_datasets)"
     raise FileNotFoundError(
-        f"TFDS dataset {name!r} (split {split!r}) is not prepared in array_record format in "
-        f"{where}. Prepare it with:\n  {prepare_command}\n(see README.md, 'Datasets'). "
-        f"TFDS said: {type(error).__name__}: {str(error).strip()[:400]}"
+      f"TFDS dataset {name!r} (split {split!r}) is not prepared in array_record format in "
+      f"{where}. Prepare it with:\n  {prepare_command}\n(see README.md, 'Datasets'). "
+      f"TFDS said: {type(error).__name__}: {str(error).strip()[:400]}"
     ) from error
 
 
@@ -96,8 +96,10 @@ def holdout_rows(total: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarr
   Both results are sorted, which keeps reads in file order.
   """
   if not 0 < size < total:
-    raise ValueError(f"config.dataset.validation_size must be in [1, {total - 1}] for a split of {total} "
-                     f"examples, got {size}.")
+    raise ValueError(
+      f"config.dataset.validation_size must be in [1, {total - 1}] for a split of {total} "
+      f"examples, got {size}."
+    )
   order = np.random.default_rng(seed).permutation(total)
   return np.sort(order[size:]), np.sort(order[:size])
 
@@ -112,7 +114,9 @@ def host_rows(rows: np.ndarray, process_index: int, process_count: int) -> np.nd
     raise ValueError(f"process_index {process_index} outside [0, {process_count}).")
   per_host = len(rows) // process_count
   if per_host == 0:
-    raise ValueError(f"{len(rows)} training examples cannot be shared among {process_count} processes.")
+    raise ValueError(
+      f"{len(rows)} training examples cannot be shared among {process_count} processes."
+    )
   return np.asarray(rows)[process_index * per_host : (process_index + 1) * per_host]
 
 

@@ -49,7 +49,9 @@ def objectives(point: jax.Array) -> jax.Array:
   bowl_2 = ((-7.0 - x) ** 2 + 0.1 * (y + 8.0) ** 2) / 10.0 - 20.0
   upper_gate = jnp.maximum(jnp.tanh(0.5 * y), 0.0)
   lower_gate = jnp.maximum(jnp.tanh(-0.5 * y), 0.0)
-  return jnp.stack([trough_1 * upper_gate + bowl_1 * lower_gate, trough_2 * upper_gate + bowl_2 * lower_gate])
+  return jnp.stack(
+    [trough_1 * upper_gate + bowl_1 * lower_gate, trough_2 * upper_gate + bowl_2 * lower_gate]
+  )
 
 
 def mean_objective(point: jax.Array) -> jax.Array:
@@ -119,7 +121,9 @@ def cagrad_weight(gradient_1: jax.Array, gradient_2: jax.Array, c: float) -> jax
   target = -jnp.dot(difference, g0) / jnp.maximum(radius, 1e-30)
   safe_a = jnp.maximum(a, 1e-30)
   interior = target * target < safe_a
-  u = jnp.sign(target) * jnp.sqrt(target * target * gap / jnp.where(interior, safe_a - target * target, 1.0))
+  u = jnp.sign(target) * jnp.sqrt(
+    target * target * gap / jnp.where(interior, safe_a - target * target, 1.0)
+  )
   w = jnp.where(interior, (u - b) / safe_a, jnp.where(target > 0, 1.0, 0.0))
   # Equal gradients make every w the same direction; pick the middle.
   return jnp.where(a > 0, jnp.clip(w, 0.0, 1.0), 0.5)
@@ -148,7 +152,9 @@ def cagrad_direction(gradient_1: jax.Array, gradient_2: jax.Array, c: float = 0.
 DIRECTIONS = {"ew": mean_direction, "pcgrad": pcgrad_direction, "cagrad": cagrad_direction}
 
 
-def global_minimum(grid_points: int = 801, bound: float = 10.0, newton_steps: int = 20) -> tuple[jax.Array, float]:
+def global_minimum(
+  grid_points: int = 801, bound: float = 10.0, newton_steps: int = 20
+) -> tuple[jax.Array, float]:
   """The global minimiser of the mean objective, found numerically (no remembered constants).
 
   A dense grid over [-bound, bound]^2 picks the best cell; Newton's method in float64 then
@@ -167,7 +173,10 @@ def global_minimum(grid_points: int = 801, bound: float = 10.0, newton_steps: in
     grid = jnp.stack(jnp.meshgrid(axis, axis, indexing="ij"), axis=-1).reshape(-1, 2)
     values = jax.jit(jax.vmap(mean_objective))(grid)
     point = grid[jnp.argmin(values)]
-    gradient_fn, hessian_fn = jax.jit(jax.grad(mean_objective)), jax.jit(jax.hessian(mean_objective))
+    gradient_fn, hessian_fn = (
+      jax.jit(jax.grad(mean_objective)),
+      jax.jit(jax.hessian(mean_objective)),
+    )
     for _ in range(newton_steps):
       point = point - jnp.linalg.solve(hessian_fn(point), gradient_fn(point))
     return jax.device_get(point), float(mean_objective(point))

@@ -28,7 +28,9 @@ def _range(array: np.ndarray) -> str:
   return f"[{array.min()}, {array.max()}]" if array.size else "(empty)"
 
 
-def check_batch(batch: pipeline.Batch, tasks: Sequence[tasks_lib.Task], split: str, dataset: str = "") -> None:
+def check_batch(
+  batch: pipeline.Batch, tasks: Sequence[tasks_lib.Task], split: str, dataset: str = ""
+) -> None:
   """Raises a DataError unless batch holds what every task expects (see the tasks' batch contract).
 
   Args:
@@ -48,8 +50,10 @@ def check_batch(batch: pipeline.Batch, tasks: Sequence[tasks_lib.Task], split: s
   if image.ndim not in (2, 4):
     fail(f"'image' has shape {image.shape}; expected [B, H, W, C] (or [B, D] for vectors).")
   if not np.issubdtype(image.dtype, np.floating) or not np.all(np.isfinite(image)):
-    fail(f"'image' must be finite floats; found dtype {image.dtype}"
-         f"{'' if not np.issubdtype(image.dtype, np.floating) else ' with non-finite values'}.")
+    fail(
+      f"'image' must be finite floats; found dtype {image.dtype}"
+      f"{'' if not np.issubdtype(image.dtype, np.floating) else ' with non-finite values'}."
+    )
   size = image.shape[0]
   spatial = tuple(image.shape[1:3]) if image.ndim == 4 else None
   for task in tasks:
@@ -62,44 +66,64 @@ def check_batch(batch: pipeline.Batch, tasks: Sequence[tasks_lib.Task], split: s
     if isinstance(task, tasks_lib.Segmentation):
       expected = (size, *spatial) if spatial else None
       if target.shape != expected:
-        fail(f"{key!r} has shape {target.shape}; expected {expected} ([B, H, W] integer class ids, as the image).")
+        fail(
+          f"{key!r} has shape {target.shape}; expected {expected} ([B, H, W] integer class ids, as the image)."
+        )
       if not np.issubdtype(target.dtype, np.integer):
         fail(f"{key!r} has dtype {target.dtype}; expected integer class ids.")
       valid = (target == task.ignore_index) | ((target >= 0) & (target < task.num_classes))
       if not np.all(valid):
         bad = np.unique(target[~valid])[:8].tolist()
-        fail(f"{key!r} has class ids {bad} outside [0, {task.num_classes}) (ignore index {task.ignore_index}); "
-             f"found range {_range(target)}.")
+        fail(
+          f"{key!r} has class ids {bad} outside [0, {task.num_classes}) (ignore index {task.ignore_index}); "
+          f"found range {_range(target)}."
+        )
     elif isinstance(task, tasks_lib.Depth):
       expected = (size, *spatial) if spatial else None
       if target.shape != expected:
-        fail(f"{key!r} has shape {target.shape}; expected {expected} ([B, H, W] depth, 0 = invalid pixel).")
+        fail(
+          f"{key!r} has shape {target.shape}; expected {expected} ([B, H, W] depth, 0 = invalid pixel)."
+        )
       if not np.all(np.isfinite(target)) or np.any(target < 0):
         fail(f"{key!r} must be finite and >= 0 (0 = invalid pixel); found range {_range(target)}.")
     elif isinstance(task, tasks_lib.Normals):
       expected = (size, *spatial, 3) if spatial else None
       if target.shape != expected:
-        fail(f"{key!r} has shape {target.shape}; expected {expected} ([B, H, W, 3] normal vectors).")
+        fail(
+          f"{key!r} has shape {target.shape}; expected {expected} ([B, H, W, 3] normal vectors)."
+        )
       if not np.all(np.isfinite(target)):
         fail(f"{key!r} has non-finite values.")
     elif isinstance(task, tasks_lib.BinaryAttribute):
       if target.ndim != 2 or target.shape[0] != size or target.shape[1] <= task.index:
-        fail(f"{key!r} has shape {target.shape}; expected [{size}, A] with A > {task.index} for task {task.name!r}.")
+        fail(
+          f"{key!r} has shape {target.shape}; expected [{size}, A] with A > {task.index} for task {task.name!r}."
+        )
       column = target[:, task.index]
       if not np.all((column == 0) | (column == 1)):
-        fail(f"{key!r} column {task.index} (task {task.name!r}) must be 0 or 1; found range {_range(column)}.")
+        fail(
+          f"{key!r} column {task.index} (task {task.name!r}) must be 0 or 1; found range {_range(column)}."
+        )
     elif isinstance(task, tasks_lib.Classification):
       if target.shape != (size,):
         fail(f"{key!r} has shape {target.shape}; expected ({size},) integer labels.")
-      if not np.issubdtype(target.dtype, np.integer) or np.any((target < 0) | (target >= task.num_classes)):
-        fail(f"{key!r} must hold integer labels in [0, {task.num_classes}); found dtype {target.dtype}, "
-             f"range {_range(target)}.")
+      if not np.issubdtype(target.dtype, np.integer) or np.any(
+        (target < 0) | (target >= task.num_classes)
+      ):
+        fail(
+          f"{key!r} must hold integer labels in [0, {task.num_classes}); found dtype {target.dtype}, "
+          f"range {_range(target)}."
+        )
     elif target.shape[:1] != (size,):
       fail(f"{key!r} has {target.shape[:1]} examples in a batch of {size} images.")
 
 
-def check_dataset(dataset, tasks: Sequence[tasks_lib.Task], splits: Sequence[str] = ("train", "validation", "test"),
-                  examples: int = CHECK_EXAMPLES) -> None:
+def check_dataset(
+  dataset,
+  tasks: Sequence[tasks_lib.Task],
+  splits: Sequence[str] = ("train", "validation", "test"),
+  examples: int = CHECK_EXAMPLES,
+) -> None:
   """Checks the first `examples` examples of each split (see check_batch); raises a DataError naming the split.
 
   Args:
@@ -110,7 +134,9 @@ def check_dataset(dataset, tasks: Sequence[tasks_lib.Task], splits: Sequence[str
   """
   for split in splits:
     if split not in dataset.splits:
-      raise DataError(f"dataset {dataset.name!r} has no {split!r} split; found {sorted(dataset.splits)}.")
+      raise DataError(
+        f"dataset {dataset.name!r} has no {split!r} split; found {sorted(dataset.splits)}."
+      )
     source = dataset.splits[split]
     if len(source) == 0:
       raise DataError(f"dataset {dataset.name!r} split {split!r} is empty.")

@@ -46,8 +46,13 @@ def conv_patches(inputs: jax.Array, info: LayerInfo) -> jax.Array:
   windows = []
   for offsets in itertools.product(*(range(size) for size in info.kernel_size)):
     starts = [offset * rate for offset, rate in zip(offsets, info.dilation)]
-    limits = [start + (count - 1) * stride + 1 for start, count, stride in zip(starts, outputs, info.strides)]
-    windows.append(jax.lax.slice(padded, (0, *starts, 0), (batch, *limits, channels), (1, *info.strides, 1)))
+    limits = [
+      start + (count - 1) * stride + 1
+      for start, count, stride in zip(starts, outputs, info.strides)
+    ]
+    windows.append(
+      jax.lax.slice(padded, (0, *starts, 0), (batch, *limits, channels), (1, *info.strides, 1))
+    )
   return jnp.stack(windows, axis=-2).reshape(batch, *outputs, -1)
 
 
@@ -80,8 +85,12 @@ def gram(rows: jax.Array) -> jax.Array:
     return modes.einsum("rf,sf->rs", rows, rows)
   bounds = [count * part // 3 for part in range(4)]
   chunks = [rows[start:stop] for start, stop in zip(bounds[:-1], bounds[1:])]
-  blocks = {(i, j): modes.einsum("rf,sf->rs", chunks[i], chunks[j]) for i in range(3) for j in range(i, 3)}
-  return jnp.block([[blocks[i, j] if i <= j else blocks[j, i].T for j in range(3)] for i in range(3)])
+  blocks = {
+    (i, j): modes.einsum("rf,sf->rs", chunks[i], chunks[j]) for i in range(3) for j in range(i, 3)
+  }
+  return jnp.block(
+    [[blocks[i, j] if i <= j else blocks[j, i].T for j in range(3)] for i in range(3)]
+  )
 
 
 def _positional(info: LayerInfo, inputs: jax.Array, output_gradients: jax.Array):
@@ -93,8 +102,9 @@ def _positional(info: LayerInfo, inputs: jax.Array, output_gradients: jax.Array)
   return inputs, output_gradients.reshape(num_tasks, batch, inputs.shape[1], -1)
 
 
-def is_materialised(info: LayerInfo, inputs: jax.Array, output_gradients: jax.Array,
-                     total_batch: int | None = None) -> bool:
+def is_materialised(
+  info: LayerInfo, inputs: jax.Array, output_gradients: jax.Array, total_batch: int | None = None
+) -> bool:
   """Whether a layer's per-row gradients are formed (static: from shapes only; `total_batch`
   overrides the batch size of the shapes, for a device holding part of a batch)."""
   if info.kind == "affine":
@@ -123,7 +133,9 @@ def layer_rows(info: LayerInfo, inputs: jax.Array, output_gradients: jax.Array) 
   inputs, output_gradients = _positional(info, inputs, output_gradients)
   positions, outputs = output_gradients.shape[2:]
   # [B, S, T·N]: the T tasks side by side, so each sample's kernel rows are one matmul.
-  by_sample = jnp.transpose(output_gradients, (1, 2, 0, 3)).reshape(batch, positions, num_tasks * outputs)
+  by_sample = jnp.transpose(output_gradients, (1, 2, 0, 3)).reshape(
+    batch, positions, num_tasks * outputs
+  )
   kernel = modes.einsum("bpn,bpk->bnk", by_sample, inputs).reshape(batch, num_tasks, -1)
   if not info.use_bias:
     return kernel
@@ -167,8 +179,13 @@ def materialised_rows(captured: "Capture", total_batch: int | None = None) -> Ma
   return MaterialisedRows(jnp.concatenate(blocks, axis=-1), tuple(segments))
 
 
-def ghost_contribution(info: LayerInfo, inputs: jax.Array, output_gradients: jax.Array,
-                        other_inputs: jax.Array | None = None, other_gradients: jax.Array | None = None):
+def ghost_contribution(
+  info: LayerInfo,
+  inputs: jax.Array,
+  output_gradients: jax.Array,
+  other_inputs: jax.Array | None = None,
+  other_gradients: jax.Array | None = None,
+):
   """[B, T, C, T] Gramian block of a dense or conv layer in ghost form (no per-row gradients).
 
   Rows (inputs [B, ...], output gradients [T, B, ...]) against rows (other_inputs [C, ...],
@@ -193,23 +210,32 @@ def ghost_contribution(info: LayerInfo, inputs: jax.Array, output_gradients: jax
   if positions == 1:
     # The textbook ghost form: the kernel gradient d aᵀ factorises, and a bias adds
     # <d_i, d_j> (its gradient is d), so the bias folds in as a +1 on the input products.
-    output_products = products(by_sample.reshape(batch * num_tasks, outputs),
-                               other_by_sample.reshape(other_batch * num_tasks, outputs))
+    output_products = products(
+      by_sample.reshape(batch * num_tasks, outputs),
+      other_by_sample.reshape(other_batch * num_tasks, outputs),
+    )
     input_products = products(inputs[:, 0], other_inputs[:, 0])
     if info.use_bias:
       input_products = input_products + 1.0
-    return output_products.reshape(batch, num_tasks, other_batch, num_tasks) * input_products[:, None, :, None]
+    return (
+      output_products.reshape(batch, num_tasks, other_batch, num_tasks)
+      * input_products[:, None, :, None]
+    )
   input_products = modes.einsum("bpk,cqk->bcpq", inputs, other_inputs)
   output_products = modes.einsum("btpn,csqn->btcspq", by_sample, other_by_sample)
   contribution = modes.einsum("bcpq,btcspq->btcs", input_products, output_products)
   if info.use_bias:
-    bias = products(jnp.sum(by_sample, axis=2).reshape(batch * num_tasks, outputs),
-                    jnp.sum(other_by_sample, axis=2).reshape(other_batch * num_tasks, outputs))
+    bias = products(
+      jnp.sum(by_sample, axis=2).reshape(batch * num_tasks, outputs),
+      jnp.sum(other_by_sample, axis=2).reshape(other_batch * num_tasks, outputs),
+    )
     contribution = contribution + bias.reshape(batch, num_tasks, other_batch, num_tasks)
   return contribution
 
 
-def fast_gramian_from_capture(captured: "Capture", rows: MaterialisedRows | None = None) -> jax.Array:
+def fast_gramian_from_capture(
+  captured: "Capture", rows: MaterialisedRows | None = None
+) -> jax.Array:
   """The [B, T, B, T] Gramian assembled layer by layer from a `Capture`.
 
   Args:
@@ -237,8 +263,8 @@ def _layer_parameter_gradients(info: LayerInfo, inputs: jax.Array, output_gradie
   channels_axes = tuple(range(output_gradient.ndim - 1))
   if info.kind == "affine":
     return {
-        "scale": jnp.sum(output_gradient * inputs, axis=channels_axes),
-        "bias": jnp.sum(output_gradient, axis=channels_axes),
+      "scale": jnp.sum(output_gradient * inputs, axis=channels_axes),
+      "bias": jnp.sum(output_gradient, axis=channels_axes),
     }
   if info.kind == "dense":
     kernel = modes.einsum("...k,...n->kn", inputs, output_gradient)
@@ -246,12 +272,12 @@ def _layer_parameter_gradients(info: LayerInfo, inputs: jax.Array, output_gradie
 
     def convolve(kernel):
       return jax.lax.conv_general_dilated(
-          inputs,
-          kernel,
-          window_strides=info.strides,
-          padding="SAME",
-          rhs_dilation=info.dilation,
-          dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        inputs,
+        kernel,
+        window_strides=info.strides,
+        padding="SAME",
+        rhs_dilation=info.dilation,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
       )
 
     kernel_shape = (*info.kernel_size, inputs.shape[-1], output_gradient.shape[-1])
@@ -273,12 +299,12 @@ def unpack_layer(info: LayerInfo, vector: jax.Array, node: Mapping[str, jax.Arra
   kernel = vector[: inputs * outputs].reshape(outputs, inputs).T.reshape(kernel_shape)
   gradients = {"kernel": kernel}
   if info.use_bias:
-    gradients["bias"] = vector[inputs * outputs:]
+    gradients["bias"] = vector[inputs * outputs :]
   return gradients
 
 
 def weighted_gradients(
-    captured: "Capture", params: Any, weights: jax.Array, rows: MaterialisedRows | None = None
+  captured: "Capture", params: Any, weights: jax.Array, rows: MaterialisedRows | None = None
 ) -> Any:
   """Gradient of sum_{i,t} weights[i, t] L_t(x_i) w.r.t. all params, from a `Capture`.
 
@@ -316,7 +342,7 @@ def weighted_gradients(
     vector = modes.einsum("bt,btf->f", weights, rows.matrix)
     for path, offset, width in rows.segments:
       node = node_of(path)
-      node.update(unpack_layer(captured.infos[path], vector[offset:offset + width], node))
+      node.update(unpack_layer(captured.infos[path], vector[offset : offset + width], node))
       done.add(path)
   for path, info in captured.infos.items():
     if path in done:
@@ -331,7 +357,7 @@ def weighted_gradients(
     if per_task:
       # Constant weight over samples: the already computed gradient of sum_i L_t(x_i), scaled.
       heads[task_name] = jax.tree_util.tree_map(
-          lambda leaf, scale=column[0]: leaf * scale, captured.head_gradients[task_name]
+        lambda leaf, scale=column[0]: leaf * scale, captured.head_gradients[task_name]
       )
     else:
       (heads[task_name], _) = captured.head_vjps[task_name](column)

@@ -37,11 +37,11 @@ class LayerInfo:
 def layer_info(module: nn.Module) -> LayerInfo:
   if isinstance(module, layers.Conv):
     return LayerInfo(
-        "conv",
-        bool(module.use_bias),
-        tuple(int(v) for v in module.kernel_size),
-        tuple(int(v) for v in module.strides),
-        tuple(int(v) for v in module.dilation),
+      "conv",
+      bool(module.use_bias),
+      tuple(int(v) for v in module.kernel_size),
+      tuple(int(v) for v in module.strides),
+      tuple(int(v) for v in module.dilation),
     )
   if isinstance(module, layers.Dense):
     return LayerInfo("dense", bool(module.use_bias))
@@ -60,8 +60,8 @@ def _capture_interceptor(registry: dict[tuple[str, ...], LayerInfo]):
       # A reused layer would need the sum over its uses of a ⊗ d, which the capture cannot
       # separate; no encoder in mtl_jax.models reuses a layer.
       raise NotImplementedError(
-          f"Layer {'/'.join(module.path)} is applied more than once; the fast Gramian path "
-          "supports each encoder layer being called once. Use path='reference'."
+        f"Layer {'/'.join(module.path)} is applied more than once; the fast Gramian path "
+        "supports each encoder layer being called once. Use path='reference'."
       )
     registry[module.path] = layer_info(module)
     module.sow(_INPUTS, "inputs", args[0])
@@ -123,18 +123,18 @@ def capture(model, params, batch_stats, batch, tasks, train: bool = True) -> Cap
     registry.clear()
     with nn.intercept_methods(_capture_interceptor(registry)):
       features, state = model.apply(
-          {**variables, _PERTURBATIONS: perturbations},
-          images,
-          train,
-          method=model.encode,
-          mutable=[_INPUTS],
+        {**variables, _PERTURBATIONS: perturbations},
+        images,
+        train,
+        method=model.encode,
+        mutable=[_INPUTS],
       )
     return features, state[_INPUTS]
 
   def zero_perturbations():
     with nn.intercept_methods(_capture_interceptor({})):
       _, state = model.apply(
-          variables, images, train, method=model.encode, mutable=[_PERTURBATIONS, _INPUTS]
+        variables, images, train, method=model.encode, mutable=[_PERTURBATIONS, _INPUTS]
       )
     return state[_PERTURBATIONS]
 
@@ -146,7 +146,9 @@ def capture(model, params, batch_stats, batch, tasks, train: bool = True) -> Cap
   for task in tasks:
 
     def task_losses(head_params, features, task=task):
-      prediction, _ = apply_lib.apply_head(model, task.name, head_params, batch_stats, features, train)
+      prediction, _ = apply_lib.apply_head(
+        model, task.name, head_params, batch_stats, features, train
+      )
       return task.loss(prediction, batch)
 
     losses, head_vjp = jax.vjp(task_losses, params["heads"][task.name], features)
@@ -162,7 +164,7 @@ def capture(model, params, batch_stats, batch, tasks, train: bool = True) -> Cap
   infos = dict(registry)
   check_coverage(params["encoder"], infos)
   return Capture(
-      jnp.stack(columns, axis=1), inputs, output_gradients, infos, head_gradients, head_vjps
+    jnp.stack(columns, axis=1), inputs, output_gradients, infos, head_gradients, head_vjps
   )
 
 
@@ -174,7 +176,7 @@ def check_coverage(encoder_params: Any, infos: Mapping[tuple[str, ...], LayerInf
   missing = sorted((parameter_paths | bias_paths) - captured)
   if missing:
     raise ValueError(
-        "The fast Gramian path sees only layers.Dense, layers.Conv and layers.Affine; these "
-        f"encoder parameters belong to other modules: {', '.join('/'.join(p) for p in missing)}. "
-        "Build the encoder from mtl_jax.models.layers, or use path='reference'."
+      "The fast Gramian path sees only layers.Dense, layers.Conv and layers.Affine; these "
+      f"encoder parameters belong to other modules: {', '.join('/'.join(p) for p in missing)}. "
+      "Build the encoder from mtl_jax.models.layers, or use path='reference'."
     )

@@ -57,9 +57,16 @@ def checked_tasks(num_tasks: int, max_tasks: int = MAX_TASKS) -> tuple[int, ...]
   return tuple(sorted({int(round(value)) for value in np.linspace(0, num_tasks - 1, count)}))
 
 
-def discrepancy(model, params: Any, batch_stats: Any, batch: Mapping[str, jax.Array],
-                tasks: Sequence[tasks_lib.Task], sample_indices: Sequence[int], task_indices: Sequence[int],
-                batch_norm: str = "error") -> jax.Array:
+def discrepancy(
+  model,
+  params: Any,
+  batch_stats: Any,
+  batch: Mapping[str, jax.Array],
+  tasks: Sequence[tasks_lib.Task],
+  sample_indices: Sequence[int],
+  task_indices: Sequence[int],
+  batch_norm: str = "error",
+) -> jax.Array:
   """Relative Frobenius distance between the fast and reference Gramians of the chosen rows (jit-able).
 
   The fast Gramian is of the whole batch, so it runs the shapes a training step runs; only
@@ -69,42 +76,59 @@ def discrepancy(model, params: Any, batch_stats: Any, batch: Mapping[str, jax.Ar
   Returns:
     float32 scalar ||F - R|| / max(||F||, ||R||) (0 when both are zero).
   """
-  fast = engine.compute(model, params, batch_stats, batch, tasks, levels.FULL, path="fast",
-                        batch_norm=batch_norm).gramian
+  fast = engine.compute(
+    model, params, batch_stats, batch, tasks, levels.FULL, path="fast", batch_norm=batch_norm
+  ).gramian
   samples, columns = np.asarray(sample_indices), np.asarray(task_indices)
   block = fast[samples][:, columns][:, :, samples][:, :, :, columns]
-  rows = reference_lib.per_sample_gradients(model, params, batch_stats, batch, tasks, sample_indices, task_indices,
-                                          batch_norm)
+  rows = reference_lib.per_sample_gradients(
+    model, params, batch_stats, batch, tasks, sample_indices, task_indices, batch_norm
+  )
   reference = jnp.einsum("itp,jsp->itjs", rows, rows, precision=jax.lax.Precision.HIGHEST)
-  scale = jnp.maximum(jnp.maximum(jnp.linalg.norm(block), jnp.linalg.norm(reference)), jnp.finfo(jnp.float32).tiny)
+  scale = jnp.maximum(
+    jnp.maximum(jnp.linalg.norm(block), jnp.linalg.norm(reference)), jnp.finfo(jnp.float32).tiny
+  )
   return jnp.linalg.norm(block - reference) / scale
 
 
 def describe_encoder(model) -> tuple[str, str]:
   """(the encoder's class and sizes, its norm) for messages."""
   encoder = getattr(model, "encoder", model)
-  sizes = [f"{name}={getattr(encoder, name)!r}" for name in ("width_multiplier", "hidden", "features")
-           if hasattr(encoder, name)]
+  sizes = [
+    f"{name}={getattr(encoder, name)!r}"
+    for name in ("width_multiplier", "hidden", "features")
+    if hasattr(encoder, name)
+  ]
   return f"{type(encoder).__name__}({', '.join(sizes)})", str(getattr(encoder, "norm", "unknown"))
 
 
 class FastPathCheck:
   """Compares the fast Gramian with the reference path when due (see the module docstring)."""
 
-  def __init__(self, model, tasks: Sequence[tasks_lib.Task], every_steps: int = ONCE, batch_norm: str = "error",
-               purpose: str = "", mesh: jax.sharding.Mesh | None = None, tolerance: float = TOLERANCE):
+  def __init__(
+    self,
+    model,
+    tasks: Sequence[tasks_lib.Task],
+    every_steps: int = ONCE,
+    batch_norm: str = "error",
+    purpose: str = "",
+    mesh: jax.sharding.Mesh | None = None,
+    tolerance: float = TOLERANCE,
+  ):
     """Args:
-      model: the `MultiTaskModel`.
-      tasks: the tasks whose Gramian the caller computes, in column order.
-      every_steps: ONCE, NEVER or k > 0 (see the module docstring).
-      batch_norm: the caller's `batch_norm` mode for both paths.
-      purpose: what computes the Gramian, for the message (e.g. "train step at level 'sample'").
-      mesh: the run's mesh, or None on one device.
-      tolerance: the largest relative discrepancy accepted.
+    model: the `MultiTaskModel`.
+    tasks: the tasks whose Gramian the caller computes, in column order.
+    every_steps: ONCE, NEVER or k > 0 (see the module docstring).
+    batch_norm: the caller's `batch_norm` mode for both paths.
+    purpose: what computes the Gramian, for the message (e.g. "train step at level 'sample'").
+    mesh: the run's mesh, or None on one device.
+    tolerance: the largest relative discrepancy accepted.
     """
     if not isinstance(every_steps, int) or every_steps < ONCE:
-      raise ValueError(f"config.gramian.verify_every_steps must be -1 (once), 0 (never) or a positive step "
-                       f"count; got {every_steps!r}.")
+      raise ValueError(
+        f"config.gramian.verify_every_steps must be -1 (once), 0 (never) or a positive step "
+        f"count; got {every_steps!r}."
+      )
     self.every_steps = every_steps
     self.model, self.tasks, self.batch_norm = model, list(tasks), batch_norm
     self.purpose, self.mesh, self.tolerance = purpose, mesh, float(tolerance)
@@ -125,14 +149,24 @@ class FastPathCheck:
       samples = tuple(range(min(SAMPLES, batch_size)))
 
       def compute(params, batch_stats, batch):
-        return discrepancy(self.model, params, batch_stats, batch, self.tasks, samples, self.task_indices,
-                           self.batch_norm)
+        return discrepancy(
+          self.model,
+          params,
+          batch_stats,
+          batch,
+          self.tasks,
+          samples,
+          self.task_indices,
+          self.batch_norm,
+        )
 
       if self.mesh is None:
         self._compiled[batch_size] = jax.jit(compute)
       else:
-        self._compiled[batch_size] = jax.jit(parallel.replicated_program(compute, self.mesh),
-                                             out_shardings=parallel.replicated(self.mesh))
+        self._compiled[batch_size] = jax.jit(
+          parallel.replicated_program(compute, self.mesh),
+          out_shardings=parallel.replicated(self.mesh),
+        )
     return self._compiled[batch_size]
 
   def verify(self, step: int, params: Any, batch_stats: Any, batch: Mapping[str, Any]) -> float:
@@ -148,18 +182,26 @@ class FastPathCheck:
       task_names = [self.tasks[index].name for index in self.task_indices]
       rows = f"samples {list(range(min(SAMPLES, batch_size)))} x tasks {task_names}"
       raise FastPathMismatchError(
-          f"The fast Gramian path disagrees with the reference path for encoder {encoder} with norm {norm!r}: "
-          f"relative discrepancy {value:.3g} > tolerance {self.tolerance:g} on rows {rows} of a batch of "
-          f"{batch_size} ({self.purpose or 'Gramian'}, step {step}, {jax.default_backend()} backend, jax "
-          f"{jax.__version__}). A compiled program computes wrong per-sample gradients (a compiler fault, or an "
-          "engine bug), so this run's per-sample Gramians would be wrong. Use config.method.level='task' or "
-          "config.conflicts.path='reference', or another jax/jaxlib version; config.gramian.verify_every_steps=0 "
-          "skips this check.")
-    logging.info("Fast Gramian path agrees with the reference path (%s, %s norm %s): %.2g", self.purpose, encoder,
-                 norm, value)
+        f"The fast Gramian path disagrees with the reference path for encoder {encoder} with norm {norm!r}: "
+        f"relative discrepancy {value:.3g} > tolerance {self.tolerance:g} on rows {rows} of a batch of "
+        f"{batch_size} ({self.purpose or 'Gramian'}, step {step}, {jax.default_backend()} backend, jax "
+        f"{jax.__version__}). A compiled program computes wrong per-sample gradients (a compiler fault, or an "
+        "engine bug), so this run's per-sample Gramians would be wrong. Use config.method.level='task' or "
+        "config.conflicts.path='reference', or another jax/jaxlib version; config.gramian.verify_every_steps=0 "
+        "skips this check."
+      )
+    logging.info(
+      "Fast Gramian path agrees with the reference path (%s, %s norm %s): %.2g",
+      self.purpose,
+      encoder,
+      norm,
+      value,
+    )
     return value
 
-  def maybe_verify(self, step: int, params: Any, batch_stats: Any, batch: Mapping[str, Any]) -> float | None:
+  def maybe_verify(
+    self, step: int, params: Any, batch_stats: Any, batch: Mapping[str, Any]
+  ) -> float | None:
     """`verify` when due at `step`, else None."""
     if not self.due(step):
       return None

@@ -57,16 +57,16 @@ class Gramian(NamedTuple):
 
 
 def compute(
-    model: nn.Module,
-    params: Any,
-    batch_stats: Any,
-    batch: Batch,
-    tasks: Sequence[tasks_lib.Task],
-    level: str = levels.FULL,
-    *,
-    path: str = "fast",
-    batch_norm: str = "error",
-    mesh: jax.sharding.Mesh | None = None,
+  model: nn.Module,
+  params: Any,
+  batch_stats: Any,
+  batch: Batch,
+  tasks: Sequence[tasks_lib.Task],
+  level: str = levels.FULL,
+  *,
+  path: str = "fast",
+  batch_norm: str = "error",
+  mesh: jax.sharding.Mesh | None = None,
 ) -> Gramian:
   """The Gramian of the rows' encoder gradients at `level`, their task losses and weighted gradient.
 
@@ -94,7 +94,7 @@ def compute(
   train, coupled = modes.resolve_mode(batch_stats, path, batch_norm)
   if mesh is not None and path == "fast":
     gramian, task_losses = sharded.gramian_at_level(
-        model, params, batch_stats, batch, tasks, mesh, level, batch_norm
+      model, params, batch_stats, batch, tasks, mesh, level, batch_norm
     )
 
     def mesh_gradient(weights):
@@ -110,7 +110,9 @@ def _task_level(model, params, batch_stats, batch, tasks) -> Gramian:
   result = task_rows.task_gradients(model, params, batch_stats, batch, tasks)
 
   def gradient(weights):
-    encoder = jax.tree_util.tree_map(lambda leaf: jnp.tensordot(weights, leaf, axes=1), result.encoder)
+    encoder = jax.tree_util.tree_map(
+      lambda leaf: jnp.tensordot(weights, leaf, axes=1), result.encoder
+    )
     return {"encoder": encoder, "heads": result.heads}
 
   gramian = task_rows.gramian_of_task_gradients(result)
@@ -136,8 +138,8 @@ def _fast(model, params, batch_stats, batch, tasks, level, train) -> Gramian:
     row_weights = _row_weights(weights, level, batch_size, num_tasks)
     encoder = blocks.weighted_gradients(captured, params, row_weights, materialised)["encoder"]
     heads = {
-        name: jax.tree_util.tree_map(lambda leaf: leaf / batch_size, head_gradient)
-        for name, head_gradient in captured.head_gradients.items()
+      name: jax.tree_util.tree_map(lambda leaf: leaf / batch_size, head_gradient)
+      for name, head_gradient in captured.head_gradients.items()
     }
     return {"encoder": encoder, "heads": heads}
 

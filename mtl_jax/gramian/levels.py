@@ -22,8 +22,16 @@ from mtl_jax.weighting.base import num_rows
 
 FULL = "full"
 
-__all__ = ["FULL", "LEVELS", "at_level", "check_level", "num_rows", "row_norms", "sample_gramian",
-           "task_gramian"]
+__all__ = [
+  "FULL",
+  "LEVELS",
+  "at_level",
+  "check_level",
+  "num_rows",
+  "row_norms",
+  "sample_gramian",
+  "task_gramian",
+]
 
 
 def check_level(level: str, allow_full: bool = False) -> str:

@@ -32,18 +32,18 @@ BATCH_NORM_MODES = ("error", "eval", "batch_statistics")
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 _BATCH_NORM_ERROR = (
-    "The model uses batch normalisation, which couples the samples of a batch: in training mode "
-    "a per-sample gradient is not the gradient of the model applied to that sample alone. Pass "
-    "batch_norm='eval' for exact per-sample gradients of the model with its running statistics, "
-    "batch_norm='batch_statistics' (reference path only) for the rows of the Jacobian of the "
-    "training-mode [B, T] loss matrix, or use norm='group', 'layer' or 'none'. The task-level "
-    "Gramian of batch-mean losses is well defined under batch norm: use level 'task'."
+  "The model uses batch normalisation, which couples the samples of a batch: in training mode "
+  "a per-sample gradient is not the gradient of the model applied to that sample alone. Pass "
+  "batch_norm='eval' for exact per-sample gradients of the model with its running statistics, "
+  "batch_norm='batch_statistics' (reference path only) for the rows of the Jacobian of the "
+  "training-mode [B, T] loss matrix, or use norm='group', 'layer' or 'none'. The task-level "
+  "Gramian of batch-mean losses is well defined under batch norm: use level 'task'."
 )
 _FAST_BATCH_STATISTICS_ERROR = (
-    "batch_norm='batch_statistics' is only available on the 'reference' path: the fast path's "
-    "output gradients are per-sample only when samples are independent, and under training-mode "
-    "batch norm each sample's loss depends on every sample's activations. Use path='reference', "
-    "or batch_norm='eval'."
+  "batch_norm='batch_statistics' is only available on the 'reference' path: the fast path's "
+  "output gradients are per-sample only when samples are independent, and under training-mode "
+  "batch norm each sample's loss depends on every sample's activations. Use path='reference', "
+  "or batch_norm='eval'."
 )
 
 
@@ -56,7 +56,7 @@ def flatten_rows(tree: Any, leading: int) -> jax.Array:
   """Concatenates a pytree's leaves, keeping `leading` axes: [..., P] in tree_leaves order."""
   leaves = jax.tree_util.tree_leaves(tree)
   return jnp.concatenate(
-      [leaf.reshape(*leaf.shape[:leading], -1).astype(jnp.float32) for leaf in leaves], axis=-1
+    [leaf.reshape(*leaf.shape[:leading], -1).astype(jnp.float32) for leaf in leaves], axis=-1
   )
 
 

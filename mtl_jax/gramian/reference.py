@@ -46,8 +46,10 @@ def stacked_vjp(pullback: Callable, cotangents: Any, unroll_limit: int = 16) -> 
   count = jax.tree_util.tree_leaves(cotangents)[0].shape[0]
   if count > unroll_limit:
     return jax.lax.map(pullback, cotangents)
-  results = [pullback(jax.tree_util.tree_map(lambda leaf, index=index: leaf[index], cotangents))
-             for index in range(count)]
+  results = [
+    pullback(jax.tree_util.tree_map(lambda leaf, index=index: leaf[index], cotangents))
+    for index in range(count)
+  ]
   return jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *results)
 
 
@@ -64,12 +66,12 @@ def jacobian_rows(function: Callable, primal: Any) -> Any:
 
 
 def per_sample_losses(
-    model: nn.Module,
-    params: Any,
-    batch_stats: Any,
-    batch: Batch,
-    tasks: Sequence[tasks_lib.Task],
-    train: bool = True,
+  model: nn.Module,
+  params: Any,
+  batch_stats: Any,
+  batch: Batch,
+  tasks: Sequence[tasks_lib.Task],
+  train: bool = True,
 ) -> jax.Array:
   """Every task's per-sample losses.
 
@@ -122,14 +124,14 @@ def reference_jacobian(model, params, batch_stats, batch, tasks, train, coupled,
 
 
 def per_sample_gradients(
-    model: nn.Module,
-    params: Any,
-    batch_stats: Any,
-    batch: Batch,
-    tasks: Sequence[tasks_lib.Task],
-    sample_indices: Sequence[int],
-    task_indices: Sequence[int],
-    batch_norm: str = "error",
+  model: nn.Module,
+  params: Any,
+  batch_stats: Any,
+  batch: Batch,
+  tasks: Sequence[tasks_lib.Task],
+  sample_indices: Sequence[int],
+  task_indices: Sequence[int],
+  batch_norm: str = "error",
 ) -> jax.Array:
   """Materialised, flattened encoder gradients of chosen rows, for coordinate statistics.
 

@@ -56,7 +56,9 @@ def _block_rows(captured: capture_lib.Capture, total_batch: int) -> jax.Array:
     if path in materialised:
       continue
     inputs, gradients = captured.inputs[path], captured.output_gradients[path]
-    block = blocks.ghost_contribution(info, inputs, gradients, _gather(inputs, 0), _gather(gradients, 1))
+    block = blocks.ghost_contribution(
+      info, inputs, gradients, _gather(inputs, 0), _gather(gradients, 1)
+    )
     total = block if total is None else total + block
   return total
 
@@ -69,14 +71,14 @@ def batch_size(batch: Mapping[str, Any], mesh: jax.sharding.Mesh) -> int:
 
 
 def gramian_at_level(
-    model,
-    params: Any,
-    batch_stats: Any,
-    batch: Mapping[str, jax.Array],
-    tasks: Sequence[tasks_lib.Task],
-    mesh: jax.sharding.Mesh,
-    level: str,
-    batch_norm: str = "error",
+  model,
+  params: Any,
+  batch_stats: Any,
+  batch: Mapping[str, jax.Array],
+  tasks: Sequence[tasks_lib.Task],
+  mesh: jax.sharding.Mesh,
+  level: str,
+  batch_norm: str = "error",
 ) -> tuple[jax.Array, jax.Array]:
   """The Gramian of a per-sample level ('full', 'sample' or 'sample_task') and the task losses.
 
@@ -110,11 +112,11 @@ def gramian_at_level(
   data = PartitionSpec(parallel.DATA_AXIS)
   gramian_spec = data if level == levels.FULL else PartitionSpec()
   function = jax.shard_map(
-      per_device,
-      mesh=mesh,
-      in_specs=(PartitionSpec(), PartitionSpec(), data),
-      out_specs=(gramian_spec, PartitionSpec()),
-      check_vma=False,
+    per_device,
+    mesh=mesh,
+    in_specs=(PartitionSpec(), PartitionSpec(), data),
+    out_specs=(gramian_spec, PartitionSpec()),
+    check_vma=False,
   )
   return function(params, batch_stats, batch)
 
@@ -144,7 +146,9 @@ def weighted_backward(model, tasks, params, batch, level: str, weights: jax.Arra
   def objective(params):
     features, _ = apply_lib.encode(model, params, {}, batch["image"], True)
     shape = (batch_size,) + (1,) * (features.ndim - 1)
-    per_task = [scale_gradient(features, scales[:, index].reshape(shape)) for index in range(num_tasks)]
+    per_task = [
+      scale_gradient(features, scales[:, index].reshape(shape)) for index in range(num_tasks)
+    ]
     predictions, _ = apply_lib.apply_heads(model, names, params["heads"], {}, per_task, True)
     losses = tasks_lib.losses_matrix(tasks, predictions, batch)
     return jnp.sum(jnp.mean(losses, axis=0))

@@ -39,11 +39,11 @@ class TaskGradients(NamedTuple):
 
 
 def task_gradients(
-    model: nn.Module,
-    params: Any,
-    batch_stats: Any,
-    batch: Batch,
-    tasks: Sequence[tasks_lib.Task],
+  model: nn.Module,
+  params: Any,
+  batch_stats: Any,
+  batch: Batch,
+  tasks: Sequence[tasks_lib.Task],
 ) -> TaskGradients:
   """Every task's gradient of its batch-mean loss, from one forward and T backward passes.
 
@@ -71,11 +71,13 @@ def task_gradients(
 
     def task_loss(head_params, features, task=task):
       prediction, stats = apply_lib.apply_head(
-          model, task.name, head_params, batch_stats, features, True
+        model, task.name, head_params, batch_stats, features, True
       )
       return jnp.mean(task.loss(prediction, batch)), stats
 
-    loss, head_vjp, head_stats[task.name] = jax.vjp(task_loss, params["heads"][task.name], features, has_aux=True)
+    loss, head_vjp, head_stats[task.name] = jax.vjp(
+      task_loss, params["heads"][task.name], features, has_aux=True
+    )
     heads[task.name], feature_gradient = head_vjp(jnp.ones_like(loss))
     losses.append(loss)
     feature_gradients.append(feature_gradient)

@@ -28,13 +28,13 @@ def variables(params: Any, batch_stats: Any) -> dict[str, Any]:
 
 
 def run(
-    model: nn.Module,
-    params: Any,
-    batch_stats: Any,
-    inputs: jax.Array,
-    train: bool,
-    method: Any = None,
-    extra_variables: Mapping[str, Any] | None = None,
+  model: nn.Module,
+  params: Any,
+  batch_stats: Any,
+  inputs: jax.Array,
+  train: bool,
+  method: Any = None,
+  extra_variables: Mapping[str, Any] | None = None,
 ) -> tuple[Any, Any]:
   """Applies `model` (or one of its methods) and returns (outputs, batch statistics after it).
 
@@ -51,7 +51,7 @@ def run(
   collections = {**variables(params, batch_stats), **(extra_variables or {})}
   if train and has_batch_norm(batch_stats):
     outputs, updates = model.apply(
-        collections, inputs, True, method=method, mutable=["batch_stats"]
+      collections, inputs, True, method=method, mutable=["batch_stats"]
     )
     return outputs, updates["batch_stats"]
   return model.apply(collections, inputs, train, method=method), batch_stats
@@ -76,12 +76,12 @@ def head_statistics(batch_stats: Any, task_name: str) -> Any:
 
 
 def apply_head(
-    model: nn.Module,
-    task_name: str,
-    head_params: Any,
-    batch_stats: Any,
-    features: jax.Array,
-    train: bool,
+  model: nn.Module,
+  task_name: str,
+  head_params: Any,
+  batch_stats: Any,
+  features: jax.Array,
+  train: bool,
 ) -> tuple[jax.Array, Any]:
   """One task's head on shared features: (prediction, the head's statistics or None).
 
@@ -97,18 +97,18 @@ def apply_head(
 
 
 def apply_heads(
-    model: nn.Module,
-    task_names: Sequence[str],
-    head_params: Mapping[str, Any],
-    batch_stats: Any,
-    features_per_task: Sequence[jax.Array],
-    train: bool,
+  model: nn.Module,
+  task_names: Sequence[str],
+  head_params: Mapping[str, Any],
+  batch_stats: Any,
+  features_per_task: Sequence[jax.Array],
+  train: bool,
 ) -> tuple[dict[str, jax.Array], Any]:
   """Head t on features_per_task[t] for every task; returns (predictions, updated batch_stats)."""
   predictions, head_stats = {}, {}
   for name, features in zip(task_names, features_per_task):
     predictions[name], head_stats[name] = apply_head(
-        model, name, head_params[name], batch_stats, features, train
+      model, name, head_params[name], batch_stats, features, train
     )
   return predictions, with_head_statistics(batch_stats, head_stats)
 

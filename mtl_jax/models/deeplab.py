@@ -29,17 +29,26 @@ RESNET50_BLOCKS = (3, 4, 6, 3)
 _DILATE_STAGE = (False, False, True, True)
 
 
-def conv_norm(x: jax.Array, features: int, kernel: int, train: bool, norm: str, name: str,
-              strides: int = 1, dilation: int = 1, relu: bool = True) -> jax.Array:
+def conv_norm(
+  x: jax.Array,
+  features: int,
+  kernel: int,
+  train: bool,
+  norm: str,
+  name: str,
+  strides: int = 1,
+  dilation: int = 1,
+  relu: bool = True,
+) -> jax.Array:
   """Conv (no bias unless there is no norm) -> Norm -> optional ReLU, as named submodules of the caller."""
   x = layers.Conv(
-      features,
-      kernel_size=(kernel, kernel),
-      strides=(strides, strides),
-      dilation=(dilation, dilation),
-      use_bias=norm == "none",
-      kernel_init=nn.initializers.he_normal(),
-      name=f"{name}_conv",
+    features,
+    kernel_size=(kernel, kernel),
+    strides=(strides, strides),
+    dilation=(dilation, dilation),
+    use_bias=norm == "none",
+    kernel_init=nn.initializers.he_normal(),
+    name=f"{name}_conv",
   )(x)
   x = layers.Norm(norm, name=f"{name}_norm")(x, train)
   return nn.relu(x) if relu else x
@@ -57,11 +66,15 @@ class Bottleneck(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     out_features = 4 * self.width
     y = conv_norm(x, self.width, 1, train, self.norm, "reduce")
-    y = conv_norm(y, self.width, 3, train, self.norm, "spatial", strides=self.strides, dilation=self.dilation)
+    y = conv_norm(
+      y, self.width, 3, train, self.norm, "spatial", strides=self.strides, dilation=self.dilation
+    )
     y = conv_norm(y, out_features, 1, train, self.norm, "expand", relu=False)
     residual = x
     if self.strides != 1 or x.shape[-1] != out_features:
-      residual = conv_norm(x, out_features, 1, train, self.norm, "shortcut", strides=self.strides, relu=False)
+      residual = conv_norm(
+        x, out_features, 1, train, self.norm, "shortcut", strides=self.strides, relu=False
+      )
     return nn.relu(y + residual)
 
 
@@ -81,7 +94,9 @@ class DilatedResNet50(nn.Module):
     layers.check_norm(self.norm)
     height, width = x.shape[1:3]
     if height % OUTPUT_STRIDE or width % OUTPUT_STRIDE:
-      raise ValueError(f"DeepLabV3 needs input height and width divisible by {OUTPUT_STRIDE}; got {height}x{width}.")
+      raise ValueError(
+        f"DeepLabV3 needs input height and width divisible by {OUTPUT_STRIDE}; got {height}x{width}."
+      )
     widths = [scaled_width(value, self.width_multiplier) for value in (64, 128, 256, 512)]
     x = conv_norm(x, widths[0], 7, train, self.norm, "stem", strides=2)
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
@@ -93,11 +108,11 @@ class DilatedResNet50(nn.Module):
         dilation, strides = dilation * strides, 1
       for index in range(count):
         block = Bottleneck(
-            stage_width,
-            strides=strides if index == 0 else 1,
-            dilation=previous_dilation if index == 0 else dilation,
-            norm=self.norm,
-            name=f"stage_{stage}_block_{index}",
+          stage_width,
+          strides=strides if index == 0 else 1,
+          dilation=previous_dilation if index == 0 else dilation,
+          norm=self.norm,
+          name=f"stage_{stage}_block_{index}",
         )
         x = block(x, train)
     return x
@@ -118,18 +133,30 @@ class ASPPHead(nn.Module):
   @nn.compact
   def __call__(self, features: jax.Array, train: bool = False) -> jax.Array:
     if features.ndim != 4:
-      raise ValueError(f"ASPPHead needs per-pixel features [B, H, W, C]; got shape {tuple(features.shape)}.")
+      raise ValueError(
+        f"ASPPHead needs per-pixel features [B, H, W, C]; got shape {tuple(features.shape)}."
+      )
     batch, height, width, _ = features.shape
     branches = [conv_norm(features, self.channels, 1, train, self.norm, "aspp_1x1")]
     for rate in self.rates:
-      branches.append(conv_norm(features, self.channels, 3, train, self.norm, f"aspp_rate_{rate}", dilation=rate))
+      branches.append(
+        conv_norm(features, self.channels, 3, train, self.norm, f"aspp_rate_{rate}", dilation=rate)
+      )
     pooled = jnp.mean(features, axis=(1, 2), keepdims=True)
     pooled = conv_norm(pooled, self.channels, 1, train, self.norm, "aspp_pool")
     # Upsampling a 1x1 map bilinearly is a broadcast.
     branches.append(jnp.broadcast_to(pooled, (batch, height, width, self.channels)))
-    x = conv_norm(jnp.concatenate(branches, axis=-1), self.channels, 1, train, self.norm, "aspp_project")
+    x = conv_norm(
+      jnp.concatenate(branches, axis=-1), self.channels, 1, train, self.norm, "aspp_project"
+    )
     x = conv_norm(x, self.channels, 3, train, self.norm, "head")
-    x = layers.Conv(self.out_channels, kernel_size=(1, 1), kernel_init=nn.initializers.he_normal(),
-                    name="conv_output")(x)
-    x = jax.image.resize(x, (batch, height * self.upsample, width * self.upsample, self.out_channels), "bilinear")
+    x = layers.Conv(
+      self.out_channels,
+      kernel_size=(1, 1),
+      kernel_init=nn.initializers.he_normal(),
+      name="conv_output",
+    )(x)
+    x = jax.image.resize(
+      x, (batch, height * self.upsample, width * self.upsample, self.out_channels), "bilinear"
+    )
     return x.astype(jnp.float32)

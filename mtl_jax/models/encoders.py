@@ -106,12 +106,12 @@ class ConvNormReLU(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     x = layers.Conv(
-        self.features,
-        kernel_size=self.kernel_size,
-        strides=self.strides,
-        use_bias=self.use_bias,
-        kernel_init=self.kernel_init,
-        name="conv",
+      self.features,
+      kernel_size=self.kernel_size,
+      strides=self.strides,
+      use_bias=self.use_bias,
+      kernel_init=self.kernel_init,
+      name="conv",
     )(x)
     x = layers.Norm(self.norm, name="norm")(x, train)
     return nn.relu(x)
@@ -219,10 +219,10 @@ def check_segnet_input_size(height: int, width: int) -> None:
     return " or ".join(str(value) for value in options)
 
   raise ValueError(
-      f"SegNet needs input height and width divisible by {step} (five 2x2 max-pool stages); "
-      f"got {height}x{width}. Valid sizes are multiples of {step}: height {nearby(height)}, "
-      f"width {nearby(width)} (e.g. resize or crop to {nearby(height).split()[-1]}x"
-      f"{nearby(width).split()[-1]})."
+    f"SegNet needs input height and width divisible by {step} (five 2x2 max-pool stages); "
+    f"got {height}x{width}. Valid sizes are multiples of {step}: height {nearby(height)}, "
+    f"width {nearby(width)} (e.g. resize or crop to {nearby(height).split()[-1]}x"
+    f"{nearby(width).split()[-1]})."
   )
 
 
@@ -240,23 +240,23 @@ class BasicBlock(nn.Module):
     use_bias = self.norm == "none"
     residual = x
     y = ConvNormReLU(
-        self.features,
-        norm=self.norm,
-        strides=(self.strides, self.strides),
-        use_bias=use_bias,
-        kernel_init=kernel_init,
-        name="conv_norm_relu",
+      self.features,
+      norm=self.norm,
+      strides=(self.strides, self.strides),
+      use_bias=use_bias,
+      kernel_init=kernel_init,
+      name="conv_norm_relu",
     )(x, train)
     y = layers.Conv(self.features, use_bias=use_bias, kernel_init=kernel_init, name="conv")(y)
     y = layers.Norm(self.norm, name="norm")(y, train)
     if self.strides != 1 or x.shape[-1] != self.features:
       residual = layers.Conv(
-          self.features,
-          kernel_size=(1, 1),
-          strides=(self.strides, self.strides),
-          use_bias=use_bias,
-          kernel_init=kernel_init,
-          name="shortcut_conv",
+        self.features,
+        kernel_size=(1, 1),
+        strides=(self.strides, self.strides),
+        use_bias=use_bias,
+        kernel_init=kernel_init,
+        name="shortcut_conv",
       )(x)
       residual = layers.Norm(self.norm, name="shortcut_norm")(residual, train)
     return nn.relu(y + residual)
@@ -282,26 +282,31 @@ class ResNet18(nn.Module):
     layers.check_norm(self.norm)
     if self.stem not in RESNET_STEMS:
       raise ValueError(
-          f"Unknown ResNet stem {self.stem!r}; valid stems: {', '.join(RESNET_STEMS)}."
+        f"Unknown ResNet stem {self.stem!r}; valid stems: {', '.join(RESNET_STEMS)}."
       )
     widths = [scaled_width(width, self.width_multiplier) for width in (64, 128, 256, 512)]
     use_bias = self.norm == "none"
     kernel_init = nn.initializers.he_normal()
     if self.stem == "imagenet":
       x = ConvNormReLU(
-          widths[0], norm=self.norm, kernel_size=(7, 7), strides=(2, 2), use_bias=use_bias,
-          kernel_init=kernel_init, name="stem",
+        widths[0],
+        norm=self.norm,
+        kernel_size=(7, 7),
+        strides=(2, 2),
+        use_bias=use_bias,
+        kernel_init=kernel_init,
+        name="stem",
       )(x, train)
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
     else:
       x = ConvNormReLU(
-          widths[0], norm=self.norm, use_bias=use_bias, kernel_init=kernel_init, name="stem"
+        widths[0], norm=self.norm, use_bias=use_bias, kernel_init=kernel_init, name="stem"
       )(x, train)
     for stage, features in enumerate(widths):
       for index in range(2):
         strides = 2 if stage > 0 and index == 0 else 1
         block = BasicBlock(
-            features, strides=strides, norm=self.norm, name=f"stage_{stage}_block_{index}"
+          features, strides=strides, norm=self.norm, name=f"stage_{stage}_block_{index}"
         )
         x = block(x, train)
     return global_average_pool(x)

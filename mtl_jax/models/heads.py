@@ -30,15 +30,15 @@ class DenseHead(nn.Module):
     del train  # No normalisation in heads; the argument keeps all modules' signatures alike.
     if features.ndim != 4:
       raise ValueError(
-          "DenseHead needs per-pixel features [B, H, W, C] from a dense encoder (segnet, or "
-          f"small_cnn with dense output); got features of shape {tuple(features.shape)}."
+        "DenseHead needs per-pixel features [B, H, W, C] from a dense encoder (segnet, or "
+        f"small_cnn with dense output); got features of shape {tuple(features.shape)}."
       )
     x = layers.Conv(
-        self.hidden_channels, kernel_size=(3, 3), kernel_init=self.kernel_init, name="conv_hidden"
+      self.hidden_channels, kernel_size=(3, 3), kernel_init=self.kernel_init, name="conv_hidden"
     )(features)
     x = nn.relu(x)
     x = layers.Conv(
-        self.out_channels, kernel_size=(1, 1), kernel_init=self.kernel_init, name="conv_output"
+      self.out_channels, kernel_size=(1, 1), kernel_init=self.kernel_init, name="conv_output"
     )(x)
     return x.astype(jnp.float32)
 
@@ -60,8 +60,7 @@ class GlobalHead(nn.Module):
       features = jnp.mean(features, axis=(1, 2))
     if features.ndim != 2:
       raise ValueError(
-          "GlobalHead needs features [B, D] or [B, H, W, C]; got shape "
-          f"{tuple(features.shape)}."
+        f"GlobalHead needs features [B, D] or [B, H, W, C]; got shape {tuple(features.shape)}."
       )
     x = features
     for index, size in enumerate(self.hidden):

@@ -54,12 +54,12 @@ class Conv(nn.Module):
     kernel_shape = (*self.kernel_size, inputs.shape[-1], self.features)
     kernel = self.param("kernel", self.kernel_init, kernel_shape)
     outputs = jax.lax.conv_general_dilated(
-        inputs,
-        kernel,
-        window_strides=tuple(self.strides),
-        padding="SAME",
-        rhs_dilation=tuple(self.dilation),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      inputs,
+      kernel,
+      window_strides=tuple(self.strides),
+      padding="SAME",
+      rhs_dilation=tuple(self.dilation),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
     )
     if self.use_bias:
       outputs = outputs + self.param("bias", self.bias_init, (self.features,))
@@ -116,18 +116,18 @@ class Norm(nn.Module):
       return inputs
     if self.kind == "batch":
       normalised = nn.BatchNorm(
-          use_running_average=not train,
-          momentum=self.momentum,
-          epsilon=self.epsilon,
-          use_scale=False,
-          use_bias=False,
+        use_running_average=not train,
+        momentum=self.momentum,
+        epsilon=self.epsilon,
+        use_scale=False,
+        use_bias=False,
       )(inputs)
     elif self.kind == "group":
       normalised = nn.GroupNorm(
-          num_groups=_group_count(inputs.shape[-1], positions=math.prod(inputs.shape[1:-1])),
-          epsilon=self.epsilon,
-          use_scale=False,
-          use_bias=False,
+        num_groups=_group_count(inputs.shape[-1], positions=math.prod(inputs.shape[1:-1])),
+        epsilon=self.epsilon,
+        use_scale=False,
+        use_bias=False,
       )(inputs)
     else:
       normalised = nn.LayerNorm(epsilon=self.epsilon, use_scale=False, use_bias=False)(inputs)

@@ -45,8 +45,7 @@ class Heads(nn.Module):
     # Cloning under an explicit name makes the params tree {task: ...} rather than Flax's
     # default {'tasks_<task>': ...} for modules held in a dict attribute.
     return {
-        task: head.clone(parent=self, name=task)(features, train)
-        for task, head in self.tasks.items()
+      task: head.clone(parent=self, name=task)(features, train) for task, head in self.tasks.items()
     }
 
 
@@ -93,16 +92,16 @@ def build_encoder(config: Any, dense_output: bool) -> nn.Module:
     return encoders.MLPEncoder(hidden=_int_tuple(config.get("hidden", (256, 256))), norm=norm)
   if name == "small_cnn":
     return encoders.SmallCNN(
-        features=_int_tuple(config.get("features", (16, 32, 32))),
-        norm=norm,
-        dense_output=dense_output,
+      features=_int_tuple(config.get("features", (16, 32, 32))),
+      norm=norm,
+      dense_output=dense_output,
     )
   if name == "segnet":
     return encoders.SegNet(width_multiplier=width_multiplier, norm=norm)
   if name == "deeplabv3_resnet50":
     return deeplab.DilatedResNet50(width_multiplier=width_multiplier, norm=norm)
   return encoders.ResNet18(
-      width_multiplier=width_multiplier, norm=norm, stem=config.get("resnet_stem", "imagenet")
+    width_multiplier=width_multiplier, norm=norm, stem=config.get("resnet_stem", "imagenet")
   )
 
 
@@ -123,15 +122,15 @@ def build_model(config: Any, head_specs: Mapping[str, HeadSpec]) -> MultiTaskMod
   dense_tasks = sorted(task for task, spec in head_specs.items() if spec.dense)
   if dense_tasks and name in GLOBAL_ENCODERS:
     raise ValueError(
-        f"Per-pixel (dense) task(s) {', '.join(dense_tasks)} need a dense encoder, but "
-        f"{name!r} outputs global features [B, D]; use one of: "
-        f"{', '.join(DENSE_ENCODERS + ('small_cnn',))}."
+      f"Per-pixel (dense) task(s) {', '.join(dense_tasks)} need a dense encoder, but "
+      f"{name!r} outputs global features [B, D]; use one of: "
+      f"{', '.join(DENSE_ENCODERS + ('small_cnn',))}."
     )
   encoder = build_encoder(config, dense_output=bool(dense_tasks))
   width_multiplier = float(config.get("width_multiplier", 1.0))
   # MTAN initialises every SegNet conv, including the heads', with Xavier-normal.
   head_kernel_init = (
-      nn.initializers.xavier_normal() if name == "segnet" else nn.initializers.lecun_normal()
+    nn.initializers.xavier_normal() if name == "segnet" else nn.initializers.lecun_normal()
   )
   head_hidden_channels = int(config.get("head_hidden_channels", 64))
   head_hidden = _int_tuple(config.get("head_hidden", ()))
@@ -140,18 +139,20 @@ def build_model(config: Any, head_specs: Mapping[str, HeadSpec]) -> MultiTaskMod
     # --- DeepLabV3: every dense task gets its own ASPP head (upsampling to the input size).
     if spec.dense and name == "deeplabv3_resnet50":
       task_heads[task] = deeplab.ASPPHead(
-          int(spec.output_channels), channels=encoders.scaled_width(256, width_multiplier), norm=encoder.norm
+        int(spec.output_channels),
+        channels=encoders.scaled_width(256, width_multiplier),
+        norm=encoder.norm,
       )
     # --- end DeepLabV3.
     elif spec.dense:
       task_heads[task] = heads_lib.DenseHead(
-          int(spec.output_channels),
-          hidden_channels=head_hidden_channels,
-          kernel_init=head_kernel_init,
+        int(spec.output_channels),
+        hidden_channels=head_hidden_channels,
+        kernel_init=head_kernel_init,
       )
     else:
       task_heads[task] = heads_lib.GlobalHead(
-          int(spec.output_channels), hidden=head_hidden, kernel_init=head_kernel_init
+        int(spec.output_channels), hidden=head_hidden, kernel_init=head_kernel_init
       )
   return MultiTaskModel(encoder=encoder, heads=task_heads)
 
@@ -162,5 +163,7 @@ def init_model(model: nn.Module, rng: jax.Array, input_shape: Sequence[int]) -> 
   The whole initialisation is one compiled program: run eagerly, every distinct parameter shape
   would compile its own random-number kernel, which takes seconds per shape on a CPU.
   """
-  initialise = jax.jit(lambda key: model.init(key, jnp.zeros(tuple(input_shape), jnp.float32), train=False))
+  initialise = jax.jit(
+    lambda key: model.init(key, jnp.zeros(tuple(input_shape), jnp.float32), train=False)
+  )
   return dict(initialise(rng))

@@ -25,19 +25,31 @@ _COLLECTIONS = ("params", "batch_stats")
 
 
 def _flatten(tree: Any) -> dict[str, np.ndarray]:
-  return {"/".join(path): np.asarray(value) for path, value in flax.traverse_util.flatten_dict(dict(tree)).items()}
+  return {
+    "/".join(path): np.asarray(value)
+    for path, value in flax.traverse_util.flatten_dict(dict(tree)).items()
+  }
 
 
 def _unflatten(flat: dict[str, np.ndarray]) -> dict:
-  return flax.traverse_util.unflatten_dict({tuple(key.split("/")): value for key, value in flat.items()})
+  return flax.traverse_util.unflatten_dict(
+    {tuple(key.split("/")): value for key, value in flat.items()}
+  )
 
 
 def save_backbone(path: str, variables: Any) -> None:
   """Writes the encoder part of model variables ({'params': {'encoder': ...}, ...}) to path (.npz or .msgpack)."""
-  collections = {name: variables[name]["encoder"] for name in _COLLECTIONS
-                 if name in variables and "encoder" in variables[name]}
+  collections = {
+    name: variables[name]["encoder"]
+    for name in _COLLECTIONS
+    if name in variables and "encoder" in variables[name]
+  }
   if path.endswith(".npz"):
-    flat = {f"{name}/{key}": value for name, tree in collections.items() for key, value in _flatten(tree).items()}
+    flat = {
+      f"{name}/{key}": value
+      for name, tree in collections.items()
+      for key, value in _flatten(tree).items()
+    }
     np.savez(path, **flat)
   elif path.endswith(".msgpack"):
     with open(path, "wb") as file:
@@ -95,16 +107,20 @@ def load_backbone(variables: dict[str, Any], path: str) -> dict[str, Any]:
     current = _flatten(variables[collection]["encoder"])
     missing = sorted(set(current) - set(stored[collection]))
     unexpected = sorted(set(stored[collection]) - set(current))
-    mismatched = [f"{key}: file {stored[collection][key].shape} vs model {current[key].shape}"
-                  for key in sorted(set(current) & set(stored[collection]))
-                  if stored[collection][key].shape != current[key].shape]
+    mismatched = [
+      f"{key}: file {stored[collection][key].shape} vs model {current[key].shape}"
+      for key in sorted(set(current) & set(stored[collection]))
+      if stored[collection][key].shape != current[key].shape
+    ]
     if missing or unexpected or mismatched:
       raise ValueError(
-          f"Pretrained backbone {path} does not match the encoder ({collection}): "
-          f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
-          f"{len(mismatched)} with another shape (e.g. {mismatched[:3]}). Check config.model.encoder and "
-          "width_multiplier against the file."
+        f"Pretrained backbone {path} does not match the encoder ({collection}): "
+        f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
+        f"{len(mismatched)} with another shape (e.g. {mismatched[:3]}). Check config.model.encoder and "
+        "width_multiplier against the file."
       )
-    encoder = _unflatten({key: np.asarray(value, current[key].dtype) for key, value in stored[collection].items()})
+    encoder = _unflatten(
+      {key: np.asarray(value, current[key].dtype) for key, value in stored[collection].items()}
+    )
     merged[collection] = {**variables[collection], "encoder": encoder}
   return merged

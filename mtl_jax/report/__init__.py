@@ -17,12 +17,18 @@ def results_table(results: Mapping) -> str:
   test, validation = results.get("test", {}), results.get("validation", {})
   lines = ["| metric | test | validation |", "|---|---|---|"]
   for key in test:
-    lines.append(f"| {key} {_arrow(directions.get(key))} | {test[key]:.4f} | {validation.get(key, float('nan')):.4f} |")
+    lines.append(
+      f"| {key} {_arrow(directions.get(key))} | {test[key]:.4f} | {validation.get(key, float('nan')):.4f} |"
+    )
   if "delta_m" in results:
     delta = results["delta_m"]
-    lines.append(f"| Δm % ({delta['variant']}) ↓ | {delta['test']:.2f} | {delta['validation']:.2f} |")
+    lines.append(
+      f"| Δm % ({delta['variant']}) ↓ | {delta['test']:.2f} | {delta['validation']:.2f} |"
+    )
   selection = results.get("selection", {})
   if selection.get("criterion"):
     lines.append("")
-    lines.append(f"Best step {results.get('best_step')} chosen on {selection['criterion']} = {selection['score']:.4f}.")
+    lines.append(
+      f"Best step {results.get('best_step')} chosen on {selection['criterion']} = {selection['score']:.4f}."
+    )
   return "\n".join(lines)

@@ -12,13 +12,13 @@ import numpy as np  # noqa: E402
 
 
 def parallel_coordinates(
-    values: Sequence[Sequence[float]],
-    names: Sequence[str],
-    higher_is_better: Sequence[bool],
-    groups: Sequence[str],
-    path: str,
-    front: Sequence[bool] | None = None,
-    title: str = "Test metrics of each run at its best lr",
+  values: Sequence[Sequence[float]],
+  names: Sequence[str],
+  higher_is_better: Sequence[bool],
+  groups: Sequence[str],
+  path: str,
+  front: Sequence[bool] | None = None,
+  title: str = "Test metrics of each run at its best lr",
 ) -> str:
   """Draws one line per run across one normalised axis per metric, coloured by group.
 
@@ -51,16 +51,30 @@ def parallel_coordinates(
   for index, row in enumerate(scaled):
     colour = colours(labels.index(groups[index]) % 10)
     solid = front is None or front[index]
-    axis.plot(positions, row, color=colour, alpha=0.8, linewidth=1.4 if solid else 0.9,
-              linestyle="-" if solid else "--")
+    axis.plot(
+      positions,
+      row,
+      color=colour,
+      alpha=0.8,
+      linewidth=1.4 if solid else 0.9,
+      linestyle="-" if solid else "--",
+    )
   for position in positions:
     axis.axvline(position, color="0.7", linewidth=0.8)
   axis.set_xticks(positions)
-  axis.set_xticklabels([f"{name} {'↑' if flag else '↓'}\n[{lo:.3g}, {hi:.3g}]"
-                        for name, flag, lo, hi in zip(names, flags, low, high)], fontsize=7, rotation=20)
+  axis.set_xticklabels(
+    [
+      f"{name} {'↑' if flag else '↓'}\n[{lo:.3g}, {hi:.3g}]"
+      for name, flag, lo, hi in zip(names, flags, low, high)
+    ],
+    fontsize=7,
+    rotation=20,
+  )
   axis.set_ylabel("normalised (up = better)")
   axis.set_ylim(-0.05, 1.05)
-  handles = [plt.Line2D([], [], color=colours(index % 10), label=label) for index, label in enumerate(labels)]
+  handles = [
+    plt.Line2D([], [], color=colours(index % 10), label=label) for index, label in enumerate(labels)
+  ]
   if front is not None:
     handles.append(plt.Line2D([], [], color="0.3", linestyle="--", label="not Pareto-optimal"))
   axis.legend(handles=handles, fontsize=8, loc="lower left")

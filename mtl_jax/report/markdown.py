@@ -39,7 +39,9 @@ def assemble(title: str, preamble: str, sections: Sequence[StudyResult], report_
   return "\n".join(lines).rstrip() + "\n"
 
 
-def optimizer_findings(selections, pareto_counts, reference: str = "adam", other: str = "sgd") -> list[str]:
+def optimizer_findings(
+  selections, pareto_counts, reference: str = "adam", other: str = "sgd"
+) -> list[str]:
   """Sentences comparing two optimizers, computed from a sweep's selections and Pareto counts.
 
   Args:
@@ -69,14 +71,19 @@ def optimizer_findings(selections, pareto_counts, reference: str = "adam", other
       gaps.append(second_mean - first_mean)
   findings = []
   if compared:
-    line = f"- {reference} beat {other} on test Δm (lower is better) for {wins} of {compared} methods"
+    line = (
+      f"- {reference} beat {other} on test Δm (lower is better) for {wins} of {compared} methods"
+    )
     if gaps:
       line += f"; mean Δm gap ({other} − {reference}) {sum(gaps) / len(gaps):+.2f} points"
     findings.append(line + ".")
   spread = {}
   for optimizer in (reference, other):
-    values = [selection.mean_std("delta_m")[0] for selection in selections
-              if selection.optimizer == optimizer and selection.learning_rate is not None]
+    values = [
+      selection.mean_std("delta_m")[0]
+      for selection in selections
+      if selection.optimizer == optimizer and selection.learning_rate is not None
+    ]
     if len(values) > 1:
       spread[optimizer] = max(values) - min(values)
   if spread:
@@ -84,8 +91,10 @@ def optimizer_findings(selections, pareto_counts, reference: str = "adam", other
     findings.append(f"- Spread of Δm across methods (max − min) per optimizer: {text} points.")
   counts = {name: pareto_counts[name] for name in (reference, other) if name in pareto_counts}
   for name, count in counts.items():
-    findings.append(f"- {name} runs on the full Pareto front: {count['po_full']}/{count['runs']}; "
-                    f"not dominated by any run of the other optimizer(s): {count['po_other']}/{count['runs']}.")
+    findings.append(
+      f"- {name} runs on the full Pareto front: {count['po_full']}/{count['runs']}; "
+      f"not dominated by any run of the other optimizer(s): {count['po_other']}/{count['runs']}."
+    )
   findings.extend(grid_edge_findings(selections))
   return findings
 
@@ -104,6 +113,8 @@ def grid_edge_findings(selections) -> list[str]:
     if selection.learning_rate in (rates[0], rates[-1]):
       side = "largest" if selection.learning_rate == rates[-1] else "smallest"
       edges.setdefault(selection.optimizer, []).append(f"{selection.method} ({side})")
-  return [f"- Caution: for {optimizer} the best lr is at an end of the grid for {len(methods)} method(s): "
-          f"{', '.join(methods)}; its optimum may lie outside the grid, so its Δm is an upper bound."
-          for optimizer, methods in edges.items()]
+  return [
+    f"- Caution: for {optimizer} the best lr is at an end of the grid for {len(methods)} method(s): "
+    f"{', '.join(methods)}; its optimum may lie outside the grid, so its Δm is an upper bound."
+    for optimizer, methods in edges.items()
+  ]

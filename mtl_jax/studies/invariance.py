@@ -75,7 +75,9 @@ def _group_norms(tree) -> jax.Array:
   """[3] Euclidean norms of a params-shaped tree per group, in GROUPS order."""
   squares = {group: 0.0 for group in GROUPS}
   for name, layer in tree.items():
-    squares[group_of(name)] += sum(jnp.sum(leaf * leaf) for leaf in jax.tree_util.tree_leaves(layer))
+    squares[group_of(name)] += sum(
+      jnp.sum(leaf * leaf) for leaf in jax.tree_util.tree_leaves(layer)
+    )
   return jnp.sqrt(jnp.stack([squares[group] for group in GROUPS]))
 
 
@@ -134,11 +136,21 @@ def make_simulator(model: TinyMultiTask, recipe: Recipe, targets_scale: Sequence
       return jnp.where(use_uw_o > 0, normalised, scaled)
     return scaled
 
-  def simulate(params, inputs, alphas, train_backbone, learning_rate, eps, use_adam=0.0, use_uw_o=0.0):
+  def simulate(
+    params, inputs, alphas, train_backbone, learning_rate, eps, use_adam=0.0, use_uw_o=0.0
+  ):
     def mask(tree):
-      return {name: jax.tree_util.tree_map(lambda leaf: jnp.where(train_backbone > 0, leaf, jnp.zeros_like(leaf))
-                                           if name.startswith("backbone") else leaf, layer)
-              for name, layer in tree.items()}
+      return {
+        name: jax.tree_util.tree_map(
+          lambda leaf: (
+            jnp.where(train_backbone > 0, leaf, jnp.zeros_like(leaf))
+            if name.startswith("backbone")
+            else leaf
+          ),
+          layer,
+        )
+        for name, layer in tree.items()
+      }
 
     if recipe.optimizer == "per_task_adam":
       optimizer = optim.scale_by_per_task_adam(num_tasks, recipe.b1, recipe.b2, eps)
@@ -153,14 +165,21 @@ def make_simulator(model: TinyMultiTask, recipe: Recipe, targets_scale: Sequence
       per_task = jax.jacrev(objectives)(params, batch, alphas, use_uw_o)  # leaves [T, ...]
       per_task = jax.vmap(mask)(per_task)
       total = jax.tree_util.tree_map(lambda leaf: jnp.sum(leaf, axis=0), per_task)
-      direction, opt_state = optimizer.update(per_task if recipe.optimizer == "per_task_adam" else total,
-                                              opt_state, params)
+      direction, opt_state = optimizer.update(
+        per_task if recipe.optimizer == "per_task_adam" else total, opt_state, params
+      )
       if recipe.optimizer == "switch":
-        direction = jax.tree_util.tree_map(lambda a, g: jnp.where(use_adam > 0, a, g), direction, total)
+        direction = jax.tree_util.tree_map(
+          lambda a, g: jnp.where(use_adam > 0, a, g), direction, total
+        )
       updates = mask(jax.tree_util.tree_map(lambda leaf: -learning_rate * leaf, direction))
       params = optax.apply_updates(params, updates)
-      record = {"loss": losses, "scaled_loss": alphas * losses, "grad_norm": _group_norms(total),
-                "update_norm": _group_norms(updates)}
+      record = {
+        "loss": losses,
+        "scaled_loss": alphas * losses,
+        "grad_norm": _group_norms(total),
+        "update_norm": _group_norms(updates),
+      }
       if recipe.record_params:
         record["params"] = _group_vectors(params)
       return (params, opt_state), record
@@ -174,7 +193,9 @@ def make_simulator(model: TinyMultiTask, recipe: Recipe, targets_scale: Sequence
 def _relative(a, b, reference) -> float:
   """max_k |a_k - b_k| / |reference_k| over steps k (rows)."""
   a, b, reference = (np.asarray(v, np.float64).reshape(len(v), -1) for v in (a, b, reference))
-  return float(np.max(np.linalg.norm(a - b, axis=1) / np.maximum(np.linalg.norm(reference, axis=1), 1e-300)))
+  return float(
+    np.max(np.linalg.norm(a - b, axis=1) / np.maximum(np.linalg.norm(reference, axis=1), 1e-300))
+  )
 
 
 def _declare_runs(check, alphas, ones) -> tuple[list[tuple], dict[str, Any]]:
@@ -191,16 +212,19 @@ def _declare_runs(check, alphas, ones) -> tuple[list[tuple], dict[str, Any]]:
     return len(declared) - 1
 
   names = {
-      "sgd_scaled": declare(alphas, 0.0, lr, eps),
-      "sgd_unscaled": declare(ones, 0.0, lr, eps),
-      "sgd_per_lr": [declare(ones, 0.0, lr * float(a), eps) for a in check.alphas],
-      "adam_tiny": (declare(alphas, 0.0, lr, tiny, 1.0), declare(ones, 0.0, lr, tiny, 1.0)),
-      "adam_eps": (declare(alphas, 0.0, lr, eps, 1.0), declare(ones, 0.0, lr, eps, 1.0)),
-      "adam_effective": [declare(ones, 0.0, lr, eps / float(a), 1.0) for a in check.alphas],
-      "adam_trainable": (declare(alphas, 1.0, lr, tiny, 1.0), declare(ones, 1.0, lr, tiny, 1.0)),
-      "uw_o_sgd": (declare(alphas, 1.0, lr, eps, 0.0, 1.0), declare(ones, 1.0, lr, eps, 0.0, 1.0)),
-      "uw_o_adam": (declare(alphas, 1.0, lr, eps, 1.0, 1.0), declare(ones, 1.0, lr, eps, 1.0, 1.0)),
-      "per_task": (declare(alphas, 1.0, lr, tiny, per_task=True), declare(ones, 1.0, lr, tiny, per_task=True)),
+    "sgd_scaled": declare(alphas, 0.0, lr, eps),
+    "sgd_unscaled": declare(ones, 0.0, lr, eps),
+    "sgd_per_lr": [declare(ones, 0.0, lr * float(a), eps) for a in check.alphas],
+    "adam_tiny": (declare(alphas, 0.0, lr, tiny, 1.0), declare(ones, 0.0, lr, tiny, 1.0)),
+    "adam_eps": (declare(alphas, 0.0, lr, eps, 1.0), declare(ones, 0.0, lr, eps, 1.0)),
+    "adam_effective": [declare(ones, 0.0, lr, eps / float(a), 1.0) for a in check.alphas],
+    "adam_trainable": (declare(alphas, 1.0, lr, tiny, 1.0), declare(ones, 1.0, lr, tiny, 1.0)),
+    "uw_o_sgd": (declare(alphas, 1.0, lr, eps, 0.0, 1.0), declare(ones, 1.0, lr, eps, 0.0, 1.0)),
+    "uw_o_adam": (declare(alphas, 1.0, lr, eps, 1.0, 1.0), declare(ones, 1.0, lr, eps, 1.0, 1.0)),
+    "per_task": (
+      declare(alphas, 1.0, lr, tiny, per_task=True),
+      declare(ones, 1.0, lr, tiny, per_task=True),
+    ),
   }
   return declared, names
 
@@ -209,11 +233,17 @@ def _run_declared(model, declared, params, inputs, scales) -> dict[int, Any]:
   """Executes the declared runs in two compiled programs: the SGD/Adam x EW/UW-O family (flags
   traced) and one Adam per task; returns {run index: its records}."""
   done: dict[int, Any] = {}
-  families = [(False, Recipe("switch", "switch", uw_o_epsilon=0.0)), (True, Recipe("per_task_adam"))]
+  families = [
+    (False, Recipe("switch", "switch", uw_o_epsilon=0.0)),
+    (True, Recipe("per_task_adam")),
+  ]
   for per_task, recipe in families:
     indices = [index for index, (kind, _) in enumerate(declared) if kind == per_task]
     simulate = make_simulator(model, dataclasses.replace(recipe, record_params=True), scales)
-    stacked = [jnp.stack([jnp.asarray(declared[index][1][k], jnp.float64) for index in indices]) for k in range(6)]
+    stacked = [
+      jnp.stack([jnp.asarray(declared[index][1][k], jnp.float64) for index in indices])
+      for k in range(6)
+    ]
     batched = jax.jit(jax.vmap(simulate, in_axes=(None, None, 0, 0, 0, 0, 0, 0)))
     records = jax.device_get(batched(params, inputs, *stacked))
     for position, index in enumerate(indices):
@@ -233,34 +263,76 @@ def _predictions(check, done, initial, names) -> list[dict[str, Any]]:
     value = _relative(a, b, reference)
     threshold_equal, threshold_differ = float(check.equal_tolerance), float(check.differ_threshold)
     ok = value < threshold_equal if predicted == "equal" else value > threshold_differ
-    rows.append(dict(setting=setting, group=group, compared=compared, predicted=predicted,
-                     relative_difference=value, ok=bool(ok)))
+    rows.append(
+      dict(
+        setting=setting,
+        group=group,
+        compared=compared,
+        predicted=predicted,
+        relative_difference=value,
+        ok=bool(ok),
+      )
+    )
 
   def compare(setting, group, compared, predicted, a, b):
-    add(setting, group, compared, predicted, displacement(a, group), displacement(b, group), displacement(b, group))
+    add(
+      setting,
+      group,
+      compared,
+      predicted,
+      displacement(a, group),
+      displacement(b, group),
+      displacement(b, group),
+    )
 
   heads = [group for group in GROUPS if group.startswith("head")]
   same = "trajectory(alpha) vs trajectory(1)"
   # SGD with a frozen backbone: weights are per-task learning rates.
   for t, head in enumerate(heads):
     first_unscaled = float(check.alphas[t]) * displacement(names["sgd_unscaled"], head)[:1]
-    add("SGD, frozen backbone", head, "first update(alpha) vs alpha * first update(1)", "equal",
-        displacement(names["sgd_scaled"], head)[:1], first_unscaled, first_unscaled)
-    compare("SGD, frozen backbone", head, "trajectory(alpha, lr) vs trajectory(1, alpha_t lr)", "equal",
-            names["sgd_scaled"], names["sgd_per_lr"][t])
-    compare("SGD, frozen backbone", head, same, "differ", names["sgd_scaled"], names["sgd_unscaled"])
+    add(
+      "SGD, frozen backbone",
+      head,
+      "first update(alpha) vs alpha * first update(1)",
+      "equal",
+      displacement(names["sgd_scaled"], head)[:1],
+      first_unscaled,
+      first_unscaled,
+    )
+    compare(
+      "SGD, frozen backbone",
+      head,
+      "trajectory(alpha, lr) vs trajectory(1, alpha_t lr)",
+      "equal",
+      names["sgd_scaled"],
+      names["sgd_per_lr"][t],
+    )
+    compare(
+      "SGD, frozen backbone", head, same, "differ", names["sgd_scaled"], names["sgd_unscaled"]
+    )
   # Adam with a frozen backbone: the scale cancels except through eps (effective eps / alpha_t).
   for t, head in enumerate(heads):
     compare(f"Adam, frozen backbone, eps={tiny:g}", head, same, "equal", *names["adam_tiny"])
     compare(f"Adam, frozen backbone, eps={eps:g}", head, same, "differ", *names["adam_eps"])
-    compare(f"Adam, frozen backbone, eps={eps:g}", head, "trajectory(alpha, eps) vs trajectory(1, eps/alpha_t)",
-            "equal", names["adam_eps"][0], names["adam_effective"][t])
+    compare(
+      f"Adam, frozen backbone, eps={eps:g}",
+      head,
+      "trajectory(alpha, eps) vs trajectory(1, eps/alpha_t)",
+      "equal",
+      names["adam_eps"][0],
+      names["adam_effective"][t],
+    )
   # Adam with a trainable backbone: nothing cancels.
   for group in GROUPS:
-    compare(f"Adam, trainable backbone, eps={tiny:g}", group, same, "differ", *names["adam_trainable"])
+    compare(
+      f"Adam, trainable backbone, eps={tiny:g}", group, same, "differ", *names["adam_trainable"]
+    )
   # Fully invariant recipes: UW-O (with SGD and with Adam) and one Adam per task.
-  for label, pair in (("UW-O + SGD", names["uw_o_sgd"]), ("UW-O + Adam", names["uw_o_adam"]),
-                      (f"EW + per-task Adam, eps={tiny:g}", names["per_task"])):
+  for label, pair in (
+    ("UW-O + SGD", names["uw_o_sgd"]),
+    ("UW-O + Adam", names["uw_o_adam"]),
+    (f"EW + per-task Adam, eps={tiny:g}", names["per_task"]),
+  ):
     for group in GROUPS:
       compare(f"{label}, trainable backbone", group, same, "equal", *pair)
   return rows
@@ -281,19 +353,29 @@ def run_invariance_check(config: ml_collections.ConfigDict) -> dict:
     model = TinyMultiTask(width=int(config.model.width))
     init_rng, data_rng = jax.random.split(jax.random.PRNGKey(int(check.seed)))
     inputs = jax.random.uniform(data_rng, (int(check.steps), int(check.batch_size), 1), jnp.float64)
-    params = jax.tree_util.tree_map(lambda leaf: leaf.astype(jnp.float64),
-                                    model.init(init_rng, inputs[0])["params"])
+    params = jax.tree_util.tree_map(
+      lambda leaf: leaf.astype(jnp.float64), model.init(init_rng, inputs[0])["params"]
+    )
     alphas = jnp.asarray(check.alphas, jnp.float64)
     declared, names = _declare_runs(check, alphas, jnp.ones_like(alphas))
     done = _run_declared(model, declared, params, inputs, tuple(config.targets_scale))
     rows = _predictions(check, done, jax.device_get(_group_vectors(params)), names)
-  header = ("| setting | group | compared | predicted | max relative difference | ok |\n"
-            "|---|---|---|---|---|---|")
-  lines = [header] + [f"| {r['setting']} | {r['group']} | {r['compared']} | {r['predicted']} | "
-                      f"{r['relative_difference']:.2e} | {'yes' if r['ok'] else 'NO'} |" for r in rows]
-  return {"rows": rows, "all_ok": all(r["ok"] for r in rows),
-          "equalities_ok": all(r["ok"] for r in rows if r["predicted"] == "equal"),
-          "markdown": "\n".join(lines), "alphas": list(check.alphas)}
+  header = (
+    "| setting | group | compared | predicted | max relative difference | ok |\n"
+    "|---|---|---|---|---|---|"
+  )
+  lines = [header] + [
+    f"| {r['setting']} | {r['group']} | {r['compared']} | {r['predicted']} | "
+    f"{r['relative_difference']:.2e} | {'yes' if r['ok'] else 'NO'} |"
+    for r in rows
+  ]
+  return {
+    "rows": rows,
+    "all_ok": all(r["ok"] for r in rows),
+    "equalities_ok": all(r["ok"] for r in rows if r["predicted"] == "equal"),
+    "markdown": "\n".join(lines),
+    "alphas": list(check.alphas),
+  }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,7 +404,9 @@ class _SwitchState(NamedTuple):
   train_encoder: jax.Array
 
 
-def _switchable(adam: optax.GradientTransformation, sgd_learning_rate: float, per_task: bool = False):
+def _switchable(
+  adam: optax.GradientTransformation, sgd_learning_rate: float, per_task: bool = False
+):
   """Adam or plain SGD, encoder trained or frozen, chosen by flags in the optimizer state.
 
   The flags are traced values, so one compiled train step serves all four combinations (the
@@ -338,11 +422,20 @@ def _switchable(adam: optax.GradientTransformation, sgd_learning_rate: float, pe
     if per_task:
       updates = adam_updates
     else:
-      updates = jax.tree_util.tree_map(lambda a, g: jnp.where(state.use_adam > 0, a, -sgd_learning_rate * g),
-                                       adam_updates, gradients)
+      updates = jax.tree_util.tree_map(
+        lambda a, g: jnp.where(state.use_adam > 0, a, -sgd_learning_rate * g),
+        adam_updates,
+        gradients,
+      )
     model = updates["model"] if "model" in updates else updates
-    model = {key: (jax.tree_util.tree_map(lambda leaf: leaf * state.train_encoder, value) if key == "encoder"
-                   else value) for key, value in model.items()}
+    model = {
+      key: (
+        jax.tree_util.tree_map(lambda leaf: leaf * state.train_encoder, value)
+        if key == "encoder"
+        else value
+      )
+      for key, value in model.items()
+    }
     updates = {**updates, "model": model} if "model" in updates else model
     return updates, state._replace(inner=inner)
 
@@ -351,7 +444,9 @@ def _switchable(adam: optax.GradientTransformation, sgd_learning_rate: float, pe
 
 def _model_groups(params) -> dict[str, jax.Array]:
   """Flattened model parameters: 'backbone' (the encoder) and 'heads' (all heads)."""
-  flatten = lambda tree: jnp.concatenate([jnp.ravel(leaf) for leaf in jax.tree_util.tree_leaves(tree)])  # noqa: E731
+  flatten = lambda tree: jnp.concatenate(
+    [jnp.ravel(leaf) for leaf in jax.tree_util.tree_leaves(tree)]
+  )  # noqa: E731
   return {"backbone": flatten(params["encoder"]), "heads": flatten(params["heads"])}
 
 
@@ -360,13 +455,16 @@ def _per_task_adam_step(experiment, tasks, optimizer):
 
   def step(state, batch):
     def task_losses(params):
-      predictions, _ = apply_lib.predict(experiment.model, params, state.batch_stats, batch["image"], True)
+      predictions, _ = apply_lib.predict(
+        experiment.model, params, state.batch_stats, batch["image"], True
+      )
       return jnp.mean(tasks_lib.losses_matrix(tasks, predictions, batch), axis=0)
 
     per_task = gramian_lib.jacobian_rows(task_losses, state.params)
     updates, opt_state = optimizer.update(per_task, state.opt_state, state.params)
-    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                         opt_state=opt_state), {}
+    return state.replace(
+      step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
+    ), {}
 
   return step
 
@@ -403,11 +501,16 @@ def classify_methods(config: ml_collections.ConfigDict, dataset=None, progress=p
   source = experiment.dataset.splits["train"]
   batch_size = int(train_config.training.batch_size)
   steps = int(settings.steps)
-  batches = [source.batch(np.arange(k * batch_size, (k + 1) * batch_size) % len(source)) for k in range(steps)]
+  batches = [
+    source.batch(np.arange(k * batch_size, (k + 1) * batch_size) % len(source))
+    for k in range(steps)
+  ]
   scales = [1.0] + [float(c) for c in settings.scales]
   names = list(settings.methods) or list(weighting_lib.method_names())
-  adam = optax.chain(optax.scale_by_adam(eps=float(settings.adam_eps)),
-                     optax.scale_by_learning_rate(float(settings.adam_learning_rate)))
+  adam = optax.chain(
+    optax.scale_by_adam(eps=float(settings.adam_eps)),
+    optax.scale_by_learning_rate(float(settings.adam_learning_rate)),
+  )
   sgd_learning_rate = float(settings.sgd_learning_rate)
 
   def trajectories(step_fn, state):
@@ -424,12 +527,17 @@ def classify_methods(config: ml_collections.ConfigDict, dataset=None, progress=p
     return result
 
   def worst(result, groups, initial):
-    return max(_relative(result[c][g] - initial[g], result[1.0][g] - initial[g], result[1.0][g] - initial[g])
-               for c in scales[1:] for g in groups)
+    return max(
+      _relative(result[c][g] - initial[g], result[1.0][g] - initial[g], result[1.0][g] - initial[g])
+      for c in scales[1:]
+      for g in groups
+    )
 
   def to_float64(tree):
-    return jax.tree_util.tree_map(lambda leaf: leaf.astype(jnp.float64)
-                                  if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf, tree)
+    return jax.tree_util.tree_map(
+      lambda leaf: leaf.astype(jnp.float64) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf,
+      tree,
+    )
 
   rows, skipped = [], {}
   candidates = names + (["per_task_adam"] if settings.include_per_task_adam else [])
@@ -439,21 +547,54 @@ def classify_methods(config: ml_collections.ConfigDict, dataset=None, progress=p
   # entries up to full-size steps, which would hide the exact invariances being classified.
   batches = [to_float64(batch) for batch in batches]
   try:
-    rows, skipped = _classify_all(candidates, experiment, tasks, train_config, settings, num_tasks, adam,
-                                  sgd_learning_rate, trajectories, worst, to_float64, progress)
+    rows, skipped = _classify_all(
+      candidates,
+      experiment,
+      tasks,
+      train_config,
+      settings,
+      num_tasks,
+      adam,
+      sgd_learning_rate,
+      trajectories,
+      worst,
+      to_float64,
+      progress,
+    )
   finally:
     x64.__exit__(None, None, None)
   columns = ("adam_heads", "adam_all", "sgd_heads", "sgd_all")
   lines = ["| method | class | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
   for row in rows:
-    lines.append(f"| {row['method']} | {row['class']} | " +
-                 " | ".join(f"{row[c]:.1e}" if c in row else "n/a" for c in columns) + " |")
-  return {"rows": rows, "skipped": skipped, "markdown": "\n".join(lines), "scales": scales[1:],
-          "tolerance": float(settings.tolerance), "steps": steps}
+    lines.append(
+      f"| {row['method']} | {row['class']} | "
+      + " | ".join(f"{row[c]:.1e}" if c in row else "n/a" for c in columns)
+      + " |"
+    )
+  return {
+    "rows": rows,
+    "skipped": skipped,
+    "markdown": "\n".join(lines),
+    "scales": scales[1:],
+    "tolerance": float(settings.tolerance),
+    "steps": steps,
+  }
 
 
-def _classify_all(candidates, experiment, tasks, train_config, settings, num_tasks, adam, sgd_learning_rate,
-                  trajectories, worst, to_float64, progress):
+def _classify_all(
+  candidates,
+  experiment,
+  tasks,
+  train_config,
+  settings,
+  num_tasks,
+  adam,
+  sgd_learning_rate,
+  trajectories,
+  worst,
+  to_float64,
+  progress,
+):
   """The per-method loop of `classify_methods` (run inside its float64 context)."""
   rows, skipped = [], {}
   options = weighting_lib.method_options(train_config, experiment.steps_per_epoch)
@@ -461,34 +602,53 @@ def _classify_all(candidates, experiment, tasks, train_config, settings, num_tas
     differences = {}
     try:
       if name == "per_task_adam":
-        optimizer = _switchable(optax.chain(optim.scale_by_per_task_adam(num_tasks, eps=float(settings.adam_eps)),
-                                            optax.scale_by_learning_rate(float(settings.adam_learning_rate))),
-                                sgd_learning_rate, per_task=True)
-        sub = dataclasses.replace(experiment, weighting=weighting_lib.get("ew", options), optimizer=optimizer)
+        optimizer = _switchable(
+          optax.chain(
+            optim.scale_by_per_task_adam(num_tasks, eps=float(settings.adam_eps)),
+            optax.scale_by_learning_rate(float(settings.adam_learning_rate)),
+          ),
+          sgd_learning_rate,
+          per_task=True,
+        )
+        sub = dataclasses.replace(
+          experiment, weighting=weighting_lib.get("ew", options), optimizer=optimizer
+        )
         with jax.enable_x64(False):
-          state = train_lib.init_state(dataclasses.replace(sub, optimizer=optax.identity()), int(train_config.seed))
+          state = train_lib.init_state(
+            dataclasses.replace(sub, optimizer=optax.identity()), int(train_config.seed)
+          )
         state = state.replace(params=to_float64(state.params))
         state = state.replace(opt_state=optimizer.init(state.params))
         step_fn = _per_task_adam_step(experiment, tasks, optimizer)
-        combinations = [("adam", True), ("adam", False)]  # One Adam per task has no SGD counterpart.
+        combinations = [
+          ("adam", True),
+          ("adam", False),
+        ]  # One Adam per task has no SGD counterpart.
       else:
         weighting = weighting_lib.get(name, options)
         optimizer = _switchable(adam, sgd_learning_rate)
         sub = dataclasses.replace(experiment, weighting=weighting, optimizer=optimizer)
         with jax.enable_x64(False):
-          state = train_lib.init_state(dataclasses.replace(sub, optimizer=optax.identity()), int(train_config.seed))
-        state = state.replace(params=to_float64(state.params), weighting_params=to_float64(state.weighting_params))
+          state = train_lib.init_state(
+            dataclasses.replace(sub, optimizer=optax.identity()), int(train_config.seed)
+          )
+        state = state.replace(
+          params=to_float64(state.params), weighting_params=to_float64(state.weighting_params)
+        )
         state = state.replace(opt_state=optimizer.init(state.trainable))
         step_fn = train_lib.make_train_step(experiment.model, tasks, weighting, optimizer)
         combinations = [(o, f) for o in ("adam", "sgd") for f in (True, False)]
       step_fn = jax.jit(step_fn)
       initial = jax.device_get(_model_groups(state.params))
       for optimizer_name, frozen in combinations:
-        flags = state.opt_state._replace(use_adam=jnp.float32(optimizer_name == "adam"),
-                                         train_encoder=jnp.float32(not frozen))
+        flags = state.opt_state._replace(
+          use_adam=jnp.float32(optimizer_name == "adam"), train_encoder=jnp.float32(not frozen)
+        )
         result = trajectories(step_fn, state.replace(opt_state=flags))
         groups = ("heads",) if frozen else ("backbone", "heads")
-        differences[f"{optimizer_name}_{'heads' if frozen else 'all'}"] = worst(result, groups, initial)
+        differences[f"{optimizer_name}_{'heads' if frozen else 'all'}"] = worst(
+          result, groups, initial
+        )
     except ValueError as error:
       skipped[name] = str(error)
       progress(f"  {name}: skipped ({error})")
@@ -513,14 +673,16 @@ def _classify_all(candidates, experiment, tasks, train_config, settings, num_tas
 # The paper's App. A2 runs.
 
 _A2_RECIPES = {
-    "ew+sgd": Recipe("sgd"),
-    "ew+adam": Recipe("adam"),
-    "uw_o+sgd": Recipe("sgd", "uw_o"),
-    "ew+per_task_adam": Recipe("per_task_adam"),
+  "ew+sgd": Recipe("sgd"),
+  "ew+adam": Recipe("adam"),
+  "uw_o+sgd": Recipe("sgd", "uw_o"),
+  "ew+per_task_adam": Recipe("per_task_adam"),
 }
 
 
-def run_app_a2(config: ml_collections.ConfigDict, workdir: str | None = None, progress=print) -> dict:
+def run_app_a2(
+  config: ml_collections.ConfigDict, workdir: str | None = None, progress=print
+) -> dict:
   """The App. A2 runs: 4 recipes x {frozen, trainable backbone} x {unscaled, scaled losses}.
 
   Each recipe is one compiled program: a scan over all steps, vmapped over the 4 settings.
@@ -542,13 +704,18 @@ def run_app_a2(config: ml_collections.ConfigDict, workdir: str | None = None, pr
   data_rng, init_rng, order_rng = jax.random.split(jax.random.PRNGKey(int(a2.seed)), 3)
   samples = jax.random.uniform(data_rng, (int(a2.num_samples), 1))
   per_epoch = int(a2.num_samples) // int(a2.batch_size)
-  orders = jax.vmap(lambda key: jax.random.permutation(key, int(a2.num_samples))[:per_epoch * int(a2.batch_size)])(
-      jax.random.split(order_rng, int(a2.num_epochs)))
+  orders = jax.vmap(
+    lambda key: jax.random.permutation(key, int(a2.num_samples))[: per_epoch * int(a2.batch_size)]
+  )(jax.random.split(order_rng, int(a2.num_epochs)))
   inputs = samples[orders.reshape(-1, int(a2.batch_size))]  # [steps, B, 1]
   params = model.init(init_rng, inputs[0])["params"]
   alphas = jnp.asarray(a2.alphas, jnp.float32)
-  settings = {"frozen, unscaled": (jnp.ones_like(alphas), 0.0), "frozen, scaled": (alphas, 0.0),
-              "trainable, unscaled": (jnp.ones_like(alphas), 1.0), "trainable, scaled": (alphas, 1.0)}
+  settings = {
+    "frozen, unscaled": (jnp.ones_like(alphas), 0.0),
+    "frozen, scaled": (alphas, 0.0),
+    "trainable, unscaled": (jnp.ones_like(alphas), 1.0),
+    "trainable, scaled": (alphas, 1.0),
+  }
   stacked_alphas = jnp.stack([value[0] for value in settings.values()])
   stacked_train = jnp.asarray([value[1] for value in settings.values()], jnp.float32)
   records, summary = {}, {}
@@ -557,11 +724,21 @@ def run_app_a2(config: ml_collections.ConfigDict, workdir: str | None = None, pr
     lr = float(a2.sgd_learning_rate if recipe.optimizer == "sgd" else a2.adam_learning_rate)
     simulate = make_simulator(model, recipe, tuple(config.targets_scale))
     batched = jax.jit(jax.vmap(simulate, in_axes=(None, None, 0, 0, None, None)))
-    output = jax.device_get(batched(params, inputs, stacked_alphas, stacked_train, lr, float(a2.adam_eps)))
-    records[run] = {name: {key: value[i] for key, value in output.items()} for i, name in enumerate(settings)}
-    summary[run] = {name: [float(v) for v in records[run][name]["loss"][-per_epoch:].mean(0)] for name in settings}
-    progress(f"  {run}: final-epoch task losses " +
-             "; ".join(f"{name}: " + ", ".join(f"{v:.4f}" for v in losses) for name, losses in summary[run].items()))
+    output = jax.device_get(
+      batched(params, inputs, stacked_alphas, stacked_train, lr, float(a2.adam_eps))
+    )
+    records[run] = {
+      name: {key: value[i] for key, value in output.items()} for i, name in enumerate(settings)
+    }
+    summary[run] = {
+      name: [float(v) for v in records[run][name]["loss"][-per_epoch:].mean(0)] for name in settings
+    }
+    progress(
+      f"  {run}: final-epoch task losses "
+      + "; ".join(
+        f"{name}: " + ", ".join(f"{v:.4f}" for v in losses) for name, losses in summary[run].items()
+      )
+    )
   figures = plot_app_a2(records, workdir, per_epoch) if workdir else []
   return {"records": records, "summary": summary, "figures": figures, "settings": list(settings)}
 
@@ -570,6 +747,7 @@ def plot_app_a2(records: dict, workdir: str, per_epoch: int) -> list[str]:
   """One figure per backbone mode (rows: runs; columns: loss, scaled loss, gradient norm,
   update norm; solid = unscaled, dashed = scaled), plus the key update-norm figure."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -584,8 +762,9 @@ def plot_app_a2(records: dict, workdir: str, per_epoch: int) -> list[str]:
     return values[:steps].reshape(-1, per_epoch, *values.shape[1:]).mean(1)
 
   for mode in ("frozen", "trainable"):
-    figure, axes = plt.subplots(len(records), len(metrics), figsize=(4 * len(metrics), 2.6 * len(records)),
-                                squeeze=False)
+    figure, axes = plt.subplots(
+      len(records), len(metrics), figsize=(4 * len(metrics), 2.6 * len(records)), squeeze=False
+    )
     for row, (run, by_setting) in enumerate(records.items()):
       for column, metric in enumerate(metrics):
         panel = axes[row, column]
@@ -595,7 +774,11 @@ def plot_app_a2(records: dict, workdir: str, per_epoch: int) -> list[str]:
           for index, group in enumerate(groups):
             if mode == "frozen" and group == "backbone":
               continue
-            series = values[:, index] if metric in ("loss", "scaled_loss") else values[:, GROUPS.index(group)]
+            series = (
+              values[:, index]
+              if metric in ("loss", "scaled_loss")
+              else values[:, GROUPS.index(group)]
+            )
             panel.plot(series, style, color=colours[group], lw=1, label=f"{group} ({scaled})")
         panel.set_yscale("log")
         panel.set_title(f"{run}: {metric.replace('_', ' ')}", fontsize=9)
@@ -618,9 +801,18 @@ def plot_app_a2(records: dict, workdir: str, per_epoch: int) -> list[str]:
           if mode == "frozen" and group != "head_1":
             continue  # Frozen: show head_1 (loss x alphas[1]) only, to keep the panel readable.
           label = f"{mode} {group}"
-          panel.plot(values[:, GROUPS.index(group)], style, lw=1, label=f"{label} ({scaled})",
-                     color={"frozen head_1": "tab:green", "trainable backbone": "black",
-                            "trainable head_0": "tab:blue", "trainable head_1": "tab:orange"}[label])
+          panel.plot(
+            values[:, GROUPS.index(group)],
+            style,
+            lw=1,
+            label=f"{label} ({scaled})",
+            color={
+              "frozen head_1": "tab:green",
+              "trainable backbone": "black",
+              "trainable head_0": "tab:blue",
+              "trainable head_1": "tab:orange",
+            }[label],
+          )
     panel.set_yscale("log")
     panel.set_title(f"{run}: update norm", fontsize=9)
     panel.set_xlabel("epoch", fontsize=8)

@@ -83,8 +83,12 @@ def _floats(values: Iterable[Any], key: str) -> list[float]:
 def stl_grid(config: ml_collections.ConfigDict) -> list[RunSpec]:
   """STL baselines: every task of `config.tasks` × `sweep.stl_lr_grid` × `sweep.seeds`, with Adam."""
   rates = _floats(config.sweep.stl_lr_grid, "stl_lr_grid")
-  return [RunSpec("stl", task, STL_OPTIMIZER, rate, int(seed))
-          for task in config.tasks for rate in rates for seed in config.sweep.seeds]
+  return [
+    RunSpec("stl", task, STL_OPTIMIZER, rate, int(seed))
+    for task in config.tasks
+    for rate in rates
+    for seed in config.sweep.seeds
+  ]
 
 
 def mtl_grid(config: ml_collections.ConfigDict) -> tuple[list[RunSpec], list[str]]:
@@ -110,18 +114,28 @@ def mtl_grid(config: ml_collections.ConfigDict) -> tuple[list[RunSpec], list[str
   runs, notes = [], []
   for method in config.sweep.methods:
     if method not in known:
-      notes.append(f"method {method!r} is not available in this build (known: {', '.join(sorted(known))}); skipped.")
+      notes.append(
+        f"method {method!r} is not available in this build (known: {', '.join(sorted(known))}); skipped."
+      )
       continue
     for optimizer in config.sweep.optimizers:
       allowed = OPTIMIZER_RESTRICTIONS.get(method)
       if allowed and optimizer not in allowed:
-        notes.append(f"method {method!r} is defined for {', '.join(allowed)} only; {optimizer} skipped.")
+        notes.append(
+          f"method {method!r} is defined for {', '.join(allowed)} only; {optimizer} skipped."
+        )
         continue
-      runs.extend(RunSpec("mtl", method, optimizer, rate, int(seed)) for rate in rates for seed in config.sweep.seeds)
+      runs.extend(
+        RunSpec("mtl", method, optimizer, rate, int(seed))
+        for rate in rates
+        for seed in config.sweep.seeds
+      )
   return runs, notes
 
 
-def run_config(config: ml_collections.ConfigDict, spec: RunSpec, baseline: Sequence[str] = ()) -> ml_collections.ConfigDict:
+def run_config(
+  config: ml_collections.ConfigDict, spec: RunSpec, baseline: Sequence[str] = ()
+) -> ml_collections.ConfigDict:
   """The locked config of one run: the sweep config with the run's settings filled in."""
   run = ml_collections.ConfigDict(config.to_dict())
   run.seed = spec.seed
@@ -171,7 +185,9 @@ class StlChoice:
   validation_loss: dict[float, float]
 
 
-def choose_stl(workdir: str, specs: Sequence[RunSpec]) -> tuple[dict[str, StlChoice], dict[int, list[str]]]:
+def choose_stl(
+  workdir: str, specs: Sequence[RunSpec]
+) -> tuple[dict[str, StlChoice], dict[int, list[str]]]:
   """Best STL lr per task by mean validation loss over seeds, and the Δm baseline of each seed.
 
   Args:
@@ -195,8 +211,10 @@ def choose_stl(workdir: str, specs: Sequence[RunSpec]) -> tuple[dict[str, StlCho
     means = {rate: _mean_or_inf(values) for rate, values in per_rate.items()}
     best = min(means, key=means.get)
     if not math.isfinite(means[best]):
-      raise ValueError(f"No STL learning rate of task {task!r} finished on all seeds ({means}); "
-                       f"see the runs under {os.path.join(workdir, 'stl')}.")
+      raise ValueError(
+        f"No STL learning rate of task {task!r} finished on all seeds ({means}); "
+        f"see the runs under {os.path.join(workdir, 'stl')}."
+      )
     choices[task] = StlChoice(task, best, means)
   seeds = sorted({spec.seed for spec in specs})
   baselines = {}
@@ -205,7 +223,9 @@ def choose_stl(workdir: str, specs: Sequence[RunSpec]) -> tuple[dict[str, StlCho
     for task, choice in choices.items():
       candidates = [seed] + [other for other in seeds if other != seed]
       for candidate in candidates:
-        run_dir = os.path.join(workdir, RunSpec("stl", task, STL_OPTIMIZER, choice.learning_rate, candidate).path)
+        run_dir = os.path.join(
+          workdir, RunSpec("stl", task, STL_OPTIMIZER, choice.learning_rate, candidate).path
+        )
         if run_status(run_dir) == "finished":
           paths.append(run_dir)
           break
@@ -262,24 +282,36 @@ def select_best(records: Mapping[RunSpec, dict | None]) -> list[Selection]:
   groups: dict[tuple[str, str], dict[float, list[tuple[RunSpec, dict | None]]]] = {}
   for spec, results in records.items():
     if results is not None and "delta_m" not in results:
-      raise ValueError(f"Run {spec.path} has no Δm: it was trained without STL baselines (config.delta_m.baseline).")
-    groups.setdefault((spec.name, spec.optimizer), {}).setdefault(
-        spec.learning_rate, []).append((spec, results))
+      raise ValueError(
+        f"Run {spec.path} has no Δm: it was trained without STL baselines (config.delta_m.baseline)."
+      )
+    groups.setdefault((spec.name, spec.optimizer), {}).setdefault(spec.learning_rate, []).append(
+      (spec, results)
+    )
   selections = []
   for (method, optimizer), per_rate in groups.items():
-    means = {rate: _mean_or_inf([None if results is None else results["delta_m"]["validation"]
-                                 for _, results in runs]) for rate, runs in per_rate.items()}
+    means = {
+      rate: _mean_or_inf(
+        [None if results is None else results["delta_m"]["validation"] for _, results in runs]
+      )
+      for rate, runs in per_rate.items()
+    }
     best = min(means, key=means.get)
     if not math.isfinite(means[best]):
       selections.append(Selection(method, optimizer, None, means))
       continue
     runs = sorted(per_rate[best], key=lambda item: item[0].seed)
-    selections.append(Selection(
-        method, optimizer, best, means,
+    selections.append(
+      Selection(
+        method,
+        optimizer,
+        best,
+        means,
         seeds=[spec.seed for spec, _ in runs],
         test=[dict(results["test"]) for _, results in runs],
         test_delta_m=[float(results["delta_m"]["test"]) for _, results in runs],
-    ))
+      )
+    )
   return selections
 
 
@@ -300,8 +332,10 @@ def delta_m_table(selections: Sequence[Selection]) -> tuple[str, str]:
   methods = _ordered(selection.method for selection in selections)
   optimizers = _ordered(selection.optimizer for selection in selections)
   cells = {(selection.method, selection.optimizer): selection for selection in selections}
-  lines = ["| Method | " + " | ".join(f"{name} Δm % ↓ (best lr)" for name in optimizers) + " |",
-           "|---|" + "---|" * len(optimizers)]
+  lines = [
+    "| Method | " + " | ".join(f"{name} Δm % ↓ (best lr)" for name in optimizers) + " |",
+    "|---|" + "---|" * len(optimizers),
+  ]
   for method in methods:
     row = []
     for optimizer in optimizers:
@@ -316,17 +350,41 @@ def delta_m_table(selections: Sequence[Selection]) -> tuple[str, str]:
     lines.append(f"| {method} | " + " | ".join(row) + " |")
   buffer = io.StringIO()
   writer = csv.writer(buffer, lineterminator="\n")
-  writer.writerow(["method", "optimizer", "best_lr", "test_delta_m_mean", "test_delta_m_std", "num_seeds",
-                   "validation_delta_m_mean"])
+  writer.writerow(
+    [
+      "method",
+      "optimizer",
+      "best_lr",
+      "test_delta_m_mean",
+      "test_delta_m_std",
+      "num_seeds",
+      "validation_delta_m_mean",
+    ]
+  )
   for selection in selections:
     mean, std = selection.mean_std("delta_m")
-    validation = selection.validation_delta_m.get(selection.learning_rate, math.nan) if selection.learning_rate else math.nan
-    writer.writerow([selection.method, selection.optimizer, selection.learning_rate if selection.learning_rate else "",
-                     mean, std, len(selection.seeds), validation])
+    validation = (
+      selection.validation_delta_m.get(selection.learning_rate, math.nan)
+      if selection.learning_rate
+      else math.nan
+    )
+    writer.writerow(
+      [
+        selection.method,
+        selection.optimizer,
+        selection.learning_rate if selection.learning_rate else "",
+        mean,
+        std,
+        len(selection.seeds),
+        validation,
+      ]
+    )
   return "\n".join(lines), buffer.getvalue()
 
 
-def metric_table(selections: Sequence[Selection], directions: Mapping[str, bool]) -> tuple[str, str]:
+def metric_table(
+  selections: Sequence[Selection], directions: Mapping[str, bool]
+) -> tuple[str, str]:
   """All test metrics (mean ± std over seeds) per (method, optimizer) at the best lr.
 
   Args:
@@ -338,12 +396,18 @@ def metric_table(selections: Sequence[Selection], directions: Mapping[str, bool]
   """
   keys = list(directions)
   arrows = {key: "↑" if higher else "↓" for key, higher in directions.items()}
-  lines = ["| Method | Optimizer | lr | " + " | ".join(f"{key} {arrows[key]}" for key in keys) + " | Δm % ↓ |",
-           "|---|---|---|" + "---|" * (len(keys) + 1)]
+  lines = [
+    "| Method | Optimizer | lr | "
+    + " | ".join(f"{key} {arrows[key]}" for key in keys)
+    + " | Δm % ↓ |",
+    "|---|---|---|" + "---|" * (len(keys) + 1),
+  ]
   buffer = io.StringIO()
   writer = csv.writer(buffer, lineterminator="\n")
-  writer.writerow(["method", "optimizer", "best_lr", "num_seeds"]
-                  + [f"{key}_{part}" for key in keys + ["delta_m"] for part in ("mean", "std")])
+  writer.writerow(
+    ["method", "optimizer", "best_lr", "num_seeds"]
+    + [f"{key}_{part}" for key in keys + ["delta_m"] for part in ("mean", "std")]
+  )
   for selection in selections:
     stats = {key: selection.mean_std(key) for key in keys + ["delta_m"]}
     if selection.learning_rate is None:
@@ -351,10 +415,15 @@ def metric_table(selections: Sequence[Selection], directions: Mapping[str, bool]
     else:
       cells = [f"{stats[key][0]:.4f} ± {stats[key][1]:.4f}" for key in keys]
       cells.append(f"{stats['delta_m'][0]:.2f} ± {stats['delta_m'][1]:.2f}")
-    lines.append(f"| {selection.method} | {selection.optimizer} | {_format_rate(selection.learning_rate)} | "
-                 + " | ".join(cells) + " |")
-    writer.writerow([selection.method, selection.optimizer, selection.learning_rate or "", len(selection.seeds)]
-                    + [value for key in keys + ["delta_m"] for value in stats[key]])
+    lines.append(
+      f"| {selection.method} | {selection.optimizer} | {_format_rate(selection.learning_rate)} | "
+      + " | ".join(cells)
+      + " |"
+    )
+    writer.writerow(
+      [selection.method, selection.optimizer, selection.learning_rate or "", len(selection.seeds)]
+      + [value for key in keys + ["delta_m"] for value in stats[key]]
+    )
   return "\n".join(lines), buffer.getvalue()
 
 
@@ -370,7 +439,9 @@ class ParetoPoint:
   not_dominated_by_others: bool = False
 
 
-def pareto_analysis(selections: Sequence[Selection], directions: Mapping[str, bool]) -> tuple[list[ParetoPoint], dict[str, dict[str, int]]]:
+def pareto_analysis(
+  selections: Sequence[Selection], directions: Mapping[str, bool]
+) -> tuple[list[ParetoPoint], dict[str, dict[str, int]]]:
   """SPEC's Pareto counts: "PO full" and "PO w.r.t. the other optimizer(s)", per optimizer.
 
   Args:
@@ -383,23 +454,38 @@ def pareto_analysis(selections: Sequence[Selection], directions: Mapping[str, bo
   """
   keys = list(directions)
   flags = [directions[key] for key in keys]
-  points = [ParetoPoint(selection.method, selection.optimizer, seed, [float(test[key]) for key in keys])
-            for selection in selections for seed, test in zip(selection.seeds, selection.test)]
-  counts = {optimizer: {"runs": 0, "po_full": 0, "po_other": 0}
-            for optimizer in _ordered(selection.optimizer for selection in selections)}
+  points = [
+    ParetoPoint(selection.method, selection.optimizer, seed, [float(test[key]) for key in keys])
+    for selection in selections
+    for seed, test in zip(selection.seeds, selection.test)
+  ]
+  counts = {
+    optimizer: {"runs": 0, "po_full": 0, "po_other": 0}
+    for optimizer in _ordered(selection.optimizer for selection in selections)
+  }
   if not points:
     return points, counts
   # A NaN metric would sit on every front; it is a worst value instead.
-  values = np.nan_to_num(metrics_lib.oriented(np.array([point.values for point in points]), flags), nan=np.inf)
+  values = np.nan_to_num(
+    metrics_lib.oriented(np.array([point.values for point in points]), flags), nan=np.inf
+  )
   front = metrics_lib.pareto_mask(values)
   optimizer_of = np.array([point.optimizer for point in points])
   for optimizer in counts:
     mine = optimizer_of == optimizer
     others = values[~mine]
-    free = metrics_lib.non_dominated_by(values[mine], others) if others.shape[0] else np.ones(mine.sum(), bool)
+    free = (
+      metrics_lib.non_dominated_by(values[mine], others)
+      if others.shape[0]
+      else np.ones(mine.sum(), bool)
+    )
     for point, flag in zip([point for point, own in zip(points, mine) if own], free):
       point.not_dominated_by_others = bool(flag)
-    counts[optimizer] = {"runs": int(mine.sum()), "po_full": int(front[mine].sum()), "po_other": int(free.sum())}
+    counts[optimizer] = {
+      "runs": int(mine.sum()),
+      "po_full": int(front[mine].sum()),
+      "po_other": int(free.sum()),
+    }
   for point, flag in zip(points, front):
     point.on_front = bool(flag)
   return points, counts
@@ -409,8 +495,10 @@ def pareto_table(counts: Mapping[str, Mapping[str, int]]) -> str:
   """Markdown: per optimizer, runs on the full front and runs not dominated by other optimizers."""
   lines = ["| Optimizer | runs | PO full | PO w.r.t. the other optimizer(s) |", "|---|---|---|---|"]
   for optimizer, count in counts.items():
-    lines.append(f"| {optimizer} | {count['runs']} | {count['po_full']}/{count['runs']} | "
-                 f"{count['po_other']}/{count['runs']} |")
+    lines.append(
+      f"| {optimizer} | {count['runs']} | {count['po_full']}/{count['runs']} | "
+      f"{count['po_other']}/{count['runs']} |"
+    )
   return "\n".join(lines)
 
 
@@ -435,8 +523,10 @@ class JobProgress:
     left = self.total - self.done
     rate = elapsed / self.trained if self.trained else math.nan
     eta = metric_writers.format_duration(left * rate) if self.trained else "?"
-    return (f"[{self.label}] {self.done}/{self.total} runs done ({100.0 * self.done / max(1, self.total):.0f}%), "
-            f"elapsed {metric_writers.format_duration(elapsed)}, ETA {eta}")
+    return (
+      f"[{self.label}] {self.done}/{self.total} runs done ({100.0 * self.done / max(1, self.total):.0f}%), "
+      f"elapsed {metric_writers.format_duration(elapsed)}, ETA {eta}"
+    )
 
 
 def _train_runs(config, workdir, items, dataset, progress: JobProgress, group_runs: bool) -> None:
@@ -510,14 +600,27 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, dataset=None) -> 
     metric_writers.status(f"note: {note}")
   group_runs = bool(config.sweep.group_runs)
   progress = JobProgress(len(stl_specs) + len(mtl_specs))
-  metric_writers.status(f"Sweep in {workdir}: {len(stl_specs)} STL + {len(mtl_specs)} MTL runs "
-                        f"({'grouped runs' if group_runs else 'one by one'}).")
-  _train_runs(config, workdir, [(spec, run_config(config, spec)) for spec in stl_specs], dataset, progress, group_runs)
+  metric_writers.status(
+    f"Sweep in {workdir}: {len(stl_specs)} STL + {len(mtl_specs)} MTL runs "
+    f"({'grouped runs' if group_runs else 'one by one'})."
+  )
+  _train_runs(
+    config,
+    workdir,
+    [(spec, run_config(config, spec)) for spec in stl_specs],
+    dataset,
+    progress,
+    group_runs,
+  )
   choices, baselines = choose_stl(workdir, stl_specs)
   for task, choice in choices.items():
-    metric_writers.status(f"STL {task}: best lr {choice.learning_rate:g} (mean validation loss "
-                          f"{choice.validation_loss[choice.learning_rate]:.4f})")
-  items = [(spec, run_config(config, spec, baseline_for(baselines, spec.seed))) for spec in mtl_specs]
+    metric_writers.status(
+      f"STL {task}: best lr {choice.learning_rate:g} (mean validation loss "
+      f"{choice.validation_loss[choice.learning_rate]:.4f})"
+    )
+  items = [
+    (spec, run_config(config, spec, baseline_for(baselines, spec.seed))) for spec in mtl_specs
+  ]
   _train_runs(config, workdir, items, dataset, progress, group_runs)
   records = {spec: read_results(os.path.join(workdir, spec.path)) for spec in mtl_specs}
   selections = select_best(records)
@@ -525,7 +628,9 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, dataset=None) -> 
   directions = tasks_lib.flat_directions(tasks)
   points, counts = pareto_analysis(selections, directions)
   files = write_outputs(workdir, stl_specs + mtl_specs, selections, directions, points, counts)
-  return SweepResult(workdir, choices, baselines, selections, directions, notes, points, counts, files)
+  return SweepResult(
+    workdir, choices, baselines, selections, directions, notes, points, counts, files
+  )
 
 
 def write_outputs(workdir, specs, selections, directions, points, counts) -> dict[str, str]:
@@ -549,8 +654,18 @@ def write_outputs(workdir, specs, selections, directions, points, counts) -> dic
 
   write("sweep.json", json.dumps(index, indent=2))
   buffer = io.StringIO()
-  fields = ["path", "kind", "name", "optimizer", "learning_rate", "seed", "status", "validation_delta_m",
-            "test_delta_m", "selection_score"]
+  fields = [
+    "path",
+    "kind",
+    "name",
+    "optimizer",
+    "learning_rate",
+    "seed",
+    "status",
+    "validation_delta_m",
+    "test_delta_m",
+    "selection_score",
+  ]
   writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
   writer.writeheader()
   writer.writerows(index)
@@ -564,7 +679,11 @@ def write_outputs(workdir, specs, selections, directions, points, counts) -> dic
   write("pareto.md", pareto_table(counts) + "\n")
   if points:
     files["parallel_coordinates.png"] = figures.parallel_coordinates(
-        [point.values for point in points], list(directions), list(directions.values()),
-        [point.optimizer for point in points], os.path.join(workdir, "parallel_coordinates.png"),
-        front=[point.on_front for point in points])
+      [point.values for point in points],
+      list(directions),
+      list(directions.values()),
+      [point.optimizer for point in points],
+      os.path.join(workdir, "parallel_coordinates.png"),
+      front=[point.on_front for point in points],
+    )
   return files

@@ -53,11 +53,11 @@ def condition_key(corruption: str, severity: int) -> str:
 
 
 def corruption_delta(
-    mtl_clean: Mapping[str, float],
-    mtl_corrupted: Mapping[str, Mapping[str, float]],
-    stl_clean: Mapping[str, float],
-    stl_corrupted: Mapping[str, Mapping[str, float]],
-    directions: Mapping[str, bool],
+  mtl_clean: Mapping[str, float],
+  mtl_corrupted: Mapping[str, Mapping[str, float]],
+  stl_clean: Mapping[str, float],
+  stl_corrupted: Mapping[str, Mapping[str, float]],
+  directions: Mapping[str, bool],
 ) -> dict[str, Any]:
   """δ of SPEC section 5: how much more an MTL model degrades under corruption than STL models.
 
@@ -82,14 +82,21 @@ def corruption_delta(
     ValueError: different corrupted sets for MTL and STL, a metric missing, or a clean value 0.
   """
   if set(mtl_corrupted) != set(stl_corrupted):
-    raise ValueError(f"MTL and STL were evaluated on different corrupted sets: "
-                     f"only MTL {sorted(set(mtl_corrupted) - set(stl_corrupted))}, "
-                     f"only STL {sorted(set(stl_corrupted) - set(mtl_corrupted))}.")
+    raise ValueError(
+      f"MTL and STL were evaluated on different corrupted sets: "
+      f"only MTL {sorted(set(mtl_corrupted) - set(stl_corrupted))}, "
+      f"only STL {sorted(set(stl_corrupted) - set(mtl_corrupted))}."
+    )
   if not mtl_corrupted:
     raise ValueError("No corrupted test sets to compute δ over.")
-  for label, clean, corrupted in (("MTL", mtl_clean, mtl_corrupted), ("STL", stl_clean, stl_corrupted)):
+  for label, clean, corrupted in (
+    ("MTL", mtl_clean, mtl_corrupted),
+    ("STL", stl_clean, stl_corrupted),
+  ):
     missing = [key for key in directions if key not in clean]
-    missing += sorted({key for values in corrupted.values() for key in directions if key not in values})
+    missing += sorted(
+      {key for values in corrupted.values() for key in directions if key not in values}
+    )
     if missing:
       raise ValueError(f"{label} results lack metric(s) {sorted(set(missing))} needed for δ.")
     zero = [key for key in directions if float(clean[key]) == 0.0]
@@ -103,13 +110,19 @@ def corruption_delta(
       mtl_ratio = float(mtl_corrupted[condition][key]) / float(mtl_clean[key])
       stl_ratio = float(stl_corrupted[condition][key]) / float(stl_clean[key])
       per_condition[condition][key] = sign * (mtl_ratio - stl_ratio)
-  per_metric = {key: float(np.mean([values[key] for values in per_condition.values()])) for key in directions}
+  per_metric = {
+    key: float(np.mean([values[key] for values in per_condition.values()])) for key in directions
+  }
   by_task: dict[str, list[float]] = {}
   for key, value in per_metric.items():
     by_task.setdefault(key.rpartition("/")[0] or key, []).append(value)
   per_task = {task: float(np.mean(values)) for task, values in by_task.items()}
-  return {"per_metric": per_metric, "per_task": per_task, "mean": float(np.mean(list(per_task.values()))),
-          "per_condition": per_condition}
+  return {
+    "per_metric": per_metric,
+    "per_task": per_task,
+    "mean": float(np.mean(list(per_task.values()))),
+    "per_condition": per_condition,
+  }
 
 
 # ----------------------------------------------------------------------------- restoring runs
@@ -135,8 +148,11 @@ def _differences(left: Any, right: Any, prefix: str = "") -> list[str]:
   """Dotted keys where two JSON-like trees differ (tuples and lists compare equal)."""
   if isinstance(left, Mapping) and isinstance(right, Mapping):
     keys = sorted(set(left) | set(right))
-    return [difference for key in keys
-            for difference in _differences(left.get(key), right.get(key), f"{prefix}{key}.")]
+    return [
+      difference
+      for key in keys
+      for difference in _differences(left.get(key), right.get(key), f"{prefix}{key}.")
+    ]
   normalise = lambda value: json.loads(json.dumps(value, default=str))  # noqa: E731
   return [] if normalise(left) == normalise(right) else [prefix.rstrip(".")]
 
@@ -144,30 +160,43 @@ def _differences(left: Any, right: Any, prefix: str = "") -> list[str]:
 def load_run_config(run_dir: str) -> ml_collections.ConfigDict:
   """The config a training run wrote (run_dir/config.json); clear errors when it is missing."""
   if not os.path.isdir(run_dir):
-    raise FileNotFoundError(f"Run directory {run_dir!r} does not exist (expected an experiments/train.py workdir).")
+    raise FileNotFoundError(
+      f"Run directory {run_dir!r} does not exist (expected an experiments/train.py workdir)."
+    )
   path = os.path.join(run_dir, CONFIG_FILE)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"Run directory {run_dir!r} has no {CONFIG_FILE}; is it an experiments/train.py workdir?")
+    raise FileNotFoundError(
+      f"Run directory {run_dir!r} has no {CONFIG_FILE}; is it an experiments/train.py workdir?"
+    )
   with open(path) as file:
     return ml_collections.ConfigDict(json.load(file))
 
 
-def check_run_config(run_dir: str, run_config: ml_collections.ConfigDict, study_config: ml_collections.ConfigDict,
-                     kind: str) -> None:
+def check_run_config(
+  run_dir: str,
+  run_config: ml_collections.ConfigDict,
+  study_config: ml_collections.ConfigDict,
+  kind: str,
+) -> None:
   """Raises a ValueError naming the run and every mismatched key when a run does not fit the study.
 
   The dataset settings must equal the study's; an 'mtl' run must have exactly the study's tasks
   and an 'stl' run exactly one of them.
   """
-  problems = [f"dataset.{key}: run has {run_config.dataset.get(key)!r}, config has {study_config.dataset.get(key)!r}"
-              for key in _differences(run_config.dataset.to_dict(), study_config.dataset.to_dict())]
+  problems = [
+    f"dataset.{key}: run has {run_config.dataset.get(key)!r}, config has {study_config.dataset.get(key)!r}"
+    for key in _differences(run_config.dataset.to_dict(), study_config.dataset.to_dict())
+  ]
   run_tasks, study_tasks = list(run_config.tasks), list(study_config.tasks)
   if kind == "mtl" and sorted(run_tasks) != sorted(study_tasks):
     problems.append(f"tasks: run has {run_tasks}, config has {study_tasks}")
   if kind == "stl" and (len(run_tasks) != 1 or run_tasks[0] not in study_tasks):
     problems.append(f"tasks: an STL run needs exactly one of {study_tasks}, run has {run_tasks}")
   if problems:
-    raise ValueError(f"{kind.upper()} run {run_dir!r} does not match the robustness config:\n  " + "\n  ".join(problems))
+    raise ValueError(
+      f"{kind.upper()} run {run_dir!r} does not match the robustness config:\n  "
+      + "\n  ".join(problems)
+    )
 
 
 def restore_run(run_dir: str, dataset: data_registry.Dataset, name: str | None = None) -> Run:
@@ -180,8 +209,10 @@ def restore_run(run_dir: str, dataset: data_registry.Dataset, name: str | None =
   run_config = load_run_config(run_dir)
   best_dir = os.path.join(run_dir, checkpoint_lib.BEST)
   if not os.path.isdir(best_dir) or not os.listdir(best_dir):
-    raise FileNotFoundError(f"Run {run_dir!r} has no best checkpoint ({best_dir} is missing or empty); "
-                            "train it to completion with experiments/train.py first.")
+    raise FileNotFoundError(
+      f"Run {run_dir!r} has no best checkpoint ({best_dir} is missing or empty); "
+      "train it to completion with experiments/train.py first."
+    )
   fingerprint = train_lib.config_fingerprint(run_config)
   results_path = os.path.join(run_dir, train_lib.RESULTS_FILE)
   if os.path.isfile(results_path):
@@ -189,16 +220,20 @@ def restore_run(run_dir: str, dataset: data_registry.Dataset, name: str | None =
       recorded = json.load(file).get("fingerprint")
     mismatched = _differences(recorded, fingerprint) if recorded is not None else []
     if mismatched:
-      raise ValueError(f"{os.path.join(run_dir, CONFIG_FILE)} does not match the run's checkpoint "
-                       f"(recorded in {results_path}); mismatched keys: {', '.join(mismatched)}.")
+      raise ValueError(
+        f"{os.path.join(run_dir, CONFIG_FILE)} does not match the run's checkpoint "
+        f"(recorded in {results_path}); mismatched keys: {', '.join(mismatched)}."
+      )
   experiment = train_lib.build_experiment(run_config, dataset)
   target = train_lib.init_state(experiment, int(run_config.seed))
   checkpointer = checkpoint_lib.Checkpointer(run_dir, asynchronous=False)
   try:
     restored = checkpointer.restore(target, best=True)
   except Exception as error:  # Orbax raises many types for structure or shape mismatches.
-    raise ValueError(f"The best checkpoint in {best_dir} does not fit the model built from "
-                     f"{os.path.join(run_dir, CONFIG_FILE)}: {error}") from error
+    raise ValueError(
+      f"The best checkpoint in {best_dir} does not fit the model built from "
+      f"{os.path.join(run_dir, CONFIG_FILE)}: {error}"
+    ) from error
   finally:
     checkpointer.close()
   if restored is None:
@@ -206,8 +241,10 @@ def restore_run(run_dir: str, dataset: data_registry.Dataset, name: str | None =
   state, progress = restored
   mismatched = _differences(progress.get("fingerprint"), fingerprint)
   if mismatched:
-    raise ValueError(f"The best checkpoint in {best_dir} was written by a different config than "
-                     f"{os.path.join(run_dir, CONFIG_FILE)}; mismatched keys: {', '.join(mismatched)}.")
+    raise ValueError(
+      f"The best checkpoint in {best_dir} was written by a different config than "
+      f"{os.path.join(run_dir, CONFIG_FILE)}; mismatched keys: {', '.join(mismatched)}."
+    )
   if name is None:
     tasks = list(run_config.tasks)
     name = f"stl_{tasks[0]}" if len(tasks) == 1 else f"mtl_{run_config.method.name}"
@@ -227,21 +264,30 @@ def make_head_step(model, tasks: Sequence[tasks_lib.Task], optimizer: optax.Grad
   """
 
   def loss_fn(heads, encoder, batch_stats, batch):
-    predictions, _ = apply_lib.predict(model, {"encoder": encoder, "heads": heads}, batch_stats,
-                                           batch["image"], train=False)
+    predictions, _ = apply_lib.predict(
+      model, {"encoder": encoder, "heads": heads}, batch_stats, batch["image"], train=False
+    )
     losses = jnp.mean(tasks_lib.losses_matrix(tasks, predictions, batch), axis=0)
     return jnp.sum(losses), losses
 
   def step(heads, opt_state, encoder, batch_stats, batch):
-    (_, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(heads, encoder, batch_stats, batch)
+    (_, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      heads, encoder, batch_stats, batch
+    )
     updates, opt_state = optimizer.update(grads, opt_state, heads)
     return optax.apply_updates(heads, updates), opt_state, losses
 
   return step
 
 
-def finetune_heads(runs: Sequence[Run], dataset: data_registry.Dataset, settings: ml_collections.ConfigDict,
-                   names: Sequence[str], severities: Sequence[int], seed: int) -> dict[str, list[float]]:
+def finetune_heads(
+  runs: Sequence[Run],
+  dataset: data_registry.Dataset,
+  settings: ml_collections.ConfigDict,
+  names: Sequence[str],
+  severities: Sequence[int],
+  seed: int,
+) -> dict[str, list[float]]:
   """Fine-tunes the heads of every run on the same randomly corrupted training batches, in place.
 
   Returns:
@@ -252,18 +298,24 @@ def finetune_heads(runs: Sequence[Run], dataset: data_registry.Dataset, settings
   per_epoch = pipeline.steps_per_epoch(len(source), batch_size)
   total = int(settings.finetune_epochs) * per_epoch
   optimizer = optax.adam(float(settings.finetune_learning_rate))
-  steps = {run.name: jax.jit(make_head_step(run.experiment.model, run.experiment.tasks, optimizer)) for run in runs}
+  steps = {
+    run.name: jax.jit(make_head_step(run.experiment.model, run.experiment.tasks, optimizer))
+    for run in runs
+  }
   opt_states = {run.name: optimizer.init(run.params["heads"]) for run in runs}
   history: dict[str, list[float]] = {run.name: [] for run in runs}
   sums = {run.name: 0.0 for run in runs}
   report = metric_writers.ProgressReport(total, 0, "[robustness fine-tune] ")
   for step, batch in pipeline.train_batches(source, batch_size, seed, 0, total, dataset.augment):
     # One corruption draw per batch, shared by all runs: a paired comparison.
-    images, _, _ = corruptions_lib.corrupt_batch_randomly(batch["image"], (seed, step), names, severities)
+    images, _, _ = corruptions_lib.corrupt_batch_randomly(
+      batch["image"], (seed, step), names, severities
+    )
     batch = dict(batch, image=images)
     for run in runs:
       heads, opt_states[run.name], losses = steps[run.name](
-          run.params["heads"], opt_states[run.name], run.params["encoder"], run.batch_stats, batch)
+        run.params["heads"], opt_states[run.name], run.params["encoder"], run.batch_stats, batch
+      )
       run.params = dict(run.params, heads=heads)
       sums[run.name] += float(jnp.sum(losses))
     if (step + 1) % per_epoch == 0:
@@ -286,12 +338,18 @@ class ArrayEvaluator:
     batch_size = int(self.run.config.training.eval_batch_size)
     totals = None
     for batch, mask in pipeline.eval_batches(pipeline.ArraySource(arrays), batch_size):
-      statistics = jax.device_get(self._eval_step(self.run.params, self.run.batch_stats, batch, mask))
+      statistics = jax.device_get(
+        self._eval_step(self.run.params, self.run.batch_stats, batch, mask)
+      )
       totals = statistics if totals is None else jax.tree_util.tree_map(np.add, totals, statistics)
     totals.pop("_count")
     return tasks_lib.compute_metrics(
-        self.run.experiment.tasks,
-        {name: {key: value for key, value in stats.items() if key != "loss_sum"} for name, stats in totals.items()})
+      self.run.experiment.tasks,
+      {
+        name: {key: value for key, value in stats.items() if key != "loss_sum"}
+        for name, stats in totals.items()
+      },
+    )
 
 
 def corruption_conditions(names: Sequence[str], severities: Sequence[int]) -> list[tuple[str, int]]:
@@ -299,8 +357,9 @@ def corruption_conditions(names: Sequence[str], severities: Sequence[int]) -> li
   return [(name, int(severity)) for name in names for severity in severities]
 
 
-def evaluate_under_corruption(runs: Sequence[Run], test: Mapping[str, np.ndarray], conditions, seed: int
-                              ) -> dict[str, dict[str, Any]]:
+def evaluate_under_corruption(
+  runs: Sequence[Run], test: Mapping[str, np.ndarray], conditions, seed: int
+) -> dict[str, dict[str, Any]]:
   """Clean and corrupted test metrics of every run; each corrupted test set is made once.
 
   Returns:
@@ -315,11 +374,15 @@ def evaluate_under_corruption(runs: Sequence[Run], test: Mapping[str, np.ndarray
     rng = (seed, corruptions_lib.CORRUPTIONS.index(name), severity, 1)
     corrupted = dict(test, image=corruptions_lib.corrupt(test["image"], name, severity, rng))
     for run in runs:
-      results[run.name]["corrupted"][condition_key(name, severity)] = evaluators[run.name](corrupted)
+      results[run.name]["corrupted"][condition_key(name, severity)] = evaluators[run.name](
+        corrupted
+      )
     elapsed = time.perf_counter() - start
     remaining = elapsed / (index + 1) * (len(conditions) - index - 1)
-    metric_writers.status(f"[robustness eval] {index + 1}/{len(conditions)} {name} severity {severity}"
-                          f"  ETA {metric_writers.format_duration(remaining)}")
+    metric_writers.status(
+      f"[robustness eval] {index + 1}/{len(conditions)} {name} severity {severity}"
+      f"  ETA {metric_writers.format_duration(remaining)}"
+    )
   return results
 
 
@@ -365,9 +428,16 @@ def _probe_step(task: tasks_lib.Task, learning_rate: float):
   return optimizer, jax.jit(step)
 
 
-def linear_probe(task: tasks_lib.Task, train_features: np.ndarray, train_batch: Mapping[str, np.ndarray],
-                 test_features: np.ndarray, test_batch: Mapping[str, np.ndarray], steps: int,
-                 learning_rate: float, seed: int = 0) -> dict[str, float]:
+def linear_probe(
+  task: tasks_lib.Task,
+  train_features: np.ndarray,
+  train_batch: Mapping[str, np.ndarray],
+  test_features: np.ndarray,
+  test_batch: Mapping[str, np.ndarray],
+  steps: int,
+  learning_rate: float,
+  seed: int = 0,
+) -> dict[str, float]:
   """Fits a linear head for a global task on fixed features (full-batch Adam); returns test metrics.
 
   Features are standardised with the training mean and standard deviation first, so one
@@ -390,8 +460,11 @@ def linear_probe(task: tasks_lib.Task, train_features: np.ndarray, train_batch: 
   scale = train_features.std(axis=0) + 1e-6
   train_x = jnp.asarray((train_features - mean) / scale)
   test_x = jnp.asarray((test_features - mean) / scale)
-  params = {"kernel": jax.random.normal(jax.random.PRNGKey(seed), (train_x.shape[1], task.output_channels)) * 0.01,
-            "bias": jnp.zeros((task.output_channels,))}
+  params = {
+    "kernel": jax.random.normal(jax.random.PRNGKey(seed), (train_x.shape[1], task.output_channels))
+    * 0.01,
+    "bias": jnp.zeros((task.output_channels,)),
+  }
   optimizer, step = _probe_step(task, float(learning_rate))
   opt_state = optimizer.init(params)
   train_batch = {key: jnp.asarray(value) for key, value in train_batch.items()}
@@ -405,17 +478,25 @@ def linear_probe(task: tasks_lib.Task, train_features: np.ndarray, train_batch: 
   return metrics
 
 
-def run_probes(runs: Sequence[Run], dataset: data_registry.Dataset, settings: ml_collections.ConfigDict,
-               seed: int) -> dict[str, Any]:
+def run_probes(
+  runs: Sequence[Run],
+  dataset: data_registry.Dataset,
+  settings: ml_collections.ConfigDict,
+  seed: int,
+) -> dict[str, Any]:
   """Linear-probe test metrics of every run's (original, frozen) encoder on settings.probe_task."""
   probe_task_name = settings.probe_task
   if probe_task_name not in dataset.tasks:
-    raise ValueError(f"robustness.probe_task {probe_task_name!r} is not a task of {dataset.name!r}; valid tasks: "
-                     f"{dataset.valid_task_names()}.")
+    raise ValueError(
+      f"robustness.probe_task {probe_task_name!r} is not a task of {dataset.name!r}; valid tasks: "
+      f"{dataset.valid_task_names()}."
+    )
   trained_on = sorted({name for run in runs for name in run.task_names})
   if probe_task_name in trained_on:
-    raise ValueError(f"robustness.probe_task {probe_task_name!r} is one the runs were trained on ({trained_on}); "
-                     "the probe needs a held-out task.")
+    raise ValueError(
+      f"robustness.probe_task {probe_task_name!r} is one the runs were trained on ({trained_on}); "
+      "the probe needs a held-out task."
+    )
   task = dataset.tasks[probe_task_name]
   train_arrays = dataset.splits["train"].batch(np.arange(len(dataset.splits["train"])))
   test_arrays = dataset.splits["test"].batch(np.arange(len(dataset.splits["test"])))
@@ -427,20 +508,30 @@ def run_probes(runs: Sequence[Run], dataset: data_registry.Dataset, settings: ml
     results["majority_accuracy"] = float(np.mean(test_labels == (train_rate >= 0.5)))
   for run in runs:
     batch_size = int(run.config.training.eval_batch_size)
-    metrics = linear_probe(task, encoder_features(run, train_arrays["image"], batch_size), targets(train_arrays),
-                           encoder_features(run, test_arrays["image"], batch_size), targets(test_arrays),
-                           int(settings.probe_steps), float(settings.probe_learning_rate), seed)
+    metrics = linear_probe(
+      task,
+      encoder_features(run, train_arrays["image"], batch_size),
+      targets(train_arrays),
+      encoder_features(run, test_arrays["image"], batch_size),
+      targets(test_arrays),
+      int(settings.probe_steps),
+      float(settings.probe_learning_rate),
+      seed,
+    )
     results["runs"][run.name] = metrics
-    metric_writers.status(f"[robustness probe] {run.name}: " +
-                          ", ".join(f"{key} {value:.4f}" for key, value in metrics.items()))
+    metric_writers.status(
+      f"[robustness probe] {run.name}: "
+      + ", ".join(f"{key} {value:.4f}" for key, value in metrics.items())
+    )
   return results
 
 
 # ----------------------------------------------------------------------------- the study
 
 
-def prepare_runs(config: ml_collections.ConfigDict, workdir: str, dataset: data_registry.Dataset
-                 ) -> tuple[list[str], list[str]]:
+def prepare_runs(
+  config: ml_collections.ConfigDict, workdir: str, dataset: data_registry.Dataset
+) -> tuple[list[str], list[str]]:
   """Trains one STL run per task, then each prepare method's MTL run (Δm-selected against them).
 
   Runs go to <workdir>/runs/stl_<task> and <workdir>/runs/mtl_<method>; finished runs are reused.
@@ -451,12 +542,16 @@ def prepare_runs(config: ml_collections.ConfigDict, workdir: str, dataset: data_
   stl_dirs = []
   for task in config.tasks:
     run_dir = os.path.join(workdir, "runs", f"stl_{task}")
-    train_lib.train_and_evaluate(config_validation.with_overrides(config, tasks=(task,)), run_dir, dataset)
+    train_lib.train_and_evaluate(
+      config_validation.with_overrides(config, tasks=(task,)), run_dir, dataset
+    )
     stl_dirs.append(run_dir)
   mtl_dirs = []
   for method in config.robustness.prepare_methods:
     run_dir = os.path.join(workdir, "runs", f"mtl_{method}")
-    run_config = config_validation.with_overrides(config, **{"method.name": method, "delta_m.baseline": tuple(stl_dirs)})
+    run_config = config_validation.with_overrides(
+      config, **{"method.name": method, "delta_m.baseline": tuple(stl_dirs)}
+    )
     train_lib.train_and_evaluate(run_config, run_dir, dataset)
     mtl_dirs.append(run_dir)
   return mtl_dirs, stl_dirs
@@ -466,11 +561,15 @@ def _resolve_runs(config, workdir, dataset) -> tuple[list[str], list[str]]:
   settings = config.robustness
   mtl_dirs, stl_dirs = list(settings.mtl_runs), list(settings.stl_runs)
   if not mtl_dirs and not stl_dirs:
-    metric_writers.status(f"[robustness] no run directories given: training STL and MTL models in {workdir}/runs.")
+    metric_writers.status(
+      f"[robustness] no run directories given: training STL and MTL models in {workdir}/runs."
+    )
     return prepare_runs(config, workdir, dataset)
   if not mtl_dirs or not stl_dirs:
-    raise ValueError("Give both robustness.mtl_runs and robustness.stl_runs (or neither, to train them first); "
-                     f"got mtl_runs={mtl_dirs}, stl_runs={stl_dirs}.")
+    raise ValueError(
+      "Give both robustness.mtl_runs and robustness.stl_runs (or neither, to train them first); "
+      f"got mtl_runs={mtl_dirs}, stl_runs={stl_dirs}."
+    )
   return mtl_dirs, stl_dirs
 
 
@@ -493,7 +592,9 @@ def _load_runs(config, mtl_dirs, stl_dirs, dataset) -> tuple[list[Run], dict[str
     stl_runs[task] = run
   missing = [task for task in config.tasks if task not in stl_runs]
   if missing:
-    raise ValueError(f"No STL run for task(s) {missing}; robustness.stl_runs must cover {list(config.tasks)}.")
+    raise ValueError(
+      f"No STL run for task(s) {missing}; robustness.stl_runs must cover {list(config.tasks)}."
+    )
   return mtl_runs, stl_runs
 
 
@@ -521,7 +622,9 @@ def run_robustness(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
   mtl_dirs, stl_dirs = _resolve_runs(config, workdir, dataset)
   mtl_runs, stl_by_task = _load_runs(config, mtl_dirs, stl_dirs, dataset)
   runs = mtl_runs + list(stl_by_task.values())
-  metric_writers.status(f"[robustness] runs: " + ", ".join(f"{run.name} ({run.path})" for run in runs))
+  metric_writers.status(
+    f"[robustness] runs: " + ", ".join(f"{run.name} ({run.path})" for run in runs)
+  )
   seed = int(settings.corruption_seed)
 
   # The probe uses the encoders, which fine-tuning leaves untouched; run it first anyway.
@@ -531,34 +634,59 @@ def run_robustness(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
   test_source = dataset.splits["test"]
   limit = int(settings.max_test_examples) or len(test_source)
   test = test_source.batch(np.arange(min(limit, len(test_source))))
-  evaluations = evaluate_under_corruption(runs, test, corruption_conditions(names, severities), seed)
+  evaluations = evaluate_under_corruption(
+    runs, test, corruption_conditions(names, severities), seed
+  )
 
   deltas = {}
-  stl_clean = {key: value for task, run in stl_by_task.items() for key, value in evaluations[run.name]["clean"].items()}
+  stl_clean = {
+    key: value
+    for task, run in stl_by_task.items()
+    for key, value in evaluations[run.name]["clean"].items()
+  }
   stl_corrupted = {
-      condition: {key: value for run in stl_by_task.values()
-                  for key, value in evaluations[run.name]["corrupted"][condition].items()}
-      for condition in evaluations[runs[0].name]["corrupted"]}
+    condition: {
+      key: value
+      for run in stl_by_task.values()
+      for key, value in evaluations[run.name]["corrupted"][condition].items()
+    }
+    for condition in evaluations[runs[0].name]["corrupted"]
+  }
   for run in mtl_runs:
     directions = tasks_lib.flat_directions(run.experiment.tasks)
-    deltas[run.name] = corruption_delta(evaluations[run.name]["clean"], evaluations[run.name]["corrupted"],
-                                        stl_clean, stl_corrupted, directions)
+    deltas[run.name] = corruption_delta(
+      evaluations[run.name]["clean"],
+      evaluations[run.name]["corrupted"],
+      stl_clean,
+      stl_corrupted,
+      directions,
+    )
   results = {
-      "runs": {run.name: {"path": run.path, "tasks": run.task_names, "method": run.config.method.name,
-                          "finetune_loss": history[run.name], **evaluations[run.name]} for run in runs},
-      "delta": deltas,
-      "probe": probe,
-      "corruptions": list(names),
-      "severities": list(severities),
-      "num_test_examples": int(len(test["image"])),
-      "settings": settings.to_dict(),
+    "runs": {
+      run.name: {
+        "path": run.path,
+        "tasks": run.task_names,
+        "method": run.config.method.name,
+        "finetune_loss": history[run.name],
+        **evaluations[run.name],
+      }
+      for run in runs
+    },
+    "delta": deltas,
+    "probe": probe,
+    "corruptions": list(names),
+    "severities": list(severities),
+    "num_test_examples": int(len(test["image"])),
+    "settings": settings.to_dict(),
   }
   with open(os.path.join(workdir, RESULTS_FILE), "w") as file:
     json.dump(results, file, indent=2, default=str)
   with open(os.path.join(workdir, REPORT_FILE), "w") as file:
     file.write(report_markdown(results))
   per_corruption_figure(results, os.path.join(workdir, FIGURE_FILE))
-  metric_writers.status(f"[robustness] wrote {RESULTS_FILE}, {REPORT_FILE} and {FIGURE_FILE} to {workdir}.")
+  metric_writers.status(
+    f"[robustness] wrote {RESULTS_FILE}, {REPORT_FILE} and {FIGURE_FILE} to {workdir}."
+  )
   return results
 
 
@@ -571,18 +699,27 @@ def _format(value: float) -> str:
 
 def report_markdown(results: Mapping[str, Any]) -> str:
   """Markdown tables: δ per task and method, clean vs mean corrupted metrics, probe results."""
-  lines = [f"# Robustness under corruption\n",
-           f"{len(results['corruptions'])} corruptions x severities {results['severities']}, "
-           f"{results['num_test_examples']} test images. δ < 0: MTL features degrade less than STL.\n",
-           "## δ per task (mean over a task's metrics) and mean δ\n"]
+  lines = [
+    f"# Robustness under corruption\n",
+    f"{len(results['corruptions'])} corruptions x severities {results['severities']}, "
+    f"{results['num_test_examples']} test images. δ < 0: MTL features degrade less than STL.\n",
+    "## δ per task (mean over a task's metrics) and mean δ\n",
+  ]
   tasks = sorted({task for delta in results["delta"].values() for task in delta["per_task"]})
   lines.append("| run | " + " | ".join(f"δ {task}" for task in tasks) + " | mean δ |")
   lines.append("|---" * (len(tasks) + 2) + "|")
   for name, delta in results["delta"].items():
-    lines.append(f"| {name} | " + " | ".join(_format(delta["per_task"].get(task)) for task in tasks)
-                 + f" | {_format(delta['mean'])} |")
-  lines += ["", "## Test metrics after head fine-tuning: clean and mean over corrupted sets\n",
-            "| run | metric | clean | corrupted (mean) |", "|---|---|---|---|"]
+    lines.append(
+      f"| {name} | "
+      + " | ".join(_format(delta["per_task"].get(task)) for task in tasks)
+      + f" | {_format(delta['mean'])} |"
+    )
+  lines += [
+    "",
+    "## Test metrics after head fine-tuning: clean and mean over corrupted sets\n",
+    "| run | metric | clean | corrupted (mean) |",
+    "|---|---|---|---|",
+  ]
   for name, run in results["runs"].items():
     for key, clean in run["clean"].items():
       corrupted = np.mean([values[key] for values in run["corrupted"].values()])
@@ -601,21 +738,30 @@ def report_markdown(results: Mapping[str, Any]) -> str:
 def per_corruption_figure(results: Mapping[str, Any], path: str) -> None:
   """One panel per task: δ per corruption (mean over severities), one bar group per MTL run."""
   import matplotlib  # noqa: PLC0415 (plotting is optional at import time)
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
 
   names = results["corruptions"]
   tasks = sorted({task for delta in results["delta"].values() for task in delta["per_task"]})
-  figure, axes = plt.subplots(len(tasks), 1, figsize=(max(6, 0.6 * len(names) + 2), 2.4 * len(tasks)),
-                              squeeze=False, sharex=True)
+  figure, axes = plt.subplots(
+    len(tasks),
+    1,
+    figsize=(max(6, 0.6 * len(names) + 2), 2.4 * len(tasks)),
+    squeeze=False,
+    sharex=True,
+  )
   width = 0.8 / max(1, len(results["delta"]))
   for row, task in enumerate(tasks):
     axis = axes[row, 0]
     for offset, (run_name, delta) in enumerate(results["delta"].items()):
       values = []
       for name in names:
-        per_severity = [np.mean([value for key, value in metrics.items() if key.rpartition("/")[0] == task])
-                        for condition, metrics in delta["per_condition"].items() if condition.rpartition("/")[0] == name]
+        per_severity = [
+          np.mean([value for key, value in metrics.items() if key.rpartition("/")[0] == task])
+          for condition, metrics in delta["per_condition"].items()
+          if condition.rpartition("/")[0] == name
+        ]
         values.append(np.mean(per_severity))
       axis.bar(np.arange(len(names)) + offset * width, values, width, label=run_name)
     axis.axhline(0, color="black", linewidth=0.6)
@@ -638,16 +784,21 @@ def corruption_figure(image: np.ndarray, path: str, seed: int = 0) -> None:
     seed: the corruption seed.
   """
   import matplotlib  # noqa: PLC0415
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
 
   names = corruptions_lib.CORRUPTIONS
   height, width = image.shape[:2]
   panel_width = 1.3
-  figure, axes = plt.subplots(len(names), 6, figsize=(6 * panel_width + 1.2, len(names) * panel_width * height / width + 0.4))
+  figure, axes = plt.subplots(
+    len(names), 6, figsize=(6 * panel_width + 1.2, len(names) * panel_width * height / width + 0.4)
+  )
   for row, name in enumerate(names):
     for column in range(6):
-      shown = image if column == 0 else corruptions_lib.corrupt(image, name, column, (seed, row, column))
+      shown = (
+        image if column == 0 else corruptions_lib.corrupt(image, name, column, (seed, row, column))
+      )
       axis = axes[row, column]
       axis.imshow(shown, interpolation="nearest")
       axis.set_xticks([])

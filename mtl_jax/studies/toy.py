@@ -32,12 +32,12 @@ from mtl_jax.data import toy
 
 # The studied paper's Table 1 (iterations to the minimum, None = '-'), for side-by-side output.
 PAPER_TABLE = {
-    "gd/ew": (None, 103, None, None, None, None, None, None, None),
-    "gd/pcgrad": (None,) * 9,
-    "gd/cagrad": (644, None, 213, 621, 8069, 5732, 20418, 34405, None),
-    "adam/ew": (26, 37, 22, 58, 709, 2135, 9015, 16005, None),
-    "adam/pcgrad": (25, 4960, 56, 15741, 34175, 41438, None, None, None),
-    "adam/cagrad": (27, 30, 32, 106, 802, 7109, 11239, 14323, 57700),
+  "gd/ew": (None, 103, None, None, None, None, None, None, None),
+  "gd/pcgrad": (None,) * 9,
+  "gd/cagrad": (644, None, 213, 621, 8069, 5732, 20418, 34405, None),
+  "adam/ew": (26, 37, 22, 58, 709, 2135, 9015, 16005, None),
+  "adam/pcgrad": (25, 4960, 56, 15741, 34175, 41438, None, None, None),
+  "adam/cagrad": (27, 30, 32, 106, 802, 7109, 11239, 14323, 57700),
 }
 PAPER_LEARNING_RATES = (10.0, 5.0, 1.0, 0.5, 0.1, 0.05, 0.01, 0.005, 0.001)
 OPTIMIZERS = ("gd", "adam")
@@ -51,11 +51,15 @@ def _check(config: ml_collections.ConfigDict) -> None:
     if name not in toy.DIRECTIONS:
       raise ValueError(f"config.methods has unknown {name!r}; valid: {', '.join(toy.DIRECTIONS)}.")
   if config.max_iterations < config.dense_iterations or config.record_every <= 0:
-    raise ValueError("config.max_iterations must be >= config.dense_iterations and config.record_every > 0.")
+    raise ValueError(
+      "config.max_iterations must be >= config.dense_iterations and config.record_every > 0."
+    )
   _precision(config.dtype)
 
 
-def make_program(config: ml_collections.ConfigDict, minimiser: np.ndarray, minimum: float, dtype=jnp.float32):
+def make_program(
+  config: ml_collections.ConfigDict, minimiser: np.ndarray, minimum: float, dtype=jnp.float32
+):
   """Builds the jit-able function running every run of the grid.
 
   Args:
@@ -69,16 +73,24 @@ def make_program(config: ml_collections.ConfigDict, minimiser: np.ndarray, minim
     dict(first_hit [N] int32 (-1 = never), dense [I, N, 2], sparse [S, N, 2], final [N, 2])`.
   """
   directions = [
-      (lambda g1, g2, name=name: toy.cagrad_direction(g1, g2, float(config.cagrad_c)) if name == "cagrad"
-       else toy.DIRECTIONS[name](g1, g2))
-      for name in config.methods
+    (
+      lambda g1, g2, name=name: (
+        toy.cagrad_direction(g1, g2, float(config.cagrad_c))
+        if name == "cagrad"
+        else toy.DIRECTIONS[name](g1, g2)
+      )
+    )
+    for name in config.methods
   ]
   b1, b2, eps = float(config.adam_b1), float(config.adam_b2), float(config.adam_eps)
   # 1 - βᵗ as -expm1(t log β), log β in Python's float64: no cancellation when βᵗ is near 1,
   # so even a float32 run gets the bias corrections PyTorch computes in float64.
   log_b1, log_b2 = math.log(b1), math.log(b2)
   target = jnp.asarray(minimiser, dtype)
-  distance_tolerance, gap_tolerance = float(config.distance_tolerance), float(config.loss_gap_tolerance)
+  distance_tolerance, gap_tolerance = (
+    float(config.distance_tolerance),
+    float(config.loss_gap_tolerance),
+  )
   adam_index = OPTIMIZERS.index("adam")
 
   def step(run, state, iteration):
@@ -92,11 +104,14 @@ def make_program(config: ml_collections.ConfigDict, minimiser: np.ndarray, minim
     count = (iteration + 1).astype(dtype)
     correction_1, correction_2 = -jnp.expm1(count * log_b1), -jnp.expm1(count * log_b2)
     # PyTorch's order: lr / (1 - β1ᵗ) · m / (√v / √(1 - β2ᵗ) + eps).
-    adam_update = (first_moment / (jnp.sqrt(second_moment) / jnp.sqrt(correction_2) + eps)) / correction_1
+    adam_update = (
+      first_moment / (jnp.sqrt(second_moment) / jnp.sqrt(correction_2) + eps)
+    ) / correction_1
     update = jnp.where(optimizer_index == adam_index, adam_update, direction)
     point = point - learning_rate * update
     reached = (jnp.linalg.norm(point - target) < distance_tolerance) | (
-        toy.mean_objective(point) - minimum < gap_tolerance)
+      toy.mean_objective(point) - minimum < gap_tolerance
+    )
     first_hit = jnp.where((first_hit < 0) & reached, iteration + 1, first_hit)
     return point, first_moment, second_moment, first_hit
 
@@ -119,7 +134,9 @@ def make_program(config: ml_collections.ConfigDict, minimiser: np.ndarray, minim
 
     def sparse_body(state, chunk):
       first = dense_iterations + chunk * record_every
-      state = jax.lax.fori_loop(first, first + record_every, lambda i, s: batched_step(runs, s, i), state)
+      state = jax.lax.fori_loop(
+        first, first + record_every, lambda i, s: batched_step(runs, s, i), state
+      )
       return state, state[0]
 
     state, sparse = jax.lax.scan(sparse_body, state, jnp.arange(chunks, dtype=jnp.int32))
@@ -145,8 +162,12 @@ def _cell(value, variants, reproducible: bool) -> str:
   return f"{text} [{low}, {high}]"
 
 
-def format_table(table: dict[str, list[int | None]], learning_rates, paper: bool = True,
-                 sensitivity: dict | None = None) -> str:
+def format_table(
+  table: dict[str, list[int | None]],
+  learning_rates,
+  paper: bool = True,
+  sensitivity: dict | None = None,
+) -> str:
   """Markdown table of iterations (ours, and the paper's beside it where the lr grid matches).
 
   Args:
@@ -162,8 +183,12 @@ def format_table(table: dict[str, list[int | None]], learning_rates, paper: bool
     if sensitivity is None:
       cells = [_format(v) for v in row]
     else:
-      cells = [_cell(v, variants, ok) for v, variants, ok in
-               zip(row, sensitivity["variants"][key], sensitivity["reproducible"][key])]
+      cells = [
+        _cell(v, variants, ok)
+        for v, variants, ok in zip(
+          row, sensitivity["variants"][key], sensitivity["reproducible"][key]
+        )
+      ]
     lines.append(f"| {key} (ours) | " + " | ".join(cells) + " |")
     if paper and key in PAPER_TABLE and tuple(learning_rates) == PAPER_LEARNING_RATES:
       lines.append(f"| {key} (paper) | " + " | ".join(_format(v) for v in PAPER_TABLE[key]) + " |")
@@ -179,17 +204,28 @@ def _precision(dtype: str):
   raise ValueError(f"config.dtype must be 'float32' or 'float64', got {dtype!r}.")
 
 
-def _run_grid(config, minimiser, minimum, start_sets: list[np.ndarray], dtype: str) -> tuple[dict, float, float]:
+def _run_grid(
+  config, minimiser, minimum, start_sets: list[np.ndarray], dtype: str
+) -> tuple[dict, float, float]:
   """Runs the grid from every set of starts [S, 2] in `dtype`, all as one program.
 
   Returns:
     (outputs on host with a leading axis over the start sets, compile seconds, run seconds).
   """
-  grid = list(itertools.product(range(len(start_sets)), range(len(config.optimizers)), range(len(config.methods)),
-                                range(len(config.learning_rates)), range(len(start_sets[0]))))
+  grid = list(
+    itertools.product(
+      range(len(start_sets)),
+      range(len(config.optimizers)),
+      range(len(config.methods)),
+      range(len(config.learning_rates)),
+      range(len(start_sets[0])),
+    )
+  )
   float_type, precision = _precision(dtype)
   with precision:
-    optimizer_index = jnp.asarray([OPTIMIZERS.index(config.optimizers[g[1]]) for g in grid], jnp.int32)
+    optimizer_index = jnp.asarray(
+      [OPTIMIZERS.index(config.optimizers[g[1]]) for g in grid], jnp.int32
+    )
     method_index = jnp.asarray([g[2] for g in grid], jnp.int32)
     learning_rate = jnp.asarray([config.learning_rates[g[3]] for g in grid], float_type)
     start = jnp.asarray(np.array([start_sets[g[0]][g[4]] for g in grid]), float_type)
@@ -198,23 +234,34 @@ def _run_grid(config, minimiser, minimum, start_sets: list[np.ndarray], dtype: s
     compiled = program.lower(optimizer_index, method_index, learning_rate, start).compile()
     compile_seconds = time.perf_counter() - begin
     begin = time.perf_counter()
-    outputs = jax.device_get(jax.block_until_ready(compiled(optimizer_index, method_index, learning_rate, start)))
+    outputs = jax.device_get(
+      jax.block_until_ready(compiled(optimizer_index, method_index, learning_rate, start))
+    )
     run_seconds = time.perf_counter() - begin
   sets, per_set = len(start_sets), len(grid) // len(start_sets)
   # first_hit and final are [runs, ...]; the trajectories [time, runs, 2].
-  outputs = {key: (value.reshape(sets, per_set, *value.shape[1:]) if key in ("first_hit", "final")
-                   else np.moveaxis(value.reshape(value.shape[0], sets, per_set, *value.shape[2:]), 1, 0))
-             for key, value in outputs.items()}
+  outputs = {
+    key: (
+      value.reshape(sets, per_set, *value.shape[1:])
+      if key in ("first_hit", "final")
+      else np.moveaxis(value.reshape(value.shape[0], sets, per_set, *value.shape[2:]), 1, 0)
+    )
+    for key, value in outputs.items()
+  }
   return outputs, compile_seconds, run_seconds
 
 
 def _iteration_table(config, first_hit: np.ndarray, num_starts: int) -> dict[str, list[int | None]]:
   """'opt/method' -> per lr the largest first hit over the starts (None when one never hits)."""
-  hits = first_hit.reshape(len(config.optimizers), len(config.methods), len(config.learning_rates), num_starts)
+  hits = first_hit.reshape(
+    len(config.optimizers), len(config.methods), len(config.learning_rates), num_starts
+  )
   table = {}
   for o, optimizer in enumerate(config.optimizers):
     for m, method in enumerate(config.methods):
-      table[f"{optimizer}/{method}"] = [None if (starts < 0).any() else int(starts.max()) for starts in hits[o, m]]
+      table[f"{optimizer}/{method}"] = [
+        None if (starts < 0).any() else int(starts.max()) for starts in hits[o, m]
+      ]
   return table
 
 
@@ -225,7 +272,9 @@ def perturbed_starts(config: ml_collections.ConfigDict) -> list[np.ndarray]:
   copies = []
   for _ in range(int(config.perturbed_starts)):
     angles = generator.uniform(0, 2 * np.pi, len(starts))
-    copies.append(starts + float(config.perturbation) * np.stack([np.cos(angles), np.sin(angles)], -1))
+    copies.append(
+      starts + float(config.perturbation) * np.stack([np.cos(angles), np.sin(angles)], -1)
+    )
   return copies
 
 
@@ -234,11 +283,16 @@ def _sensitivity(config, table, variant_tables) -> dict:
   spread = float(config.reproducible_spread)
   variants, reproducible = {}, {}
   for key, row in table.items():
-    variants[key] = [[variant_table[key][lr] for variant_table in variant_tables.values()] for lr in range(len(row))]
+    variants[key] = [
+      [variant_table[key][lr] for variant_table in variant_tables.values()]
+      for lr in range(len(row))
+    ]
     reproducible[key] = [
-        all(v == value for v in values) if value is None or None in values
-        else all(abs(v - value) <= spread * value for v in values)
-        for value, values in zip(row, variants[key])]
+      all(v == value for v in values)
+      if value is None or None in values
+      else all(abs(v - value) <= spread * value for v in values)
+      for value, values in zip(row, variants[key])
+    ]
   return {"names": list(variant_tables), "variants": variants, "reproducible": reproducible}
 
 
@@ -261,11 +315,17 @@ def run_toy(config: ml_collections.ConfigDict, workdir: str | None = None) -> di
   starts = np.asarray(config.starts, np.float64)
   moved = perturbed_starts(config)
   # The moved starts run in the same program as the main grid (one compilation).
-  runs, compile_seconds, run_seconds = _run_grid(config, minimiser, minimum, [starts] + moved, config.dtype)
+  runs, compile_seconds, run_seconds = _run_grid(
+    config, minimiser, minimum, [starts] + moved, config.dtype
+  )
   outputs = {key: value[0] for key, value in runs.items()}
   table = _iteration_table(config, outputs["first_hit"], len(starts))
-  variant_tables = {f"start moved {float(config.perturbation):g} #{k + 1}":
-                    _iteration_table(config, runs["first_hit"][k + 1], len(starts)) for k in range(len(moved))}
+  variant_tables = {
+    f"start moved {float(config.perturbation):g} #{k + 1}": _iteration_table(
+      config, runs["first_hit"][k + 1], len(starts)
+    )
+    for k in range(len(moved))
+  }
   if config.compare_precisions:
     other = "float32" if config.dtype == "float64" else "float64"
     runs, compile_more, run_more = _run_grid(config, minimiser, minimum, [starts], other)
@@ -273,48 +333,78 @@ def run_toy(config: ml_collections.ConfigDict, workdir: str | None = None) -> di
     compile_seconds, run_seconds = compile_seconds + compile_more, run_seconds + run_more
   sensitivity = _sensitivity(config, table, variant_tables)
   flags = [flag for row in sensitivity["reproducible"].values() for flag in row]
-  tolerance = (f"reached = |z - z*| < {config.distance_tolerance:g} or mean(z) - mean(z*) < "
-               f"{config.loss_gap_tolerance:g}, z* = ({minimiser[0]:.4f}, {minimiser[1]:.4f}), "
-               f"mean(z*) = {minimum:.6f}; at most {config.max_iterations} iterations")
-  legend = (f"Runs in {config.dtype}. [low, high]: the range of a cell over {len(variant_tables)} variants "
-            f"({'; '.join(variant_tables)}); '-' there: some variant never reached the minimum. "
-            f"*: a variant differs by more than {100 * float(config.reproducible_spread):g}% (or in whether it "
-            f"converges): the cell shows the pattern, not a reproducible number. "
-            f"{sum(flags)} of {len(flags)} cells are reproducible.")
+  tolerance = (
+    f"reached = |z - z*| < {config.distance_tolerance:g} or mean(z) - mean(z*) < "
+    f"{config.loss_gap_tolerance:g}, z* = ({minimiser[0]:.4f}, {minimiser[1]:.4f}), "
+    f"mean(z*) = {minimum:.6f}; at most {config.max_iterations} iterations"
+  )
+  legend = (
+    f"Runs in {config.dtype}. [low, high]: the range of a cell over {len(variant_tables)} variants "
+    f"({'; '.join(variant_tables)}); '-' there: some variant never reached the minimum. "
+    f"*: a variant differs by more than {100 * float(config.reproducible_spread):g}% (or in whether it "
+    f"converges): the cell shows the pattern, not a reproducible number. "
+    f"{sum(flags)} of {len(flags)} cells are reproducible."
+  )
   results = {
-      "table": table, "paper_table": {key: list(value) for key, value in PAPER_TABLE.items()},
-      "learning_rates": list(config.learning_rates), "minimiser": [float(v) for v in minimiser],
-      "minimum": minimum, "tolerance": tolerance, "dtype": config.dtype, "compile_seconds": compile_seconds,
-      "run_seconds": run_seconds, "num_runs": len(outputs["first_hit"]), "sensitivity": sensitivity,
-      "reproducible_cells": sum(flags), "cells": len(flags),
-      "markdown": format_table(table, config.learning_rates, sensitivity=sensitivity) + "\n\n" + legend,
-      "figure": None,
+    "table": table,
+    "paper_table": {key: list(value) for key, value in PAPER_TABLE.items()},
+    "learning_rates": list(config.learning_rates),
+    "minimiser": [float(v) for v in minimiser],
+    "minimum": minimum,
+    "tolerance": tolerance,
+    "dtype": config.dtype,
+    "compile_seconds": compile_seconds,
+    "run_seconds": run_seconds,
+    "num_runs": len(outputs["first_hit"]),
+    "sensitivity": sensitivity,
+    "reproducible_cells": sum(flags),
+    "cells": len(flags),
+    "markdown": format_table(table, config.learning_rates, sensitivity=sensitivity)
+    + "\n\n"
+    + legend,
+    "figure": None,
   }
   if workdir and config.plot:
     os.makedirs(workdir, exist_ok=True)
-    results["figure"] = plot_trajectories(config, outputs, minimiser, os.path.join(workdir, "toy_trajectories.png"))
+    results["figure"] = plot_trajectories(
+      config, outputs, minimiser, os.path.join(workdir, "toy_trajectories.png")
+    )
     with open(os.path.join(workdir, "toy_table.md"), "w") as file:
       file.write(results["markdown"] + "\n\n" + tolerance + "\n")
   return results
 
 
-def plot_trajectories(config: ml_collections.ConfigDict, outputs: dict, minimiser, path: str) -> str:
+def plot_trajectories(
+  config: ml_collections.ConfigDict, outputs: dict, minimiser, path: str
+) -> str:
   """One panel per optimiser x method over the mean objective's contours; colour = learning rate."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   axis = np.linspace(-10, 10, 300)
   xs, ys = np.meshgrid(axis, axis)
-  values = np.asarray(jax.jit(jax.vmap(toy.mean_objective))(
-      jnp.stack([xs.ravel(), ys.ravel()], -1).astype(jnp.float32))).reshape(xs.shape)
-  shape = (len(config.optimizers), len(config.methods), len(config.learning_rates), len(config.starts))
+  values = np.asarray(
+    jax.jit(jax.vmap(toy.mean_objective))(
+      jnp.stack([xs.ravel(), ys.ravel()], -1).astype(jnp.float32)
+    )
+  ).reshape(xs.shape)
+  shape = (
+    len(config.optimizers),
+    len(config.methods),
+    len(config.learning_rates),
+    len(config.starts),
+  )
   paths = np.concatenate([outputs["dense"], outputs["sparse"]], axis=0)  # [time, runs, 2]
   paths = paths.reshape(paths.shape[0], *shape, 2)
   colours = plt.cm.viridis(np.linspace(0, 1, len(config.learning_rates)))
-  figure, axes = plt.subplots(len(config.optimizers), len(config.methods), figsize=(4 * len(config.methods),
-                                                                                     4 * len(config.optimizers)),
-                              squeeze=False)
+  figure, axes = plt.subplots(
+    len(config.optimizers),
+    len(config.methods),
+    figsize=(4 * len(config.methods), 4 * len(config.optimizers)),
+    squeeze=False,
+  )
   for o, optimizer in enumerate(config.optimizers):
     for m, method in enumerate(config.methods):
       panel = axes[o, m]
@@ -323,8 +413,13 @@ def plot_trajectories(config: ml_collections.ConfigDict, outputs: dict, minimise
         for s in range(len(config.starts)):
           trace = paths[:, o, m, lr_index, s]
           trace = trace[np.isfinite(trace).all(-1)]
-          panel.plot(trace[:, 0], trace[:, 1], color=colours[lr_index], lw=0.8,
-                     label=f"lr {lr:g}" if s == 0 else None)
+          panel.plot(
+            trace[:, 0],
+            trace[:, 1],
+            color=colours[lr_index],
+            lw=0.8,
+            label=f"lr {lr:g}" if s == 0 else None,
+          )
       panel.scatter(*np.array(config.starts).T, color="red", marker="o", s=15, zorder=3)
       panel.scatter([minimiser[0]], [minimiser[1]], color="gold", marker="*", s=80, zorder=3)
       panel.set(xlim=(-10, 10), ylim=(-10, 10), title=f"{optimizer.upper()} + {method}")

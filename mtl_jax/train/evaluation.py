@@ -14,7 +14,7 @@ from mtl_jax.train.state import Experiment
 
 
 def summed_statistics(
-    eval_step: Callable, experiment: Experiment, params: Any, batch_stats: Any, split: str
+  eval_step: Callable, experiment: Experiment, params: Any, batch_stats: Any, split: str
 ) -> dict[str, Any]:
   """The eval step's metric statistics summed over every batch of a split (host numpy arrays).
 
@@ -34,8 +34,8 @@ def flat_metrics(tasks: Sequence[tasks_lib.Task], totals: Mapping[str, Any]) -> 
   count = float(totals["_count"])
   per_task = {name: stats for name, stats in totals.items() if name != "_count"}
   without_losses = {
-      name: {key: value for key, value in stats.items() if key != "loss_sum"}
-      for name, stats in per_task.items()
+    name: {key: value for key, value in stats.items() if key != "loss_sum"}
+    for name, stats in per_task.items()
   }
   flat = tasks_lib.compute_metrics(tasks, without_losses)
   for name, stats in per_task.items():
@@ -43,17 +43,19 @@ def flat_metrics(tasks: Sequence[tasks_lib.Task], totals: Mapping[str, Any]) -> 
   return flat
 
 
-def per_run_metrics(tasks: Sequence[tasks_lib.Task], totals: Mapping[str, Any]) -> list[dict[str, float]]:
+def per_run_metrics(
+  tasks: Sequence[tasks_lib.Task], totals: Mapping[str, Any]
+) -> list[dict[str, float]]:
   """`flat_metrics` of each run of statistics summed with a leading run axis."""
   runs = int(np.shape(totals["_count"])[0])
   return [
-      flat_metrics(tasks, jax.tree_util.tree_map(lambda leaf, index=index: leaf[index], totals))
-      for index in range(runs)
+    flat_metrics(tasks, jax.tree_util.tree_map(lambda leaf, index=index: leaf[index], totals))
+    for index in range(runs)
   ]
 
 
 def selection_score(
-    experiment: Experiment, validation: Mapping[str, float], baseline: Mapping[str, float] | None
+  experiment: Experiment, validation: Mapping[str, float], baseline: Mapping[str, float] | None
 ) -> tuple[str, float]:
   """The validation score that picks the best checkpoint (lower is better).
 
@@ -63,5 +65,7 @@ def selection_score(
   if baseline and len(experiment.tasks) > 1:
     directions = tasks_lib.flat_directions(experiment.tasks)
     variant = experiment.config.delta_m.variant
-    return "validation_delta_m", metrics_lib.delta_m(validation, baseline, directions, variant=variant)
+    return "validation_delta_m", metrics_lib.delta_m(
+      validation, baseline, directions, variant=variant
+    )
   return "validation_loss", float(sum(validation[f"{name}/loss"] for name in experiment.task_names))

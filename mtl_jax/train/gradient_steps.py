@@ -27,9 +27,9 @@ from mtl_jax import weighting as weighting_lib
 from mtl_jax.models import apply as apply_lib
 
 BATCH_NORM_LEVEL_ERROR = (
-    "config.method.level={level!r} needs per-sample gradients, which train-mode batch norm does not "
-    "define (its statistics couple the samples of a batch); use config.model.norm = 'group', 'layer' "
-    "or 'none', or level 'task'."
+  "config.method.level={level!r} needs per-sample gradients, which train-mode batch norm does not "
+  "define (its statistics couple the samples of a batch); use config.model.norm = 'group', 'layer' "
+  "or 'none', or level 'task'."
 )
 
 
@@ -37,18 +37,20 @@ def head_losses(model, tasks, head_params, features_per_task, batch, batch_stats
   """[B, T] per-sample losses with head t applied to features_per_task[t] (training mode), and
   `batch_stats` with the statistics of heads that have batch norm (DeepLab's ASPP) updated."""
   predictions, batch_stats = apply_lib.apply_heads(
-      model, [task.name for task in tasks], head_params, batch_stats, features_per_task, True
+    model, [task.name for task in tasks], head_params, batch_stats, features_per_task, True
   )
   return tasks_lib.losses_matrix(tasks, predictions, batch), batch_stats
 
 
-def _finish(state, optimizer, grads, batch_stats, weighting_state, rng, task_losses, aux, norm_of=None):
+def _finish(
+  state, optimizer, grads, batch_stats, weighting_state, rng, task_losses, aux, norm_of=None
+):
   """Applies one optimizer update and assembles the new state and the step's metrics."""
   new_state = state.apply_gradients(optimizer, grads, batch_stats, weighting_state, rng)
   metrics = {
-      "loss": jnp.sum(task_losses),
-      "task_losses": task_losses,
-      "grad_norm": optax.global_norm(norm_of if norm_of is not None else grads),
+    "loss": jnp.sum(task_losses),
+    "task_losses": task_losses,
+    "grad_norm": optax.global_norm(norm_of if norm_of is not None else grads),
   }
   if "weights" in aux and aux["weights"].shape == task_losses.shape:
     metrics["task_weights"] = aux["weights"]
@@ -65,7 +67,7 @@ def _weigh_with_gradient(method: weighting_lib.GramianWeighting) -> Callable:
   def weigh(gramian, task_losses, weighting_params, weighting_state, rng, step):
     def weighting_objective(weighting_params):
       weights, new_state, aux = method.weigh(
-          gramian, task_losses, weighting_params, weighting_state, rng, step
+        gramian, task_losses, weighting_params, weighting_state, rng, step
       )
       return aux.get("weighting_loss", jnp.zeros(())), (weights, new_state, aux)
 
@@ -77,7 +79,7 @@ def _weigh_with_gradient(method: weighting_lib.GramianWeighting) -> Callable:
 
 
 def make_gramian_step(
-    model, tasks: Sequence[tasks_lib.Task], method, optimizer, level: str, mesh=None
+  model, tasks: Sequence[tasks_lib.Task], method, optimizer, level: str, mesh=None
 ) -> Callable:
   """Gramian weighting: per-row gradients -> G at `level` -> weights -> their weighted sum.
 
@@ -96,15 +98,17 @@ def make_gramian_step(
       raise ValueError(BATCH_NORM_LEVEL_ERROR.format(level=level))
     rng, step_rng = jax.random.split(state.rng)
     rows = gramian_lib.compute(
-        model, state.params, state.batch_stats, batch, tasks, level, mesh=mesh
+      model, state.params, state.batch_stats, batch, tasks, level, mesh=mesh
     )
     gramian, task_losses = jax.lax.stop_gradient((rows.gramian, rows.task_losses))
     (weights, weighting_state, aux), weighting_grads = weigh(
-        gramian, task_losses, state.weighting_params, state.weighting_state, step_rng, state.step
+      gramian, task_losses, state.weighting_params, state.weighting_state, step_rng, state.step
     )
     model_grads = rows.gradient(jax.lax.stop_gradient(weights).astype(jnp.float32))
     grads = {"model": model_grads, "weighting": weighting_grads}
-    return _finish(state, optimizer, grads, rows.batch_stats, weighting_state, rng, task_losses, aux)
+    return _finish(
+      state, optimizer, grads, rows.batch_stats, weighting_state, rng, task_losses, aux
+    )
 
   return train_step
 
@@ -121,7 +125,7 @@ def per_task_feature_gradients(model, tasks, state, batch):
 
   def encode(encoder):
     return apply_lib.encode(
-        model, {"encoder": encoder, "heads": params["heads"]}, state.batch_stats, batch["image"], True
+      model, {"encoder": encoder, "heads": params["heads"]}, state.batch_stats, batch["image"], True
     )
 
   features, pullback, batch_stats = jax.vjp(encode, params["encoder"], has_aux=True)
@@ -148,20 +152,20 @@ def make_feature_jacobian_step(model, tasks, method, optimizer) -> Callable:
   def train_step(state, batch):
     rng, step_rng = jax.random.split(state.rng)
     features, pullback, batch_stats, feature_gradients, head_gradients, losses = (
-        per_task_feature_gradients(model, tasks, state, batch)
+      per_task_feature_gradients(model, tasks, state, batch)
     )
     cotangent, weighting_state, aux = method.combine(
-        feature_gradients,
-        features,
-        state.weighting_params,
-        state.weighting_state,
-        step_rng,
-        state.step,
+      feature_gradients,
+      features,
+      state.weighting_params,
+      state.weighting_state,
+      step_rng,
+      state.step,
     )
     (encoder_gradients,) = pullback(cotangent)
     grads = {
-        "model": {"encoder": encoder_gradients, "heads": head_gradients},
-        "weighting": _zero_weighting_gradients(state),
+      "model": {"encoder": encoder_gradients, "heads": head_gradients},
+      "weighting": _zero_weighting_gradients(state),
     }
     return _finish(state, optimizer, grads, batch_stats, weighting_state, rng, losses, aux)
 
@@ -174,20 +178,20 @@ def make_per_task_optimizer_step(model, tasks, method, optimizer) -> Callable:
 
   def train_step(state, batch):
     rng, _ = jax.random.split(state.rng)
-    _, pullback, batch_stats, feature_gradients, head_gradients, losses = per_task_feature_gradients(
-        model, tasks, state, batch
+    _, pullback, batch_stats, feature_gradients, head_gradients, losses = (
+      per_task_feature_gradients(model, tasks, state, batch)
     )
     (encoder_gradients,) = gramian_lib.stacked_vjp(pullback, feature_gradients)
     grads = {
-        "model": {"encoder": encoder_gradients, "heads": head_gradients},
-        "weighting": _zero_weighting_gradients(state),
+      "model": {"encoder": encoder_gradients, "heads": head_gradients},
+      "weighting": _zero_weighting_gradients(state),
     }
     summed = {
-        "encoder": jax.tree_util.tree_map(lambda leaf: jnp.sum(leaf, axis=0), encoder_gradients),
-        "heads": head_gradients,
+      "encoder": jax.tree_util.tree_map(lambda leaf: jnp.sum(leaf, axis=0), encoder_gradients),
+      "heads": head_gradients,
     }
     return _finish(
-        state, optimizer, grads, batch_stats, state.weighting_state, rng, losses, {}, norm_of=summed
+      state, optimizer, grads, batch_stats, state.weighting_state, rng, losses, {}, norm_of=summed
     )
 
   return train_step
@@ -200,10 +204,10 @@ def make_sequential_step(model, tasks, method, optimizer) -> Callable:
 
   def task_objective(trainable, batch_stats, batch, index):
     features, new_stats = apply_lib.encode(
-        model, trainable["model"], batch_stats, batch["image"], True
+      model, trainable["model"], batch_stats, batch["image"], True
     )
     task_losses, new_stats = head_losses(
-        model, tasks, trainable["model"]["heads"], [features] * num_tasks, batch, new_stats
+      model, tasks, trainable["model"]["heads"], [features] * num_tasks, batch, new_stats
     )
     task_losses = jnp.mean(task_losses, axis=0)
     return task_losses[index], (task_losses[index], new_stats)
@@ -221,12 +225,12 @@ def make_sequential_step(model, tasks, method, optimizer) -> Callable:
       losses.append(loss)
       norms.append(optax.global_norm(grads))
     new_state = state.replace(
-        step=state.step + 1,
-        params=trainable["model"],
-        batch_stats=batch_stats,
-        weighting_params=trainable["weighting"],
-        opt_state=tuple(opt_states),
-        rng=rng,
+      step=state.step + 1,
+      params=trainable["model"],
+      batch_stats=batch_stats,
+      weighting_params=trainable["weighting"],
+      opt_state=tuple(opt_states),
+      rng=rng,
     )
     losses = jnp.stack(losses)
     grad_norm = jnp.sqrt(jnp.sum(jnp.stack(norms) ** 2))
@@ -241,15 +245,15 @@ def with_after_update(train_step: Callable, model, tasks, method) -> Callable:
   def step(state, batch):
     new_state, metrics = train_step(state, batch)
     features, _ = apply_lib.encode(
-        model, new_state.params, new_state.batch_stats, batch["image"], True
+      model, new_state.params, new_state.batch_stats, batch["image"], True
     )
     losses, _ = head_losses(
-        model,
-        tasks,
-        new_state.params["heads"],
-        [features] * len(tasks),
-        batch,
-        new_state.batch_stats,
+      model,
+      tasks,
+      new_state.params["heads"],
+      [features] * len(tasks),
+      batch,
+      new_state.batch_stats,
     )
     losses = jax.lax.stop_gradient(jnp.mean(losses, axis=0))
     weighting_state = method.after_update(losses, new_state.weighting_state)
@@ -259,9 +263,9 @@ def with_after_update(train_step: Callable, model, tasks, method) -> Callable:
 
 
 _JACOBIAN_STEPS = {
-    "features": make_feature_jacobian_step,
-    "per_task_optimizer": make_per_task_optimizer_step,
-    "sequential": make_sequential_step,
+  "features": make_feature_jacobian_step,
+  "per_task_optimizer": make_per_task_optimizer_step,
+  "sequential": make_sequential_step,
 }
 
 

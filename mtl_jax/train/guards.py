@@ -26,9 +26,9 @@ def finite_lanes(step_metrics: Mapping[str, np.ndarray]) -> np.ndarray:
     return np.asarray(step_metrics["finite"], bool)
   task_losses = np.asarray(step_metrics["task_losses"])
   return (
-      np.isfinite(np.asarray(step_metrics["loss"]))
-      & np.isfinite(np.asarray(step_metrics["grad_norm"]))
-      & np.all(np.isfinite(task_losses), axis=tuple(range(1, task_losses.ndim)))
+    np.isfinite(np.asarray(step_metrics["loss"]))
+    & np.isfinite(np.asarray(step_metrics["grad_norm"]))
+    & np.all(np.isfinite(task_losses), axis=tuple(range(1, task_losses.ndim)))
   )
 
 
@@ -44,7 +44,9 @@ def _non_finite_paths(tree, limit: int = 6) -> str:
   return shown + (f" (and {len(bad) - limit} more)" if len(bad) > limit else "")
 
 
-def make_gradient_locator(experiment: Experiment) -> Callable[[TrainState, Mapping[str, np.ndarray]], str]:
+def make_gradient_locator(
+  experiment: Experiment,
+) -> Callable[[TrainState, Mapping[str, np.ndarray]], str]:
   """`(state, batch) -> description` of which parameters get non-finite gradients, from which task.
 
   Only called after a step reported a non-finite gradient norm (the step itself computes one
@@ -65,14 +67,16 @@ def make_gradient_locator(experiment: Experiment) -> Callable[[TrainState, Mappi
       return jnp.sum(task_losses)
     _, step_rng = jax.random.split(state.rng)
     total, _, _ = method.combine(
-        task_losses, trainable["weighting"], state.weighting_state, step_rng, state.step
+      task_losses, trainable["weighting"], state.weighting_state, step_rng, state.step
     )
     return total
 
   def finite_flags(state, batch):
-    per_task = gramian_lib.jacobian_rows(lambda params: task_losses_fn(params, state, batch), state.params)
+    per_task = gramian_lib.jacobian_rows(
+      lambda params: task_losses_fn(params, state, batch), state.params
+    )
     per_task = jax.tree_util.tree_map(
-        lambda g: jnp.all(jnp.isfinite(g), axis=tuple(range(1, g.ndim))), per_task
+      lambda g: jnp.all(jnp.isfinite(g), axis=tuple(range(1, g.ndim))), per_task
     )
     total = jax.grad(total_fn)(state.trainable, state, batch)
     return per_task, jax.tree_util.tree_map(lambda g: jnp.all(jnp.isfinite(g)), total)
@@ -89,18 +93,20 @@ def make_gradient_locator(experiment: Experiment) -> Callable[[TrainState, Mappi
     if not parts:
       paths = _non_finite_paths(total)
       where = paths or "no parameter on recomputation (non-deterministic overflow?)"
-      parts.append(f"every task's gradient is finite, but after weighting {method.name!r} non-finite in {where}")
+      parts.append(
+        f"every task's gradient is finite, but after weighting {method.name!r} non-finite in {where}"
+      )
     return "; ".join(parts)
 
   return locate
 
 
 def check_finite(
-    step: int,
-    step_metrics: Mapping[str, np.ndarray],
-    task_names: Sequence[str],
-    where: str,
-    locate_gradients: Callable[[], str] | None = None,
+  step: int,
+  step_metrics: Mapping[str, np.ndarray],
+  task_names: Sequence[str],
+  where: str,
+  locate_gradients: Callable[[], str] | None = None,
 ) -> None:
   """Raises NonFiniteLossError naming the step and the task(s) when one run's metrics are not finite.
 
@@ -116,7 +122,7 @@ def check_finite(
   if bad_tasks:
     values = ", ".join(f"{name}={task_losses[task_names.index(name)]}" for name in bad_tasks)
     raise NonFiniteLossError(
-        f"Non-finite loss at step {step} in task(s) {', '.join(bad_tasks)} ({values}). {where}"
+      f"Non-finite loss at step {step} in task(s) {', '.join(bad_tasks)} ({values}). {where}"
     )
   for key in ("loss", "grad_norm"):
     if not np.isfinite(np.asarray(step_metrics[key])):
@@ -124,6 +130,6 @@ def check_finite(
       if key == "grad_norm" and locate_gradients is not None:
         located = f" The {locate_gradients()}."
       raise NonFiniteLossError(
-          f"Non-finite {key} at step {step} (task losses finite: "
-          f"{dict(zip(task_names, task_losses.tolist()))}).{located} {where}"
+        f"Non-finite {key} at step {step} (task losses finite: "
+        f"{dict(zip(task_names, task_losses.tolist()))}).{located} {where}"
       )

@@ -78,12 +78,12 @@ class SingleLane:
     self.mesh = mesh
     self.seed = int(experiment.config.seed)
     step = steps.make_train_step(
-        experiment.model,
-        experiment.tasks,
-        experiment.weighting,
-        experiment.optimizer,
-        level=experiment.level,
-        mesh=mesh,
+      experiment.model,
+      experiment.tasks,
+      experiment.weighting,
+      experiment.optimizer,
+      level=experiment.level,
+      mesh=mesh,
     )
     self._step_function = steps.with_skipping(step) if _skip_non_finite(experiment.config) else step
     self._step = None
@@ -95,7 +95,9 @@ class SingleLane:
     if self.mesh is None:
       self._step = jax.jit(self._step_function)
       return state
-    self._step, state = parallel.shard_training(self.experiment.config, self.mesh, self._step_function, state)
+    self._step, state = parallel.shard_training(
+      self.experiment.config, self.mesh, self._step_function, state
+    )
     return state
 
   def batch(self, step: int) -> tuple[Any, dict[str, np.ndarray]]:
@@ -112,7 +114,7 @@ class SingleLane:
 
   def evaluate(self, states: TrainState, split: str) -> list[dict[str, float]]:
     totals = evaluation.summed_statistics(
-        self._eval_step, self.experiment, states.params, states.batch_stats, split
+      self._eval_step, self.experiment, states.params, states.batch_stats, split
     )
     return [evaluation.flat_metrics(self.experiment.tasks, totals)]
 
@@ -145,12 +147,12 @@ def make_lane_step(experiment: Experiment, skip_non_finite: bool):
   def lane_step(state, batch, learning_rate):
     # The optimizer is rebuilt per lane at trace time; only the scale of its schedule is traced.
     optimizer = optim.make_optimizer(
-        unit_config,
-        experiment.steps_per_epoch,
-        learning_rate=lambda count: learning_rate * unit_schedule(count),
+      unit_config,
+      experiment.steps_per_epoch,
+      learning_rate=lambda count: learning_rate * unit_schedule(count),
     )
     step = steps.make_train_step(
-        experiment.model, experiment.tasks, experiment.weighting, optimizer, level=experiment.level
+      experiment.model, experiment.tasks, experiment.weighting, optimizer, level=experiment.level
     )
     step = steps.with_skipping(step) if skip_non_finite else step
     return step(state, batch)
@@ -158,8 +160,9 @@ def make_lane_step(experiment: Experiment, skip_non_finite: bool):
   return lane_step
 
 
-def make_multi_train_step(experiment: Experiment, shared_batch: bool, skip_non_finite: bool,
-                          lane_mode: str = "vmap"):
+def make_multi_train_step(
+  experiment: Experiment, shared_batch: bool, skip_non_finite: bool, lane_mode: str = "vmap"
+):
   """The step of K stacked runs: `(states [K], batch, learning_rates [K]) -> (states, metrics [K])`.
 
   Args:
@@ -203,8 +206,12 @@ def _looped(lane_step, shared_batch: bool):
 
   def one_lane(states, batch, learning_rates, index):
     lane_batch = batch if shared_batch else _index_lane(batch, index)
-    new_state, step_metrics = lane_step(_index_lane(states, index), lane_batch, learning_rates[index])
-    states = jax.tree_util.tree_map(lambda stacked, leaf: stacked.at[index].set(leaf), states, new_state)
+    new_state, step_metrics = lane_step(
+      _index_lane(states, index), lane_batch, learning_rates[index]
+    )
+    states = jax.tree_util.tree_map(
+      lambda stacked, leaf: stacked.at[index].set(leaf), states, new_state
+    )
     return states, step_metrics
 
   compiled = jax.jit(one_lane, donate_argnums=0)
@@ -225,9 +232,9 @@ def _stacked_eval_step(experiment: Experiment, lane_mode: str):
   if lane_mode != "loop":
     return jax.jit(jax.vmap(eval_step, in_axes=(0, 0, None, None)))
   single = jax.jit(
-      lambda params, batch_stats, batch, mask, index: eval_step(
-          _index_lane(params, index), _index_lane(batch_stats, index), batch, mask
-      )
+    lambda params, batch_stats, batch, mask, index: eval_step(
+      _index_lane(params, index), _index_lane(batch_stats, index), batch, mask
+    )
   )
 
   def lanes(params, batch_stats, batch, mask):
@@ -243,8 +250,12 @@ class StackedLanes:
 
   stacked = True
 
-  def __init__(self, experiment: Experiment, configs: Sequence[ml_collections.ConfigDict],
-               lane_mode: str = "auto"):
+  def __init__(
+    self,
+    experiment: Experiment,
+    configs: Sequence[ml_collections.ConfigDict],
+    lane_mode: str = "auto",
+  ):
     self.experiment = experiment
     self.size = len(configs)
     self.seeds = [int(config.seed) for config in configs]
@@ -253,14 +264,14 @@ class StackedLanes:
     rates = [float(config.optimizer.learning_rate) for config in configs]
     self.learning_rates = jnp.asarray(rates, jnp.float32)
     step = make_multi_train_step(
-        experiment, self.shared_batch, _skip_non_finite(experiment.config), self.mode
+      experiment, self.shared_batch, _skip_non_finite(experiment.config), self.mode
     )
     self._step = step if self.mode == "loop" else jax.jit(step)
     self._eval_step = _stacked_eval_step(experiment, self.mode)
     self._select = jax.jit(
-        lambda mask, new, old: jax.tree_util.tree_map(
-            lambda a, b: jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old
-        )
+      lambda mask, new, old: jax.tree_util.tree_map(
+        lambda a, b: jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old
+      )
     )
 
   def initial_states(self) -> TrainState:
@@ -280,7 +291,7 @@ class StackedLanes:
 
   def evaluate(self, states: TrainState, split: str) -> list[dict[str, float]]:
     totals = evaluation.summed_statistics(
-        self._eval_step, self.experiment, states.params, states.batch_stats, split
+      self._eval_step, self.experiment, states.params, states.batch_stats, split
     )
     return evaluation.per_run_metrics(self.experiment.tasks, totals)
 

@@ -30,10 +30,10 @@ from mtl_jax.train.state import build_experiment
 
 
 def train_and_evaluate(
-    config: ml_collections.ConfigDict,
-    workdir: str,
-    dataset: data_registry.Dataset | None = None,
-    preemption: preemption_lib.PreemptionGuard | None = None,
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  dataset: data_registry.Dataset | None = None,
+  preemption: preemption_lib.PreemptionGuard | None = None,
 ) -> dict:
   """Trains a model from config, keeping the best validation state, and writes test results.
 
@@ -71,11 +71,11 @@ def train_and_evaluate(
 
 
 def train_group(
-    configs: Sequence[ml_collections.ConfigDict],
-    workdirs: Sequence[str],
-    dataset: data_registry.Dataset | None = None,
-    label: str = "",
-    lane_mode: str = "auto",
+  configs: Sequence[ml_collections.ConfigDict],
+  workdirs: Sequence[str],
+  dataset: data_registry.Dataset | None = None,
+  label: str = "",
+  lane_mode: str = "auto",
 ) -> list[dict | None]:
   """Trains K runs as one compiled program and writes each run's results.json (or failed.json).
 
@@ -113,7 +113,9 @@ def _guard(preemption: preemption_lib.PreemptionGuard | None):
     yield guard
 
 
-def train_lanes(session: "session_lib.Session", guard: preemption_lib.PreemptionGuard) -> list[dict | None]:
+def train_lanes(
+  session: "session_lib.Session", guard: preemption_lib.PreemptionGuard
+) -> list[dict | None]:
   """The loop: every step of every lane, then each run's results (None for a failed run)."""
   total = session.experiment.total_steps
   for step in range(session.start_step, total):

@@ -59,8 +59,13 @@ class Preempted(Exception):
     signal_name: the signal received, e.g. 'SIGTERM'.
   """
 
-  def __init__(self, message: str, step: int | None = None, workdir: str | None = None,
-               signal_name: str | None = None):
+  def __init__(
+    self,
+    message: str,
+    step: int | None = None,
+    workdir: str | None = None,
+    signal_name: str | None = None,
+  ):
     super().__init__(message)
     self.step, self.workdir, self.signal_name = step, workdir, signal_name
 
@@ -95,6 +100,7 @@ class PreemptionGuard:
     """
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
       try:
         if multihost_utils.reached_preemption_sync_point(step):
           self.request("SIGTERM")
@@ -113,7 +119,9 @@ class PreemptionGuard:
       raise KeyboardInterrupt(f"second {name}: stopping without a checkpoint")
     self.request(name)
     # The loop prints a line when it stops; this one says the signal arrived at all.
-    logging.warning("Received %s: finishing the current step, then saving a checkpoint and exiting.", name)
+    logging.warning(
+      "Received %s: finishing the current step, then saving a checkpoint and exiting.", name
+    )
 
   def __enter__(self) -> "PreemptionGuard":
     if threading.current_thread() is threading.main_thread():

@@ -37,13 +37,15 @@ def load_baselines(config: ml_collections.ConfigDict) -> tuple[dict | None, dict
   return validation, metrics_lib.load_baseline(paths, split="test")
 
 
-def raise_on_mismatch(what: str, saved: Mapping[str, Any] | None, current: Mapping[str, Any]) -> None:
+def raise_on_mismatch(
+  what: str, saved: Mapping[str, Any] | None, current: Mapping[str, Any]
+) -> None:
   """Raises a ConfigError naming every key where a saved fingerprint differs from the config's."""
   mismatches = checkpoint_lib.fingerprint_mismatches(saved, current)
   if mismatches:
     raise config_validation.ConfigError(
-        f"{what} was written by a different config ({'; '.join(mismatches)}); use another "
-        "--workdir or the original config."
+      f"{what} was written by a different config ({'; '.join(mismatches)}); use another "
+      "--workdir or the original config."
     )
 
 
@@ -67,33 +69,35 @@ def finished_results(config: ml_collections.ConfigDict, workdir: str) -> dict | 
 
 
 def run_results(
-    experiment: Experiment,
-    config: ml_collections.ConfigDict,
-    progress: Mapping[str, Any],
-    validation: Mapping[str, float],
-    test: Mapping[str, float],
-    baselines: tuple[dict | None, dict | None],
+  experiment: Experiment,
+  config: ml_collections.ConfigDict,
+  progress: Mapping[str, Any],
+  validation: Mapping[str, float],
+  test: Mapping[str, float],
+  baselines: tuple[dict | None, dict | None],
 ) -> dict[str, Any]:
   """The results dict of one run: its best step's validation and test metrics, and Δm."""
   directions = tasks_lib.flat_directions(experiment.tasks)
   results = {
-      "fingerprint": config_fingerprint(config),
-      "tasks": experiment.task_names,
-      "directions": directions,
-      "best_step": progress.get("best_step"),
-      "selection": {"criterion": progress.get("criterion"), "score": progress.get("best_score")},
-      "skipped_steps": progress.get("skipped_steps", 0),
-      "validation": dict(validation),
-      "test": dict(test),
-      "config": json.loads(config.to_json_best_effort()),
+    "fingerprint": config_fingerprint(config),
+    "tasks": experiment.task_names,
+    "directions": directions,
+    "best_step": progress.get("best_step"),
+    "selection": {"criterion": progress.get("criterion"), "score": progress.get("best_score")},
+    "skipped_steps": progress.get("skipped_steps", 0),
+    "validation": dict(validation),
+    "test": dict(test),
+    "config": json.loads(config.to_json_best_effort()),
   }
   baseline_validation, baseline_test = baselines
   if baseline_test and len(experiment.tasks) > 1:
     variant = config.delta_m.variant
     results["delta_m"] = {
-        "test": metrics_lib.delta_m(test, baseline_test, directions, variant=variant),
-        "validation": metrics_lib.delta_m(validation, baseline_validation, directions, variant=variant),
-        "variant": variant,
+      "test": metrics_lib.delta_m(test, baseline_test, directions, variant=variant),
+      "validation": metrics_lib.delta_m(
+        validation, baseline_validation, directions, variant=variant
+      ),
+      "variant": variant,
     }
   return results
 
@@ -101,4 +105,6 @@ def run_results(
 def write_failure(workdir: str, config: ml_collections.ConfigDict, error: str) -> None:
   """Records a diverged run (a result of a sweep, not a crash) as failed.json."""
   os.makedirs(workdir, exist_ok=True)
-  write_json(os.path.join(workdir, FAILED_FILE), {"fingerprint": config_fingerprint(config), "error": error})
+  write_json(
+    os.path.join(workdir, FAILED_FILE), {"fingerprint": config_fingerprint(config), "error": error}
+  )

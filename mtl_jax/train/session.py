@@ -49,17 +49,17 @@ def check_group(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence
   """Raises a ValueError unless the configs can be trained as one group in these workdirs."""
   if len(configs) != len(workdirs) or not configs:
     raise ValueError(
-        f"train_group needs as many workdirs as configs (got {len(configs)} and {len(workdirs)})."
+      f"train_group needs as many workdirs as configs (got {len(configs)} and {len(workdirs)})."
     )
   keys = {group_key(config) for config in configs}
   if len(keys) > 1:
     raise ValueError(
-        f"Configs of one group may differ only in {', '.join(PER_RUN_KEYS)}; got {len(keys)} variants."
+      f"Configs of one group may differ only in {', '.join(PER_RUN_KEYS)}; got {len(keys)} variants."
     )
   if int(configs[0].conflicts.probe_every_steps) > 0:
     raise ValueError(
-        "config.conflicts.probe_every_steps: the conflict probe runs in single runs only; "
-        "train these runs one by one (sweep.group_runs=False) or set it to 0."
+      "config.conflicts.probe_every_steps: the conflict probe runs in single runs only; "
+      "train these runs one by one (sweep.group_runs=False) or set it to 0."
     )
 
 
@@ -71,18 +71,20 @@ def fast_path_check(experiment: Experiment, mesh=None) -> gramian_check.FastPath
   if not gramian_method or experiment.level == "task" or every_steps == gramian_check.NEVER:
     return None
   purpose = f"train step at level {experiment.level!r}"
-  return gramian_check.FastPathCheck(experiment.model, experiment.tasks, every_steps, purpose=purpose, mesh=mesh)
+  return gramian_check.FastPathCheck(
+    experiment.model, experiment.tasks, every_steps, purpose=purpose, mesh=mesh
+  )
 
 
 def new_progress(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """A run's progress record before its first evaluation (checkpointed with its state)."""
   return {
-      "best_score": None,
-      "best_step": None,
-      "history": [],
-      "evals_since_best": 0,
-      "fingerprint": config_fingerprint(config),
-      "skipped_steps": 0,
+    "best_score": None,
+    "best_step": None,
+    "history": [],
+    "evals_since_best": 0,
+    "fingerprint": config_fingerprint(config),
+    "skipped_steps": 0,
   }
 
 
@@ -154,8 +156,8 @@ class CheckpointStore:
     if self.last_saved is None:
       return "Training stopped; no checkpoint had been written yet."
     return (
-        f"Training stopped; the last good checkpoint (step {self.last_saved}) in {self.workdir} "
-        "is intact."
+      f"Training stopped; the last good checkpoint (step {self.last_saved}) in {self.workdir} "
+      "is intact."
     )
 
   def close(self) -> None:
@@ -199,8 +201,9 @@ class MemoryStore:
 class Session:
   """Everything the loop keeps between steps; see the module docstring."""
 
-  def __init__(self, experiment: Experiment, lanes, runs: list[Run], store, label: str,
-               probe=None, mesh=None):
+  def __init__(
+    self, experiment: Experiment, lanes, runs: list[Run], store, label: str, probe=None, mesh=None
+  ):
     self.experiment = experiment
     self.lanes = lanes
     self.runs = runs
@@ -227,26 +230,28 @@ class Session:
     config = experiment.config
     run = Run.open(config, workdir, tensorboard=True)
     label = (
-        f"[{config.method.name}/{config.optimizer.name} lr={config.optimizer.learning_rate:g} "
-        f"seed={config.seed}] "
+      f"[{config.method.name}/{config.optimizer.name} lr={config.optimizer.learning_rate:g} "
+      f"seed={config.seed}] "
     )
     probe = conflicts_lib.make_probe(experiment, config, workdir, mesh)
     session = cls(experiment, lanes, [run], CheckpointStore(workdir, config), label, probe, mesh)
     metric_writers.status(
-        f"{label}training {experiment.model.encoder.__class__.__name__} on {config.dataset.name} "
-        f"tasks {experiment.task_names}: {experiment.total_steps} steps ({config.training.num_epochs} "
-        f"epochs x {experiment.steps_per_epoch}), workdir {workdir}"
+      f"{label}training {experiment.model.encoder.__class__.__name__} on {config.dataset.name} "
+      f"tasks {experiment.task_names}: {experiment.total_steps} steps ({config.training.num_epochs} "
+      f"epochs x {experiment.steps_per_epoch}), workdir {workdir}"
     )
     return session
 
   @classmethod
   def group(cls, experiment: Experiment, lanes, configs, workdirs, label: str) -> "Session":
-    runs = [Run.open(config, workdir, tensorboard=False) for config, workdir in zip(configs, workdirs)]
+    runs = [
+      Run.open(config, workdir, tensorboard=False) for config, workdir in zip(configs, workdirs)
+    ]
     session = cls(experiment, lanes, runs, MemoryStore(lanes), label)
     rates = ", ".join(f"{float(rate):g}" for rate in lanes.learning_rates)
     metric_writers.status(
-        f"{label}training {len(runs)} runs as one compiled program ({lanes.mode}): "
-        f"{experiment.total_steps} steps each (lr {rates}; seeds {lanes.seeds})"
+      f"{label}training {len(runs)} runs as one compiled program ({lanes.mode}): "
+      f"{experiment.total_steps} steps each (lr {rates}; seeds {lanes.seeds})"
     )
     return session
 
@@ -264,8 +269,8 @@ class Session:
     else:
       where = f"checkpoint saved in {os.path.join(self.runs[0].workdir, checkpoint_lib.LATEST)}"
     message = (
-        f"{self.label}stopped by {signal_name} after {step} of {total} steps; {where}. "
-        "Re-run the same command to resume."
+      f"{self.label}stopped by {signal_name} after {step} of {total} steps; {where}. "
+      "Re-run the same command to resume."
     )
     metric_writers.status(message)
     raise preemption_lib.Preempted(message, step, self.runs[0].workdir, signal_name)
@@ -342,8 +347,8 @@ class Session:
     speed = self.report(done)
     for index, run in enumerate(self.runs):
       scalars = {
-          "train/loss": self._sums["loss"][index] / counts[index],
-          "train/grad_norm": self._sums["grad_norm"][index] / counts[index],
+        "train/loss": self._sums["loss"][index] / counts[index],
+        "train/grad_norm": self._sums["grad_norm"][index] / counts[index],
       }
       task_losses = self._sums["task_losses"][index] / counts[index]
       for name, value in zip(self.experiment.task_names, task_losses):
@@ -361,7 +366,9 @@ class Session:
   def evaluate(self, done: int) -> None:
     """Validation of every active lane: best-state selection, early stopping, the latest save."""
     improved = np.zeros(self.lanes.size, bool)
-    for index, (run, validation) in enumerate(zip(self.runs, self.lanes.evaluate(self.states, "validation"))):
+    for index, (run, validation) in enumerate(
+      zip(self.runs, self.lanes.evaluate(self.states, "validation"))
+    ):
       if run.active:
         improved[index] = self._record_validation(done, run, validation)
     self.store.save_best(done, self.states, self.runs, improved)
@@ -370,7 +377,10 @@ class Session:
   def _record_validation(self, done: int, run: Run, validation) -> bool:
     """Updates one run's selection record with a validation result; returns whether it improved."""
     criterion, score = evaluation.selection_score(self.experiment, validation, run.baselines[0])
-    scalars = {**{f"validation/{key}": value for key, value in validation.items()}, criterion: score}
+    scalars = {
+      **{f"validation/{key}": value for key, value in validation.items()},
+      criterion: score,
+    }
     run.writer.write_scalars(done, scalars)
     progress = run.progress
     improved = progress["best_score"] is None or score < progress["best_score"]
@@ -387,7 +397,7 @@ class Session:
       progress["stopped_early"] = True
       if not self.lanes.stacked:
         metric_writers.status(
-            f"{self.label}early stopping at step {done}: no improvement in {self.patience} evaluations."
+          f"{self.label}early stopping at step {done}: no improvement in {self.patience} evaluations."
         )
     return improved
 
@@ -404,12 +414,12 @@ class Session:
         outputs.append(None)
         continue
       results = results_lib.run_results(
-          self.experiment, run.config, run.progress, validation, test, run.baselines
+        self.experiment, run.config, run.progress, validation, test, run.baselines
       )
       if self.lanes.stacked:
         results["multirun"] = {
-            "group_size": len(self.runs),
-            "stopped_early": bool(run.progress.get("stopped_early", False)),
+          "group_size": len(self.runs),
+          "stopped_early": bool(run.progress.get("stopped_early", False)),
         }
       run.writer.write_scalars(total, {f"test/{key}": value for key, value in test.items()})
       results_lib.write_json(os.path.join(run.workdir, results_lib.RESULTS_FILE), results)

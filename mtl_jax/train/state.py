@@ -42,24 +42,24 @@ class TrainState:
     return {"model": self.params, "weighting": self.weighting_params}
 
   def apply_gradients(
-      self,
-      optimizer: optax.GradientTransformation,
-      grads: Any,
-      batch_stats: Any,
-      weighting_state: Any,
-      rng: jax.Array,
+    self,
+    optimizer: optax.GradientTransformation,
+    grads: Any,
+    batch_stats: Any,
+    weighting_state: Any,
+    rng: jax.Array,
   ) -> "TrainState":
     """The state after one optimizer update of `trainable` with `grads` (same tree)."""
     updates, opt_state = optimizer.update(grads, self.opt_state, self.trainable)
     trainable = optax.apply_updates(self.trainable, updates)
     return self.replace(
-        step=self.step + 1,
-        params=trainable["model"],
-        batch_stats=batch_stats,
-        weighting_params=trainable["weighting"],
-        weighting_state=weighting_state,
-        opt_state=opt_state,
-        rng=rng,
+      step=self.step + 1,
+      params=trainable["model"],
+      batch_stats=batch_stats,
+      weighting_params=trainable["weighting"],
+      weighting_state=weighting_state,
+      opt_state=opt_state,
+      rng=rng,
     )
 
 
@@ -94,7 +94,7 @@ class Experiment:
 
 
 def build_experiment(
-    config: ml_collections.ConfigDict, dataset: data_registry.Dataset | None = None
+  config: ml_collections.ConfigDict, dataset: data_registry.Dataset | None = None
 ) -> Experiment:
   """Builds dataset, tasks, model, weighting and optimizer from a config.
 
@@ -116,14 +116,18 @@ def build_experiment(
   tasks = dataset.select_tasks(list(config.tasks))
   data_validation.check_dataset(dataset, tasks)
   head_specs = {
-      task.name: models_lib.HeadSpec(output_channels=task.output_channels, dense=task.dense)
-      for task in tasks
+    task.name: models_lib.HeadSpec(output_channels=task.output_channels, dense=task.dense)
+    for task in tasks
   }
   model = models_lib.build_model(config.model, head_specs)
-  per_epoch = pipeline.steps_per_epoch(len(dataset.splits["train"]), int(config.training.batch_size))
+  per_epoch = pipeline.steps_per_epoch(
+    len(dataset.splits["train"]), int(config.training.batch_size)
+  )
   total_steps = int(config.training.num_epochs) * per_epoch
   method = weighting_lib.get(config.method.name, weighting_lib.method_options(config, per_epoch))
-  optimizer = weighting_lib.make_optimizer(method, config.optimizer, per_epoch, [t.name for t in tasks])
+  optimizer = weighting_lib.make_optimizer(
+    method, config.optimizer, per_epoch, [t.name for t in tasks]
+  )
   return Experiment(config, dataset, tasks, model, method, optimizer, per_epoch, total_steps)
 
 
@@ -140,21 +144,21 @@ def _random_init(experiment: Experiment, seed: jax.Array) -> TrainState:
   images = jnp.zeros((1, *experiment.input_shape), jnp.float32)
   variables = experiment.model.init(init_rng, images, train=False)
   size = weighting_lib.state_size(
-      experiment.weighting,
-      experiment.level,
-      len(experiment.tasks),
-      int(experiment.config.training.batch_size),
+    experiment.weighting,
+    experiment.level,
+    len(experiment.tasks),
+    int(experiment.config.training.batch_size),
   )
   weighting_params, weighting_state = experiment.weighting.init(size)
   trainable = {"model": variables["params"], "weighting": weighting_params}
   return TrainState(
-      step=jnp.zeros((), jnp.int32),
-      params=variables["params"],
-      batch_stats=variables.get("batch_stats", {}),
-      weighting_params=weighting_params,
-      weighting_state=weighting_state,
-      opt_state=experiment.optimizer.init(trainable),
-      rng=train_rng,
+    step=jnp.zeros((), jnp.int32),
+    params=variables["params"],
+    batch_stats=variables.get("batch_stats", {}),
+    weighting_params=weighting_params,
+    weighting_state=weighting_state,
+    opt_state=experiment.optimizer.init(trainable),
+    rng=train_rng,
   )
 
 
@@ -173,13 +177,13 @@ def init_state(experiment: Experiment, seed: int) -> TrainState:
   if not pretrained:
     return state
   variables = models_lib.load_backbone(
-      {"params": state.params, "batch_stats": state.batch_stats}, pretrained
+    {"params": state.params, "batch_stats": state.batch_stats}, pretrained
   )
   trainable = {"model": variables["params"], "weighting": state.weighting_params}
   return state.replace(
-      params=variables["params"],
-      batch_stats=variables.get("batch_stats", {}),
-      opt_state=experiment.optimizer.init(trainable),
+    params=variables["params"],
+    batch_stats=variables.get("batch_stats", {}),
+    opt_state=experiment.optimizer.init(trainable),
   )
 
 
@@ -190,16 +194,16 @@ def config_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
   checkpoint cadence are not: a run may be extended or resumed with other cadences).
   """
   return json.loads(
-      json.dumps(
-          {
-              "seed": config.seed,
-              "dataset": config.dataset.to_dict(),
-              "tasks": list(config.tasks),
-              "model": config.model.to_dict(),
-              "method": config.method.to_dict(),
-              "optimizer": config.optimizer.to_dict(),
-              "batch_size": config.training.batch_size,
-          },
-          default=str,
-      )
+    json.dumps(
+      {
+        "seed": config.seed,
+        "dataset": config.dataset.to_dict(),
+        "tasks": list(config.tasks),
+        "model": config.model.to_dict(),
+        "method": config.method.to_dict(),
+        "optimizer": config.optimizer.to_dict(),
+        "batch_size": config.training.batch_size,
+      },
+      default=str,
+    )
   )

@@ -25,12 +25,12 @@ Step = Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict[st
 
 
 def make_train_step(
-    model,
-    tasks: Sequence[tasks_lib.Task],
-    method: weighting_lib.Method,
-    optimizer: optax.GradientTransformation,
-    level: str = "task",
-    mesh: jax.sharding.Mesh | None = None,
+  model,
+  tasks: Sequence[tasks_lib.Task],
+  method: weighting_lib.Method,
+  optimizer: optax.GradientTransformation,
+  level: str = "task",
+  mesh: jax.sharding.Mesh | None = None,
 ) -> Step:
   """Returns the pure train step `(state, batch) -> (new state, metrics)`; jit it at the call site.
 
@@ -56,11 +56,11 @@ def _loss_weighting_step(model, tasks, method: weighting_lib.LossWeighting, opti
 
   def loss_fn(trainable, state: TrainState, batch, rng):
     predictions, batch_stats = apply_lib.predict(
-        model, trainable["model"], state.batch_stats, batch["image"], train=True
+      model, trainable["model"], state.batch_stats, batch["image"], train=True
     )
     task_losses = jnp.mean(tasks_lib.losses_matrix(tasks, predictions, batch), axis=0)
     total, weighting_state, aux = method.combine(
-        task_losses, trainable["weighting"], state.weighting_state, rng, state.step
+      task_losses, trainable["weighting"], state.weighting_state, rng, state.step
     )
     return total, (task_losses, batch_stats, weighting_state, aux)
 
@@ -68,13 +68,13 @@ def _loss_weighting_step(model, tasks, method: weighting_lib.LossWeighting, opti
     rng, step_rng = jax.random.split(state.rng)
     gradient_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (total, (task_losses, batch_stats, weighting_state, aux)), grads = gradient_fn(
-        state.trainable, state, batch, step_rng
+      state.trainable, state, batch, step_rng
     )
     new_state = state.apply_gradients(optimizer, grads, batch_stats, weighting_state, rng)
     step_metrics = {
-        "loss": total,
-        "task_losses": task_losses,
-        "grad_norm": optax.global_norm(grads),
+      "loss": total,
+      "task_losses": task_losses,
+      "grad_norm": optax.global_norm(grads),
     }
     if "weights" in aux:
       step_metrics["task_weights"] = aux["weights"]
@@ -103,9 +103,9 @@ def with_skipping(step: Step) -> Step:
 def is_finite(step_metrics: Mapping[str, jax.Array]) -> jax.Array:
   """Whether a step's loss, gradient norm and every task loss are finite (a traced bool)."""
   return (
-      jnp.isfinite(step_metrics["loss"])
-      & jnp.isfinite(step_metrics["grad_norm"])
-      & jnp.all(jnp.isfinite(step_metrics["task_losses"]))
+    jnp.isfinite(step_metrics["loss"])
+    & jnp.isfinite(step_metrics["grad_norm"])
+    & jnp.all(jnp.isfinite(step_metrics["task_losses"]))
   )
 
 

@@ -115,7 +115,9 @@ class JacobianMethod:
 
   def __post_init__(self):
     if self.mode not in JACOBIAN_MODES:
-      raise ValueError(f"Method {self.name!r}: unknown mode {self.mode!r}; valid: {JACOBIAN_MODES}.")
+      raise ValueError(
+        f"Method {self.name!r}: unknown mode {self.mode!r}; valid: {JACOBIAN_MODES}."
+      )
     if (self.mode == "features") != (self.combine is not None):
       raise ValueError(f"Method {self.name!r}: mode 'features' needs combine, the others do not.")
     if (self.mode != "features") != (self.make_optimizer is not None):
@@ -140,8 +142,8 @@ def check_method_level(method: Method, level: str) -> None:
   if isinstance(method, LossWeighting) or level in method.levels:
     return
   raise ValueError(
-      f"Method {method.name!r} works on task gradients; config.method.level must be "
-      f"{' or '.join(repr(value) for value in method.levels)}, got {level!r}."
+    f"Method {method.name!r} works on task gradients; config.method.level must be "
+    f"{' or '.join(repr(value) for value in method.levels)}, got {level!r}."
   )
 
 
@@ -214,7 +216,9 @@ def get(name: str, options: Mapping[str, Any] | ml_collections.ConfigDict) -> Me
   return _REGISTRY[name](options)
 
 
-def method_options(config: ml_collections.ConfigDict, steps_per_epoch: int) -> ml_collections.ConfigDict:
+def method_options(
+  config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> ml_collections.ConfigDict:
   """A method's options: config.method, plus the epoch length epoch-based methods (DWA) need."""
   options = ml_collections.ConfigDict(config.method.to_dict())
   options.steps_per_epoch = int(steps_per_epoch)
@@ -222,7 +226,7 @@ def method_options(config: ml_collections.ConfigDict, steps_per_epoch: int) -> m
 
 
 def make_optimizer(
-    method: Method, optimizer_config: ml_collections.ConfigDict, steps_per_epoch: int, task_names
+  method: Method, optimizer_config: ml_collections.ConfigDict, steps_per_epoch: int, task_names
 ) -> optax.GradientTransformation:
   """The optimizer of a run: the method's own (AdaTask, MTL-IO) or `optim.make_optimizer`'s."""
   if isinstance(method, JacobianMethod) and method.make_optimizer is not None:

@@ -78,7 +78,7 @@ def pcgrad_weights(gramian: jax.Array, orders: jax.Array) -> jax.Array:
 
 
 def gradvac_weights(
-    gramian: jax.Array, targets: jax.Array, orders: jax.Array, beta: float
+  gramian: jax.Array, targets: jax.Array, orders: jax.Array, beta: float
 ) -> tuple[jax.Array, jax.Array]:
   """GradVac's weights and updated similarity targets (LibMTL, whole-model group).
 
@@ -109,15 +109,20 @@ def gradvac_weights(
       cosine = (coefficients @ gramian[:, other]) / (projected_norm * norms[other] + EPSILON)
       cosine = jnp.clip(cosine, -1.0, 1.0)
       target = row_targets[other]
-      amount = projected_norm * (target * jnp.sqrt(1.0 - cosine**2) - cosine * jnp.sqrt(1.0 - target**2)) / (
-          norms[other] * jnp.sqrt(1.0 - target**2) + EPSILON)
+      amount = (
+        projected_norm
+        * (target * jnp.sqrt(1.0 - cosine**2) - cosine * jnp.sqrt(1.0 - target**2))
+        / (norms[other] * jnp.sqrt(1.0 - target**2) + EPSILON)
+      )
       apply = (cosine < target) & ~skip
       coefficients = coefficients + jnp.where(apply, amount, 0.0) * jax.nn.one_hot(other, size)
       updated = (1.0 - beta) * target + beta * cosine
       row_targets = row_targets.at[other].set(jnp.where(skip, target, updated))
       return (coefficients, row_targets), None
 
-    (coefficients, row_targets), _ = jax.lax.scan(visit, (jax.nn.one_hot(row, size), row_targets), order)
+    (coefficients, row_targets), _ = jax.lax.scan(
+      visit, (jax.nn.one_hot(row, size), row_targets), order
+    )
     return coefficients, row_targets
 
   coefficients, new_targets = jax.vmap(vaccinate_row)(jnp.arange(size), orders, targets)
@@ -139,15 +144,20 @@ def imtl_g_weights(gramian: jax.Array) -> jax.Array:
   inverse_norms = jnp.where(norms > 0, 1.0 / jnp.maximum(norms, EPSILON), 0.0)
   # against_unit[a, b] = ⟨g_a, u_b⟩.
   against_unit = gramian * inverse_norms[None, :]
-  reference = against_unit[0, 0] - against_unit[0, 1:]                       # g_1 Uᵀ, [R-1]
-  differences = (against_unit[0, 0] - against_unit[0, 1:][None, :]
-                 - against_unit[1:, 0][:, None] + against_unit[1:, 1:])      # D Uᵀ, [R-1, R-1]
+  reference = against_unit[0, 0] - against_unit[0, 1:]  # g_1 Uᵀ, [R-1]
+  differences = (
+    against_unit[0, 0]
+    - against_unit[0, 1:][None, :]
+    - against_unit[1:, 0][:, None]
+    + against_unit[1:, 1:]
+  )  # D Uᵀ, [R-1, R-1]
   alpha = reference @ jnp.linalg.pinv(differences, rtol=1e-6)
   return jnp.concatenate([1.0 - jnp.sum(alpha, keepdims=True), alpha])
 
 
-def cagrad_weights(gramian: jax.Array, c: float, rescale: int, outer_iterations: int,
-                   inner_iterations: int) -> jax.Array:
+def cagrad_weights(
+  gramian: jax.Array, c: float, rescale: int, outer_iterations: int, inner_iterations: int
+) -> jax.Array:
   """CAGrad's weights: d = (g_0 + λ g_w) / (1 + c²) with g_0 the mean row gradient (LibMTL).
 
   w = argmin_{w ∈ simplex} wᵀ G b + c‖g_0‖ ‖g_w‖ (b = 1/R: the dual problem in LibMTL),
@@ -213,11 +223,15 @@ def upgrad_weights(gramian: jax.Array, iterations: int) -> jax.Array:
   """
   gramian, _ = solvers.normalise(gramian)
   size = gramian.shape[0]
-  projections = solvers.project_onto_dual_cone(gramian, jnp.eye(size, dtype=jnp.float32), iterations)
+  projections = solvers.project_onto_dual_cone(
+    gramian, jnp.eye(size, dtype=jnp.float32), iterations
+  )
   return jnp.mean(projections, axis=0)
 
 
-def nash_mtl_weights(gramian: jax.Array, iterations: int, max_norm: float, ridge: float = 0.0) -> jax.Array:
+def nash_mtl_weights(
+  gramian: jax.Array, iterations: int, max_norm: float, ridge: float = 0.0
+) -> jax.Array:
   """Nash-MTL's weights: α > 0 solving Ĝα = 1/α with Ĝ = G / ‖G‖_F, then d clipped to max_norm.
 
   The Nash bargaining solution among the rows is d = Σ α_k g_k with (Gα)_k = 1/α_k, a
@@ -355,8 +369,12 @@ def _upgrad(gramian: jax.Array, options: ml_collections.ConfigDict) -> jax.Array
 def _nash_mtl(gramian: jax.Array, options: ml_collections.ConfigDict) -> jax.Array:
   """Nash-MTL (Navon et al. 2022): `nash_mtl_iterations` Newton steps, `nash_mtl_max_norm` clip,
   `nash_mtl_ridge` added to the normalised Gramian (0: the published condition)."""
-  return nash_mtl_weights(gramian, int(options.nash_mtl_iterations), float(options.nash_mtl_max_norm),
-                          float(options.nash_mtl_ridge))
+  return nash_mtl_weights(
+    gramian,
+    int(options.nash_mtl_iterations),
+    float(options.nash_mtl_max_norm),
+    float(options.nash_mtl_ridge),
+  )
 
 
 class GradNormState(NamedTuple):
@@ -377,8 +395,8 @@ def gradient_normalization(options: ml_collections.ConfigDict) -> GramianWeighti
   alpha = float(options.gradnorm_alpha)
   if options.level != "task":
     raise ValueError(
-        "GradNorm works on task gradients; config.method.level must be 'task', got "
-        f"{options.level!r}."
+      "GradNorm works on task gradients; config.method.level must be 'task', got "
+      f"{options.level!r}."
     )
 
   def init(num_rows: int):

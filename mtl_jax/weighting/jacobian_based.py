@@ -24,7 +24,9 @@ from mtl_jax.weighting.base import JacobianMethod
 from mtl_jax.weighting.base import register
 
 
-def graddrop_cotangent(feature_gradients: jax.Array, features: jax.Array, rng: jax.Array, leak: float) -> jax.Array:
+def graddrop_cotangent(
+  feature_gradients: jax.Array, features: jax.Array, rng: jax.Array, leak: float
+) -> jax.Array:
   """GradDrop's feature cotangent (Chen et al. 2020, as in LibMTL).
 
   Per feature element, the sign purity P = ½(1 + Σ_t s_t / Σ_t |s_t|) with s_t = Σ_batch
@@ -64,16 +66,20 @@ def graddrop(options: ml_collections.ConfigDict) -> JacobianMethod:
 def _labels(trainable: Any, encoder_label: str, head_label) -> Any:
   """Labels for optax.multi_transform over {'model': {'encoder', 'heads'}, 'weighting'}."""
   return {
-      "model": {
-          "encoder": jax.tree_util.tree_map(lambda _: encoder_label, trainable["model"]["encoder"]),
-          "heads": {task: jax.tree_util.tree_map(lambda _, task=task: head_label(task), head)
-                    for task, head in trainable["model"]["heads"].items()},
+    "model": {
+      "encoder": jax.tree_util.tree_map(lambda _: encoder_label, trainable["model"]["encoder"]),
+      "heads": {
+        task: jax.tree_util.tree_map(lambda _, task=task: head_label(task), head)
+        for task, head in trainable["model"]["heads"].items()
       },
-      "weighting": jax.tree_util.tree_map(lambda _: "base", trainable["weighting"]),
+    },
+    "weighting": jax.tree_util.tree_map(lambda _: "base", trainable["weighting"]),
   }
 
 
-def per_task_transform(inner: optax.GradientTransformation, num_tasks: int) -> optax.GradientTransformation:
+def per_task_transform(
+  inner: optax.GradientTransformation, num_tasks: int
+) -> optax.GradientTransformation:
   """Runs `inner` separately on each of T stacked gradients [T, ...] and sums the T updates.
 
   The state is inner's state with a leading task axis: per-task moments on the same parameters.
@@ -81,7 +87,9 @@ def per_task_transform(inner: optax.GradientTransformation, num_tasks: int) -> o
 
   def init(params):
     state = inner.init(params)
-    return jax.tree_util.tree_map(lambda leaf: jnp.broadcast_to(leaf, (num_tasks, *jnp.shape(leaf))), state)
+    return jax.tree_util.tree_map(
+      lambda leaf: jnp.broadcast_to(leaf, (num_tasks, *jnp.shape(leaf))), state
+    )
 
   def update(updates, state, params=None):
     per_task, state = jax.vmap(inner.update, in_axes=(0, 0, None))(updates, state, params)
@@ -92,8 +100,10 @@ def per_task_transform(inner: optax.GradientTransformation, num_tasks: int) -> o
 
 def _check_optimizer(method: str, name: str, allowed: Sequence[str]) -> None:
   if name not in allowed:
-    raise ValueError(f"Method {method!r} needs config.optimizer.name in {', '.join(allowed)}; got {name!r} "
-                     f"(the study runs AdaTask with Adam and MTL-IO with SGD).")
+    raise ValueError(
+      f"Method {method!r} needs config.optimizer.name in {', '.join(allowed)}; got {name!r} "
+      f"(the study runs AdaTask with Adam and MTL-IO with SGD)."
+    )
 
 
 @register("adatask")
@@ -110,11 +120,13 @@ def adatask(options: ml_collections.ConfigDict) -> JacobianMethod:
     _check_optimizer("adatask", config.name, ("adam", "adamw"))
     base = optim.make_optimizer(config, steps_per_epoch)
     transforms = {"per_task": per_task_transform(base, len(task_names)), "base": base}
-    return optax.multi_transform(transforms, lambda trainable: _labels(trainable, "per_task", lambda task: "base"))
+    return optax.multi_transform(
+      transforms, lambda trainable: _labels(trainable, "per_task", lambda task: "base")
+    )
 
   description = "per-task Adam moments on the shared parameters"
   return JacobianMethod(
-      "adatask", "per_task_optimizer", make_optimizer=make_optimizer, description=description
+    "adatask", "per_task_optimizer", make_optimizer=make_optimizer, description=description
   )
 
 
@@ -141,10 +153,17 @@ def mtl_io(options: ml_collections.ConfigDict) -> JacobianMethod:
     transforms = []
     for own in task_names:
       base = optim.make_optimizer(config, steps_per_epoch)
-      transforms.append(optax.multi_transform(
+      transforms.append(
+        optax.multi_transform(
           {"base": base, "frozen": optax.set_to_zero()},
-          lambda trainable, own=own: _labels(trainable, "base", lambda task: "base" if task == own else "frozen")))
+          lambda trainable, own=own: _labels(
+            trainable, "base", lambda task: "base" if task == own else "frozen"
+          ),
+        )
+      )
     return SequentialOptimizers(tuple(transforms))
 
   description = "one optimizer per task, stepped in turn"
-  return JacobianMethod("mtl_io", "sequential", make_optimizer=make_optimizer, description=description)
+  return JacobianMethod(
+    "mtl_io", "sequential", make_optimizer=make_optimizer, description=description
+  )

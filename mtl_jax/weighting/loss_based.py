@@ -52,7 +52,9 @@ def optimal_uncertainty_weighting(options: ml_collections.ConfigDict) -> LossWei
     weights = 1.0 / (jax.lax.stop_gradient(task_losses) + epsilon)
     return jnp.sum(task_losses * weights), state, {"weights": weights}
 
-  return LossWeighting("uw_o", no_parameters, combine, "optimal uncertainty weighting (L_t / sg[L_t])")
+  return LossWeighting(
+    "uw_o", no_parameters, combine, "optimal uncertainty weighting (L_t / sg[L_t])"
+  )
 
 
 @register("rlw")
@@ -89,7 +91,9 @@ def dynamic_weight_average(options: ml_collections.ConfigDict) -> LossWeighting:
   temperature = float(options.dwa_temperature)
   steps_per_epoch = int(options.get("steps_per_epoch", 0) or 0)
   if steps_per_epoch <= 0:
-    raise ValueError("DWA needs options.steps_per_epoch > 0 (the trainer sets it from the dataset).")
+    raise ValueError(
+      "DWA needs options.steps_per_epoch > 0 (the trainer sets it from the dataset)."
+    )
 
   def init(num_tasks: int):
     zeros = jnp.zeros((num_tasks,), jnp.float32)
@@ -111,7 +115,7 @@ def dynamic_weight_average(options: ml_collections.ConfigDict) -> LossWeighting:
     softmax_weights = num_tasks * jax.nn.softmax(ratios / temperature)
     weights = jnp.where(epochs_done >= 2, softmax_weights, jnp.ones((num_tasks,)))
     new_state = DWAState(
-        running_sum + jax.lax.stop_gradient(task_losses), count + 1.0, last, before_last, epochs_done
+      running_sum + jax.lax.stop_gradient(task_losses), count + 1.0, last, before_last, epochs_done
     )
     return jnp.sum(task_losses * weights), new_state, {"weights": weights}
 
@@ -172,5 +176,5 @@ def fast_adaptive_multitask_optimization(options: ml_collections.ConfigDict) -> 
     return state._replace(logits=logits, adam_m=m, adam_v=v, adam_count=count)
 
   return LossWeighting(
-      "famo", init, combine, "fast adaptive multitask optimization", after_update=after_update
+    "famo", init, combine, "fast adaptive multitask optimization", after_update=after_update
   )

@@ -80,11 +80,11 @@ def project_to_simplex(vector: jax.Array) -> jax.Array:
 
 
 def accelerated_steps(
-    gradient: Callable[[jax.Array], jax.Array],
-    project: Callable[[jax.Array], jax.Array],
-    step_size: jax.Array,
-    state: tuple[jax.Array, jax.Array, jax.Array],
-    steps: int,
+  gradient: Callable[[jax.Array], jax.Array],
+  project: Callable[[jax.Array], jax.Array],
+  step_size: jax.Array,
+  state: tuple[jax.Array, jax.Array, jax.Array],
+  steps: int,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """`steps` iterations of FISTA with gradient-based adaptive restart (O'Donoghue & Candès).
 
@@ -108,7 +108,9 @@ def accelerated_steps(
     candidate = project(extrapolated - step_size * gradient(extrapolated))
     # Restart: drop the momentum when the step points uphill.
     uphill = jnp.sum((extrapolated - candidate) * (candidate - current), axis=-1) > 0
-    candidate = jnp.where(uphill[..., None], project(current - step_size * gradient(current)), candidate)
+    candidate = jnp.where(
+      uphill[..., None], project(current - step_size * gradient(current)), candidate
+    )
     return candidate, current, jnp.where(uphill, 0.0, momentum + 1.0)
 
   return jax.lax.fori_loop(0, steps, body, state)
@@ -118,17 +120,19 @@ def _keep_better(candidate, candidate_excess, best, best_excess):
   """Per row, the point with the smaller certificate excess (non-finite excess never wins)."""
   candidate_excess = jnp.where(jnp.isfinite(candidate_excess), candidate_excess, jnp.inf)
   better = candidate_excess < best_excess
-  return jnp.where(better[..., None], candidate, best), jnp.where(better, candidate_excess, best_excess)
+  return jnp.where(better[..., None], candidate, best), jnp.where(
+    better, candidate_excess, best_excess
+  )
 
 
 def certified_minimum(
-    advance: Callable,
-    polish: Callable[[jax.Array], tuple[jax.Array, jax.Array]],
-    excess: Callable[[jax.Array], jax.Array],
-    support: Callable[[jax.Array], jax.Array],
-    state,
-    current: Callable[[object], jax.Array],
-    max_rounds: int,
+  advance: Callable,
+  polish: Callable[[jax.Array], tuple[jax.Array, jax.Array]],
+  excess: Callable[[jax.Array], jax.Array],
+  support: Callable[[jax.Array], jax.Array],
+  state,
+  current: Callable[[object], jax.Array],
+  max_rounds: int,
 ) -> jax.Array:
   """Alternates `advance` with polish-and-certify until every row holds a certified point.
 
@@ -156,8 +160,9 @@ def certified_minimum(
   start = current(state)
   best, best_excess = start, jnp.full(start.shape[:-1], jnp.inf, start.dtype)
   # On an empty support the polish would only return the start (UPGrad's rows begin there).
-  best, best_excess = jax.lax.cond(jnp.any(support(start)), with_polish, lambda _, b, e: (b, e), start, best,
-                                   best_excess)
+  best, best_excess = jax.lax.cond(
+    jnp.any(support(start)), with_polish, lambda _, b, e: (b, e), start, best, best_excess
+  )
   best, best_excess = _keep_better(start, excess(start), best, best_excess)
 
   def body(carry):
@@ -171,7 +176,9 @@ def certified_minimum(
     # A support already polished would give the same solution again.
     new = jnp.any(open_rows & jnp.any(point_support != polished_support, axis=-1))
     polish_now = jnp.all(settled) & new
-    best, best_excess = jax.lax.cond(polish_now, with_polish, lambda _, b, e: (b, e), point, best, best_excess)
+    best, best_excess = jax.lax.cond(
+      polish_now, with_polish, lambda _, b, e: (b, e), point, best, best_excess
+    )
     polished_support = jnp.where(polish_now, point_support, polished_support)
     best, best_excess = _keep_better(point, excess(point), best, best_excess)
     return count + 1, state, best, best_excess, point_support, unchanged, polished_support
@@ -181,8 +188,15 @@ def certified_minimum(
     return (count < max_rounds) & jnp.any(best_excess > 0)
 
   start_support = support(start)
-  carry = (jnp.zeros((), jnp.int32), state, best, best_excess, start_support,
-           jnp.zeros(start.shape[:-1], jnp.int32), start_support)
+  carry = (
+    jnp.zeros((), jnp.int32),
+    state,
+    best,
+    best_excess,
+    start_support,
+    jnp.zeros(start.shape[:-1], jnp.int32),
+    start_support,
+  )
   return jax.lax.while_loop(keep_going, body, carry)[2]
 
 
@@ -195,7 +209,9 @@ def _rounds(iterations: int) -> int:
 # Quadratic programs over the simplex (MGDA's min-norm point).
 
 
-def simplex_gap(linear: jax.Array, hessian: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+def simplex_gap(
+  linear: jax.Array, hessian: jax.Array, weights: jax.Array
+) -> tuple[jax.Array, jax.Array]:
   """Frank-Wolfe gap of q(w) = lᵀw + ½ wᵀHw over the simplex, and the magnitude of its terms.
 
   The gap ∇q(w)ᵀw - min_i ∇q(w)_i bounds q(w) - q* from above (convexity), and vanishes only at
@@ -208,7 +224,9 @@ def simplex_gap(linear: jax.Array, hessian: jax.Array, weights: jax.Array) -> tu
   return gap, magnitude
 
 
-def polish_on_simplex_support(linear: jax.Array, hessian: jax.Array, support: jax.Array) -> jax.Array:
+def polish_on_simplex_support(
+  linear: jax.Array, hessian: jax.Array, support: jax.Array
+) -> jax.Array:
   """argmin of lᵀw + ½wᵀHw over {Σw = 1, w_i = 0 off the support} (its KKT system by LU).
 
   Unknowns (w, μ): support rows (Hw)_i - μ = -l_i, other rows w_i = 0, and Σ w = 1. Singular
@@ -219,7 +237,9 @@ def polish_on_simplex_support(linear: jax.Array, hessian: jax.Array, support: ja
   size = linear.shape[0]
   dtype = hessian.dtype
   identity = jnp.eye(size, dtype=dtype)
-  top = jnp.concatenate([jnp.where(support[:, None], hessian, identity), -support[:, None].astype(dtype)], axis=1)
+  top = jnp.concatenate(
+    [jnp.where(support[:, None], hessian, identity), -support[:, None].astype(dtype)], axis=1
+  )
   bottom = jnp.concatenate([jnp.ones((1, size), dtype), jnp.zeros((1, 1), dtype)], axis=1)
   right = jnp.concatenate([jnp.where(support, -linear, 0.0), jnp.ones((1,), dtype)])
   return jnp.linalg.solve(jnp.concatenate([top, bottom]), right)[:size]
@@ -227,12 +247,16 @@ def polish_on_simplex_support(linear: jax.Array, hessian: jax.Array, support: ja
 
 def _feasible_weights(weights: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(weights clipped to ≥ 0 and renormalised, whether they were ≥ 0 up to round-off)."""
-  feasible = jnp.all(weights >= -ROUNDOFF * jnp.max(jnp.abs(weights))) & jnp.all(jnp.isfinite(weights))
+  feasible = jnp.all(weights >= -ROUNDOFF * jnp.max(jnp.abs(weights))) & jnp.all(
+    jnp.isfinite(weights)
+  )
   clipped = jnp.maximum(weights, 0.0)
   return clipped / jnp.maximum(jnp.sum(clipped), EPSILON), feasible
 
 
-def simplex_quadratic(linear: jax.Array, hessian: jax.Array, start: jax.Array, iterations: int) -> jax.Array:
+def simplex_quadratic(
+  linear: jax.Array, hessian: jax.Array, start: jax.Array, iterations: int
+) -> jax.Array:
   """argmin over the simplex of lᵀw + ½wᵀHw (H PSD), certified by its Frank-Wolfe gap.
 
   For MGDA (l = 0, H = G) the gap also bounds the direction: ‖Jᵀ(w - w*)‖² ≤ 2·gap, so a gap of
@@ -259,10 +283,13 @@ def simplex_quadratic(linear: jax.Array, hessian: jax.Array, start: jax.Array, i
     gap, magnitude = simplex_gap(linear, hessian, polished)
     return polished, jnp.where(feasible, gap - allowed(polished, magnitude, True), jnp.inf)
 
-  advance = lambda state: accelerated_steps(lambda w: linear + hessian @ w, project_to_simplex, step, state,
-                                            CHECK_EVERY)
+  advance = lambda state: accelerated_steps(
+    lambda w: linear + hessian @ w, project_to_simplex, step, state, CHECK_EVERY
+  )
   state = (start, start, jnp.zeros((), start.dtype))
-  return certified_minimum(advance, polish, excess, lambda w: w > 0, state, lambda s: s[0], _rounds(iterations))
+  return certified_minimum(
+    advance, polish, excess, lambda w: w > 0, state, lambda s: s[0], _rounds(iterations)
+  )
 
 
 def min_norm_simplex(gramian: jax.Array, iterations: int) -> jax.Array:
@@ -307,7 +334,9 @@ def _polish_box_row(gramian, row, bounds):
   return jnp.maximum(solution, bounds), feasible
 
 
-def project_onto_dual_cone(gramian: jax.Array, lower_bounds: jax.Array, iterations: int) -> jax.Array:
+def project_onto_dual_cone(
+  gramian: jax.Array, lower_bounds: jax.Array, iterations: int
+) -> jax.Array:
   """Rows of V with V[k] = argmin_{v ≥ lower_bounds[k]} vᵀ G v, solved jointly for all k.
 
   With lower_bounds[k] = u and G = J Jᵀ, Jᵀ V[k] is the projection of Jᵀu onto the dual cone
@@ -317,14 +346,26 @@ def project_onto_dual_cone(gramian: jax.Array, lower_bounds: jax.Array, iteratio
   step = 1.0 / (2.0 * largest_eigenvalue(gramian))
 
   def polish(rows):
-    polished, feasible = jax.vmap(lambda row, bounds: _polish_box_row(gramian, row, bounds))(rows, lower_bounds)
-    return polished, jnp.where(feasible, _box_certificate(gramian, polished, lower_bounds, True), jnp.inf)
+    polished, feasible = jax.vmap(lambda row, bounds: _polish_box_row(gramian, row, bounds))(
+      rows, lower_bounds
+    )
+    return polished, jnp.where(
+      feasible, _box_certificate(gramian, polished, lower_bounds, True), jnp.inf
+    )
 
-  advance = lambda state: accelerated_steps(lambda v: 2.0 * v @ gramian, lambda v: jnp.maximum(v, lower_bounds),
-                                            step, state, CHECK_EVERY)
+  advance = lambda state: accelerated_steps(
+    lambda v: 2.0 * v @ gramian, lambda v: jnp.maximum(v, lower_bounds), step, state, CHECK_EVERY
+  )
   state = (lower_bounds, lower_bounds, jnp.zeros(lower_bounds.shape[:1], lower_bounds.dtype))
-  return certified_minimum(advance, polish, lambda rows: _box_certificate(gramian, rows, lower_bounds, False),
-                           lambda rows: rows > lower_bounds, state, lambda s: s[0], _rounds(iterations))
+  return certified_minimum(
+    advance,
+    polish,
+    lambda rows: _box_certificate(gramian, rows, lower_bounds, False),
+    lambda rows: rows > lower_bounds,
+    state,
+    lambda s: s[0],
+    _rounds(iterations),
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -343,8 +384,11 @@ def cagrad_gap(gramian, linear, radius, weights):
   gap = weights @ (gradient - jnp.min(gradient))
   absolute = jnp.abs(gramian) @ jnp.abs(weights)
   norm_uncertainty = (jnp.abs(weights) @ absolute) / (2.0 * norm)
-  magnitude = jnp.max(jnp.abs(linear) + (radius / norm) * absolute
-                      + (radius / norm**2) * jnp.abs(combined) * norm_uncertainty)
+  magnitude = jnp.max(
+    jnp.abs(linear)
+    + (radius / norm) * absolute
+    + (radius / norm**2) * jnp.abs(combined) * norm_uncertainty
+  )
   return gap, magnitude
 
 
@@ -362,10 +406,17 @@ def polish_cagrad_on_support(gramian, linear, radius, support):
   size = linear.shape[0]
   dtype = gramian.dtype
   identity = jnp.eye(size, dtype=dtype)
-  top = jnp.concatenate([jnp.where(support[:, None], gramian, identity), -support[:, None].astype(dtype)], axis=1)
+  top = jnp.concatenate(
+    [jnp.where(support[:, None], gramian, identity), -support[:, None].astype(dtype)], axis=1
+  )
   bottom = jnp.concatenate([jnp.ones((1, size), dtype), jnp.zeros((1, 1), dtype)], axis=1)
-  right = jnp.stack([jnp.concatenate([jnp.zeros((size,), dtype), jnp.ones((1,), dtype)]),
-                     jnp.concatenate([jnp.where(support, -linear, 0.0), jnp.zeros((1,), dtype)])], axis=1)
+  right = jnp.stack(
+    [
+      jnp.concatenate([jnp.zeros((size,), dtype), jnp.ones((1,), dtype)]),
+      jnp.concatenate([jnp.where(support, -linear, 0.0), jnp.zeros((1,), dtype)]),
+    ],
+    axis=1,
+  )
   solution = jnp.linalg.solve(jnp.concatenate([top, bottom]), right)[:size]
   p, q = solution[:, 0], solution[:, 1]
   a, b, c = p @ gramian @ p, p @ gramian @ q, q @ gramian @ q
@@ -396,12 +447,19 @@ def cagrad_dual(gramian: jax.Array, radius: jax.Array, iterations: int) -> jax.A
   def advance(weights):
     curvature = radius / jnp.sqrt(jnp.maximum(weights @ gramian @ weights, EPSILON**2))
     state = (weights, weights, jnp.zeros((), weights.dtype))
-    state = accelerated_steps(lambda w: linear + curvature * (gramian @ w), project_to_simplex,
-                              1.0 / (curvature * largest + EPSILON), state, CHECK_EVERY)
+    state = accelerated_steps(
+      lambda w: linear + curvature * (gramian @ w),
+      project_to_simplex,
+      1.0 / (curvature * largest + EPSILON),
+      state,
+      CHECK_EVERY,
+    )
     return state[0]
 
   def polish(weights):
-    polished, feasible = _feasible_weights(polish_cagrad_on_support(gramian, linear, radius, weights > 0))
+    polished, feasible = _feasible_weights(
+      polish_cagrad_on_support(gramian, linear, radius, weights > 0)
+    )
     gap, magnitude = cagrad_gap(gramian, linear, radius, polished)
     return polished, jnp.where(feasible, gap - ROUNDOFF * magnitude, jnp.inf)
 
@@ -411,7 +469,9 @@ def cagrad_dual(gramian: jax.Array, radius: jax.Array, iterations: int) -> jax.A
     return jnp.where(gap <= 0, -1.0, gap)
 
   start = jnp.full((size,), 1.0 / size, gramian.dtype)
-  return certified_minimum(advance, polish, excess, lambda w: w > 0, start, lambda w: w, _rounds(iterations))
+  return certified_minimum(
+    advance, polish, excess, lambda w: w > 0, start, lambda w: w, _rounds(iterations)
+  )
 
 
 # ----------------------------------------------------------------------------------------------

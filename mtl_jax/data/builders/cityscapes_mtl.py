@@ -45,13 +45,13 @@ NUM_CLASSES = 7
 CLASS_NAMES = ("flat", "construction", "object", "nature", "sky", "human", "vehicle")
 # Label id -> category class (0-6), -1 for void; ids 0..33 as in cityscapesScripts' labels.py.
 _CATEGORY_IDS = {
-    "flat": (7, 8, 9, 10),
-    "construction": (11, 12, 13, 14, 15, 16),
-    "object": (17, 18, 19, 20),
-    "nature": (21, 22),
-    "sky": (23,),
-    "human": (24, 25),
-    "vehicle": (26, 27, 28, 29, 30, 31, 32, 33),
+  "flat": (7, 8, 9, 10),
+  "construction": (11, 12, 13, 14, 15, 16),
+  "object": (17, 18, 19, 20),
+  "nature": (21, 22),
+  "sky": (23,),
+  "human": (24, 25),
+  "vehicle": (26, 27, 28, 29, 30, 31, 32, 33),
 }
 LABEL_ID_TO_CLASS = np.full(256, -1, np.int8)
 for _class, _name in enumerate(CLASS_NAMES):
@@ -60,9 +60,9 @@ for _class, _name in enumerate(CLASS_NAMES):
 STEREO_BASELINE_M = 0.209313
 FOCAL_LENGTH_PX = 2262.52
 MANUAL_FILES = {
-    "image": ("leftImg8bit_trainvaltest.zip", "leftImg8bit", "_leftImg8bit.png"),
-    "label": ("gtFine_trainvaltest.zip", "gtFine", "_gtFine_labelIds.png"),
-    "disparity": ("disparity_trainvaltest.zip", "disparity", "_disparity.png"),
+  "image": ("leftImg8bit_trainvaltest.zip", "leftImg8bit", "_leftImg8bit.png"),
+  "label": ("gtFine_trainvaltest.zip", "gtFine", "_gtFine_labelIds.png"),
+  "disparity": ("disparity_trainvaltest.zip", "disparity", "_disparity.png"),
 }
 # Our split name -> the official folder.
 SPLIT_FOLDERS = {"train": "train", "validation": "val"}
@@ -107,12 +107,16 @@ class CityscapesMtl(tfds.core.GeneratorBasedBuilder):
   """Cityscapes for multi-task learning: image, 7-class segmentation and inverse depth."""
 
   VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Segmentation (7 categories) and inverse depth together; plain tensors."}
+  RELEASE_NOTES = {
+    "1.0.0": "Segmentation (7 categories) and inverse depth together; plain tensors."
+  }
   BUILDER_CONFIGS = [
-      CityscapesMtlConfig(
-          name="segmentation_depth_128x256", height=128, width=256,
-          description="7-class segmentation and inverse depth at 128x256, as in MTAN / LibMTL.",
-      ),
+    CityscapesMtlConfig(
+      name="segmentation_depth_128x256",
+      height=128,
+      width=256,
+      description="7-class segmentation and inverse depth at 128x256, as in MTAN / LibMTL.",
+    ),
   ]
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
   Register at https://www.cityscapes-dataset.com and download leftImg8bit_trainvaltest.zip,
@@ -123,14 +127,16 @@ class CityscapesMtl(tfds.core.GeneratorBasedBuilder):
     size = (self.builder_config.height, self.builder_config.width)
     zlib = tfds.features.Encoding.ZLIB
     return self.dataset_info_from_configs(
-        # Rows keep the order of the source files: row i is a known image, hold-outs are reproducible.
-        disable_shuffling=True,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Tensor(shape=(*size, 3), dtype=np.uint8, encoding=zlib),
-            "segmentation": tfds.features.Tensor(shape=size, dtype=np.int8, encoding=zlib),
-            "inverse_depth": tfds.features.Tensor(shape=size, dtype=np.float32, encoding=zlib),
-        }),
-        homepage="https://www.cityscapes-dataset.com",
+      # Rows keep the order of the source files: row i is a known image, hold-outs are reproducible.
+      disable_shuffling=True,
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Tensor(shape=(*size, 3), dtype=np.uint8, encoding=zlib),
+          "segmentation": tfds.features.Tensor(shape=size, dtype=np.int8, encoding=zlib),
+          "inverse_depth": tfds.features.Tensor(shape=size, dtype=np.float32, encoding=zlib),
+        }
+      ),
+      homepage="https://www.cityscapes-dataset.com",
     )
 
   def _split_generators(self, dl_manager):
@@ -138,9 +144,13 @@ class CityscapesMtl(tfds.core.GeneratorBasedBuilder):
     paths = {kind: os.path.join(manual_dir, name) for kind, (name, _, _) in MANUAL_FILES.items()}
     missing = [path for path in paths.values() if not os.path.exists(path)]
     if missing:
-      raise FileNotFoundError(f"Missing Cityscapes file(s) {missing}; download them from "
-                              "https://www.cityscapes-dataset.com (see README.md, 'Datasets').")
-    return {split: self._generate_examples(paths, folder) for split, folder in SPLIT_FOLDERS.items()}
+      raise FileNotFoundError(
+        f"Missing Cityscapes file(s) {missing}; download them from "
+        "https://www.cityscapes-dataset.com (see README.md, 'Datasets')."
+      )
+    return {
+      split: self._generate_examples(paths, folder) for split, folder in SPLIT_FOLDERS.items()
+    }
 
   def _generate_examples(self, paths: dict[str, str], folder: str):
     size = (self.builder_config.height, self.builder_config.width)
@@ -152,19 +162,26 @@ class CityscapesMtl(tfds.core.GeneratorBasedBuilder):
         if not match or match.group(1) != folder:
           continue
         _, city, image_id = match.groups()
-        others = {kind: f"{MANUAL_FILES[kind][1]}/{folder}/{city}/{image_id}{MANUAL_FILES[kind][2]}"
-                  for kind in ("label", "disparity")}
+        others = {
+          kind: f"{MANUAL_FILES[kind][1]}/{folder}/{city}/{image_id}{MANUAL_FILES[kind][2]}"
+          for kind in ("label", "disparity")
+        }
         absent = [name for kind, name in others.items() if name not in members[kind]]
         if absent:
           raise FileNotFoundError(f"Cityscapes image {image_id} has no {absent} in the zips.")
         image = _read_png(archives["image"], member)[..., :3]
         labels = map_labels(_read_png(archives["label"], others["label"]))
-        inverse_depth = inverse_depth_from_disparity_png(_read_png(archives["disparity"], others["disparity"]))
-        yield image_id, {
+        inverse_depth = inverse_depth_from_disparity_png(
+          _read_png(archives["disparity"], others["disparity"])
+        )
+        yield (
+          image_id,
+          {
             "image": _resize(image.astype(np.uint8), size, bilinear=True),
             "segmentation": _resize(labels, size, bilinear=False),
             "inverse_depth": _resize(inverse_depth, size, bilinear=False),
-        }
+          },
+        )
     finally:
       for archive in archives.values():
         archive.close()

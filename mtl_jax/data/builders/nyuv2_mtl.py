@@ -31,16 +31,20 @@ _ARRAY_FOLDERS = ("image", "label", "depth", "normal")
 def find_root(manual_dir: str) -> str:
   """The folder holding train/ and val/ (manual_dir itself or manual_dir/nyuv2)."""
   for candidate in (manual_dir, os.path.join(manual_dir, "nyuv2")):
-    if all(os.path.isdir(os.path.join(candidate, folder, "image")) for folder in SPLIT_FOLDERS.values()):
+    if all(
+      os.path.isdir(os.path.join(candidate, folder, "image")) for folder in SPLIT_FOLDERS.values()
+    ):
       return candidate
   raise FileNotFoundError(
-      f"No preprocessed NYUv2 arrays under {manual_dir!r}: expected {{train,val}}/{{image,label,depth,normal}}/"
-      "<index>.npy (optionally inside a 'nyuv2' folder). Download MTAN's preprocessed nyuv2.zip (see "
-      "README.md, 'Datasets'), unzip it and pass its folder as --manual_dir."
+    f"No preprocessed NYUv2 arrays under {manual_dir!r}: expected {{train,val}}/{{image,label,depth,normal}}/"
+    "<index>.npy (optionally inside a 'nyuv2' folder). Download MTAN's preprocessed nyuv2.zip (see "
+    "README.md, 'Datasets'), unzip it and pass its folder as --manual_dir."
   )
 
 
-def convert_example(image: np.ndarray, label: np.ndarray, depth: np.ndarray, normal: np.ndarray) -> dict:
+def convert_example(
+  image: np.ndarray, label: np.ndarray, depth: np.ndarray, normal: np.ndarray
+) -> dict:
   """The stored features of one example from its four preprocessed arrays."""
   image = np.asarray(image, np.float32)
   if image.ndim == 3 and image.shape[0] == 3 and image.shape[-1] != 3:
@@ -55,10 +59,10 @@ def convert_example(image: np.ndarray, label: np.ndarray, depth: np.ndarray, nor
   if normal.shape[0] == 3 and normal.shape[-1] != 3:
     normal = np.moveaxis(normal, 0, -1)
   return {
-      "image": np.clip(np.round(image), 0, 255).astype(np.uint8),
-      "segmentation": segmentation,
-      "depth": np.where(np.isfinite(depth) & (depth > 0), depth, 0.0).astype(np.float32),
-      "normals": np.nan_to_num(normal).astype(np.float32),
+    "image": np.clip(np.round(image), 0, 255).astype(np.uint8),
+    "segmentation": segmentation,
+    "depth": np.where(np.isfinite(depth) & (depth > 0), depth, 0.0).astype(np.float32),
+    "normals": np.nan_to_num(normal).astype(np.float32),
   }
 
 
@@ -75,20 +79,27 @@ class Nyuv2Mtl(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     zlib = tfds.features.Encoding.ZLIB
     return self.dataset_info_from_configs(
-        # Rows keep the order of the source files: row i is a known image, hold-outs are reproducible.
-        disable_shuffling=True,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Tensor(shape=(HEIGHT, WIDTH, 3), dtype=np.uint8, encoding=zlib),
-            "segmentation": tfds.features.Tensor(shape=(HEIGHT, WIDTH), dtype=np.int8, encoding=zlib),
-            "depth": tfds.features.Tensor(shape=(HEIGHT, WIDTH), dtype=np.float32, encoding=zlib),
-            "normals": tfds.features.Tensor(shape=(HEIGHT, WIDTH, 3), dtype=np.float32, encoding=zlib),
-        }),
-        homepage="https://cs.nyu.edu/~fergus/datasets/nyu_depth_v2.html",
+      # Rows keep the order of the source files: row i is a known image, hold-outs are reproducible.
+      disable_shuffling=True,
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Tensor(shape=(HEIGHT, WIDTH, 3), dtype=np.uint8, encoding=zlib),
+          "segmentation": tfds.features.Tensor(shape=(HEIGHT, WIDTH), dtype=np.int8, encoding=zlib),
+          "depth": tfds.features.Tensor(shape=(HEIGHT, WIDTH), dtype=np.float32, encoding=zlib),
+          "normals": tfds.features.Tensor(
+            shape=(HEIGHT, WIDTH, 3), dtype=np.float32, encoding=zlib
+          ),
+        }
+      ),
+      homepage="https://cs.nyu.edu/~fergus/datasets/nyu_depth_v2.html",
     )
 
   def _split_generators(self, dl_manager):
     root = find_root(os.fspath(dl_manager.manual_dir))
-    return {split: self._generate_examples(os.path.join(root, folder)) for split, folder in SPLIT_FOLDERS.items()}
+    return {
+      split: self._generate_examples(os.path.join(root, folder))
+      for split, folder in SPLIT_FOLDERS.items()
+    }
 
   def _generate_examples(self, folder: str):
     names = sorted(os.listdir(os.path.join(folder, "image")), key=lambda name: (len(name), name))
