@@ -82,9 +82,10 @@ def benchmark(encoder: str, batch_size: int, rounds: int) -> list[dict]:
   def step(path):
     def run(params, batch):
       if path is None:
-        loss_fn = lambda p: jnp.sum(
-          jnp.mean(gramian.per_sample_losses(model, p, {}, batch, TASKS), axis=0)
-        )
+
+        def loss_fn(p):
+          return jnp.sum(jnp.mean(gramian.per_sample_losses(model, p, {}, batch, TASKS), axis=0))
+
         loss, grads = jax.value_and_grad(loss_fn)(params)
         return loss, grads, None
       result = gramian.compute(model, params, {}, batch, TASKS, gramian.FULL, path=path)
@@ -159,7 +160,8 @@ def main() -> None:
   )
   print()
   print(
-    "| encoder | B | encoder params P | method | median ms | x plain | peak MiB | x plain | compile s |"
+    "| encoder | B | encoder params P | method | median ms | x plain | peak MiB | x plain | "
+    "compile s |"
   )
   print("|---|---|---|---|---|---|---|---|---|")
   for encoder in arguments.encoders.split(","):
@@ -171,7 +173,8 @@ def main() -> None:
         memory_ratio = "n/a" if row["memory_ratio"] is None else f"{row['memory_ratio']:.2f}"
         print(
           f"| {row['encoder']} | {row['batch']} | {row['parameters']:,} | {row['method']} | "
-          f"{row['median_ms']:.1f} | {row['time_ratio']:.2f} | {peak} | {memory_ratio} | {row['compile_s']:.1f} |",
+          f"{row['median_ms']:.1f} | {row['time_ratio']:.2f} | {peak} | {memory_ratio} | "
+          f"{row['compile_s']:.1f} |",
           flush=True,
         )
       fast = next(row for row in rows if row["method"] == "fast Gramian")

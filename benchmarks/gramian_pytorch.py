@@ -110,7 +110,8 @@ def _conv(node) -> torch.nn.Conv2d:
 
 
 class TorchModel(torch.nn.Module):
-  """The Flax case's model in PyTorch, with its parameters: an encoder and one linear head per task."""
+  """The Flax case's model in PyTorch, with its parameters: an encoder and one linear head per
+  task."""
 
   def __init__(self, encoder_kind: str, params, image_shape):
     super().__init__()
@@ -186,7 +187,8 @@ def _gram(rows: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 class TorchMethods:
-  """Each method returns the [B, T, B, T] Gramian of the encoder's per-sample, per-task gradients."""
+  """Each method returns the [B, T, B, T] Gramian of the encoder's per-sample, per-task
+  gradients."""
 
   def __init__(self, model: TorchModel, batch):
     self.model = model
@@ -257,7 +259,7 @@ class OpacusMethod:
   """Opacus's hook-based per-sample gradients (GradSampleModule), one backward per task."""
 
   def __init__(self, model: TorchModel, methods: TorchMethods):
-    from opacus import GradSampleModule  # Imported here: optional beyond torch itself.
+    from opacus import GradSampleModule  # noqa: PLC0415  (optional beyond torch itself)
 
     # Its own copy: Opacus hooks the modules it wraps, which would slow the other methods.
     model = copy.deepcopy(model)

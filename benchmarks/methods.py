@@ -1,4 +1,5 @@
-"""Benchmark: the step time of gradient-weighting methods relative to EW's step (T = 3, CNN encoders).
+"""Benchmark: the step time of gradient-weighting methods relative to EW's step (T = 3, CNN
+encoders).
 
 Every method's jitted train step (`train.make_train_step`, i.e. the Gramian path: per-row
 gradients -> Gramian -> the method's weights -> their weighted sum) is timed side by side with
@@ -78,8 +79,9 @@ def describe(case: str) -> str:
     else f"width {model.width_multiplier}"
   )
   return (
-    f"{case}: {model.encoder} ({features}, {model.norm} norm), {config.dataset.height}x{config.dataset.width} "
-    f"images, batch {config.training.batch_size}, T = {len(config.tasks)}"
+    f"{case}: {model.encoder} ({features}, {model.norm} norm), "
+    f"{config.dataset.height}x{config.dataset.width} images, batch {config.training.batch_size}, "
+    f"T = {len(config.tasks)}"
   )
 
 
@@ -124,8 +126,9 @@ def main(argv):
     for case in cases
   }
   print(
-    f"\n{datetime.date.today()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-    f"jax {jax.__version__} on {jax.default_backend()}; medians of {_REPEATS.value} interleaved rounds."
+    f"\n{datetime.date.today()}, {platform.processor() or platform.machine()}, {os.cpu_count()} "
+    f"CPU cores, jax {jax.__version__} on {jax.default_backend()}; medians of {_REPEATS.value} "
+    "interleaved rounds."
   )
   for case in cases:
     print(f"- {describe(case)}")

@@ -1,6 +1,7 @@
-"""Benchmark: K training runs one after another vs as one compiled group (vmap, loop, lax.map).
+r"""Benchmark: K training runs one after another vs as one compiled group (vmap, loop, lax.map).
 
-  python benchmarks/sweep.py [--config=configs/scenes.py] [--runs=4,8] [--steps=20] [--modes=vmap,loop]
+  python benchmarks/sweep.py [--config=configs/scenes.py] [--runs=4,8] [--steps=20] \
+    [--modes=vmap,loop]
 
 Every side trains the same K runs (different seeds and learning rates, so every run has its own
 batches) of the config's model, in one process, side by side:
@@ -141,7 +142,8 @@ def main(argv):
   print(
     f"backend {jax.default_backend()}, {os.cpu_count()} CPUs; model {config.model.encoder} "
     f"{config.dataset.height}x{config.dataset.width}, batch {config.training.batch_size}, method "
-    f"{config.method.name}; {_STEPS.value} timed steps per run in {_ROUNDS.value} rounds; a full run = {total} steps"
+    f"{config.method.name}; {_STEPS.value} timed steps per run in {_ROUNDS.value} rounds; a full "
+    f"run = {total} steps"
   )
   print(
     "| K | side | run-steps/s | speed-up | compile (s) | K full runs incl. compile (s) | speed-up |"
@@ -165,8 +167,9 @@ def main(argv):
     for name in sides:
       full = compile_seconds[name] + per_step[name] * total
       print(
-        f"| {runs} | {name} | {runs / per_step[name]:.2f} | {per_step['sequential'] / per_step[name]:.2f}x | "
-        f"{compile_seconds[name]:.1f} | {full:.1f} | {base_full / full:.2f}x |",
+        f"| {runs} | {name} | {runs / per_step[name]:.2f} | "
+        f"{per_step['sequential'] / per_step[name]:.2f}x | {compile_seconds[name]:.1f} | "
+        f"{full:.1f} | {base_full / full:.2f}x |",
         flush=True,
       )
 

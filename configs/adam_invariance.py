@@ -1,10 +1,13 @@
-"""Adam's partial loss-scale invariance (paper Sec. 3, App. A2) and the method classification.
+r"""Adam's partial loss-scale invariance (paper Sec. 3, App. A2) and the method classification.
 
 Launch (the mode is the config argument after the colon):
   python experiments/adam_invariance.py --config=configs/adam_invariance.py:check
-  python experiments/adam_invariance.py --config=configs/adam_invariance.py:app_a2 --workdir=runs/adam_invariance
-  python experiments/adam_invariance.py --config=configs/adam_invariance.py:classify --workdir=runs/adam_invariance
-  python experiments/adam_invariance.py --config=configs/adam_invariance.py:all --workdir=runs/adam_invariance
+  python experiments/adam_invariance.py --config=configs/adam_invariance.py:app_a2 \
+    --workdir=runs/adam_invariance
+  python experiments/adam_invariance.py --config=configs/adam_invariance.py:classify \
+    --workdir=runs/adam_invariance
+  python experiments/adam_invariance.py --config=configs/adam_invariance.py:all \
+    --workdir=runs/adam_invariance
 This study trains its own tiny model, so it has its own config rather than an override of base.py.
 """
 

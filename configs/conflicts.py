@@ -1,4 +1,5 @@
-"""Gradient-conflict study (SPEC section 4): dense scenes tasks and the 12 scene attributes, small vs large heads.
+"""Gradient-conflict study (SPEC section 4): dense scenes tasks and the 12 scene attributes, small
+vs large heads.
 
 Launch:
   python experiments/conflicts.py --config=configs/conflicts.py --workdir=runs/conflicts

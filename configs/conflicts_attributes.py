@@ -1,7 +1,9 @@
-"""Gradient-conflict study (SPEC section 4) on the 12 binary scene attributes (a CelebA-like setting).
+r"""Gradient-conflict study (SPEC section 4) on the 12 binary scene attributes (a CelebA-like
+setting).
 
 Launch:
-  python experiments/conflicts.py --config=configs/conflicts_attributes.py --workdir=runs/conflicts_attributes
+  python experiments/conflicts.py --config=configs/conflicts_attributes.py \
+    --workdir=runs/conflicts_attributes
 Config argument: '' (both head architectures), 'small_heads' or 'large_heads'. Each probe uses
 8 of the 12 attribute tasks (config.conflicts.max_tasks, a fixed random subset per run), as the
 paper subsamples CelebA's 40. The encoder pools its features globally; the heads are linear

@@ -1,10 +1,15 @@
-"""NYUv2 x DeepLabV3-ResNet50 (OS 8, ASPP per task): segmentation + depth + normals, 200 epochs, batch 8, lr x0.5 every 100.
+r"""NYUv2 x DeepLabV3-ResNet50 (OS 8, ASPP per task): segmentation + depth + normals, 200 epochs,
+batch 8, lr x0.5 every 100.
 
-Launch (the default is EW + Adam at lr 1e-4, the best EW + Adam lr in SPEC's table where it has one; the sweep grids are in config.sweep):
+Launch (the default is EW + Adam at lr 1e-4, the best EW + Adam lr in SPEC's table where it has one;
+the sweep grids are in config.sweep):
   python experiments/train.py --config=configs/nyuv2_deeplab.py --workdir=runs/nyuv2_deeplab/ew_adam
-  python experiments/train.py --config=configs/nyuv2_deeplab.py:method=uw,optimizer=sgd,lr=0.05 --workdir=runs/nyuv2_deeplab/uw_sgd
-  python experiments/train.py --config=configs/nyuv2_deeplab.py:task=depth,lr=1e-4 --workdir=runs/nyuv2_deeplab/stl_depth
-Config argument: as in configs/scenes.py (task=, method=, optimizer=, lr=). Data: README.md, 'Datasets'.
+  python experiments/train.py --config=configs/nyuv2_deeplab.py:method=uw,optimizer=sgd,lr=0.05 \
+    --workdir=runs/nyuv2_deeplab/uw_sgd
+  python experiments/train.py --config=configs/nyuv2_deeplab.py:task=depth,lr=1e-4 \
+    --workdir=runs/nyuv2_deeplab/stl_depth
+Config argument: as in configs/scenes.py (task=, method=, optimizer=, lr=).
+Data: README.md, 'Datasets'.
 """
 
 import ml_collections

@@ -1,4 +1,5 @@
-"""Shared settings of the paper's benchmark configs (SPEC section 2): grids, seeds, optimizer defaults.
+"""Shared settings of the paper's benchmark configs (SPEC section 2): grids, seeds, optimizer
+defaults.
 
 Not a config itself: cityscapes_*.py, nyuv2_*.py and celeba_resnet18.py build on it.
 """

@@ -5,9 +5,8 @@ Launch:
 The optimizer study trains STL baselines (3 tasks x 2 lr x 3 seeds) and
 len(methods) x 2 optimizers x 3 lr x 3 seeds MTL runs of a small CNN (3 seeds, as the paper's
 protocol has everywhere: mean ± std over 2 seeds says little); runs that differ only in
-seed and lr train with one compiled program (config.sweep.group_runs; looped over runs on CPU, vmapped
-on accelerators). Methods not in this build are
-skipped with a note in the report.
+seed and lr train with one compiled program (config.sweep.group_runs; looped over runs on CPU,
+vmapped on accelerators). Methods not in this build are skipped with a note in the report.
 """
 
 import ml_collections

@@ -1,8 +1,9 @@
-"""The robustness study (SPEC section 5): head fine-tuning on corrupted scenes, δ, linear probes.
+r"""The robustness study (SPEC section 5): head fine-tuning on corrupted scenes, δ, linear probes.
 
 Launch:
   python experiments/robustness.py --config=configs/robustness.py --workdir=runs/robustness
-  python experiments/robustness.py --config=configs/robustness.py:figure --config.robustness.figure_path=docs/corruptions.png
+  python experiments/robustness.py --config=configs/robustness.py:figure \
+    --config.robustness.figure_path=docs/corruptions.png
 With no run directories given it first trains the STL models (one per task) and the MTL models
 (one per method in robustness.prepare_methods) into <workdir>/runs/, using the training keys of
 this config (the scenes defaults). To study existing runs instead:

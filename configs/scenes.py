@@ -1,4 +1,5 @@
-"""Default experiment: SegNet-small on the embedded scenes, segmentation + depth + normals, EW + Adam.
+"""Default experiment: SegNet-small on the embedded scenes, segmentation + depth + normals,
+EW + Adam.
 
 Launch:
   python experiments/train.py --config=configs/scenes.py --workdir=runs/scenes
@@ -7,7 +8,8 @@ Config argument (after a colon): comma-separated key=value pairs among
   method=<name>     the MTL method (default ew)
   optimizer=<name>  adam | sgd | signsgd | adamw
   lr=<float>        the learning rate
-e.g. --config=configs/scenes.py:task=depth  or  --config=configs/scenes.py:method=uw,optimizer=sgd,lr=0.05
+e.g. --config=configs/scenes.py:task=depth
+  or --config=configs/scenes.py:method=uw,optimizer=sgd,lr=0.05
 Any key can also be overridden with --config.<key>=<value>.
 """
 

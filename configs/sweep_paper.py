@@ -1,7 +1,8 @@
-"""The paper's full optimizer x method sweep (SPEC section 2) on the real datasets, for GPU/TPU.
+r"""The paper's full optimizer x method sweep (SPEC section 2) on the real datasets, for GPU/TPU.
 
 Launch (one process per host; the sweep resumes, so it can be re-launched after preemption):
-  python experiments/sweep.py --config=configs/sweep_paper.py:cityscapes_segnet --workdir=runs/paper/cs_segnet
+  python experiments/sweep.py --config=configs/sweep_paper.py:cityscapes_segnet \
+    --workdir=runs/paper/cs_segnet
 Config argument: cityscapes_segnet | cityscapes_deeplab | nyuv2_segnet | nyuv2_deeplab.
 
 Size: 9 methods x 2 optimizers x 10 lr x 3 seeds (minus the single-optimizer methods) = 486 MTL

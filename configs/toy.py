@@ -1,4 +1,5 @@
-"""The 2-D two-objective toy (paper Table 1): GD vs Adam x EW / PCGrad / CAGrad x nine learning rates.
+"""The 2-D two-objective toy (paper Table 1): GD vs Adam x EW / PCGrad / CAGrad x nine learning
+rates.
 
 Launch:
   python experiments/toy.py --config=configs/toy.py --workdir=runs/toy

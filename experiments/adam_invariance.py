@@ -1,9 +1,13 @@
-"""Adam's partial loss-scale invariance: exact check, the paper's App. A2 runs, method classification.
+r"""Adam's partial loss-scale invariance: exact check, the paper's App. A2 runs, method
+classification.
 
   python experiments/adam_invariance.py --config=configs/adam_invariance.py:check
-  python experiments/adam_invariance.py --config=configs/adam_invariance.py:app_a2 --workdir=runs/adam_invariance
-  python experiments/adam_invariance.py --config=configs/adam_invariance.py:classify --workdir=runs/adam_invariance
-  python experiments/adam_invariance.py --config=configs/adam_invariance.py:all --workdir=runs/adam_invariance
+  python experiments/adam_invariance.py --config=configs/adam_invariance.py:app_a2 \
+    --workdir=runs/adam_invariance
+  python experiments/adam_invariance.py --config=configs/adam_invariance.py:classify \
+    --workdir=runs/adam_invariance
+  python experiments/adam_invariance.py --config=configs/adam_invariance.py:all \
+    --workdir=runs/adam_invariance
 The `check` mode exits with status 1 when a predicted equality fails.
 """
 

@@ -1,4 +1,5 @@
-"""The gradient-conflict study (SPEC section 4): inter-task vs inter-sample cosine and magnitude similarity.
+"""The gradient-conflict study (SPEC section 4): inter-task vs inter-sample cosine and magnitude
+similarity.
 
   python experiments/conflicts.py --workdir=runs/conflicts
 runs both settings (dense scenes tasks, 12 scene attributes; configs/conflicts.py) with both head

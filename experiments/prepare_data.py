@@ -1,7 +1,10 @@
-"""Builds a paper dataset's TFDS array_record files from manually downloaded files (no TensorFlow, no download).
+r"""Builds a paper dataset's TFDS array_record files from manually downloaded files (no TensorFlow,
+no download).
 
-  python experiments/prepare_data.py --dataset=nyuv2 --manual_dir=/data/nyuv2 [--data_dir=~/tensorflow_datasets]
-  python experiments/prepare_data.py --dataset=cityscapes --manual_dir=/data/cityscapes_zips [--data_dir=...]
+  python experiments/prepare_data.py --dataset=nyuv2 --manual_dir=/data/nyuv2 \
+    [--data_dir=~/tensorflow_datasets]
+  python experiments/prepare_data.py --dataset=cityscapes --manual_dir=/data/cityscapes_zips \
+    [--data_dir=...]
 
 CelebA uses TFDS's own builder, whose image features need TensorFlow to build:
   pip install tensorflow && tfds build celeb_a --file_format=array_record [--data_dir=...]
@@ -17,6 +20,12 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import tensorflow_datasets as tfds  # noqa: E402
+
+from mtl_jax.data import tfds_datasets  # noqa: E402
+from mtl_jax.data.builders import cityscapes_mtl  # noqa: E402
+from mtl_jax.data.builders import nyuv2_mtl  # noqa: E402
+
 _DATASET = flags.DEFINE_enum("dataset", None, ["cityscapes", "nyuv2"], "Dataset to build.")
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "Folder with the manually downloaded files.")
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "TFDS data directory ('' = TFDS default).")
@@ -25,12 +34,6 @@ flags.mark_flags_as_required(["dataset", "manual_dir"])
 
 def main(argv):
   del argv
-  import tensorflow_datasets as tfds
-
-  from mtl_jax.data import tfds_datasets
-  from mtl_jax.data.builders import cityscapes_mtl
-  from mtl_jax.data.builders import nyuv2_mtl
-
   builder_class = {"cityscapes": cityscapes_mtl.CityscapesMtl, "nyuv2": nyuv2_mtl.Nyuv2Mtl}[
     _DATASET.value
   ]

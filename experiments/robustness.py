@@ -1,7 +1,8 @@
-"""The robustness study (SPEC section 5), or the figure of every corruption of one scenes image.
+r"""The robustness study (SPEC section 5), or the figure of every corruption of one scenes image.
 
   python experiments/robustness.py --config=configs/robustness.py --workdir=runs/robustness
-  python experiments/robustness.py --config=configs/robustness.py:figure --config.robustness.figure_path=docs/corruptions.png
+  python experiments/robustness.py --config=configs/robustness.py:figure \
+    --config.robustness.figure_path=docs/corruptions.png
 See configs/robustness.py for studying existing runs instead of training new ones.
 """
 

@@ -1,7 +1,8 @@
-"""Runs (or resumes) the optimizer x method study and writes its tables and figure.
+r"""Runs (or resumes) the optimizer x method study and writes its tables and figure.
 
   python experiments/sweep.py --config=configs/sweep_scenes.py --workdir=runs/sweep_scenes
-  python experiments/sweep.py --config=configs/sweep_paper.py:nyuv2_segnet --workdir=runs/paper/nyu_segnet
+  python experiments/sweep.py --config=configs/sweep_paper.py:nyuv2_segnet \
+    --workdir=runs/paper/nyu_segnet
 Outputs in the workdir: stl/ and mtl/ run directories, sweep.json / sweep.csv (every run and
 its status), delta_m.md/.csv, metrics.md/.csv, pareto.md, parallel_coordinates.png.
 Re-running the same command skips finished runs.

@@ -34,8 +34,9 @@ def main(argv):
   print(results["markdown"])
   print(results["tolerance"])
   print(
-    f"{results['num_runs']} runs in {results['dtype']}, and {len(results['sensitivity']['names'])} variants: "
-    f"compile {results['compile_seconds']:.2f} s, run {results['run_seconds']:.2f} s (after compilation)"
+    f"{results['num_runs']} runs in {results['dtype']}, and {len(results['sensitivity']['names'])} "
+    f"variants: compile {results['compile_seconds']:.2f} s, run {results['run_seconds']:.2f} s "
+    "(after compilation)"
   )
   with open(os.path.join(_WORKDIR.value, "results.json"), "w") as file:
     json.dump({k: v for k, v in results.items() if k != "markdown"}, file, indent=2)

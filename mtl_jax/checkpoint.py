@@ -120,7 +120,8 @@ class Checkpointer:
         refused by name rather than reported as damaged because its arrays do not fit target.
 
     Raises:
-      CheckpointError: checkpoints exist but none is intact; names the directory and why each failed.
+      CheckpointError: checkpoints exist but none is intact; names the directory and why each
+        failed.
     """
     manager = self.best if best else self.latest
     manager.reload()
@@ -182,7 +183,8 @@ class Checkpointer:
 def fingerprint_mismatches(
   saved: Mapping[str, Any] | None, current: Mapping[str, Any], prefix: str = ""
 ) -> list[str]:
-  """Lists 'key: checkpoint X vs config Y' for every (nested, dotted) key where two fingerprints differ.
+  """Lists 'key: checkpoint X vs config Y' for every (nested, dotted) key where two fingerprints
+  differ.
 
   Args:
     saved: the fingerprint recorded in a checkpoint (None when it has none).

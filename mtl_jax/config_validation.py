@@ -1,4 +1,5 @@
-"""Checks an experiment config before anything is built: one clear line per bad key, with the valid choices.
+"""Checks an experiment config before anything is built: one clear line per bad key, with the valid
+choices.
 
 `validate_config` is called by `train.build_experiment`, so every entry point (experiments/train.py,
 sweeps, notebooks) rejects a bad config before loading data or compiling. It checks types, ranges
@@ -174,7 +175,8 @@ def validate_config(
   dataset: data_registry.Dataset | None = None,
   device_count: int | None = None,
 ) -> None:
-  """Raises a ConfigError naming each bad key and its valid choices; returns None if the config is usable.
+  """Raises a ConfigError naming each bad key and its valid choices; returns None if the config is
+  usable.
 
   Args:
     config: an experiment config (see configs/base.py).

@@ -1,4 +1,5 @@
-"""Gradient-conflict statistics (SPEC section 4): inter-task vs inter-sample pairs, and a training probe.
+"""Gradient-conflict statistics (SPEC section 4): inter-task vs inter-sample pairs, and a training
+probe.
 
 A pair of gradients (g, g') is compared by
   * cosine similarity      S_cos = <g, g'> / (|g| |g'|), a conflict when S_cos < 0;
@@ -415,8 +416,8 @@ class ConflictProbe:
   the 'data' axis: the Gramian comes from the sharded engine (`gramian.compute` with the mesh;
   only layer captures and Gramian blocks cross devices), while the few probed rows'
   materialised gradients for the parameter ratio are computed whole on every device. Otherwise
-  the one-device computation runs whole on every device (`parallel.replicated_program`). Results come back
-  replicated, so every host adds the same values.
+  the one-device computation runs whole on every device (`parallel.replicated_program`). Results
+  come back replicated, so every host adds the same values.
 
   On the 'fast' path the probe first checks its Gramian against the reference path
   (`gramian.check`, when `verify_every_steps` says so) and raises
@@ -486,7 +487,8 @@ class ConflictProbe:
     )
 
   def splits_rows(self, num_samples: int) -> bool:
-    """Whether a probe of `num_samples` rows runs split over the mesh's devices (see the class docstring)."""
+    """Whether a probe of `num_samples` rows runs split over the mesh's devices (see the class
+    docstring)."""
     return (
       self.mesh is not None
       and self.path == "fast"
@@ -618,7 +620,8 @@ def epoch_line(record: Mapping[str, Any]) -> str:
 def make_probe(
   experiment, config, workdir: str | None, mesh: jax.sharding.Mesh | None = None
 ) -> ConflictProbe | None:
-  """The probe a training run asks for (`config.conflicts.probe_every_steps` > 0), else None; `mesh`: the run's."""
+  """The probe a training run asks for (`config.conflicts.probe_every_steps` > 0), else None;
+  `mesh`: the run's."""
   options = config.get("conflicts", None)
   if options is None or int(options.probe_every_steps) <= 0:
     return None

@@ -33,7 +33,7 @@ class MetricWriter:
       os.makedirs(workdir, exist_ok=True)
       self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
       if tensorboard:
-        from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+        from tensorboardX import SummaryWriter  # noqa: PLC0415  (only when TensorBoard is on)
 
         self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
 

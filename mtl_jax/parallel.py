@@ -57,7 +57,8 @@ def _sharding_config(config: ml_collections.ConfigDict | None) -> Mapping[str, A
   size = values["data_axis_size"]
   if not isinstance(size, int) or isinstance(size, bool) or (size < 1 and size != -1):
     raise config_validation.ConfigError(
-      f"config.sharding.data_axis_size: expected a positive integer or -1 (all devices), got {size!r}."
+      "config.sharding.data_axis_size: expected a positive integer or -1 (all devices), got "
+      f"{size!r}."
     )
   if values["distributed"] not in DISTRIBUTED_MODES:
     raise config_validation.ConfigError(
@@ -68,7 +69,8 @@ def _sharding_config(config: ml_collections.ConfigDict | None) -> Mapping[str, A
 
 
 def _multi_host_environment() -> bool:
-  """Whether environment variables describe a multi-process job (TPU pod slice, SLURM, coordinator)."""
+  """Whether environment variables describe a multi-process job (TPU pod slice, SLURM,
+  coordinator)."""
   hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
   if len([host for host in hosts.split(",") if host]) > 1:
     return True
@@ -149,7 +151,8 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
 
 
 def _fsdp_spec(shape: Sequence[int], devices: int, min_size: int) -> PartitionSpec:
-  """Splits the largest dimension divisible by the device count; small or indivisible leaves stay whole."""
+  """Splits the largest dimension divisible by the device count; small or indivisible leaves stay
+  whole."""
   if int(np.prod(shape, dtype=np.int64)) < min_size:
     return PartitionSpec()
   for dimension in sorted(range(len(shape)), key=lambda index: -shape[index]):
@@ -259,7 +262,8 @@ def shard_train_step(step: Callable, mesh: jax.sharding.Mesh, shardings: Any) ->
 def shard_training(
   config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, step: Callable, state: Any
 ) -> tuple[Callable, Any]:
-  """The training loop's set-up: checks the batch size, places the state, jits the step for the mesh.
+  """The training loop's set-up: checks the batch size, places the state, jits the step for the
+  mesh.
 
   Returns:
     (sharded step, placed state); restoring a checkpoint onto the placed state puts it on these
@@ -286,11 +290,9 @@ def replicated_program(function: Callable, mesh: jax.sharding.Mesh) -> Callable:
 
   For the small computations inside a sharded step (a weighting's solver on the Gramian, with
   any gradient it takes of its own parameters, which stays inside the per-device program).
-  Left to GSPMD, the batch sharding of the features the weights scale propagates into them:
-  measured on 8 emulated devices, the compiled UPGrad step at level 'sample' then held 7
-  all-reduces, 13 all-gathers and 3 all-to-alls (its solver and least-squares polish split
-  over devices) against 1 all-reduce and the Gramian's 7 all-gathers here. Every device
-  computes the same value from the same replicated inputs (random keys included).
+  Left to GSPMD, the batch sharding of the features the weights scale propagates into them and
+  splits the solver over devices, with many more collectives (BENCHMARKS.md, 'Sharded steps').
+  Every device computes the same value from the same replicated inputs (random keys included).
   """
   return jax.shard_map(
     function, mesh=mesh, in_specs=PartitionSpec(), out_specs=PartitionSpec(), check_vma=False

@@ -1,4 +1,5 @@
-"""Process set-up every experiment script runs first: multi-host connection, compile cache, quiet logs.
+"""Process set-up every experiment script runs first: multi-host connection, compile cache, quiet
+logs.
 
 The persistent XLA compilation cache matters here: sweeps, resumed runs and test sessions
 compile the same programs again and again; on a CPU a SegNet initialisation plus train step

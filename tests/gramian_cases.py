@@ -1,10 +1,11 @@
-"""Small models with parameters away from their initialisation, and batches for dense and global tasks.
+"""Small models with parameters away from their initialisation, and batches for dense and global
+tasks.
 
 Shared by the exactness tests of the Gramian engine (test_gramian_exactness_matrix.py,
 test_xla_cpu_faults.py). Sizes are as small as the encoders allow, except that the first
 encoder layer's activations of one task's backward pass are at least 36 KiB: XLA:CPU cuts
-larger arrays into tiles, and the fault these tests were written for (see
-`gramian.stacked_vjp`) only showed past the first tile of the task axis.
+larger arrays into tiles, and the fault these tests were written for (docs/xla_cpu_faults.md)
+only showed past the first tile of the task axis.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ def is_dense(encoder: str) -> bool:
 
 
 def build(encoder: str, norm: str):
-  """(model, tasks, image size) of one encoder with four tasks, dense and global mixed where possible."""
+  """(model, tasks, image size) of one encoder with four tasks, dense and global mixed where
+  possible."""
   settings, size = ENCODERS[encoder]
   config = ml_collections.ConfigDict(
     dict(encoder=encoder, norm=norm, head_hidden=(5,), head_hidden_channels=4, **settings)
@@ -125,7 +127,8 @@ def random_batch(size: int, seed: int, batch_size: int = BATCH) -> dict:
 
 
 def make_case(encoder: str, norm: str, seed: int, model_and_tasks=None) -> Case:
-  """One case; pass `build(encoder, norm)`'s model and tasks to reuse them (and their compiled programs)."""
+  """One case; pass `build(encoder, norm)`'s model and tasks to reuse them (and their compiled
+  programs)."""
   model, tasks, size = model_and_tasks or build(encoder, norm)
   params, batch_stats = random_variables(model, size, seed)
   return Case(model, tuple(tasks), params, batch_stats, random_batch(size, seed))

@@ -1,4 +1,5 @@
-"""Config sections with configs/base.py's defaults, for tests that build methods or probes directly."""
+"""Config sections with configs/base.py's defaults, for tests that build methods or probes
+directly."""
 
 import ml_collections
 

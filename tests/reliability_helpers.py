@@ -130,7 +130,8 @@ def _preempted_workdir():
   """(workdir, printed output) of the run stopped by SIGINT; trained once per process."""
   workdir = os.path.join(tempfile.mkdtemp(prefix="mtl_preempted_"), "run")
   printed = io.StringIO()
-  # Captured here because whichever test asks first triggers the run, and the others still check what it said.
+  # Captured here because whichever test asks first triggers the run, and the others still check
+  # what it said.
   with contextlib.redirect_stdout(printed), pytest.raises(preemption.Preempted) as stopped:
     train.train_and_evaluate(fault_config(), workdir, signalling_dataset(STOP_STEP, signal.SIGINT))
   assert stopped.value.step == STOP_STEP and stopped.value.signal_name == "SIGINT"

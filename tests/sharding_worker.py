@@ -1,4 +1,5 @@
-"""Subprocess body of tests/test_sharding.py: sharded computations against one device, printed as JSON.
+"""Subprocess body of tests/test_sharding.py: sharded computations against one device, printed as
+JSON.
 
 Run as `python tests/sharding_worker.py <mode> <directory>` with XLA_FLAGS setting the host
 device count before JAX starts (the emulated device count is fixed at backend start-up, so
@@ -129,7 +130,8 @@ def wait_for(path: str, timeout: float = 600.0) -> str:
 
 
 def write_atomically(path: str, value) -> None:
-  """Pickles `value` (numpy pytrees) to `path` in one rename, so `wait_for` never sees half a file."""
+  """Pickles `value` (numpy pytrees) to `path` in one rename, so `wait_for` never sees half a
+  file."""
   with open(path + ".tmp", "wb") as file:
     pickle.dump(value, file)
   os.replace(path + ".tmp", path)
@@ -144,7 +146,8 @@ def run_config(config):
 
 
 def record_values(records) -> dict:
-  """Every number of conflicts.jsonl records as {(epoch, pair type, measure): [values]}, for comparisons."""
+  """Every number of conflicts.jsonl records as {(epoch, pair type, measure): [values]}, for
+  comparisons."""
   values = {}
   for record in records:
     for pair_type in conflicts.PAIR_TYPES:
@@ -157,7 +160,8 @@ def record_values(records) -> dict:
 
 
 def method_state(experiment, weighting, optimizer, state, level: str):
-  """`state` with a method's weighting parameters, state and optimizer state (no new init compile)."""
+  """`state` with a method's weighting parameters, state and optimizer state (no new init
+  compile)."""
   rows = weighting_lib.state_size(
     weighting, level, len(experiment.tasks), int(experiment.config.training.batch_size)
   )
@@ -326,8 +330,9 @@ def gramian_step(model, tasks, optimizer, mesh=None):
 
 
 # Encoders whose dense or conv layers take the ghost form (`gramian.layer_strategy`) at batch
-# 16 with 3 tasks, so their sharded Gramian blocks gather raw inputs and output gradients: an MLP (dense
-# layers, one position) and a small CNN on 4x4 images (its second conv, 16 positions).
+# 16 with 3 tasks, so their sharded Gramian blocks gather raw inputs and output gradients: an
+# MLP (dense layers, one position) and a small CNN on 4x4 images (its second conv, 16
+# positions).
 GHOST_CASES = {
   "mlp": ({"encoder": "mlp", "norm": "group", "hidden": (64, 32)}, (8, 8, 3)),
   "small_cnn": ({"encoder": "small_cnn", "norm": "group", "features": (4, 4)}, (4, 4, 3)),
@@ -360,9 +365,9 @@ def ghost_form_checks(mesh) -> dict:
       for path, info in captured.infos.items()
     )
     single = gramian.compute(model, params, {}, batch, tasks).gramian
-    sharded = jax.jit(lambda p, b: gramian.compute(model, p, {}, b, tasks, mesh=mesh).gramian)(
-      params, sharding.shard_batch(batch, mesh)
-    )
+    sharded = jax.jit(
+      lambda p, b, model=model: gramian.compute(model, p, {}, b, tasks, mesh=mesh).gramian
+    )(params, sharding.shard_batch(batch, mesh))
     # No ghost-form layer would make the check vacuous: report it as a failure.
     results[f"ghost_gramian_{name}"] = (
       relative_error(sharded, single) if ghost_layers else float("inf")

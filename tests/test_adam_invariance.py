@@ -1,6 +1,5 @@
 """Tests of the loss-scale invariance study: per-task Adam, the exact check, the method classes."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax

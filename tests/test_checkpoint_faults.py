@@ -1,9 +1,9 @@
-"""Fault injection on checkpoints: truncated, garbled and missing files, partial saves, foreign configs."""
+"""Fault injection on checkpoints: truncated, garbled and missing files, partial saves, foreign
+configs."""
 
 import os
 import shutil
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -1,14 +1,14 @@
-"""Bad configs and bad data: each gives one clear error line naming the key (or split and array) and the valid choices."""
+"""Bad configs and bad data: each gives one clear error line naming the key (or split and array) and
+the valid choices."""
 
-import os
 import subprocess
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import scenes as scenes_config
 from configs import test as test_config
 from mtl_jax import config_validation
 from mtl_jax import tasks as tasks_lib
@@ -133,7 +133,8 @@ CASES = [
   (
     {"gramian.verify_every_steps": -2},
     "config.gramian.verify_every_steps",
-    "expected -1 (once, at the first step with a fast-path Gramian), 0 (never) or a positive step count; got -2",
+    "expected -1 (once, at the first step with a fast-path Gramian), 0 (never) or a positive step "
+    "count; got -2",
   ),
   (
     {"gramian.verify_every_steps": 2.5},
@@ -169,9 +170,7 @@ def test_batch_size_must_divide_by_the_device_count():
 
 def test_valid_configs_pass():
   config_validation.validate_config(test_config.get_config(), helpers.dataset(), device_count=1)
-  from configs import scenes
-
-  config_validation.validate_config(scenes.get_config(), device_count=1)
+  config_validation.validate_config(scenes_config.get_config(), device_count=1)
 
 
 def test_command_line_prints_one_error_line_and_exits_2_on_eight_devices(tmp_path):
@@ -227,7 +226,8 @@ def _bad_data_cases():
       "validation",
       {"segmentation": segmentation},
       ["segmentation"],
-      f"dataset 'scenes' split 'validation': 'segmentation' has class ids [99] outside [0, {scenes.NUM_CLASSES})",
+      "dataset 'scenes' split 'validation': 'segmentation' has class ids [99] outside [0, "
+      f"{scenes.NUM_CLASSES})",
     ),
     (
       "test",
@@ -293,7 +293,8 @@ def test_build_experiment_rejects_bad_data_before_training():
 
 
 class _SquareRootDepth(tasks_lib.Depth):
-  """Depth whose loss adds sqrt(0 * prediction): a finite loss (0) with a NaN gradient through every parameter."""
+  """Depth whose loss adds sqrt(0 * prediction): a finite loss (0) with a NaN gradient through every
+  parameter."""
 
   def loss(self, prediction, batch):
     return super().loss(prediction, batch) + jnp.mean(

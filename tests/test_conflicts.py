@@ -204,7 +204,8 @@ def tiny():
 
 
 def _reference_statistics(experiment, state, batches, probe):
-  """Pooled statistics of the probed rows computed from reference (vmap/jacrev) gradients in numpy."""
+  """Pooled statistics of the probed rows computed from reference (vmap/jacrev) gradients in
+  numpy."""
   values = {
     pair: {"cosine": [], "magnitude": [], conflicts.PARAMETER_RATIO: []}
     for pair in conflicts.ROW_PAIR_TYPES
@@ -320,7 +321,7 @@ def test_fast_probe_checks_its_gramian_against_the_reference_path_first(tiny, mo
 
 def test_probe_refuses_training_mode_batch_norm_by_default(tiny):
   config, dataset, _, _ = tiny
-  config = config_validation.with_overrides(config, **{"model.norm": "batch"})  # pylint: disable=protected-access
+  config = config_validation.with_overrides(config, **{"model.norm": "batch"})
   experiment = train.build_experiment(config, dataset)
   state = train.init_state(experiment, 0)
   probe = conflicts.ConflictProbe(
@@ -409,7 +410,7 @@ def test_config_arguments_settings_and_architectures_are_checked():
 
 
 def test_run_conflicts_end_to_end(tmp_path):
-  config = config_validation.with_overrides(  # pylint: disable=protected-access
+  config = config_validation.with_overrides(
     conflicts_dense.get_config("small_heads"),
     **{
       "dataset.num_train": 64,

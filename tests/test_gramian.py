@@ -1,4 +1,5 @@
-"""Tests for mtl_jax.gramian: fast path against vmap(grad), Gramian properties, reductions, BN modes."""
+"""Tests for mtl_jax.gramian: fast path against vmap(grad), Gramian properties, reductions, BN
+modes."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ import ml_collections
 import numpy as np
 import pytest
 
+from configs import test as test_config
 from mtl_jax import gramian
 from mtl_jax import models
 from mtl_jax import tasks as tasks_lib
+from mtl_jax import train as train_lib
 from mtl_jax.gramian import blocks
 from mtl_jax.gramian import capture
 from mtl_jax.gramian import task_rows
@@ -334,7 +337,8 @@ def test_reductions_on_a_known_gramian():
 
 
 def _eager_task_gradients(experiment, state, batch):
-  """([T, P] encoder gradients, [T] head gradient trees) of the batch-mean task losses, eager jax.grad per task."""
+  """([T, P] encoder gradients, [T] head gradient trees) of the batch-mean task losses, eager
+  jax.grad per task."""
 
   def task_loss(params, index):
     variables = {"params": params}
@@ -358,13 +362,10 @@ def _eager_task_gradients(experiment, state, batch):
 
 
 def _test_experiment(norm):
-  from configs import test as test_config
-  from mtl_jax import train
-
   config = test_config.get_config()
   config.model.norm = norm
-  experiment = train.build_experiment(config)
-  return experiment, train.init_state(experiment, 0)
+  experiment = train_lib.build_experiment(config)
+  return experiment, train_lib.init_state(experiment, 0)
 
 
 @pytest.mark.parametrize("norm", ["group", "batch"])
@@ -400,9 +401,9 @@ def test_jitted_task_gradients_equal_eager_per_task_gradients(norm):
 
 
 def test_jitted_reference_rows_and_fast_gramian_equal_an_eager_per_sample_loop():
-  # Both paths vmap a VJP (the reference jacrev over samples and tasks, the fast path's capture
-  # the encoder pullback over tasks); the same model's jit(jacrev) over the batch was wrong on
-  # XLA CPU (see above), so both are pinned to plain eager per-sample gradients.
+  # The reference path vmaps jacrev over samples and the fast path captures T pullbacks; XLA:CPU
+  # miscompiled this model's jit(jacrev) over the batch (docs/xla_cpu_faults.md), so both are
+  # pinned to plain eager per-sample gradients.
   experiment, state = _test_experiment("group")
   batch = experiment.dataset.splits["train"].batch(np.arange(2))
   tasks = experiment.tasks

@@ -1,4 +1,5 @@
-"""The run-time self-check of the fast Gramian path: schedule, pass on a correct model, clear stop on a wrong one."""
+"""The run-time self-check of the fast Gramian path: schedule, pass on a correct model, clear stop
+on a wrong one."""
 
 import pytest
 

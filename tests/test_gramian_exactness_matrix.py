@@ -1,4 +1,5 @@
-"""The jitted fast Gramian and jitted Gramian train steps against an eager per-sample loop of jax.grad.
+"""The jitted fast Gramian and jitted Gramian train steps against an eager per-sample loop of
+jax.grad.
 
 Every encoder x every norm, four tasks (dense and global heads on dense encoders), parameters
 away from their initialisation, several seeds. The expected values never go through a compiled
@@ -121,7 +122,8 @@ def _compiled(encoder: str, norm: str):
 
 
 def _eager_task_rows(case) -> np.ndarray:
-  """[T, P]: encoder gradients of the batch-mean task losses in training mode (batch statistics), eager."""
+  """[T, P]: encoder gradients of the batch-mean task losses in training mode (batch statistics),
+  eager."""
 
   def loss(encoder_params, index):
     variables = {

@@ -1,4 +1,5 @@
-"""Tests of the augmentation, DeepLabV3-ResNet50, pretrained backbones, and one train step per paper config."""
+"""Tests of the augmentation, DeepLabV3-ResNet50, pretrained backbones, and one train step per paper
+config."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,5 @@
-"""Preemption: SIGTERM/SIGINT finish the step, checkpoint it, exit with status 75; rerunning resumes exactly."""
+"""Preemption: SIGTERM/SIGINT finish the step, checkpoint it, exit with status 75; rerunning resumes
+exactly."""
 
 import os
 import signal

@@ -1,4 +1,5 @@
-"""Tests of the robustness study: the δ metric, head-only fine-tuning, the end-to-end run, errors."""
+"""Tests of the robustness study: the δ metric, head-only fine-tuning, the end-to-end run,
+errors."""
 
 import json
 import os

@@ -1,4 +1,5 @@
-"""Tests for the procedural scene renderer: label consistency, determinism and exact hand-built scenes."""
+"""Tests for the procedural scene renderer: label consistency, determinism and exact hand-built
+scenes."""
 
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ def _project(point: np.ndarray, config: scenes.SceneConfig) -> tuple[int, int]:
 
 
 def _axis_object(kind: str, config: scenes.SceneConfig) -> tuple[scenes.SceneObject, float, float]:
-  """An object whose front is crossed by the optical axis, with that hit's z-depth and ground distance."""
+  """An object whose front is crossed by the optical axis, with that hit's z-depth and ground
+  distance."""
   pitch = np.radians(config.camera_pitch)
   if kind == "sphere":
     radius = 0.8

@@ -82,8 +82,7 @@ def test_train_steps_match_one_device(results, key):
 # UPGrad at level 'sample' weighs 16 per-sample rows whose weighted sum largely cancels, and the
 # mesh adds their contributions in another order (a backward over each device's rows, then an
 # all-reduce) than one device's capture does: float32 round-off reached 1.29e-5 of the encoder's
-# change on this 2-core machine (the same before and after the solvers' rewrite; a gradient
-# counted per device would show as ~1).
+# change on this 2-core machine (a gradient counted per device would show as ~1).
 METHOD_TOLERANCES = {"method_upgrad_sample": 5e-5}
 
 

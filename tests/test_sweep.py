@@ -1,4 +1,5 @@
-"""Tests of the sweep: grid and naming, resume, lr selection, Pareto counts, multi-run training, the report."""
+"""Tests of the sweep: grid and naming, resume, lr selection, Pareto counts, multi-run training, the
+report."""
 
 import functools
 import json

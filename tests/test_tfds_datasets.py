@@ -1,10 +1,12 @@
-"""Tests of the TFDS datasets: our builders on generated files, mock-data pipelines, hold-outs and shards."""
+"""Tests of the TFDS datasets: our builders on generated files, mock-data pipelines, hold-outs and
+shards."""
 
 import io
 import os
 import zipfile
 
 import numpy as np
+from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
@@ -78,8 +80,6 @@ def test_nyuv2_builder_round_trip_and_loader(tmp_path):
 
 
 def _png(array):
-  from PIL import Image
-
   buffer = io.BytesIO()
   Image.fromarray(array).save(buffer, format="PNG")
   return buffer.getvalue()

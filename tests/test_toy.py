@@ -60,7 +60,8 @@ def test_pcgrad_matches_explicit_projection():
 
 
 def test_cagrad_matches_brute_force_dual_with_cagrad_toy_constants_and_improves_worst_task():
-  """CAGrad's toy.py: R = c·√(|g0|² + 2.5e-5), dual ⟨g_w, g0⟩ + R√(|g_w|² + 1e-4), λ = R/(√(|g_w|² + 1e-4) + 1e-4)."""
+  """CAGrad's toy.py: R = c·√(|g0|² + 2.5e-5), dual ⟨g_w, g0⟩ + R√(|g_w|² + 1e-4),
+  λ = R/(√(|g_w|² + 1e-4) + 1e-4)."""
   rng = np.random.default_rng(1)
   weights = np.linspace(0, 1, 200001)
   for trial in range(60):
@@ -113,8 +114,8 @@ def test_adam_steps_match_pytorch_in_float64_and_float32():
     np.testing.assert_allclose(
       outputs["dense"][0][:, 0], expected, rtol=tolerance, atol=tolerance, err_msg=dtype
     )
-  # The first step at lr 10 in float32 is PyTorch's to float32 precision (it was 6e-6 short
-  # with 1 - βᵗ computed in float32).
+  # The first step at lr 10 in float32 is PyTorch's to float32 precision (computing 1 - βᵗ in
+  # float32 would leave it 6e-6 short, which this tolerance catches).
   first_step = outputs["dense"][0][0, 0] - start[0]
   np.testing.assert_allclose(first_step, expected[0] - start[0], rtol=3e-7)
 

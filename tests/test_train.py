@@ -1,4 +1,5 @@
-"""Tests of the training loop: results, determinism, exact resume after SIGKILL, non-finite stops."""
+"""Tests of the training loop: results, determinism, exact resume after SIGKILL, non-finite
+stops."""
 
 import json
 import os

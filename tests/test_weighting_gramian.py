@@ -171,9 +171,9 @@ def textbook_upgrad(jacobian):
   projections = []
   for row in jacobian:
     result = optimize.minimize(
-      lambda d: np.sum((d - row) ** 2),
+      lambda d, row=row: np.sum((d - row) ** 2),
       row,
-      jac=lambda d: 2 * (d - row),
+      jac=lambda d, row=row: 2 * (d - row),
       method="SLSQP",
       constraints={"type": "ineq", "fun": lambda d: jacobian @ d, "jac": lambda d: jacobian},
       options={"ftol": 1e-15, "maxiter": 1000},
@@ -368,7 +368,7 @@ def test_simplex_projection_matches_a_brute_force_solution():
     vector = generator.normal(size=5) * 2
     ours = np.asarray(solvers.project_to_simplex(jnp.asarray(vector, jnp.float32)))
     result = optimize.minimize(
-      lambda w: np.sum((w - vector) ** 2),
+      lambda w, vector=vector: np.sum((w - vector) ** 2),
       np.full(5, 0.2),
       method="SLSQP",
       bounds=[(0, None)] * 5,

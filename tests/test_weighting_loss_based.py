@@ -28,14 +28,16 @@ def test_uw_formula_and_learned_log_variance_gradient():
   method, params, (total, _, _) = _combine("uw", [2.0, 4.0])
   s = -0.5
   assert float(total) == pytest.approx(
-    sum(l / (2 * np.exp(s)) + s / 2 for l in (2.0, 4.0)), rel=1e-6
+    sum(loss / (2 * np.exp(s)) + s / 2 for loss in (2.0, 4.0)), rel=1e-6
   )
 
   def total_of(log_variance):
     return method.combine(jnp.asarray([2.0, 4.0]), {"log_variance": log_variance}, {}, None, 0)[0]
 
   gradient = jax.grad(total_of)(params["log_variance"])
-  np.testing.assert_allclose(gradient, [-l / (2 * np.exp(s)) + 0.5 for l in (2.0, 4.0)], rtol=1e-6)
+  np.testing.assert_allclose(
+    gradient, [-loss / (2 * np.exp(s)) + 0.5 for loss in (2.0, 4.0)], rtol=1e-6
+  )
 
 
 def test_uw_o_gradient_is_invariant_to_constant_loss_scales():

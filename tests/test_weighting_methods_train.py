@@ -1,4 +1,5 @@
-"""A few training steps of every gradient-weighting method, and the train step's weighting plumbing."""
+"""A few training steps of every gradient-weighting method, and the train step's weighting
+plumbing."""
 
 import dataclasses
 
@@ -189,8 +190,8 @@ def test_gramian_rows_match_explicit_per_row_gradients(dataset):
     predictions = experiment.model.apply({"params": params}, batch["image"], train=True)
     return tasks_lib.losses_matrix(experiment.tasks, predictions, batch).reshape(-1) / BATCH
 
-  # Eager on purpose: jit(jacrev(...)) of this full-batch function disagreed with both eager
-  # jacrev and per-row jax.grad on XLA CPU (jax 0.10.2) during development.
+  # Eager on purpose: XLA:CPU miscompiled jit(jacrev(...)) of this full-batch function
+  # (docs/xla_cpu_faults.md).
   jacobian = jax.jacrev(losses)(state.params["encoder"])
   rows = np.concatenate(
     [np.reshape(leaf, (BATCH * 2, -1)) for leaf in jax.tree_util.tree_leaves(jacobian)], axis=1

@@ -70,7 +70,8 @@ def mgda_coefficients(jacobian):
 
 
 def upgrad_coefficients(jacobian):
-  """The mean over rows k of u_k + μ_k, μ_k ≥ 0 minimising ‖Jᵀ(e_k + μ_k)‖² (dual-cone projections)."""
+  """The mean over rows k of u_k + μ_k, μ_k ≥ 0 minimising ‖Jᵀ(e_k + μ_k)‖² (dual-cone
+  projections)."""
   tasks = len(jacobian)
   rows = [
     np.eye(tasks)[k] + optimize.nnls(jacobian.T, -jacobian[k], maxiter=1000)[0]

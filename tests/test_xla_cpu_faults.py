@@ -1,12 +1,13 @@
-"""An XLA:CPU miscompilation the Gramian engine works around: the fault recorded, the workaround pinned.
+"""An XLA:CPU miscompilation the Gramian engine works around: the fault recorded, the workaround
+pinned (docs/xla_cpu_faults.md, fault 2).
 
-The fault (jaxlib 0.10.2): XLA:CPU rewrites reductions into YNNPACK fusions ("__ynn_fusion").
-In a fusion of two sibling reductions over the minor axis, one of them of a product with an
-operand broadcast along the leading axis, the leading axis is cut into tiles of about 128 KiB
-of input and every tile after the first returns the first tile's product reduction. The
-backward pass of a layer norm vmapped over cotangents (`jax.vmap` of a VJP with a shared
-primal) is that pattern, which made the fast Gramian of a layer-normalised SegNet wrong.
-`gramian.capture` therefore applies one pullback per cotangent (`gramian.stacked_vjp`).
+XLA:CPU rewrites reductions into YNNPACK fusions ("__ynn_fusion"). In a fusion of two sibling
+reductions over the minor axis, one of them of a product with an operand broadcast along the
+leading axis, the leading axis is cut into tiles of about 128 KiB of input and every tile after
+the first returns the first tile's product reduction. The backward pass of a layer norm vmapped
+over cotangents (`jax.vmap` of a VJP with a shared primal) is that pattern, which made the fast
+Gramian of a layer-normalised SegNet wrong. `gramian.capture` therefore applies one pullback per
+cotangent (`gramian.stacked_vjp`).
 
 The tests marked xfail(strict=False) document the compiler: they fail while the fault is
 there and report XPASS once a jaxlib fixes it (then the workaround may be revisited). The
@@ -31,7 +32,10 @@ cpu_only = pytest.mark.skipif(not ON_CPU, reason="documents an XLA:CPU fault")
 compiler_fault = pytest.mark.xfail(
   ON_CPU,
   strict=False,
-  reason="XLA:CPU YNNPACK reduce fusion returns the first tile's product reduction for later tiles (jaxlib 0.10.2)",
+  reason=(
+    "XLA:CPU YNNPACK reduce fusion returns the first tile's product reduction for later "
+    "tiles (jaxlib 0.10.2)"
+  ),
 )
 # No YNNPACK fusions at all (the option's empty list).
 WITHOUT_YNNPACK = {"xla_cpu_experimental_ynn_fusion_type": ""}
@@ -75,7 +79,7 @@ def test_the_same_program_without_ynnpack_fusions_is_exact():
       .lower(cotangents, primal)
       .compile()
     )
-  except Exception as error:  # pylint: disable=broad-except
+  except Exception as error:
     if "xla_cpu_experimental_ynn_fusion_type" in str(error):
       pytest.skip(f"this XLA has no YNNPACK fusion option: {error}")
     raise
@@ -120,7 +124,8 @@ def test_jitted_stacked_layer_norm_pullback_equals_eager_pullbacks():
 
 def test_jitted_capture_of_a_layer_normalised_cnn_equals_eager_capture():
   # The workaround where it matters: every layer's output gradients for four tasks, at sizes
-  # where the vmapped pullback was wrong (the first conv's outputs are [3, 32, 32, 4] per task).
+  # where the vmapped pullback is miscompiled (the first conv's outputs are [3, 32, 32, 4] per
+  # task).
   case = gramian_cases.make_case("small_cnn", "layer", seed=0)
 
   def output_gradients(params):

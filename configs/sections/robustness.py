@@ -1,4 +1,5 @@
-"""The robustness study's keys (experiments/robustness.py, SPEC section 5); training ignores them."""
+"""The robustness study's keys (experiments/robustness.py, SPEC section 5); training ignores
+them."""
 
 import ml_collections
 

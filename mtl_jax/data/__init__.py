@@ -1,1 +1,2 @@
-"""Input data: procedural scenes (the embedded default), toy problems, TFDS pipelines, corruptions."""
+"""Input data: procedural scenes (the embedded default), toy problems, TFDS pipelines,
+corruptions."""

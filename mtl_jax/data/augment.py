@@ -1,4 +1,5 @@
-"""Training augmentation in NumPy, vectorised over the batch: random scale-and-crop, horizontal flip.
+"""Training augmentation in NumPy, vectorised over the batch: random scale-and-crop, horizontal
+flip.
 
 Both transforms move every per-pixel entry of a batch the same way, so the image, the
 segmentation, the depth and the normals stay aligned. As in MTAN/LibMTL: scale-and-crop picks
@@ -104,7 +105,8 @@ def random_scale_crop(
 def random_horizontal_flip(
   batch: pipeline.Batch, rng: np.random.Generator, probability: float = 0.5
 ) -> pipeline.Batch:
-  """Mirrors each example left-right with the given probability; negates the normals' x component."""
+  """Mirrors each example left-right with the given probability; negates the normals' x
+  component."""
   flip = rng.random(batch["image"].shape[0]) < probability
   output = dict(batch)
   for key in ("image",) + _NEAREST_KEYS:

@@ -1,4 +1,5 @@
-"""The 15 common image corruptions of Hendrycks & Dietterich (ImageNet-C / CIFAR-10-C), 5 severities each.
+"""The 15 common image corruptions of Hendrycks & Dietterich (ImageNet-C / CIFAR-10-C), 5 severities
+each.
 
 Images are float32 in [0, 1], either one image [H, W, 3] or a batch [N, H, W, 3]; every
 corruption returns the same shape and dtype, clipped to [0, 1]. Randomness comes only from the

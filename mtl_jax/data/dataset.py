@@ -44,7 +44,8 @@ class Dataset:
     unknown = [name for name in expanded if name not in self.tasks]
     if unknown:
       raise ValueError(
-        f"Unknown task(s) {unknown} for dataset {self.name!r}; valid tasks: {self.valid_task_names()}."
+        f"Unknown task(s) {unknown} for dataset {self.name!r}; valid tasks: "
+        f"{self.valid_task_names()}."
       )
     if len(set(expanded)) != len(expanded):
       raise ValueError(f"config.tasks names a task twice: {list(names)}.")

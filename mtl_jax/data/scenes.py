@@ -1,4 +1,5 @@
-"""Procedural 3-D scenes, the embedded default data set: image, segmentation, depth, normals, attributes.
+"""Procedural 3-D scenes, the embedded default data set: image, segmentation, depth, normals,
+attributes.
 
 Every example is rendered analytically by vectorised NumPy ray casting, so the data needs no
 download and its labels are exact. A scene is a ground plane, an optional back wall and a few
@@ -75,7 +76,8 @@ _SHADOW_OFFSET = 1e-4
 
 @dataclasses.dataclass(frozen=True)
 class SceneConfig:
-  """Every knob of the scene sampler and the renderer. Lengths are in world units, angles in degrees."""
+  """Every knob of the scene sampler and the renderer. Lengths are in world units, angles in
+  degrees."""
 
   height: int = 32
   width: int = 64
@@ -111,7 +113,8 @@ class SceneConfig:
   light_azimuth: tuple[float, float] = (20.0, 85.0)
   ambient: float = 0.3
   shadows: bool = True
-  # An object (or the wall) counts as visible for the attributes when it covers this share of pixels.
+  # An object (or the wall) counts as visible for the attributes when it covers this share of
+  # pixels.
   min_visible_fraction: float = 0.002
 
   def __post_init__(self) -> None:
@@ -169,7 +172,8 @@ class SceneObject:
 
 
 def light_direction_from_angles(elevation: float, azimuth: float) -> np.ndarray:
-  """Unit vector towards a light at this elevation (degrees) and azimuth (degrees, positive = from the right).
+  """Unit vector towards a light at this elevation (degrees) and azimuth (degrees, positive = from
+  the right).
 
   Azimuth 0 is a light behind the camera shining along the view; 90 is from the side.
   """
@@ -301,7 +305,8 @@ def sample_scene(rng: np.random.Generator, config: SceneConfig) -> Scene:
 
 
 def camera_basis(config: SceneConfig) -> tuple[np.ndarray, np.ndarray]:
-  """The camera position and the [3,3] matrix whose columns are the camera's x, y, z axes in world coordinates."""
+  """The camera position and the [3,3] matrix whose columns are the camera's x, y, z axes in world
+  coordinates."""
   pitch = np.radians(config.camera_pitch)
   right = np.array([1.0, 0.0, 0.0])
   up = np.array([0.0, np.cos(pitch), np.sin(pitch)])
@@ -414,7 +419,8 @@ def _object_normals(kind: int, points, centres, sizes, rotations) -> np.ndarray:
     normals = local
   elif kind == BOX:
     local = _rotate_y(local, -rotations)
-    # The face hit is the one the point is relatively closest to, i.e. the largest |p| / half extent.
+    # The face hit is the one the point is relatively closest to, i.e. the largest
+    # |p| / half extent.
     axis = np.argmax(np.abs(local) / sizes, axis=-1)
     normals = np.zeros_like(local)
     rows = np.arange(len(local))
@@ -465,7 +471,8 @@ def _empty_render(height: int, width: int) -> dict[str, np.ndarray]:
 
 
 def _trace_planes(scenes, config, camera_position, rays) -> tuple[np.ndarray, np.ndarray]:
-  """(t [N,P], hit identifiers [N,P]) of the floor and wall, intersected in closed form for all pixels."""
+  """(t [N,P], hit identifiers [N,P]) of the floor and wall, intersected in closed form for all
+  pixels."""
   with np.errstate(divide="ignore", invalid="ignore"):
     t_floor = np.where(rays[:, 1] < 0, -camera_position[1] / rays[:, 1], np.inf)
   floor_points = camera_position + np.where(np.isfinite(t_floor), t_floor, 0.0)[:, None] * rays
@@ -518,7 +525,8 @@ def _trace_objects(objects, camera_position, rays, best_t, hits) -> None:
 
 
 def _class_and_colour(scenes, objects, hits) -> tuple[np.ndarray, np.ndarray]:
-  """Per-scene lookup tables indexed by hit identifier: each pixel's class [N,P] and base colour [N,P,3]."""
+  """Per-scene lookup tables indexed by hit identifier: each pixel's class [N,P] and base colour
+  [N,P,3]."""
   count = len(scenes)
   rows = np.arange(count)[:, None]
   class_table = np.concatenate(
@@ -560,7 +568,8 @@ def _surface_normals(objects, hits, points) -> np.ndarray:
 
 
 def render(scenes: Sequence[Scene], config: SceneConfig) -> dict[str, np.ndarray]:
-  """Renders scenes into batched arrays with leading axis N (see the module docstring for conventions).
+  """Renders scenes into batched arrays with leading axis N (see the module docstring for
+  conventions).
 
   Returns 'image' float32 [N,H,W,3] in [0,1], 'segmentation' int32 [N,H,W], 'depth' float32 [N,H,W],
   'normals' float32 [N,H,W,3] and 'attributes' float32 [N,A].
@@ -658,7 +667,8 @@ def _attributes(
   largest_kind = kinds[rows, largest] if slots else np.full(count, -1)
   leftmost_kind = kinds[rows, leftmost] if slots else np.full(count, -1)
 
-  # Two different objects are adjacent (touching or occluding) when neighbouring pixels belong to both.
+  # Two different objects are adjacent (touching or occluding) when neighbouring pixels belong to
+  # both.
   is_object = hits >= _FIRST_OBJECT_HIT
   horizontal = is_object[:, :, 1:] & is_object[:, :, :-1] & (hits[:, :, 1:] != hits[:, :, :-1])
   vertical = is_object[:, 1:, :] & is_object[:, :-1, :] & (hits[:, 1:, :] != hits[:, :-1, :])

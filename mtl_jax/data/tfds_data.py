@@ -1,4 +1,5 @@
-"""TFDS random-access sources without TensorFlow: opening prepared data, hold-outs, host shards, resizing.
+"""TFDS random-access sources without TensorFlow: opening prepared data, hold-outs, host shards,
+resizing.
 
 `tfds.data_source` reads array_record files example by example with NumPy decoding, so nothing
 here imports TensorFlow. A `TfdsSource` wraps such a data source (or anything with `len()` and
@@ -19,7 +20,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Sequence
 
+import jax
 import numpy as np
+from PIL import Image
 
 Batch = dict[str, np.ndarray]
 Transform = Callable[[Sequence[dict[str, Any]]], Batch]
@@ -76,7 +79,7 @@ def open_data_source(name: str, split: str, data_dir: str, prepare_command: str)
   Raises:
     FileNotFoundError: the dataset is not prepared in array_record format under data_dir.
   """
-  import tensorflow_datasets as tfds  # Imported here: only the TFDS datasets need it.
+  import tensorflow_datasets as tfds  # noqa: PLC0415  (heavy; only the TFDS datasets need it)
 
   try:
     return tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
@@ -122,8 +125,6 @@ def host_rows(rows: np.ndarray, process_index: int, process_count: int) -> np.nd
 
 def process_position() -> tuple[int, int]:
   """(jax.process_index(), jax.process_count())."""
-  import jax
-
   return jax.process_index(), jax.process_count()
 
 
@@ -145,8 +146,6 @@ def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
   """Bilinear (antialiased when shrinking) resize of a uint8 RGB image [H, W, 3] with PIL."""
   if image.shape[:2] == tuple(size):
     return image
-  from PIL import Image
-
   resized = Image.fromarray(np.ascontiguousarray(image)).resize((size[1], size[0]), Image.BILINEAR)
   return np.asarray(resized)
 

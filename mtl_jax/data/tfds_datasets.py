@@ -1,4 +1,5 @@
-"""The paper's datasets as registry loaders: CelebA, Cityscapes and NYUv2 through TFDS, TensorFlow-free.
+"""The paper's datasets as registry loaders: CelebA, Cityscapes and NYUv2 through TFDS,
+TensorFlow-free.
 
 Each loader opens prepared array_record files with `tfds.data_source` (never downloading),
 wraps every split in a `TfdsSource` that maps raw examples to the batch contract, holds out a
@@ -94,7 +95,8 @@ def _sources(
   split_names: dict[str, str],
   holdout_default: int,
 ) -> dict[str, tfds_data.TfdsSource]:
-  """train / validation / test sources; validation is a hold-out from train when split_names lacks it."""
+  """train / validation / test sources; validation is a hold-out from train when split_names lacks
+  it."""
   data_dir = str(config.get("data_dir", ""))
   command = prepare_command(dataset, data_dir)
   opened = {
@@ -137,7 +139,8 @@ def celeba_transform(size: tuple[int, int]) -> tfds_data.Transform:
 
 
 def load_celeb_a(config: ml_collections.ConfigDict) -> dataset_lib.Dataset:
-  """CelebA (TFDS 'celeb_a'): 40 binary attribute tasks at config height x width (64x64 in the paper).
+  """CelebA (TFDS 'celeb_a'): 40 binary attribute tasks at config height x width (64x64 in the
+  paper).
 
   The official train / validation / test splits (162,770 / 19,867 / 19,962); the aligned
   218x178 images are resized whole (no crop) with bilinear antialiasing. No augmentation.
@@ -210,7 +213,7 @@ def load_cityscapes(config: ml_collections.ConfigDict) -> dataset_lib.Dataset:
   'train' minus a fixed random hold-out of validation_size (595) images; 'test' is the
   official val split. Augmentation: random scale-and-crop (no flip, as in the paper).
   """
-  from mtl_jax.data.builders import cityscapes_mtl  # Registers the builder with TFDS.
+  from mtl_jax.data.builders import cityscapes_mtl  # noqa: PLC0415  (registers it with TFDS)
 
   transform = dense_transform(
     tfds_data.dataset_size(config),
@@ -241,7 +244,7 @@ def load_nyuv2(config: ml_collections.ConfigDict) -> dataset_lib.Dataset:
   'train' (795) minus a fixed random hold-out of validation_size (159); 'test' has 654.
   Augmentation: random scale-and-crop and horizontal flip (normals' x negated).
   """
-  from mtl_jax.data.builders import nyuv2_mtl  # Registers the builder with TFDS.
+  from mtl_jax.data.builders import nyuv2_mtl  # noqa: PLC0415  (registers it with TFDS)
 
   transform = dense_transform(
     tfds_data.dataset_size(config), "depth", with_normals=True, num_classes=nyuv2_mtl.NUM_CLASSES

@@ -67,7 +67,8 @@ def check_batch(
       expected = (size, *spatial) if spatial else None
       if target.shape != expected:
         fail(
-          f"{key!r} has shape {target.shape}; expected {expected} ([B, H, W] integer class ids, as the image)."
+          f"{key!r} has shape {target.shape}; expected {expected} ([B, H, W] integer class ids, as "
+          "the image)."
         )
       if not np.issubdtype(target.dtype, np.integer):
         fail(f"{key!r} has dtype {target.dtype}; expected integer class ids.")
@@ -75,14 +76,15 @@ def check_batch(
       if not np.all(valid):
         bad = np.unique(target[~valid])[:8].tolist()
         fail(
-          f"{key!r} has class ids {bad} outside [0, {task.num_classes}) (ignore index {task.ignore_index}); "
-          f"found range {_range(target)}."
+          f"{key!r} has class ids {bad} outside [0, {task.num_classes}) (ignore index "
+          f"{task.ignore_index}); found range {_range(target)}."
         )
     elif isinstance(task, tasks_lib.Depth):
       expected = (size, *spatial) if spatial else None
       if target.shape != expected:
         fail(
-          f"{key!r} has shape {target.shape}; expected {expected} ([B, H, W] depth, 0 = invalid pixel)."
+          f"{key!r} has shape {target.shape}; expected {expected} ([B, H, W] depth, 0 = invalid "
+          "pixel)."
         )
       if not np.all(np.isfinite(target)) or np.any(target < 0):
         fail(f"{key!r} must be finite and >= 0 (0 = invalid pixel); found range {_range(target)}.")
@@ -97,12 +99,14 @@ def check_batch(
     elif isinstance(task, tasks_lib.BinaryAttribute):
       if target.ndim != 2 or target.shape[0] != size or target.shape[1] <= task.index:
         fail(
-          f"{key!r} has shape {target.shape}; expected [{size}, A] with A > {task.index} for task {task.name!r}."
+          f"{key!r} has shape {target.shape}; expected [{size}, A] with A > {task.index} for task "
+          f"{task.name!r}."
         )
       column = target[:, task.index]
       if not np.all((column == 0) | (column == 1)):
         fail(
-          f"{key!r} column {task.index} (task {task.name!r}) must be 0 or 1; found range {_range(column)}."
+          f"{key!r} column {task.index} (task {task.name!r}) must be 0 or 1; found range "
+          f"{_range(column)}."
         )
     elif isinstance(task, tasks_lib.Classification):
       if target.shape != (size,):
@@ -111,8 +115,8 @@ def check_batch(
         (target < 0) | (target >= task.num_classes)
       ):
         fail(
-          f"{key!r} must hold integer labels in [0, {task.num_classes}); found dtype {target.dtype}, "
-          f"range {_range(target)}."
+          f"{key!r} must hold integer labels in [0, {task.num_classes}); found dtype "
+          f"{target.dtype}, range {_range(target)}."
         )
     elif target.shape[:1] != (size,):
       fail(f"{key!r} has {target.shape[:1]} examples in a batch of {size} images.")
@@ -124,7 +128,8 @@ def check_dataset(
   splits: Sequence[str] = ("train", "validation", "test"),
   examples: int = CHECK_EXAMPLES,
 ) -> None:
-  """Checks the first `examples` examples of each split (see check_batch); raises a DataError naming the split.
+  """Checks the first `examples` examples of each split (see check_batch); raises a DataError naming
+  the split.
 
   Args:
     dataset: a registry.Dataset.

@@ -1,4 +1,5 @@
-"""The fast path's Gramian blocks: each encoder layer's share of G from its captured inputs and output gradients.
+"""The fast path's Gramian blocks: each encoder layer's share of G from its captured inputs and
+output gradients.
 
 Never materialising the B·T·P Jacobian, each layer's contribution to G is assembled from what
 `capture` recorded:

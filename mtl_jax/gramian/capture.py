@@ -1,4 +1,5 @@
-"""The fast path's capture: one forward pass records every encoder layer's input, T backward passes its output gradients.
+"""The fast path's capture: one forward pass records every encoder layer's input, T backward passes
+its output gradients.
 
 Layers are captured with a Flax method interceptor (`nn.intercept_methods`): `sow` stores the
 input of each encoder `layers.Dense` / `Conv` / `Affine`, and `perturb` adds a zero to its
@@ -111,9 +112,8 @@ def capture(model, params, batch_stats, batch, tasks, train: bool = True) -> Cap
 
   Samples must be independent (no training-mode batch norm): the output gradient of
   sum_i L_t(x_i) at sample i is then the output gradient of L_t(x_i) alone. The T backward
-  passes go through `stacked_vjp`, one pullback per task, not `jax.vmap` over the pullback: on
-  XLA:CPU (jaxlib 0.10.2) the vmapped pullback of a layer-normalised SegNet returned wrong
-  output gradients for the third and later tasks (see `stacked_vjp` for the compiler fault).
+  passes go through `stacked_vjp`, one pullback per task, not `jax.vmap` over the pullback,
+  which XLA:CPU miscompiled for layer norms (docs/xla_cpu_faults.md).
   """
   registry: dict[tuple[str, ...], LayerInfo] = {}
   images = batch["image"]

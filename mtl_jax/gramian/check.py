@@ -3,7 +3,7 @@
 The fast path assembles per-sample Gramians from captured layer inputs and output gradients;
 the reference path differentiates each sample's loss directly (vmap(grad)). Both compute the
 same numbers through different compiled programs, and a compiler has miscompiled the fast
-path's before (XLA:CPU's YNNPACK reduce fusion, see `reference.stacked_vjp`). Compilers differ
+path's before (XLA:CPU's YNNPACK reduce fusion, docs/xla_cpu_faults.md). Compilers differ
 between CPU, GPU and TPU and between versions, so a run checks its own: the fast Gramian of the
 whole batch (the shapes the run uses) is computed, its block of a few rows is compared with the
 inner products of those rows' reference gradients, and the run stops with a
@@ -67,7 +67,8 @@ def discrepancy(
   task_indices: Sequence[int],
   batch_norm: str = "error",
 ) -> jax.Array:
-  """Relative Frobenius distance between the fast and reference Gramians of the chosen rows (jit-able).
+  """Relative Frobenius distance between the fast and reference Gramians of the chosen rows
+  (jit-able).
 
   The fast Gramian is of the whole batch, so it runs the shapes a training step runs; only
   its block of rows (sample_indices x task_indices) is compared. The reference rows are the
@@ -170,7 +171,8 @@ class FastPathCheck:
     return self._compiled[batch_size]
 
   def verify(self, step: int, params: Any, batch_stats: Any, batch: Mapping[str, Any]) -> float:
-    """Runs the comparison on `batch` (a host copy); returns the discrepancy or raises FastPathMismatchError."""
+    """Runs the comparison on `batch` (a host copy); returns the discrepancy or raises
+    FastPathMismatchError."""
     batch_size = int(np.shape(batch["image"])[0])
     if self.mesh is not None:
       batch = parallel.place_state(batch, parallel.state_shardings(batch, self.mesh))
@@ -182,13 +184,14 @@ class FastPathCheck:
       task_names = [self.tasks[index].name for index in self.task_indices]
       rows = f"samples {list(range(min(SAMPLES, batch_size)))} x tasks {task_names}"
       raise FastPathMismatchError(
-        f"The fast Gramian path disagrees with the reference path for encoder {encoder} with norm {norm!r}: "
-        f"relative discrepancy {value:.3g} > tolerance {self.tolerance:g} on rows {rows} of a batch of "
-        f"{batch_size} ({self.purpose or 'Gramian'}, step {step}, {jax.default_backend()} backend, jax "
-        f"{jax.__version__}). A compiled program computes wrong per-sample gradients (a compiler fault, or an "
-        "engine bug), so this run's per-sample Gramians would be wrong. Use config.method.level='task' or "
-        "config.conflicts.path='reference', or another jax/jaxlib version; config.gramian.verify_every_steps=0 "
-        "skips this check."
+        f"The fast Gramian path disagrees with the reference path for encoder {encoder} with norm "
+        f"{norm!r}: relative discrepancy {value:.3g} > tolerance {self.tolerance:g} on rows {rows} "
+        f"of a batch of {batch_size} ({self.purpose or 'Gramian'}, step {step}, "
+        f"{jax.default_backend()} backend, jax {jax.__version__}). A compiled program computes "
+        "wrong per-sample gradients (a compiler fault, or an engine bug), so this run's per-sample "
+        "Gramians would be wrong. Use config.method.level='task' or "
+        "config.conflicts.path='reference', or another jax/jaxlib version; "
+        "config.gramian.verify_every_steps=0 skips this check."
       )
     logging.info(
       "Fast Gramian path agrees with the reference path (%s, %s norm %s): %.2g",

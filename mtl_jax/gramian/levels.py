@@ -66,7 +66,8 @@ def row_norms(gramian: jax.Array) -> jax.Array:
 
 
 def at_level(gramian: jax.Array, level: str) -> jax.Array:
-  """The [R, R] Gramian of a level's rows (see the module docstring) from the full [B, T, B, T] one."""
+  """The [R, R] Gramian of a level's rows (see the module docstring) from the full [B, T, B, T]
+  one."""
   check_level(level, allow_full=True)
   batch, num_tasks = gramian.shape[:2]
   if level == FULL:

@@ -1,4 +1,5 @@
-"""The reference path: materialised per-row gradients by `jax.vmap(jax.jacrev(...))`, and VJP helpers.
+"""The reference path: materialised per-row gradients by `jax.vmap(jax.jacrev(...))`, and VJP
+helpers.
 
 Exact and simple, with memory B·T·P: the ground truth the fast path is tested against, and the
 path for what the fast one cannot do (training-mode batch statistics, layers it cannot see).
@@ -23,24 +24,12 @@ Batch = dict[str, jax.Array]
 def stacked_vjp(pullback: Callable, cotangents: Any, unroll_limit: int = 16) -> Any:
   """`pullback` applied to each cotangent along the leading axis, results stacked.
 
-  One VJP per cotangent, deliberately not `vmap`/`jacrev`: on XLA CPU (jax 0.10.2) a VJP
-  vmapped over cotangents with a shared primal returned wrong gradients (measured: 125%
-  relative error on a task Gramian of a small CNN; 59% already for the feature gradients of its
-  three dense conv heads alone; disabling XLA's CSE pass made them exact), while one VJP per
-  cotangent is exact (tests/test_gramian.py pins this against eager per-task gradients).
+  One VJP per cotangent, deliberately not `vmap`/`jacrev`: XLA:CPU miscompiled a VJP vmapped
+  over cotangents with a shared primal (wrong gradients through its CSE pass, and a vmapped
+  layer norm backward through its YNNPACK reduce fusions). See docs/xla_cpu_faults.md;
+  tests/test_gramian.py and tests/test_xla_cpu_faults.py pin this against eager gradients.
 
-  A second fault of the same shape: XLA:CPU hands reductions to YNNPACK ("__ynn_fusion", the
-  dot-library-rewriter pass), and in a fusion of two sibling minor-axis reductions, one of them
-  of a product with an operand broadcast along the leading axis, the leading axis is cut into
-  tiles of about 128 KiB of input and every tile after the first gets the first tile's product
-  reduction (row t gets row t mod k's). A vmapped layer norm backward is that pattern (the
-  cotangent axis leads; the primal's statistics are broadcast along it), which made the fast
-  Gramian of a layer-normalised SegNet wrong by 2-4 relative. The same program compiled without
-  YNNPACK reduce fusions is exact (XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=
-  individual_convolution, or the jit compiler option xla_cpu_experimental_ynn_fusion_type='');
-  tests/test_xla_cpu_faults.py records the fault and pins this workaround.
-
-  Up to `unroll_limit` rows are unrolled, which measured 4-5x faster than `lax.map` (a loop XLA
+  Up to `unroll_limit` rows are unrolled, which ran 4-5x faster than `lax.map` (a loop XLA
   optimises less); longer stacks use `lax.map` to bound compile time.
   """
   count = jax.tree_util.tree_leaves(cotangents)[0].shape[0]

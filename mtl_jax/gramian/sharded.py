@@ -14,8 +14,8 @@ exact Gramian needs the other devices' layer activations and output gradients (o
 layer gradients). The task level needs no shard_map: its T gradients of batch means are
 ordinary data-parallel gradients under GSPMD.
 
-Why shard_map: GSPMD auto-sharding of `vmap(grad)` over conv kernels was measured to give wrong
-per-sample gradients on emulated CPU devices (relative error ~0.9), while shard_map is exact.
+Why shard_map: GSPMD auto-sharding of `vmap(grad)` over conv kernels gave wrong per-sample
+gradients on emulated CPU devices (docs/xla_cpu_faults.md), while shard_map is exact.
 Samples must be independent on each device: norms 'group', 'layer', 'none', or batch norm with
 batch_norm='eval' (running statistics).
 """

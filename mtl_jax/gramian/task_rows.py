@@ -2,7 +2,7 @@
 
 Exact under every normalisation, training-mode batch norm included: batch-mean losses are what
 training minimises. The encoder pullback is applied to the T feature cotangents one at a time
-(`reference.stacked_vjp`, which is exact where a vmapped VJP was not).
+(`reference.stacked_vjp`: XLA:CPU miscompiled a vmapped VJP, docs/xla_cpu_faults.md).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def task_gradients(
   The model runs in training mode (batch-mean losses are well defined under training-mode batch
   norm: they are what training minimises). After one encoder forward, each head's VJP gives
   that head's gradient and the task's feature cotangent, and the encoder pullback is applied
-  to the T cotangents one at a time (`stacked_vjp`, which is exact where a vmapped VJP was not).
+  to the T cotangents one at a time (`stacked_vjp`, see docs/xla_cpu_faults.md).
   This is everything a task-level gradient method needs: the Gramian is rows rowsᵀ and any
   combination Σ_t w_t rows_t is the weighted encoder gradient, with no second backward pass.
 

@@ -1,4 +1,5 @@
-"""DeepLabV3: a dilated ResNet-50 encoder (output stride 8) and one ASPP head per task, from `layers` only.
+"""DeepLabV3: a dilated ResNet-50 encoder (output stride 8) and one ASPP head per task, from
+`layers` only.
 
 The layout follows torchvision's `deeplabv3_resnet50` (which LibMTL's DeepLabV3 also uses):
 ResNet-50 v1.5 (Bottleneck blocks [3, 4, 6, 3], the stride in the 3x3 conv) whose last two
@@ -40,7 +41,8 @@ def conv_norm(
   dilation: int = 1,
   relu: bool = True,
 ) -> jax.Array:
-  """Conv (no bias unless there is no norm) -> Norm -> optional ReLU, as named submodules of the caller."""
+  """Conv (no bias unless there is no norm) -> Norm -> optional ReLU, as named submodules of the
+  caller."""
   x = layers.Conv(
     features,
     kernel_size=(kernel, kernel),
@@ -55,7 +57,8 @@ def conv_norm(
 
 
 class Bottleneck(nn.Module):
-  """ResNet bottleneck: 1x1 (width) -> 3x3 (width, stride, dilation) -> 1x1 (4 x width), residual."""
+  """ResNet bottleneck: 1x1 (width) -> 3x3 (width, stride, dilation) -> 1x1 (4 x width),
+  residual."""
 
   width: int
   strides: int = 1
@@ -95,7 +98,8 @@ class DilatedResNet50(nn.Module):
     height, width = x.shape[1:3]
     if height % OUTPUT_STRIDE or width % OUTPUT_STRIDE:
       raise ValueError(
-        f"DeepLabV3 needs input height and width divisible by {OUTPUT_STRIDE}; got {height}x{width}."
+        f"DeepLabV3 needs input height and width divisible by {OUTPUT_STRIDE}; got "
+        f"{height}x{width}."
       )
     widths = [scaled_width(value, self.width_multiplier) for value in (64, 128, 256, 512)]
     x = conv_norm(x, widths[0], 7, train, self.norm, "stem", strides=2)
@@ -119,7 +123,8 @@ class DilatedResNet50(nn.Module):
 
 
 class ASPPHead(nn.Module):
-  """A task's DeepLabV3 head: ASPP, conv3x3 + norm + ReLU, conv1x1 to `out_channels`, bilinear upsampling.
+  """A task's DeepLabV3 head: ASPP, conv3x3 + norm + ReLU, conv1x1 to `out_channels`, bilinear
+  upsampling.
 
   Input: encoder features `[B, h, w, C]`; output float32 `[B, h x upsample, w x upsample, out]`.
   """

@@ -109,10 +109,10 @@ def build_model(config: Any, head_specs: Mapping[str, HeadSpec]) -> MultiTaskMod
   """A MultiTaskModel from a `model` ConfigDict and one HeadSpec per task.
 
   Config keys (missing ones take the defaults shown): encoder (one of ENCODERS, required),
-  norm ('batch'), width_multiplier (1.0; segnet, resnet18, deeplabv3_resnet50), hidden ((256, 256); mlp),
-  features ((16, 32, 32); small_cnn), head_hidden_channels (64; dense heads other than
-  deeplabv3_resnet50's ASPP heads, which have 256 x width_multiplier channels), head_hidden
-  ((); global heads, () = linear), resnet_stem ('imagenet'; resnet18).
+  norm ('batch'), width_multiplier (1.0; segnet, resnet18, deeplabv3_resnet50),
+  hidden ((256, 256); mlp), features ((16, 32, 32); small_cnn), head_hidden_channels (64; dense
+  heads other than deeplabv3_resnet50's ASPP heads, which have 256 x width_multiplier channels),
+  head_hidden ((); global heads, () = linear), resnet_stem ('imagenet'; resnet18).
   """
   if not head_specs:
     raise ValueError("build_model needs at least one head spec.")
@@ -136,14 +136,13 @@ def build_model(config: Any, head_specs: Mapping[str, HeadSpec]) -> MultiTaskMod
   head_hidden = _int_tuple(config.get("head_hidden", ()))
   task_heads: dict[str, nn.Module] = {}
   for task, spec in head_specs.items():
-    # --- DeepLabV3: every dense task gets its own ASPP head (upsampling to the input size).
+    # DeepLabV3: every dense task gets its own ASPP head (upsampling to the input size).
     if spec.dense and name == "deeplabv3_resnet50":
       task_heads[task] = deeplab.ASPPHead(
         int(spec.output_channels),
         channels=encoders.scaled_width(256, width_multiplier),
         norm=encoder.norm,
       )
-    # --- end DeepLabV3.
     elif spec.dense:
       task_heads[task] = heads_lib.DenseHead(
         int(spec.output_channels),

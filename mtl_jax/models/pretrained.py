@@ -1,4 +1,5 @@
-"""Pretrained backbones from local files: write an encoder's variables, and merge them into fresh ones.
+"""Pretrained backbones from local files: write an encoder's variables, and merge them into fresh
+ones.
 
 A backbone file holds the encoder part of a model's variables, i.e. `params['encoder']` (and
 `batch_stats['encoder']` when the encoder has batch norm), in one of two formats:
@@ -38,7 +39,8 @@ def _unflatten(flat: dict[str, np.ndarray]) -> dict:
 
 
 def save_backbone(path: str, variables: Any) -> None:
-  """Writes the encoder part of model variables ({'params': {'encoder': ...}, ...}) to path (.npz or .msgpack)."""
+  """Writes the encoder part of model variables ({'params': {'encoder': ...}, ...}) to path
+  (.npz or .msgpack)."""
   collections = {
     name: variables[name]["encoder"]
     for name in _COLLECTIONS
@@ -114,10 +116,10 @@ def load_backbone(variables: dict[str, Any], path: str) -> dict[str, Any]:
     ]
     if missing or unexpected or mismatched:
       raise ValueError(
-        f"Pretrained backbone {path} does not match the encoder ({collection}): "
-        f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
-        f"{len(mismatched)} with another shape (e.g. {mismatched[:3]}). Check config.model.encoder and "
-        "width_multiplier against the file."
+        f"Pretrained backbone {path} does not match the encoder ({collection}): {len(missing)} "
+        f"missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
+        f"{len(mismatched)} with another shape (e.g. {mismatched[:3]}). Check config.model.encoder "
+        "and width_multiplier against the file."
       )
     encoder = _unflatten(
       {key: np.asarray(value, current[key].dtype) for key, value in stored[collection].items()}

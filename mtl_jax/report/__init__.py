@@ -18,7 +18,8 @@ def results_table(results: Mapping) -> str:
   lines = ["| metric | test | validation |", "|---|---|---|"]
   for key in test:
     lines.append(
-      f"| {key} {_arrow(directions.get(key))} | {test[key]:.4f} | {validation.get(key, float('nan')):.4f} |"
+      f"| {key} {_arrow(directions.get(key))} | {test[key]:.4f} | "
+      f"{validation.get(key, float('nan')):.4f} |"
     )
   if "delta_m" in results:
     delta = results["delta_m"]
@@ -29,6 +30,7 @@ def results_table(results: Mapping) -> str:
   if selection.get("criterion"):
     lines.append("")
     lines.append(
-      f"Best step {results.get('best_step')} chosen on {selection['criterion']} = {selection['score']:.4f}."
+      f"Best step {results.get('best_step')} chosen on {selection['criterion']} = "
+      f"{selection['score']:.4f}."
     )
   return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""Markdown assembly of study reports: sections with figures, and findings stated from measured numbers."""
+"""Markdown assembly of study reports: sections with figures, and findings stated from measured
+numbers."""
 
 from __future__ import annotations
 
@@ -114,7 +115,8 @@ def grid_edge_findings(selections) -> list[str]:
       side = "largest" if selection.learning_rate == rates[-1] else "smallest"
       edges.setdefault(selection.optimizer, []).append(f"{selection.method} ({side})")
   return [
-    f"- Caution: for {optimizer} the best lr is at an end of the grid for {len(methods)} method(s): "
-    f"{', '.join(methods)}; its optimum may lie outside the grid, so its Δm is an upper bound."
+    f"- Caution: for {optimizer} the best lr is at an end of the grid for {len(methods)} "
+    f"method(s): {', '.join(methods)}; its optimum may lie outside the grid, so its Δm is an upper "
+    "bound."
     for optimizer, methods in edges.items()
   ]

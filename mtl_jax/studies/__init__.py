@@ -1,1 +1,2 @@
-"""Small self-contained studies of the paper (toy problem, Adam's loss-scale invariance), callable from Python."""
+"""Small self-contained studies of the paper (toy problem, Adam's loss-scale invariance), callable
+from Python."""

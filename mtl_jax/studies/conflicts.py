@@ -159,7 +159,7 @@ def plot_conflicts(
   Returns:
     `path`.
   """
-  import matplotlib  # noqa: PLC0415 (plotting is optional at import time)
+  import matplotlib  # noqa: PLC0415  (plotting is optional at import time)
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
@@ -239,9 +239,10 @@ def per_sample_definition(config: ml_collections.ConfigDict) -> str:
     )
   if mode == "batch_statistics":
     return (
-      "The encoder uses batch normalisation in training mode; g_(i,t) is row (i, t) of the Jacobian of "
-      "the [B, T] loss matrix of the probed subsample (its batch statistics), including the "
-      "dependence of the statistics on every sample; it is not a single-sample model's gradient."
+      "The encoder uses batch normalisation in training mode; g_(i,t) is row (i, t) of the "
+      "Jacobian of the [B, T] loss matrix of the probed subsample (its batch statistics), "
+      "including the dependence of the statistics on every sample; it is not a single-sample "
+      "model's gradient."
     )
   return "Batch normalisation with batch_norm='error': the probe refuses to run."
 
@@ -252,8 +253,8 @@ def _format(value: float, digits: int = 3) -> str:
 
 def _table(records: Sequence[Mapping[str, Any]]) -> list[str]:
   lines = [
-    "| pairs | cos mean | cos std | cos p2.5 | cos p97.5 | conflict rate | cos>=0 mean | cos<0 mean "
-    "| mag mean | mag std | dot mean | param. ratio | pairs/epoch | excluded |",
+    "| pairs | cos mean | cos std | cos p2.5 | cos p97.5 | conflict rate | cos>=0 mean "
+    "| cos<0 mean | mag mean | mag std | dot mean | param. ratio | pairs/epoch | excluded |",
     "|---|" + "---:|" * 13,
   ]
   for pair in conflicts_lib.PAIR_TYPES:
@@ -264,11 +265,12 @@ def _table(records: Sequence[Mapping[str, Any]]) -> list[str]:
     pairs = np.mean([record[pair]["pairs"] for record in records])
     excluded = sum(record[pair]["excluded_zero_norm"] for record in records)
     lines.append(
-      f"| {PAIR_LABELS[pair]} | {mean('cosine', 'mean')} | {mean('cosine', 'std')} | {mean('cosine', 'p2_5')} "
-      f"| {mean('cosine', 'p97_5')} | {mean('cosine', 'conflict_rate')} | {mean('cosine', 'positive_mean')} "
-      f"| {mean('cosine', 'negative_mean')} | {mean('magnitude', 'mean')} | {mean('magnitude', 'std')} "
-      f"| {_format(_epoch_mean(records, pair, 'dot', 'mean'), 4)} "
-      f"| {mean(conflicts_lib.PARAMETER_RATIO, 'mean')} | {pairs:.0f} | {excluded} |"
+      f"| {PAIR_LABELS[pair]} | {mean('cosine', 'mean')} | {mean('cosine', 'std')} | "
+      f"{mean('cosine', 'p2_5')} | {mean('cosine', 'p97_5')} | {mean('cosine', 'conflict_rate')} | "
+      f"{mean('cosine', 'positive_mean')} | {mean('cosine', 'negative_mean')} | "
+      f"{mean('magnitude', 'mean')} | {mean('magnitude', 'std')} | "
+      f"{_format(_epoch_mean(records, pair, 'dot', 'mean'), 4)} | "
+      f"{mean(conflicts_lib.PARAMETER_RATIO, 'mean')} | {pairs:.0f} | {excluded} |"
     )
   return lines
 
@@ -310,20 +312,20 @@ def summary_markdown(
     f"Dataset `{config.dataset.name}` ({config.dataset.height}x{config.dataset.width}, "
     f"{config.dataset.num_train} training images), tasks {', '.join(config.tasks)}; encoder "
     f"`{config.model.encoder}` (norm `{config.model.norm}`), method {config.method.name} with "
-    f"{config.optimizer.name} (lr {config.optimizer.learning_rate:g}), batch {config.training.batch_size}, "
-    f"{config.training.num_epochs} epochs, seed {config.seed}.",
+    f"{config.optimizer.name} (lr {config.optimizer.learning_rate:g}), batch "
+    f"{config.training.batch_size}, {config.training.num_epochs} epochs, seed {config.seed}.",
     "",
-    f"Probe: every {options.probe_every_steps} steps, on the batch about to be trained on, before the "
-    f"update; {options.max_samples or 'all'} random samples of the batch and the tasks "
+    f"Probe: every {options.probe_every_steps} steps, on the batch about to be trained on, before "
+    f"the update; {options.max_samples or 'all'} random samples of the batch and the tasks "
     f"{', '.join(tasks)} (at most {options.max_tasks or 'all'}, a fixed random subset per run); "
     f"Gramian path `{options.path}`. Gradients are those of the shared encoder parameters only. "
     + per_sample_definition(config)
     + " Statistics pool all pairs of all probes of an epoch; the tables average the per-epoch "
     "statistics over epochs. Pairs with a zero-norm gradient (squared norm <= "
-    f"{options.zero_tolerance:g} x the largest) are excluded from cosine and magnitude and counted; "
-    "the conflicting-parameter ratio ignores coordinates where either gradient is zero (|g_p| <= "
-    f"{options.sign_tolerance:g} x its largest coordinate; exactly-zero gradients such as a bias before a "
-    "normalisation otherwise carry rounding noise of random sign).",
+    f"{options.zero_tolerance:g} x the largest) are excluded from cosine and magnitude and "
+    "counted; the conflicting-parameter ratio ignores coordinates where either gradient is zero "
+    f"(|g_p| <= {options.sign_tolerance:g} x its largest coordinate; exactly-zero gradients such "
+    "as a bias before a normalisation otherwise carry rounding noise of random sign).",
     "",
   ]
   for architecture, records in runs.items():
@@ -346,23 +348,23 @@ def summary_markdown(
     epochs = found[architecture]["epochs"]
     lines.append(
       f"- {architecture}: inter-sample cosine spread >= inter-task spread "
-      f"{_verdict(spread['holds'], spread['epochs_holding'], epochs)} "
-      f"(2.5-97.5 band width {_format(spread['inter_sample_width'])} vs {_format(spread['inter_task_width'])}; "
-      f"std {_format(spread['inter_sample_std'])} vs {_format(spread['inter_task_std'])}; "
-      f"in {spread['epochs_holding']}/{epochs} epochs)."
+      f"{_verdict(spread['holds'], spread['epochs_holding'], epochs)} (2.5-97.5 band width "
+      f"{_format(spread['inter_sample_width'])} vs {_format(spread['inter_task_width'])}; std "
+      f"{_format(spread['inter_sample_std'])} vs {_format(spread['inter_task_std'])}; in "
+      f"{spread['epochs_holding']}/{epochs} epochs)."
     )
     lines.append(
       f"- {architecture}: inter-task magnitude similarity < inter-sample "
-      f"{_verdict(magnitude['holds'], magnitude['epochs_holding'], epochs)} "
-      f"(mean {_format(magnitude['inter_task_mean'])} vs {_format(magnitude['inter_sample_mean'])}; "
-      f"in {magnitude['epochs_holding']}/{epochs} epochs)."
+      f"{_verdict(magnitude['holds'], magnitude['epochs_holding'], epochs)} (mean "
+      f"{_format(magnitude['inter_task_mean'])} vs {_format(magnitude['inter_sample_mean'])}; in "
+      f"{magnitude['epochs_holding']}/{epochs} epochs)."
     )
   if "heads" in found:
     for pair, entry in found["heads"].items():
       lines.append(
         f"- Larger heads shrink the {PAIR_LABELS[pair]} cosine spread {_verdict(entry['holds'])} "
-        f"(std {_format(entry['large_heads_std'])} with large heads vs {_format(entry['small_heads_std'])} "
-        "with small heads)."
+        f"(std {_format(entry['large_heads_std'])} with large heads vs "
+        f"{_format(entry['small_heads_std'])} with small heads)."
       )
   if figure_folder is not None:
     lines += [""] + [
@@ -393,7 +395,8 @@ def setting_config(config: ml_collections.ConfigDict, setting: str) -> ml_collec
     )
   overrides = dict(SETTINGS[setting])
   overrides["conflicts.probe_every_steps"] = every
-  # [choice] The study needs no per-epoch model selection: evaluate (and checkpoint) once, at the end.
+  # [choice] The study needs no per-epoch model selection: evaluate (and checkpoint) once, at the
+  # end.
   overrides["training.eval_every_epochs"] = int(config.training.num_epochs)
   return config_validation.with_overrides(config, **overrides)
 
@@ -470,7 +473,8 @@ def run_setting(
 
 
 def run_conflicts(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """The whole study: every setting in `config.conflicts.settings` in `workdir/<setting>`, one summary.
+  """The whole study: every setting in `config.conflicts.settings` in `workdir/<setting>`, one
+  summary.
 
   Each setting takes `config` (dataset, model, training sizes) with its own tasks; a probe
   interval of 0 (the training default, probe off) means the paper's 5 here. Used by

@@ -1,4 +1,5 @@
-"""Adam's partial loss-scale invariance (paper Sec. 3 / App. A2): exact checks, toy runs, method table.
+"""Adam's partial loss-scale invariance (paper Sec. 3 / App. A2): exact checks, toy runs, method
+table.
 
 Three entry points, all callable from Python:
 
@@ -19,7 +20,6 @@ The tiny model here has parameter groups {'backbone', 'head_0', 'head_1'}; each 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 from typing import Any, NamedTuple, Sequence
 
@@ -142,7 +142,7 @@ def make_simulator(model: TinyMultiTask, recipe: Recipe, targets_scale: Sequence
     def mask(tree):
       return {
         name: jax.tree_util.tree_map(
-          lambda leaf: (
+          lambda leaf, name=name: (
             jnp.where(train_backbone > 0, leaf, jnp.zeros_like(leaf))
             if name.startswith("backbone")
             else leaf
@@ -252,7 +252,8 @@ def _run_declared(model, declared, params, inputs, scales) -> dict[int, Any]:
 
 
 def _predictions(check, done, initial, names) -> list[dict[str, Any]]:
-  """One row per prediction: the measured relative difference and whether it came out as predicted."""
+  """One row per prediction: the measured relative difference and whether it came out as
+  predicted."""
   rows: list[dict[str, Any]] = []
   tiny, eps = float(check.tiny_eps), float(check.adam_eps)
 
@@ -444,9 +445,10 @@ def _switchable(
 
 def _model_groups(params) -> dict[str, jax.Array]:
   """Flattened model parameters: 'backbone' (the encoder) and 'heads' (all heads)."""
-  flatten = lambda tree: jnp.concatenate(
-    [jnp.ravel(leaf) for leaf in jax.tree_util.tree_leaves(tree)]
-  )  # noqa: E731
+
+  def flatten(tree):
+    return jnp.concatenate([jnp.ravel(leaf) for leaf in jax.tree_util.tree_leaves(tree)])
+
   return {"backbone": flatten(params["encoder"]), "heads": flatten(params["heads"])}
 
 
@@ -746,10 +748,10 @@ def run_app_a2(
 def plot_app_a2(records: dict, workdir: str, per_epoch: int) -> list[str]:
   """One figure per backbone mode (rows: runs; columns: loss, scaled loss, gradient norm,
   update norm; solid = unscaled, dashed = scaled), plus the key update-norm figure."""
-  import matplotlib
+  import matplotlib  # noqa: PLC0415  (plotting is optional at import time)
 
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  import matplotlib.pyplot as plt  # noqa: PLC0415
 
   os.makedirs(workdir, exist_ok=True)
   metrics = ("loss", "scaled_loss", "grad_norm", "update_norm")

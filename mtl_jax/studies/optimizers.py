@@ -1,4 +1,5 @@
-"""The optimizer × method study: grid expansion, resumable execution, lr selection, tables, Pareto counts.
+"""The optimizer × method study: grid expansion, resumable execution, lr selection, tables, Pareto
+counts.
 
 Protocol (SPEC section 2):
 1. STL baselines: one single-task run per (task, STL lr, seed), always Adam. The best STL lr of
@@ -13,8 +14,9 @@ Protocol (SPEC section 2):
    metrics oriented lower-better: "PO full" (front of all runs) and "PO w.r.t. the other
    optimizers" (not dominated by any run of another optimizer).
 
-Runs live in `workdir/stl/<task>-adam-lr<lr>-seed<s>` and `workdir/mtl/<method>-<opt>-lr<lr>-seed<s>`;
-a run with results.json or failed.json is finished and skipped when the sweep is re-run.
+Runs live in `workdir/stl/<task>-adam-lr<lr>-seed<s>` and
+`workdir/mtl/<method>-<opt>-lr<lr>-seed<s>`; a run with results.json or failed.json is finished and
+skipped when the sweep is re-run.
 """
 
 from __future__ import annotations
@@ -81,7 +83,8 @@ def _floats(values: Iterable[Any], key: str) -> list[float]:
 
 
 def stl_grid(config: ml_collections.ConfigDict) -> list[RunSpec]:
-  """STL baselines: every task of `config.tasks` × `sweep.stl_lr_grid` × `sweep.seeds`, with Adam."""
+  """STL baselines: every task of `config.tasks` × `sweep.stl_lr_grid` × `sweep.seeds`, with
+  Adam."""
   rates = _floats(config.sweep.stl_lr_grid, "stl_lr_grid")
   return [
     RunSpec("stl", task, STL_OPTIMIZER, rate, int(seed))
@@ -101,7 +104,8 @@ def mtl_grid(config: ml_collections.ConfigDict) -> tuple[list[RunSpec], list[str
     (runs, notes): the runs in grid order and one human-readable line per left-out item.
 
   Raises:
-    ValueError: an unknown optimizer or lane mode (listing the valid ones) or an empty/invalid lr grid.
+    ValueError: an unknown optimizer or lane mode (listing the valid ones) or an empty/invalid lr
+      grid.
   """
   rates = _floats(config.sweep.lr_grid, "lr_grid")
   for name in config.sweep.optimizers:
@@ -115,7 +119,8 @@ def mtl_grid(config: ml_collections.ConfigDict) -> tuple[list[RunSpec], list[str
   for method in config.sweep.methods:
     if method not in known:
       notes.append(
-        f"method {method!r} is not available in this build (known: {', '.join(sorted(known))}); skipped."
+        f"method {method!r} is not available in this build (known: {', '.join(sorted(known))}); "
+        "skipped."
       )
       continue
     for optimizer in config.sweep.optimizers:
@@ -283,7 +288,8 @@ def select_best(records: Mapping[RunSpec, dict | None]) -> list[Selection]:
   for spec, results in records.items():
     if results is not None and "delta_m" not in results:
       raise ValueError(
-        f"Run {spec.path} has no Δm: it was trained without STL baselines (config.delta_m.baseline)."
+        f"Run {spec.path} has no Δm: it was trained without STL baselines "
+        "(config.delta_m.baseline)."
       )
     groups.setdefault((spec.name, spec.optimizer), {}).setdefault(spec.learning_rate, []).append(
       (spec, results)
@@ -524,13 +530,15 @@ class JobProgress:
     rate = elapsed / self.trained if self.trained else math.nan
     eta = metric_writers.format_duration(left * rate) if self.trained else "?"
     return (
-      f"[{self.label}] {self.done}/{self.total} runs done ({100.0 * self.done / max(1, self.total):.0f}%), "
-      f"elapsed {metric_writers.format_duration(elapsed)}, ETA {eta}"
+      f"[{self.label}] {self.done}/{self.total} runs done "
+      f"({100.0 * self.done / max(1, self.total):.0f}%), elapsed "
+      f"{metric_writers.format_duration(elapsed)}, ETA {eta}"
     )
 
 
 def _train_runs(config, workdir, items, dataset, progress: JobProgress, group_runs: bool) -> None:
-  """Trains pending runs: grouped (one program per group) when allowed, else one by one; skips finished runs."""
+  """Trains pending runs: grouped (one program per group) when allowed, else one by one; skips
+  finished runs."""
   pending = []
   for spec, run in items:
     if run_status(os.path.join(workdir, spec.path)) != "pending":
@@ -634,7 +642,8 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, dataset=None) -> 
 
 
 def write_outputs(workdir, specs, selections, directions, points, counts) -> dict[str, str]:
-  """Writes the run index (sweep.json, sweep.csv), the tables and the parallel-coordinates figure."""
+  """Writes the run index (sweep.json, sweep.csv), the tables and the parallel-coordinates
+  figure."""
   index = []
   for spec in specs:
     run_dir = os.path.join(workdir, spec.path)

@@ -67,10 +67,11 @@ def invariance_study(config: ml_collections.ConfigDict, workdir: str) -> markdow
     + ", ".join(
       f"{key} {count}/{len(config.toy.learning_rates)}" for key, count in converged.items()
     )
-    + f". {toy_results['reproducible_cells']} of {toy_results['cells']} cells are reproducible numbers "
-    "(unmarked below); the others (*) change by more than "
-    f"{100 * float(config.toy.reproducible_spread):g}% when a start moves by {config.toy.perturbation:g} or "
-    "the precision changes, so only their pattern across learning rates is meaningful."
+    + f". {toy_results['reproducible_cells']} of {toy_results['cells']} cells are reproducible "
+    "numbers (unmarked below); the others (*) change by more than "
+    f"{100 * float(config.toy.reproducible_spread):g}% when a start moves by "
+    f"{config.toy.perturbation:g} or the precision changes, so only their pattern across learning "
+    "rates is meaningful."
   )
   parts.append(toy_results["markdown"])
   figures = list(app["figures"]) + ([toy_results["figure"]] if toy_results.get("figure") else [])
@@ -78,16 +79,18 @@ def invariance_study(config: ml_collections.ConfigDict, workdir: str) -> markdow
 
 
 def robustness_study(config: ml_collections.ConfigDict, workdir: str) -> markdown.StudyResult:
-  """SPEC section 5: frozen-encoder head fine-tuning under corruptions, δ per task, linear probes."""
+  """SPEC section 5: frozen-encoder head fine-tuning under corruptions, δ per task, linear
+  probes."""
   results = robustness.run_robustness(config, workdir)
   findings = []
   for run, delta in results["delta"].items():
     per_task = delta["per_task"]
     better = [task for task, value in per_task.items() if value < 0]
     findings.append(
-      f"- {run}: mean δ {delta['mean']:+.4f} ({'MTL features degraded less' if delta['mean'] < 0 else 'MTL features degraded more'}"
-      f" than STL on average); δ < 0 on {len(better)} of {len(per_task)} tasks"
-      f"{' (' + ', '.join(better) + ')' if better else ''}."
+      f"- {run}: mean δ {delta['mean']:+.4f} "
+      f"({'MTL features degraded less' if delta['mean'] < 0 else 'MTL features degraded more'} "
+      f"than STL on average); δ < 0 on {len(better)} of {len(per_task)} "
+      f"tasks{' (' + ', '.join(better) + ')' if better else ''}."
     )
   body = robustness.report_markdown(results).split("\n", 1)[1].strip()
   text = "**Findings (from the numbers below):**\n\n" + "\n".join(findings) + "\n\n" + body
@@ -102,9 +105,10 @@ def optimizer_study(config: ml_collections.ConfigDict, workdir: str) -> markdown
   grid = config.sweep
   parts = [
     f"Grid: methods {', '.join(grid.methods)} × optimizers {', '.join(grid.optimizers)} × lr "
-    f"{', '.join(f'{rate:g}' for rate in grid.lr_grid)} × seeds {', '.join(str(seed) for seed in grid.seeds)}; "
-    f"STL baselines (Adam) per task over lr {', '.join(f'{rate:g}' for rate in grid.stl_lr_grid)}. "
-    "Best lr per (method, optimizer) on mean validation Δm; test values are mean ± std over seeds.",
+    f"{', '.join(f'{rate:g}' for rate in grid.lr_grid)} × seeds "
+    f"{', '.join(str(seed) for seed in grid.seeds)}; STL baselines (Adam) per task over lr "
+    f"{', '.join(f'{rate:g}' for rate in grid.stl_lr_grid)}. Best lr per (method, optimizer) on "
+    "mean validation Δm; test values are mean ± std over seeds.",
   ]
   if result.notes:
     parts.append("\n".join(f"- Note: {note}" for note in result.notes))
@@ -124,8 +128,8 @@ def optimizer_study(config: ml_collections.ConfigDict, workdir: str) -> markdown
     metric_markdown,
     "### Pareto analysis (one point per seed at the best lr)",
     optimizers.pareto_table(result.pareto_counts),
-    f"Tables as CSV: `{os.path.join(workdir, 'delta_m.csv')}`, `{os.path.join(workdir, 'metrics.csv')}`; "
-    f"run index: `{os.path.join(workdir, 'sweep.csv')}`.",
+    f"Tables as CSV: `{os.path.join(workdir, 'delta_m.csv')}`, "
+    f"`{os.path.join(workdir, 'metrics.csv')}`; run index: `{os.path.join(workdir, 'sweep.csv')}`.",
   ]
   figures = (
     [result.files["parallel_coordinates.png"]] if "parallel_coordinates.png" in result.files else []
@@ -185,7 +189,7 @@ def run(
     study_start = time.perf_counter()
     try:
       section = registry[name](config, os.path.join(workdir, name))
-    except Exception as error:  # pylint: disable=broad-except
+    except Exception as error:
       # One broken study must not cost the measurements of the others.
       first_error = first_error or error
       section = markdown.StudyResult(
@@ -199,10 +203,11 @@ def run(
     metric_writers.status(f"[reproduce] {name} done in {metric_writers.format_duration(seconds)}")
   total = time.perf_counter() - start
   preamble = (
-    'Small-scale reproduction of the four studies of "Examining Common Paradigms in Multi-Task Learning" '
-    f"on the embedded scenes data ({config.dataset.height}x{config.dataset.width}, model "
-    f"{config.model.encoder}, {config.training.num_epochs} epochs). Every statement below is computed from "
-    "this job's runs; at this size the numbers are noisy and need not match the paper.\n\n"
+    'Small-scale reproduction of the four studies of "Examining Common Paradigms in Multi-Task '
+    'Learning" on the embedded scenes data '
+    f"({config.dataset.height}x{config.dataset.width}, model {config.model.encoder}, "
+    f"{config.training.num_epochs} epochs). Every statement below is computed from this job's "
+    "runs; at this size the numbers are noisy and need not match the paper.\n\n"
     "| study | status | time |\n|---|---|---|\n"
     + "\n".join(
       f"| {name} | {'ran' if ok else 'not run'} | {metric_writers.format_duration(seconds)} |"

@@ -1,4 +1,5 @@
-"""Feature robustness under corruption (SPEC section 5): the δ metric, head fine-tuning, linear probes.
+"""Feature robustness under corruption (SPEC section 5): the δ metric, head fine-tuning, linear
+probes.
 
 The study, `run_robustness(config, workdir)`:
 1. restores the best checkpoints of MTL and STL runs (or trains them first);
@@ -44,7 +45,7 @@ FIGURE_FILE = "robustness_per_corruption.png"
 CONFIG_FILE = "config.json"
 
 
-# ----------------------------------------------------------------------------- the δ metric
+# ------------------------------------------------------------------------------------- the δ metric
 
 
 def condition_key(corruption: str, severity: int) -> str:
@@ -125,7 +126,7 @@ def corruption_delta(
   }
 
 
-# ----------------------------------------------------------------------------- restoring runs
+# ----------------------------------------------------------------------------------- restoring runs
 
 
 @dataclasses.dataclass
@@ -153,7 +154,10 @@ def _differences(left: Any, right: Any, prefix: str = "") -> list[str]:
       for key in keys
       for difference in _differences(left.get(key), right.get(key), f"{prefix}{key}.")
     ]
-  normalise = lambda value: json.loads(json.dumps(value, default=str))  # noqa: E731
+
+  def normalise(value):
+    return json.loads(json.dumps(value, default=str))
+
   return [] if normalise(left) == normalise(right) else [prefix.rstrip(".")]
 
 
@@ -184,7 +188,8 @@ def check_run_config(
   and an 'stl' run exactly one of them.
   """
   problems = [
-    f"dataset.{key}: run has {run_config.dataset.get(key)!r}, config has {study_config.dataset.get(key)!r}"
+    f"dataset.{key}: run has {run_config.dataset.get(key)!r}, config has "
+    f"{study_config.dataset.get(key)!r}"
     for key in _differences(run_config.dataset.to_dict(), study_config.dataset.to_dict())
   ]
   run_tasks, study_tasks = list(run_config.tasks), list(study_config.tasks)
@@ -251,11 +256,12 @@ def restore_run(run_dir: str, dataset: data_registry.Dataset, name: str | None =
   return Run(name, run_dir, run_config, experiment, state.params, state.batch_stats)
 
 
-# ----------------------------------------------------------------------------- fine-tuning and evaluation
+# ----------------------------------------------------------------------- fine-tuning and evaluation
 
 
 def make_head_step(model, tasks: Sequence[tasks_lib.Task], optimizer: optax.GradientTransformation):
-  """Returns the pure step `(heads, opt_state, encoder, batch_stats, batch) -> (heads, opt_state, losses)`.
+  """Returns the pure step
+  `(heads, opt_state, encoder, batch_stats, batch) -> (heads, opt_state, losses)`.
 
   Only `heads` is differentiated; the encoder runs in eval mode, so neither its parameters nor
   its batch-norm statistics change. The loss is the unweighted sum of task losses: with the
@@ -386,7 +392,7 @@ def evaluate_under_corruption(
   return results
 
 
-# ----------------------------------------------------------------------------- linear probe
+# ------------------------------------------------------------------------------------- linear probe
 
 
 @functools.lru_cache(maxsize=None)
@@ -500,7 +506,10 @@ def run_probes(
   task = dataset.tasks[probe_task_name]
   train_arrays = dataset.splits["train"].batch(np.arange(len(dataset.splits["train"])))
   test_arrays = dataset.splits["test"].batch(np.arange(len(dataset.splits["test"])))
-  targets = lambda arrays: {key: value for key, value in arrays.items() if key != "image"}  # noqa: E731
+
+  def targets(arrays):
+    return {key: value for key, value in arrays.items() if key != "image"}
+
   results: dict[str, Any] = {"task": probe_task_name, "runs": {}}
   if isinstance(task, tasks_lib.BinaryAttribute):
     train_rate = float(np.mean(train_arrays[task.target_key][:, task.index] > 0.5))
@@ -526,7 +535,7 @@ def run_probes(
   return results
 
 
-# ----------------------------------------------------------------------------- the study
+# ---------------------------------------------------------------------------------------- the study
 
 
 def prepare_runs(
@@ -623,7 +632,7 @@ def run_robustness(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
   mtl_runs, stl_by_task = _load_runs(config, mtl_dirs, stl_dirs, dataset)
   runs = mtl_runs + list(stl_by_task.values())
   metric_writers.status(
-    f"[robustness] runs: " + ", ".join(f"{run.name} ({run.path})" for run in runs)
+    "[robustness] runs: " + ", ".join(f"{run.name} ({run.path})" for run in runs)
   )
   seed = int(settings.corruption_seed)
 
@@ -690,7 +699,7 @@ def run_robustness(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
   return results
 
 
-# ----------------------------------------------------------------------------- tables and figures
+# ------------------------------------------------------------------------------- tables and figures
 
 
 def _format(value: float) -> str:
@@ -700,7 +709,7 @@ def _format(value: float) -> str:
 def report_markdown(results: Mapping[str, Any]) -> str:
   """Markdown tables: δ per task and method, clean vs mean corrupted metrics, probe results."""
   lines = [
-    f"# Robustness under corruption\n",
+    "# Robustness under corruption\n",
     f"{len(results['corruptions'])} corruptions x severities {results['severities']}, "
     f"{results['num_test_examples']} test images. δ < 0: MTL features degrade less than STL.\n",
     "## δ per task (mean over a task's metrics) and mean δ\n",
@@ -737,7 +746,7 @@ def report_markdown(results: Mapping[str, Any]) -> str:
 
 def per_corruption_figure(results: Mapping[str, Any], path: str) -> None:
   """One panel per task: δ per corruption (mean over severities), one bar group per MTL run."""
-  import matplotlib  # noqa: PLC0415 (plotting is optional at import time)
+  import matplotlib  # noqa: PLC0415  (plotting is optional at import time)
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415

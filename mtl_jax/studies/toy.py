@@ -152,7 +152,8 @@ def _format(value: Any) -> str:
 
 
 def _cell(value, variants, reproducible: bool) -> str:
-  """'126' when every variant agrees, '126 [98, 140]' with their range, '*' when not reproducible."""
+  """'126' when every variant agrees, '126 [98, 140]' with their range, '*' when not
+  reproducible."""
   text = _format(value) + ("" if reproducible else "*")
   if all(variant == value for variant in variants):
     return text
@@ -196,7 +197,8 @@ def format_table(
 
 
 def _precision(dtype: str):
-  """(jnp dtype, context) for a run in 'float32' or 'float64' (x64 enabled only inside the context)."""
+  """(jnp dtype, context) for a run in 'float32' or 'float64' (x64 enabled only inside the
+  context)."""
   if dtype == "float64":
     return jnp.float64, jax.enable_x64(True)
   if dtype == "float32":
@@ -266,7 +268,8 @@ def _iteration_table(config, first_hit: np.ndarray, num_starts: int) -> dict[str
 
 
 def perturbed_starts(config: ml_collections.ConfigDict) -> list[np.ndarray]:
-  """`config.perturbed_starts` copies of the starts, each moved by `config.perturbation` in a random direction."""
+  """`config.perturbed_starts` copies of the starts, each moved by `config.perturbation` in a random
+  direction."""
   generator = np.random.default_rng(int(config.perturbation_seed))
   starts = np.asarray(config.starts, np.float64)
   copies = []
@@ -340,10 +343,10 @@ def run_toy(config: ml_collections.ConfigDict, workdir: str | None = None) -> di
   )
   legend = (
     f"Runs in {config.dtype}. [low, high]: the range of a cell over {len(variant_tables)} variants "
-    f"({'; '.join(variant_tables)}); '-' there: some variant never reached the minimum. "
-    f"*: a variant differs by more than {100 * float(config.reproducible_spread):g}% (or in whether it "
-    f"converges): the cell shows the pattern, not a reproducible number. "
-    f"{sum(flags)} of {len(flags)} cells are reproducible."
+    f"({'; '.join(variant_tables)}); '-' there: some variant never reached the minimum. *: a "
+    f"variant differs by more than {100 * float(config.reproducible_spread):g}% (or in whether it "
+    f"converges): the cell shows the pattern, not a reproducible number. {sum(flags)} of "
+    f"{len(flags)} cells are reproducible."
   )
   results = {
     "table": table,
@@ -378,10 +381,10 @@ def plot_trajectories(
   config: ml_collections.ConfigDict, outputs: dict, minimiser, path: str
 ) -> str:
   """One panel per optimiser x method over the mean objective's contours; colour = learning rate."""
-  import matplotlib
+  import matplotlib  # noqa: PLC0415  (plotting is optional at import time)
 
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  import matplotlib.pyplot as plt  # noqa: PLC0415
 
   axis = np.linspace(-10, 10, 300)
   xs, ys = np.meshgrid(axis, axis)

@@ -1,4 +1,5 @@
-"""Evaluation: a state's metrics on a split, and the validation score that picks the best checkpoint."""
+"""Evaluation: a state's metrics on a split, and the validation score that picks the best
+checkpoint."""
 
 from __future__ import annotations
 

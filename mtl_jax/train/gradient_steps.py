@@ -1,4 +1,5 @@
-"""Train steps for the gradient-based methods (Gramian weightings, Jacobian methods) and FAMO's extra pass.
+"""Train steps for the gradient-based methods (Gramian weightings, Jacobian methods) and FAMO's
+extra pass.
 
 The conventions shared by all of them:
 
@@ -173,7 +174,8 @@ def make_feature_jacobian_step(model, tasks, method, optimizer) -> Callable:
 
 
 def make_per_task_optimizer_step(model, tasks, method, optimizer) -> Callable:
-  """Jacobian method with per-task optimizer moments (AdaTask): stacked encoder gradients [T, ...]."""
+  """Jacobian method with per-task optimizer moments (AdaTask): stacked encoder gradients
+  [T, ...]."""
   del method
 
   def train_step(state, batch):

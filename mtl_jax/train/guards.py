@@ -1,4 +1,5 @@
-"""The finite guard: a non-finite loss or gradient stops a run with the step, task and parameters named."""
+"""The finite guard: a non-finite loss or gradient stops a run with the step, task and parameters
+named."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def finite_lanes(step_metrics: Mapping[str, np.ndarray]) -> np.ndarray:
-  """[K] whether each lane's loss, gradient norm and task losses are finite (host metrics [K, ...])."""
+  """[K] whether each lane's loss, gradient norm and task losses are finite (host metrics
+  [K, ...])."""
   if "finite" in step_metrics:
     return np.asarray(step_metrics["finite"], bool)
   task_losses = np.asarray(step_metrics["task_losses"])
@@ -87,14 +89,17 @@ def make_gradient_locator(
     per_task, total = jax.device_get(finite_flags(state, batch))
     parts = []
     for index, task in enumerate(tasks):
-      paths = _non_finite_paths(jax.tree_util.tree_map(lambda flags: flags[index], per_task))
+      paths = _non_finite_paths(
+        jax.tree_util.tree_map(lambda flags, index=index: flags[index], per_task)
+      )
       if paths:
         parts.append(f"gradient of task {task.name!r} loss is non-finite in {paths}")
     if not parts:
       paths = _non_finite_paths(total)
       where = paths or "no parameter on recomputation (non-deterministic overflow?)"
       parts.append(
-        f"every task's gradient is finite, but after weighting {method.name!r} non-finite in {where}"
+        f"every task's gradient is finite, but after weighting {method.name!r} non-finite in "
+        f"{where}"
       )
     return "; ".join(parts)
 
@@ -108,7 +113,8 @@ def check_finite(
   where: str,
   locate_gradients: Callable[[], str] | None = None,
 ) -> None:
-  """Raises NonFiniteLossError naming the step and the task(s) when one run's metrics are not finite.
+  """Raises NonFiniteLossError naming the step and the task(s) when one run's metrics are not
+  finite.
 
   Args:
     step: the step that produced the metrics.

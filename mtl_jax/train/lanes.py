@@ -10,7 +10,7 @@ stacked along a leading run axis:
 * 'map' is `lax.map` over the runs inside one program;
 * 'loop' steps the lanes one after another through one compiled single-run step, updating the
   stacked states in place (for CPU, where a vmapped convolution whose kernel carries the run
-  axis becomes a grouped convolution that XLA:CPU runs 2-3x slower than K separate ones).
+  axis becomes a grouped convolution that XLA:CPU runs slower than K separate ones).
 
 Because `optim.make_optimizer` applies the learning rate last and every update is exactly
 proportional to it, each grouped lane builds the same optimizer with the schedule
@@ -44,11 +44,12 @@ LANE_MODES = ("vmap", "map", "loop")
 
 
 def default_lane_mode(requested: str = "auto") -> str:
-  """The lane mode for `requested` ('auto' or one of LANE_MODES): 'auto' is 'loop' on CPU, else 'vmap'.
+  """The lane mode for `requested` ('auto' or one of LANE_MODES): 'auto' is 'loop' on CPU, else
+  'vmap'.
 
-  Measured on 2 CPU cores (BENCHMARKS.md): vmapped convolutions run 2-3x slower than the K
-  separate ones and `lax.map` slower still, so on CPU a group's gain is its single compilation,
-  which 'loop' keeps at sequential step speed.
+  On CPU vmapped convolutions run slower than K separate ones and `lax.map` slower still
+  (BENCHMARKS.md, 'Sweeps'), so a group's gain there is its single compilation, which 'loop'
+  keeps at sequential step speed.
   """
   if requested == "auto":
     return "loop" if jax.default_backend() == "cpu" else "vmap"
@@ -140,7 +141,8 @@ def _unit_optimizer_config(config: ml_collections.ConfigDict) -> ml_collections.
 
 
 def make_lane_step(experiment: Experiment, skip_non_finite: bool):
-  """`(state, batch, learning_rate) -> (state, metrics)`: one run's step with a traced learning rate."""
+  """`(state, batch, learning_rate) -> (state, metrics)`: one run's step with a traced learning
+  rate."""
   unit_config = _unit_optimizer_config(experiment.config)
   unit_schedule = optim.learning_rate_schedule(unit_config, experiment.steps_per_epoch)
 

@@ -43,6 +43,7 @@ from typing import Any
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 
 # EX_TEMPFAIL from sysexits.h: the job did not fail, it should be retried.
 PREEMPTED_EXIT_CODE = 75
@@ -71,7 +72,8 @@ class Preempted(Exception):
 
 
 class PreemptionGuard:
-  """Context manager that records SIGTERM/SIGINT instead of dying; check `requested` or `should_stop`.
+  """Context manager that records SIGTERM/SIGINT instead of dying; check `requested` or
+  `should_stop`.
 
   Handlers can only be installed from the main thread; elsewhere the guard still works as a flag
   that `request()` sets (used by tests and by drivers that receive the signal themselves).
@@ -99,8 +101,6 @@ class PreemptionGuard:
       step: the number of steps completed; every host must call this with the same steps.
     """
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-
       try:
         if multihost_utils.reached_preemption_sync_point(step):
           self.request("SIGTERM")

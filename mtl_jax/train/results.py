@@ -1,4 +1,5 @@
-"""What a finished run leaves in its workdir: results.json (or failed.json), and their reuse on a rerun."""
+"""What a finished run leaves in its workdir: results.json (or failed.json), and their reuse on a
+rerun."""
 
 from __future__ import annotations
 

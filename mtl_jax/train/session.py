@@ -1,4 +1,5 @@
-"""The loop's chores, one small method each: runs' bookkeeping, stores, the guard, logging, evaluation.
+"""The loop's chores, one small method each: runs' bookkeeping, stores, the guard, logging,
+evaluation.
 
 A `Session` holds what the loop in `loop.py` needs between steps: the lanes and their states,
 one `Run` per lane (its config, workdir, writer and progress record), where states are kept
@@ -54,7 +55,8 @@ def check_group(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence
   keys = {group_key(config) for config in configs}
   if len(keys) > 1:
     raise ValueError(
-      f"Configs of one group may differ only in {', '.join(PER_RUN_KEYS)}; got {len(keys)} variants."
+      f"Configs of one group may differ only in {', '.join(PER_RUN_KEYS)}; got {len(keys)} "
+      "variants."
     )
   if int(configs[0].conflicts.probe_every_steps) > 0:
     raise ValueError(
@@ -237,8 +239,8 @@ class Session:
     session = cls(experiment, lanes, [run], CheckpointStore(workdir, config), label, probe, mesh)
     metric_writers.status(
       f"{label}training {experiment.model.encoder.__class__.__name__} on {config.dataset.name} "
-      f"tasks {experiment.task_names}: {experiment.total_steps} steps ({config.training.num_epochs} "
-      f"epochs x {experiment.steps_per_epoch}), workdir {workdir}"
+      f"tasks {experiment.task_names}: {experiment.total_steps} steps "
+      f"({config.training.num_epochs} epochs x {experiment.steps_per_epoch}), workdir {workdir}"
     )
     return session
 
@@ -397,12 +399,14 @@ class Session:
       progress["stopped_early"] = True
       if not self.lanes.stacked:
         metric_writers.status(
-          f"{self.label}early stopping at step {done}: no improvement in {self.patience} evaluations."
+          f"{self.label}early stopping at step {done}: no improvement in {self.patience} "
+          "evaluations."
         )
     return improved
 
   def finish(self) -> list[dict | None]:
-    """Each run's results of its best state, written to its workdir (failed.json for a failed run)."""
+    """Each run's results of its best state, written to its workdir (failed.json for a failed
+    run)."""
     best_states = self.store.best(self.states)
     validations = self.lanes.evaluate(best_states, "validation")
     tests = self.lanes.evaluate(best_states, "test")

@@ -1,4 +1,5 @@
-"""What a run is made of: the train state pytree and the experiment's static pieces, built from a config."""
+"""What a run is made of: the train state pytree and the experiment's static pieces, built from a
+config."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ import optax
 
 from mtl_jax import config_validation
 from mtl_jax import models as models_lib
-from mtl_jax import optim
 from mtl_jax import tasks as tasks_lib
 from mtl_jax import weighting as weighting_lib
 from mtl_jax.data import pipeline

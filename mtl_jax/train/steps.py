@@ -1,4 +1,5 @@
-"""The pure train step `(state, batch) -> (new state, metrics)` of every kind of method, and the eval step.
+"""The pure train step `(state, batch) -> (new state, metrics)` of every kind of method, and the
+eval step.
 
 `batch -> model -> losses [B, T] -> weighting -> direction -> optax update`. Loss weightings
 descend their scalar of the task losses with one ordinary backward pass (EW pays for nothing

@@ -1,6 +1,6 @@
 """MTL methods behind one registry: loss weightings, Gramian weightings and Jacobian methods."""
 
-from mtl_jax.weighting import gramian_based  # noqa: F401  (PCGrad, CAGrad, MGDA, UPGrad, GradNorm, ...)
+from mtl_jax.weighting import gramian_based  # noqa: F401  (PCGrad, CAGrad, MGDA, UPGrad, ...)
 from mtl_jax.weighting import jacobian_based  # noqa: F401  (GradDrop, AdaTask, MTL-IO)
 from mtl_jax.weighting import loss_based  # noqa: F401  (EW, UW, UW-O, RLW, DWA, FAMO)
 from mtl_jax.weighting.base import JACOBIAN_MODES

@@ -1,4 +1,5 @@
-"""Gradient weightings that need only the Gramian of the rows' gradients: one small pure function each.
+"""Gradient weightings that need only the Gramian of the rows' gradients: one small pure function
+each.
 
 Every method here ends in a direction d = Σ_k w_k g_k over the rows' gradients g_k (tasks,
 samples or (sample, task) pairs, see `LEVELS`) whose weights w are a function of the Gramian

@@ -1,4 +1,5 @@
-"""Methods that need the task gradients' coordinates, not just their Gramian: GradDrop, AdaTask, MTL-IO.
+"""Methods that need the task gradients' coordinates, not just their Gramian: GradDrop, AdaTask,
+MTL-IO.
 
 * GradDrop acts on the gradients with respect to the shared *features* (LibMTL's
   representation-level variant): it needs each task's feature gradient [T, *features], a cheap

@@ -1,4 +1,5 @@
-"""Loss weightings: the task losses [T] -> the scalar the optimizer descends (EW, UW, UW-O, RLW, DWA, FAMO)."""
+"""Loss weightings: the task losses [T] -> the scalar the optimizer descends (EW, UW, UW-O, RLW,
+DWA, FAMO)."""
 
 from __future__ import annotations
 

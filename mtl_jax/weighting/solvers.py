@@ -137,8 +137,9 @@ def certified_minimum(
   """Alternates `advance` with polish-and-certify until every row holds a certified point.
 
   The polish (a linear solve per row) runs at the start (unless every support is empty) and
-  then only after a round that left the support of every uncertified row unchanged: while a support still moves, a solve on it
-  would be wasted, and at R = 48 rows the solves cost more than the iterations.
+  then only after a round that left the support of every uncertified row unchanged: while a
+  support still moves, a solve on it would be wasted, and at R = 48 rows the solves cost more
+  than the iterations.
 
   Args:
     advance: state -> state (a few iterations of an iterative method).
@@ -231,8 +232,8 @@ def polish_on_simplex_support(
 
   Unknowns (w, μ): support rows (Hw)_i - μ = -l_i, other rows w_i = 0, and Σ w = 1. Singular
   systems (duplicate or zero gradients on the support) give non-finite values, which the
-  callers reject. (Not `lstsq`: its SVD measured 0.1-2 s per 48x48 system on XLA:CPU, against
-  ~0.05 ms for LU.)
+  callers reject. (Not `lstsq`: on XLA:CPU its SVD is thousands of times slower than LU;
+  BENCHMARKS.md, 'Gradient-weighting methods'.)
   """
   size = linear.shape[0]
   dtype = hessian.dtype
@@ -283,9 +284,11 @@ def simplex_quadratic(
     gap, magnitude = simplex_gap(linear, hessian, polished)
     return polished, jnp.where(feasible, gap - allowed(polished, magnitude, True), jnp.inf)
 
-  advance = lambda state: accelerated_steps(
-    lambda w: linear + hessian @ w, project_to_simplex, step, state, CHECK_EVERY
-  )
+  def advance(state):
+    return accelerated_steps(
+      lambda w: linear + hessian @ w, project_to_simplex, step, state, CHECK_EVERY
+    )
+
   state = (start, start, jnp.zeros((), start.dtype))
   return certified_minimum(
     advance, polish, excess, lambda w: w > 0, state, lambda s: s[0], _rounds(iterations)
@@ -323,8 +326,8 @@ def _box_certificate(gramian, rows, lower_bounds, exact):
 def _polish_box_row(gramian, row, bounds):
   """Exact solution on the row's free set: (Gv)_i = 0 where v_i > u_i, v_i = u_i elsewhere.
 
-  By LU (Cholesky was cheaper but measured up to 5x less accurate on nearly opposite rows); a
-  singular system gives non-finite values, which the caller rejects.
+  By LU (Cholesky is cheaper but up to 5x less accurate on nearly opposite rows); a singular
+  system gives non-finite values, which the caller rejects.
   """
   free = row > bounds
   system = jnp.where(free[:, None], gramian, jnp.eye(gramian.shape[0], dtype=gramian.dtype))
@@ -353,9 +356,11 @@ def project_onto_dual_cone(
       feasible, _box_certificate(gramian, polished, lower_bounds, True), jnp.inf
     )
 
-  advance = lambda state: accelerated_steps(
-    lambda v: 2.0 * v @ gramian, lambda v: jnp.maximum(v, lower_bounds), step, state, CHECK_EVERY
-  )
+  def advance(state):
+    return accelerated_steps(
+      lambda v: 2.0 * v @ gramian, lambda v: jnp.maximum(v, lower_bounds), step, state, CHECK_EVERY
+    )
+
   state = (lower_bounds, lower_bounds, jnp.zeros(lower_bounds.shape[:1], lower_bounds.dtype))
   return certified_minimum(
     advance,

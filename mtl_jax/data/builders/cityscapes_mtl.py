@@ -1,4 +1,5 @@
-"""TFDS builder `cityscapes_mtl`: Cityscapes images with 7-class segmentation and inverse depth together.
+r"""TFDS builder `cityscapes_mtl`: Cityscapes images with 7-class segmentation and inverse depth
+together.
 
 TFDS's `cityscapes` configs give segmentation or disparity, not both, store full-resolution
 PNGs (decoding them needs TensorFlow to build) and keep disparity as 8-bit. This builder
@@ -28,7 +29,8 @@ test set). Manual files: leftImg8bit_trainvaltest.zip, gtFine_trainvaltest.zip,
 disparity_trainvaltest.zip from https://www.cityscapes-dataset.com (registration needed).
 
 Build (no TensorFlow needed):
-  python experiments/prepare_data.py --dataset=cityscapes --manual_dir=/path/to/zips [--data_dir=...]
+  python experiments/prepare_data.py --dataset=cityscapes --manual_dir=/path/to/zips \
+    [--data_dir=...]
 """
 
 from __future__ import annotations
@@ -39,7 +41,10 @@ import re
 import zipfile
 
 import numpy as np
+from PIL import Image
 import tensorflow_datasets as tfds
+
+from mtl_jax.data import tfds_data
 
 NUM_CLASSES = 7
 CLASS_NAMES = ("flat", "construction", "object", "nature", "sky", "human", "vehicle")
@@ -82,15 +87,11 @@ def inverse_depth_from_disparity_png(pixels: np.ndarray) -> np.ndarray:
 
 
 def _read_png(archive: zipfile.ZipFile, member: str) -> np.ndarray:
-  from PIL import Image
-
   with Image.open(io.BytesIO(archive.read(member))) as image:
     return np.asarray(image)
 
 
 def _resize(array: np.ndarray, size: tuple[int, int], bilinear: bool) -> np.ndarray:
-  from mtl_jax.data import tfds_data
-
   return tfds_data.resize_image(array, size) if bilinear else tfds_data.resize_nearest(array, size)
 
 

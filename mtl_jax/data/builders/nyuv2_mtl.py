@@ -36,9 +36,10 @@ def find_root(manual_dir: str) -> str:
     ):
       return candidate
   raise FileNotFoundError(
-    f"No preprocessed NYUv2 arrays under {manual_dir!r}: expected {{train,val}}/{{image,label,depth,normal}}/"
-    "<index>.npy (optionally inside a 'nyuv2' folder). Download MTAN's preprocessed nyuv2.zip (see "
-    "README.md, 'Datasets'), unzip it and pass its folder as --manual_dir."
+    f"No preprocessed NYUv2 arrays under {manual_dir!r}: expected "
+    "{train,val}/{image,label,depth,normal}/<index>.npy (optionally inside a 'nyuv2' folder). "
+    "Download MTAN's preprocessed nyuv2.zip (see README.md, 'Datasets'), unzip it and pass its "
+    "folder as --manual_dir."
   )
 
 
