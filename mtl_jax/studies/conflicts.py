@@ -341,6 +341,19 @@ def summary_markdown(
       continue
     lines += _table(records) + [""]
   lines += [f"{subheading} Findings (from the numbers above)", ""]
+  lines += _finding_lines(runs, found)
+  if figure_folder is not None:
+    lines += [""] + [
+      f"![{os.path.basename(path)}]({os.path.join(figure_folder, os.path.basename(path))})"
+      for path in figures
+    ]
+  lines.append("")
+  return "\n".join(lines)
+
+
+def _finding_lines(runs, found) -> list[str]:
+  """One line per finding of `findings`, with its verdict and the numbers behind it."""
+  lines = []
   for architecture in runs:
     if architecture not in found:
       continue
@@ -366,13 +379,7 @@ def summary_markdown(
         f"(std {_format(entry['large_heads_std'])} with large heads vs "
         f"{_format(entry['small_heads_std'])} with small heads)."
       )
-  if figure_folder is not None:
-    lines += [""] + [
-      f"![{os.path.basename(path)}]({os.path.join(figure_folder, os.path.basename(path))})"
-      for path in figures
-    ]
-  lines.append("")
-  return "\n".join(lines)
+  return lines
 
 
 # ---------------------------------------------------------------------------------------- study

@@ -102,6 +102,30 @@ class Recipe:
   record_params: bool = False
 
 
+def _mask_backbone(tree, train_backbone):
+  """`tree` ({layer: params}) with the backbone layers zeroed unless train_backbone > 0."""
+  return {
+    name: jax.tree_util.tree_map(
+      lambda leaf, name=name: (
+        jnp.where(train_backbone > 0, leaf, jnp.zeros_like(leaf))
+        if name.startswith("backbone")
+        else leaf
+      ),
+      layer,
+    )
+    for name, layer in tree.items()
+  }
+
+
+def _simulated_optimizer(recipe: Recipe, num_tasks: int, eps) -> optax.GradientTransformation:
+  """The direction-making part of a recipe's optimizer (the learning rate is applied after)."""
+  if recipe.optimizer == "per_task_adam":
+    return optim.scale_by_per_task_adam(num_tasks, recipe.b1, recipe.b2, eps)
+  if recipe.optimizer in ("adam", "switch"):
+    return optax.scale_by_adam(recipe.b1, recipe.b2, eps)
+  return optax.trace(recipe.momentum) if recipe.momentum else optax.identity()
+
+
 def make_simulator(model: TinyMultiTask, recipe: Recipe, targets_scale: Sequence[float]):
   """Returns `simulate(params, inputs [K, B, 1], alphas [T], train_backbone, lr, eps, use_adam=0,
   use_uw_o=0) -> records`; the two flags matter only for the 'switch' optimizer / weighting
@@ -140,24 +164,9 @@ def make_simulator(model: TinyMultiTask, recipe: Recipe, targets_scale: Sequence
     params, inputs, alphas, train_backbone, learning_rate, eps, use_adam=0.0, use_uw_o=0.0
   ):
     def mask(tree):
-      return {
-        name: jax.tree_util.tree_map(
-          lambda leaf, name=name: (
-            jnp.where(train_backbone > 0, leaf, jnp.zeros_like(leaf))
-            if name.startswith("backbone")
-            else leaf
-          ),
-          layer,
-        )
-        for name, layer in tree.items()
-      }
+      return _mask_backbone(tree, train_backbone)
 
-    if recipe.optimizer == "per_task_adam":
-      optimizer = optim.scale_by_per_task_adam(num_tasks, recipe.b1, recipe.b2, eps)
-    elif recipe.optimizer in ("adam", "switch"):
-      optimizer = optax.scale_by_adam(recipe.b1, recipe.b2, eps)
-    else:
-      optimizer = optax.trace(recipe.momentum) if recipe.momentum else optax.identity()
+    optimizer = _simulated_optimizer(recipe, num_tasks, eps)
 
     def step(carry, batch):
       params, opt_state = carry
@@ -251,20 +260,23 @@ def _run_declared(model, declared, params, inputs, scales) -> dict[int, Any]:
   return done
 
 
-def _predictions(check, done, initial, names) -> list[dict[str, Any]]:
-  """One row per prediction: the measured relative difference and whether it came out as
-  predicted."""
-  rows: list[dict[str, Any]] = []
-  tiny, eps = float(check.tiny_eps), float(check.adam_eps)
+class _Predictions:
+  """The rows of the check: each prediction's measured relative difference and verdict."""
 
-  def displacement(index, group):
-    return done[index]["params"][group] - initial[group][None]
+  def __init__(self, check, done, initial):
+    self.check, self.done, self.initial = check, done, initial
+    self.rows: list[dict[str, Any]] = []
 
-  def add(setting, group, compared, predicted, a, b, reference):
+  def displacement(self, index, group):
+    return self.done[index]["params"][group] - self.initial[group][None]
+
+  def add(self, setting, group, compared, predicted, a, b, reference):
     value = _relative(a, b, reference)
-    threshold_equal, threshold_differ = float(check.equal_tolerance), float(check.differ_threshold)
-    ok = value < threshold_equal if predicted == "equal" else value > threshold_differ
-    rows.append(
+    if predicted == "equal":
+      ok = value < float(self.check.equal_tolerance)
+    else:
+      ok = value > float(self.check.differ_threshold)
+    self.rows.append(
       dict(
         setting=setting,
         group=group,
@@ -275,59 +287,42 @@ def _predictions(check, done, initial, names) -> list[dict[str, Any]]:
       )
     )
 
-  def compare(setting, group, compared, predicted, a, b):
-    add(
-      setting,
-      group,
-      compared,
-      predicted,
-      displacement(a, group),
-      displacement(b, group),
-      displacement(b, group),
-    )
+  def compare(self, setting, group, compared, predicted, a, b):
+    a, b = self.displacement(a, group), self.displacement(b, group)
+    self.add(setting, group, compared, predicted, a, b, b)
 
+
+_SAME = "trajectory(alpha) vs trajectory(1)"
+
+
+def _predictions(check, done, initial, names) -> list[dict[str, Any]]:
+  """One row per prediction: the measured relative difference and whether it came out as
+  predicted."""
+  table = _Predictions(check, done, initial)
+  tiny, eps = float(check.tiny_eps), float(check.adam_eps)
   heads = [group for group in GROUPS if group.startswith("head")]
-  same = "trajectory(alpha) vs trajectory(1)"
   # SGD with a frozen backbone: weights are per-task learning rates.
   for t, head in enumerate(heads):
-    first_unscaled = float(check.alphas[t]) * displacement(names["sgd_unscaled"], head)[:1]
-    add(
-      "SGD, frozen backbone",
-      head,
-      "first update(alpha) vs alpha * first update(1)",
-      "equal",
-      displacement(names["sgd_scaled"], head)[:1],
-      first_unscaled,
-      first_unscaled,
-    )
-    compare(
-      "SGD, frozen backbone",
-      head,
-      "trajectory(alpha, lr) vs trajectory(1, alpha_t lr)",
-      "equal",
-      names["sgd_scaled"],
-      names["sgd_per_lr"][t],
-    )
-    compare(
-      "SGD, frozen backbone", head, same, "differ", names["sgd_scaled"], names["sgd_unscaled"]
-    )
+    setting = "SGD, frozen backbone"
+    first_unscaled = float(check.alphas[t]) * table.displacement(names["sgd_unscaled"], head)[:1]
+    first_scaled = table.displacement(names["sgd_scaled"], head)[:1]
+    compared = "first update(alpha) vs alpha * first update(1)"
+    table.add(setting, head, compared, "equal", first_scaled, first_unscaled, first_unscaled)
+    compared = "trajectory(alpha, lr) vs trajectory(1, alpha_t lr)"
+    table.compare(setting, head, compared, "equal", names["sgd_scaled"], names["sgd_per_lr"][t])
+    table.compare(setting, head, _SAME, "differ", names["sgd_scaled"], names["sgd_unscaled"])
   # Adam with a frozen backbone: the scale cancels except through eps (effective eps / alpha_t).
   for t, head in enumerate(heads):
-    compare(f"Adam, frozen backbone, eps={tiny:g}", head, same, "equal", *names["adam_tiny"])
-    compare(f"Adam, frozen backbone, eps={eps:g}", head, same, "differ", *names["adam_eps"])
-    compare(
-      f"Adam, frozen backbone, eps={eps:g}",
-      head,
-      "trajectory(alpha, eps) vs trajectory(1, eps/alpha_t)",
-      "equal",
-      names["adam_eps"][0],
-      names["adam_effective"][t],
-    )
+    table.compare(f"Adam, frozen backbone, eps={tiny:g}", head, _SAME, "equal", *names["adam_tiny"])
+    setting = f"Adam, frozen backbone, eps={eps:g}"
+    table.compare(setting, head, _SAME, "differ", *names["adam_eps"])
+    compared = "trajectory(alpha, eps) vs trajectory(1, eps/alpha_t)"
+    pair = (names["adam_eps"][0], names["adam_effective"][t])
+    table.compare(setting, head, compared, "equal", *pair)
   # Adam with a trainable backbone: nothing cancels.
   for group in GROUPS:
-    compare(
-      f"Adam, trainable backbone, eps={tiny:g}", group, same, "differ", *names["adam_trainable"]
-    )
+    setting = f"Adam, trainable backbone, eps={tiny:g}"
+    table.compare(setting, group, _SAME, "differ", *names["adam_trainable"])
   # Fully invariant recipes: UW-O (with SGD and with Adam) and one Adam per task.
   for label, pair in (
     ("UW-O + SGD", names["uw_o_sgd"]),
@@ -335,8 +330,8 @@ def _predictions(check, done, initial, names) -> list[dict[str, Any]]:
     (f"EW + per-task Adam, eps={tiny:g}", names["per_task"]),
   ):
     for group in GROUPS:
-      compare(f"{label}, trainable backbone", group, same, "equal", *pair)
-  return rows
+      table.compare(f"{label}, trainable backbone", group, _SAME, "equal", *pair)
+  return table.rows
 
 
 def run_invariance_check(config: ml_collections.ConfigDict) -> dict:
@@ -471,6 +466,106 @@ def _per_task_adam_step(experiment, tasks, optimizer):
   return step
 
 
+def _to_float64(tree):
+  return jax.tree_util.tree_map(
+    lambda leaf: leaf.astype(jnp.float64) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf,
+    tree,
+  )
+
+
+class _Classifier:
+  """Trains one method's trajectories at every loss scale and classifies its invariance."""
+
+  def __init__(self, settings, experiment, tasks, batches, scaled_task: int):
+    self.settings, self.experiment, self.tasks = settings, experiment, tasks
+    self.batches, self.scaled_task = batches, scaled_task
+    self.scales = [1.0] + [float(c) for c in settings.scales]
+    self.num_tasks = len(tasks)
+    self.sgd_learning_rate = float(settings.sgd_learning_rate)
+    self.adam = optax.chain(
+      optax.scale_by_adam(eps=float(settings.adam_eps)),
+      optax.scale_by_learning_rate(float(settings.adam_learning_rate)),
+    )
+    train_config = settings.train
+    self.seed = int(train_config.seed)
+    self.options = weighting_lib.method_options(train_config, experiment.steps_per_epoch)
+
+  def trajectories(self, step_fn, state):
+    """{scale: {group: [steps, P]}} for every scale, one compiled step for all."""
+    result = {}
+    for scale in self.scales:
+      loss_scale = np.ones(self.num_tasks, np.float32)
+      loss_scale[self.scaled_task] = scale
+      current, snapshots = state, []
+      for batch in self.batches:
+        current, _ = step_fn(current, {**batch, "loss_scale": loss_scale})
+        snapshots.append(jax.device_get(_model_groups(current.params)))
+      result[scale] = {group: np.stack([s[group] for s in snapshots]) for group in snapshots[0]}
+    return result
+
+  def worst(self, result, groups, initial) -> float:
+    return max(
+      _relative(result[c][g] - initial[g], result[1.0][g] - initial[g], result[1.0][g] - initial[g])
+      for c in self.scales[1:]
+      for g in groups
+    )
+
+  def _initial_state(self, weighting, optimizer):
+    sub = dataclasses.replace(self.experiment, weighting=weighting, optimizer=optax.identity())
+    with jax.enable_x64(False):
+      state = train_lib.init_state(sub, self.seed)
+    return state.replace(
+      params=_to_float64(state.params), weighting_params=_to_float64(state.weighting_params)
+    )
+
+  def run(self, name: str):
+    """(jitted step, initial state, (optimizer, frozen encoder) combinations) of a method."""
+    if name == "per_task_adam":
+      per_task = optax.chain(
+        optim.scale_by_per_task_adam(self.num_tasks, eps=float(self.settings.adam_eps)),
+        optax.scale_by_learning_rate(float(self.settings.adam_learning_rate)),
+      )
+      optimizer = _switchable(per_task, self.sgd_learning_rate, per_task=True)
+      state = self._initial_state(weighting_lib.get("ew", self.options), optimizer)
+      state = state.replace(opt_state=optimizer.init(state.params))
+      step_fn = _per_task_adam_step(self.experiment, self.tasks, optimizer)
+      # One Adam per task has no SGD counterpart.
+      return jax.jit(step_fn), state, [("adam", True), ("adam", False)]
+    weighting = weighting_lib.get(name, self.options)
+    optimizer = _switchable(self.adam, self.sgd_learning_rate)
+    state = self._initial_state(weighting, optimizer)
+    state = state.replace(opt_state=optimizer.init(state.trainable))
+    step_fn = train_lib.make_train_step(self.experiment.model, self.tasks, weighting, optimizer)
+    return jax.jit(step_fn), state, [(o, f) for o in ("adam", "sgd") for f in (True, False)]
+
+  def differences(self, name: str) -> dict[str, float]:
+    """{'<optimizer>_heads' or '<optimizer>_all': the worst relative trajectory difference}."""
+    step_fn, state, combinations = self.run(name)
+    initial = jax.device_get(_model_groups(state.params))
+    differences = {}
+    for optimizer_name, frozen in combinations:
+      flags = state.opt_state._replace(
+        use_adam=jnp.float32(optimizer_name == "adam"), train_encoder=jnp.float32(not frozen)
+      )
+      result = self.trajectories(step_fn, state.replace(opt_state=flags))
+      groups = ("heads",) if frozen else ("backbone", "heads")
+      key = f"{optimizer_name}_{'heads' if frozen else 'all'}"
+      differences[key] = self.worst(result, groups, initial)
+    return differences
+
+  def label(self, differences: dict[str, float]) -> str:
+    tolerance = float(self.settings.tolerance)
+    same = {key: value < tolerance for key, value in differences.items()}
+    sgd_all, sgd_heads = same.get("sgd_all"), same.get("sgd_heads")
+    if same["adam_all"] and sgd_all in (True, None):
+      return CLASSES[0]
+    if same["adam_heads"] and not sgd_heads:
+      return CLASSES[1]
+    if same["adam_heads"]:
+      return "invariant on heads (Adam and SGD)"
+    return CLASSES[2]
+
+
 def classify_methods(config: ml_collections.ConfigDict, dataset=None, progress=print) -> dict:
   """Classifies every registered weighting (plus one Adam per task) by loss-scale invariance.
 
@@ -493,78 +588,44 @@ def classify_methods(config: ml_collections.ConfigDict, dataset=None, progress=p
     sgd_heads, sgd_all), 'skipped' {method: reason} and 'markdown'.
   """
   settings = config.classify
-  train_config = settings.train
-  experiment = train_lib.build_experiment(train_config, dataset)
+  experiment = train_lib.build_experiment(settings.train, dataset)
   num_tasks = len(experiment.tasks)
   scaled_task = int(settings.scaled_task)
   if not 0 <= scaled_task < num_tasks:
     raise ValueError(f"config.classify.scaled_task must be in [0, {num_tasks}), got {scaled_task}.")
   tasks = [_ScaledTask(task, index) for index, task in enumerate(experiment.tasks)]
   source = experiment.dataset.splits["train"]
-  batch_size = int(train_config.training.batch_size)
-  steps = int(settings.steps)
-  batches = [
-    source.batch(np.arange(k * batch_size, (k + 1) * batch_size) % len(source))
-    for k in range(steps)
-  ]
-  scales = [1.0] + [float(c) for c in settings.scales]
+  batch_size = int(settings.train.training.batch_size)
+  indices = [np.arange(k * batch_size, (k + 1) * batch_size) for k in range(int(settings.steps))]
   names = list(settings.methods) or list(weighting_lib.method_names())
-  adam = optax.chain(
-    optax.scale_by_adam(eps=float(settings.adam_eps)),
-    optax.scale_by_learning_rate(float(settings.adam_learning_rate)),
-  )
-  sgd_learning_rate = float(settings.sgd_learning_rate)
-
-  def trajectories(step_fn, state):
-    """{scale: {group: [steps, P]}} for every scale, one compiled step for all."""
-    result = {}
-    for scale in scales:
-      loss_scale = np.ones(num_tasks, np.float32)
-      loss_scale[scaled_task] = scale
-      current, snapshots = state, []
-      for batch in batches:
-        current, _ = step_fn(current, {**batch, "loss_scale": loss_scale})
-        snapshots.append(jax.device_get(_model_groups(current.params)))
-      result[scale] = {group: np.stack([s[group] for s in snapshots]) for group in snapshots[0]}
-    return result
-
-  def worst(result, groups, initial):
-    return max(
-      _relative(result[c][g] - initial[g], result[1.0][g] - initial[g], result[1.0][g] - initial[g])
-      for c in scales[1:]
-      for g in groups
-    )
-
-  def to_float64(tree):
-    return jax.tree_util.tree_map(
-      lambda leaf: leaf.astype(jnp.float64) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf,
-      tree,
-    )
-
-  rows, skipped = [], {}
   candidates = names + (["per_task_adam"] if settings.include_per_task_adam else [])
-  x64 = jax.enable_x64(True)
-  x64.__enter__()
+  rows, skipped = [], {}
   # float64 throughout: in float32, Adam blows the rounding noise of near-zero gradient
   # entries up to full-size steps, which would hide the exact invariances being classified.
-  batches = [to_float64(batch) for batch in batches]
-  try:
-    rows, skipped = _classify_all(
-      candidates,
-      experiment,
-      tasks,
-      train_config,
-      settings,
-      num_tasks,
-      adam,
-      sgd_learning_rate,
-      trajectories,
-      worst,
-      to_float64,
-      progress,
-    )
-  finally:
-    x64.__exit__(None, None, None)
+  with jax.enable_x64(True):
+    batches = [_to_float64(source.batch(index % len(source))) for index in indices]
+    classifier = _Classifier(settings, experiment, tasks, batches, scaled_task)
+    for name in candidates:
+      try:
+        differences = classifier.differences(name)
+      except ValueError as error:
+        skipped[name] = str(error)
+        progress(f"  {name}: skipped ({error})")
+        continue
+      label = classifier.label(differences)
+      rows.append({"method": name, "class": label, **differences})
+      progress(f"  {name}: {label}  " + "  ".join(f"{k}={v:.1e}" for k, v in differences.items()))
+  return {
+    "rows": rows,
+    "skipped": skipped,
+    "markdown": _classification_table(rows),
+    "scales": classifier.scales[1:],
+    "tolerance": float(settings.tolerance),
+    "steps": int(settings.steps),
+  }
+
+
+def _classification_table(rows) -> str:
   columns = ("adam_heads", "adam_all", "sgd_heads", "sgd_all")
   lines = ["| method | class | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
   for row in rows:
@@ -573,102 +634,7 @@ def classify_methods(config: ml_collections.ConfigDict, dataset=None, progress=p
       + " | ".join(f"{row[c]:.1e}" if c in row else "n/a" for c in columns)
       + " |"
     )
-  return {
-    "rows": rows,
-    "skipped": skipped,
-    "markdown": "\n".join(lines),
-    "scales": scales[1:],
-    "tolerance": float(settings.tolerance),
-    "steps": steps,
-  }
-
-
-def _classify_all(
-  candidates,
-  experiment,
-  tasks,
-  train_config,
-  settings,
-  num_tasks,
-  adam,
-  sgd_learning_rate,
-  trajectories,
-  worst,
-  to_float64,
-  progress,
-):
-  """The per-method loop of `classify_methods` (run inside its float64 context)."""
-  rows, skipped = [], {}
-  options = weighting_lib.method_options(train_config, experiment.steps_per_epoch)
-  for name in candidates:
-    differences = {}
-    try:
-      if name == "per_task_adam":
-        optimizer = _switchable(
-          optax.chain(
-            optim.scale_by_per_task_adam(num_tasks, eps=float(settings.adam_eps)),
-            optax.scale_by_learning_rate(float(settings.adam_learning_rate)),
-          ),
-          sgd_learning_rate,
-          per_task=True,
-        )
-        sub = dataclasses.replace(
-          experiment, weighting=weighting_lib.get("ew", options), optimizer=optimizer
-        )
-        with jax.enable_x64(False):
-          state = train_lib.init_state(
-            dataclasses.replace(sub, optimizer=optax.identity()), int(train_config.seed)
-          )
-        state = state.replace(params=to_float64(state.params))
-        state = state.replace(opt_state=optimizer.init(state.params))
-        step_fn = _per_task_adam_step(experiment, tasks, optimizer)
-        combinations = [
-          ("adam", True),
-          ("adam", False),
-        ]  # One Adam per task has no SGD counterpart.
-      else:
-        weighting = weighting_lib.get(name, options)
-        optimizer = _switchable(adam, sgd_learning_rate)
-        sub = dataclasses.replace(experiment, weighting=weighting, optimizer=optimizer)
-        with jax.enable_x64(False):
-          state = train_lib.init_state(
-            dataclasses.replace(sub, optimizer=optax.identity()), int(train_config.seed)
-          )
-        state = state.replace(
-          params=to_float64(state.params), weighting_params=to_float64(state.weighting_params)
-        )
-        state = state.replace(opt_state=optimizer.init(state.trainable))
-        step_fn = train_lib.make_train_step(experiment.model, tasks, weighting, optimizer)
-        combinations = [(o, f) for o in ("adam", "sgd") for f in (True, False)]
-      step_fn = jax.jit(step_fn)
-      initial = jax.device_get(_model_groups(state.params))
-      for optimizer_name, frozen in combinations:
-        flags = state.opt_state._replace(
-          use_adam=jnp.float32(optimizer_name == "adam"), train_encoder=jnp.float32(not frozen)
-        )
-        result = trajectories(step_fn, state.replace(opt_state=flags))
-        groups = ("heads",) if frozen else ("backbone", "heads")
-        differences[f"{optimizer_name}_{'heads' if frozen else 'all'}"] = worst(
-          result, groups, initial
-        )
-    except ValueError as error:
-      skipped[name] = str(error)
-      progress(f"  {name}: skipped ({error})")
-      continue
-    tolerance = float(settings.tolerance)
-    same = {key: value < tolerance for key, value in differences.items()}
-    sgd_all, sgd_heads = same.get("sgd_all"), same.get("sgd_heads")
-    if same["adam_all"] and sgd_all in (True, None):
-      label = CLASSES[0]
-    elif same["adam_heads"] and not sgd_heads:
-      label = CLASSES[1]
-    elif same["adam_heads"]:
-      label = "invariant on heads (Adam and SGD)"
-    else:
-      label = CLASSES[2]
-    rows.append({"method": name, "class": label, **differences})
-    progress(f"  {name}: {label}  " + "  ".join(f"{k}={v:.1e}" for k, v in differences.items()))
-  return rows, skipped
+  return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------

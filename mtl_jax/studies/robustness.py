@@ -607,6 +607,35 @@ def _load_runs(config, mtl_dirs, stl_dirs, dataset) -> tuple[list[Run], dict[str
   return mtl_runs, stl_runs
 
 
+def _deltas(mtl_runs, stl_by_task, evaluations) -> dict[str, Any]:
+  """δ of every MTL run against the STL runs of its tasks (`corruption_delta`)."""
+  stl_clean = {
+    key: value
+    for run in stl_by_task.values()
+    for key, value in evaluations[run.name]["clean"].items()
+  }
+  conditions = evaluations[mtl_runs[0].name]["corrupted"] if mtl_runs else {}
+  stl_corrupted = {
+    condition: {
+      key: value
+      for run in stl_by_task.values()
+      for key, value in evaluations[run.name]["corrupted"][condition].items()
+    }
+    for condition in conditions
+  }
+  deltas = {}
+  for run in mtl_runs:
+    directions = tasks_lib.flat_directions(run.experiment.tasks)
+    deltas[run.name] = corruption_delta(
+      evaluations[run.name]["clean"],
+      evaluations[run.name]["corrupted"],
+      stl_clean,
+      stl_corrupted,
+      directions,
+    )
+  return deltas
+
+
 def run_robustness(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs the robustness study of SPEC section 5 and writes its results, tables and figure.
 
@@ -647,29 +676,7 @@ def run_robustness(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
     runs, test, corruption_conditions(names, severities), seed
   )
 
-  deltas = {}
-  stl_clean = {
-    key: value
-    for task, run in stl_by_task.items()
-    for key, value in evaluations[run.name]["clean"].items()
-  }
-  stl_corrupted = {
-    condition: {
-      key: value
-      for run in stl_by_task.values()
-      for key, value in evaluations[run.name]["corrupted"][condition].items()
-    }
-    for condition in evaluations[runs[0].name]["corrupted"]
-  }
-  for run in mtl_runs:
-    directions = tasks_lib.flat_directions(run.experiment.tasks)
-    deltas[run.name] = corruption_delta(
-      evaluations[run.name]["clean"],
-      evaluations[run.name]["corrupted"],
-      stl_clean,
-      stl_corrupted,
-      directions,
-    )
+  deltas = _deltas(mtl_runs, stl_by_task, evaluations)
   results = {
     "runs": {
       run.name: {

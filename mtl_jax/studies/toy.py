@@ -72,6 +72,40 @@ def make_program(
     `program(optimizer_index [N], method_index [N], learning_rate [N], start [N, 2]) ->
     dict(first_hit [N] int32 (-1 = never), dense [I, N, 2], sparse [S, N, 2], final [N, 2])`.
   """
+  batched_step = jax.vmap(_make_step(config, minimiser, minimum, dtype), in_axes=(0, 0, None))
+  dense_iterations = int(config.dense_iterations)
+  record_every = int(config.record_every)
+  chunks = (int(config.max_iterations) - dense_iterations) // record_every
+  remainder = int(config.max_iterations) - dense_iterations - chunks * record_every
+
+  def program(optimizer_index, method_index, learning_rate, start):
+    runs = (optimizer_index, method_index, learning_rate)
+    zeros = jnp.zeros_like(start)
+    state = (start, zeros, zeros, jnp.full(start.shape[:1], -1, jnp.int32))
+
+    def dense_body(state, iteration):
+      state = batched_step(runs, state, iteration)
+      return state, state[0]
+
+    state, dense = jax.lax.scan(dense_body, state, jnp.arange(dense_iterations, dtype=jnp.int32))
+
+    def sparse_body(state, chunk):
+      first = dense_iterations + chunk * record_every
+      state = jax.lax.fori_loop(
+        first, first + record_every, lambda i, s: batched_step(runs, s, i), state
+      )
+      return state, state[0]
+
+    state, sparse = jax.lax.scan(sparse_body, state, jnp.arange(chunks, dtype=jnp.int32))
+    done = dense_iterations + chunks * record_every
+    state = jax.lax.fori_loop(done, done + remainder, lambda i, s: batched_step(runs, s, i), state)
+    return {"first_hit": state[3], "dense": dense, "sparse": sparse, "final": state[0]}
+
+  return program
+
+
+def _make_step(config: ml_collections.ConfigDict, minimiser: np.ndarray, minimum: float, dtype):
+  """`step((optimizer, method, lr), (point, m, v, first hit), iteration) -> state` of one run."""
   directions = [
     (
       lambda g1, g2, name=name: (
@@ -115,36 +149,7 @@ def make_program(
     first_hit = jnp.where((first_hit < 0) & reached, iteration + 1, first_hit)
     return point, first_moment, second_moment, first_hit
 
-  batched_step = jax.vmap(step, in_axes=(0, 0, None))
-  dense_iterations = int(config.dense_iterations)
-  record_every = int(config.record_every)
-  chunks = (int(config.max_iterations) - dense_iterations) // record_every
-  remainder = int(config.max_iterations) - dense_iterations - chunks * record_every
-
-  def program(optimizer_index, method_index, learning_rate, start):
-    runs = (optimizer_index, method_index, learning_rate)
-    zeros = jnp.zeros_like(start)
-    state = (start, zeros, zeros, jnp.full(start.shape[:1], -1, jnp.int32))
-
-    def dense_body(state, iteration):
-      state = batched_step(runs, state, iteration)
-      return state, state[0]
-
-    state, dense = jax.lax.scan(dense_body, state, jnp.arange(dense_iterations, dtype=jnp.int32))
-
-    def sparse_body(state, chunk):
-      first = dense_iterations + chunk * record_every
-      state = jax.lax.fori_loop(
-        first, first + record_every, lambda i, s: batched_step(runs, s, i), state
-      )
-      return state, state[0]
-
-    state, sparse = jax.lax.scan(sparse_body, state, jnp.arange(chunks, dtype=jnp.int32))
-    done = dense_iterations + chunks * record_every
-    state = jax.lax.fori_loop(done, done + remainder, lambda i, s: batched_step(runs, s, i), state)
-    return {"first_hit": state[3], "dense": dense, "sparse": sparse, "final": state[0]}
-
-  return program
+  return step
 
 
 def _format(value: Any) -> str:
