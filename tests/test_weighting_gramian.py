@@ -7,7 +7,7 @@ independent implementation that works on an explicit random Jacobian J [T, P] in
 
 import functools
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -293,6 +293,9 @@ def test_permuting_rows_permutes_pcgrad_and_gradvac_weights_with_their_orders(ta
   seed=st.integers(0, 10**6),
   conflicting=st.booleans(),
 )
+# Nearly opposite rows with condition number 6e5: accelerated iterations alone had not found
+# the support after 1000 iterations, and UPGrad's direction opposed the first row.
+@example(method="upgrad", tasks=4, seed=701, conflicting=True)
 def test_non_conflicting_methods_never_oppose_a_row(method, tasks, seed, conflicting):
   jacobian = _jacobian(seed, tasks)
   if conflicting:
