@@ -269,7 +269,7 @@ def smooth_tchebycheff_scalarization(options: ml_collections.ConfigDict) -> Loss
   def combine(task_losses, params, state: STCHState, rng, step):
     del params, rng
     num_tasks = task_losses.shape[0]
-    epoch = step // steps_per_epoch
+    epoch = jnp.asarray(step) // steps_per_epoch
     fixed = jax.lax.stop_gradient(task_losses)
     accumulate = epoch == warmup_epochs
     loss_sum = state.loss_sum + jnp.where(accumulate, fixed, 0.0)
