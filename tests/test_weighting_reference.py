@@ -178,6 +178,42 @@ def test_fairgrad_matches_torchjd_on_the_raw_gramian(alpha):
   assert compared >= 20
 
 
+def test_nash_mtl_matches_torchjd_first_calls():
+  # Both: G / ‖G‖_F, (Gα)_i = 1/α_i, then α scaled so that ‖Jᵀα‖ ≤ 1 (max_norm 1). TorchJD's 20
+  # ECOS rounds reach about 1e-5 (NOTES.md); mtl_jax's Newton steps float32 accuracy.
+  solve = _jit(lambda g: gb.nash_mtl_weights(g, 50, 1.0))
+  for case in _cases_below(1e4, normal_scale=True):
+    jacobian = _jacobian(case)
+    reference = REFERENCE[f"torchjd/NashMTL/weights/{case}"]
+    np.testing.assert_allclose(solve(_gramian32(jacobian)), reference, rtol=2e-3, atol=1e-5)
+
+
+def test_gradvac_matches_torchjd_with_its_recorded_orders():
+  # TorchJD and mtl_jax both move every visited target (LibMTL only the corrected ones); TorchJD
+  # records each row's order of the other rows [m, m-1]; mtl_jax's orders also list the row
+  # itself, which it skips: appended at the end.
+  update = _jit(lambda g, targets, orders: gb.gradvac_weights(g, targets, orders, 0.5))
+
+  def orders_of(perms):
+    return jnp.asarray(np.concatenate([perms, np.arange(len(perms))[:, None]], axis=1), jnp.int32)
+
+  for case in _cases_below(1e4, normal_scale=True):
+    jacobian = _jacobian(case)
+    size = jacobian.shape[0]
+    perms = REFERENCE[f"torchjd/GradVac/perms/{case}"]
+    weights, _ = update(_gramian32(jacobian), jnp.zeros((size, size)), orders_of(perms))
+    _assert_direction_close(weights, REFERENCE[f"torchjd/GradVac/vector/{case}"], jacobian, 1e-4)
+  for sequence in SEQUENCES:
+    size = REFERENCE[f"inputs/seq/{sequence}/J/0"].shape[0]
+    targets = jnp.zeros((size, size))
+    for step in range(5):
+      jacobian = REFERENCE[f"inputs/seq/{sequence}/J/{step}"]
+      perms = REFERENCE[f"torchjd_seq/GradVac/perms/{sequence}/{step}"]
+      weights, targets = update(_gramian32(jacobian), targets, orders_of(perms))
+      reference = REFERENCE[f"torchjd_seq/GradVac/vector/{sequence}/{step}"]
+      _assert_direction_close(weights, reference, jacobian, 1e-4)
+
+
 # ----------------------------------------------------------------------------------------------
 # Stateful Gramian-space methods on the 5-step sequences (and first calls on J Jᵀ).
 
@@ -302,3 +338,45 @@ def test_smooth_tchebycheff_matches_torchjd_stch(mu):
       np.testing.assert_allclose(
         grad, REFERENCE[f"torchjd_scalar/{record}/grad/{lcase}"], rtol=1e-4, atol=1e-6
       )
+
+
+@pytest.mark.parametrize("lcase", LOSS_CASES)
+def test_famo_and_dwa_match_torchjd_protocols(lcase):
+  # FAMO: on each step the value and weights at the losses before the update, then the logits'
+  # Adam step (coupled weight decay 1e-3) from the losses after it: z = softmax(logits) compared.
+  famo = weighting.get("famo", method_options())
+  _, state = famo.init(REFERENCE[f"inputs/losses/{lcase}"].shape[0])
+  value_and_grad = _jit(
+    jax.value_and_grad(lambda losses, state: famo.combine(losses, {}, state, None, 0)[0])
+  )
+  combine = _jit(lambda losses, state: famo.combine(losses, {}, state, None, 0)[1])
+  after_update = _jit(famo.after_update)
+  for step in range(4):
+    before = jnp.asarray(REFERENCE[f"inputs/famo/{lcase}/before/{step}"], jnp.float32)
+    value, grad = value_and_grad(before, state)
+    key = f"{lcase}/{step}"
+    np.testing.assert_allclose(grad, REFERENCE[f"torchjd_scalar/FAMO/grad/{key}"], rtol=1e-4)
+    expected_value = REFERENCE[f"torchjd_scalar/FAMO/value/{key}"]
+    np.testing.assert_allclose(value, expected_value, rtol=1e-4, atol=1e-5)
+    state = combine(before, state)
+    after = jnp.asarray(REFERENCE[f"inputs/famo/{lcase}/after/{step}"], jnp.float32)
+    state = after_update(after, state)
+    np.testing.assert_allclose(
+      jax.nn.softmax(state.logits),
+      REFERENCE[f"torchjd_scalar/FAMO/z_after_update/{key}"],
+      rtol=1e-4,
+    )
+  # DWA (temperature 2, two steps per epoch): weights 1 for epochs 0 and 1, then from the ratio
+  # of the last two epochs' mean losses.
+  dwa = weighting.get("dwa", method_options(steps_per_epoch=2, dwa_temperature=2.0))
+  _, state = dwa.init(REFERENCE[f"inputs/losses/{lcase}"].shape[0])
+  for epoch in range(4):
+    for part in range(2):
+      losses = jnp.asarray(REFERENCE[f"inputs/dwa/{lcase}/e{epoch}b{part}"], jnp.float32)
+      step = jnp.asarray(2 * epoch + part)
+      grad = jax.grad(
+        lambda losses, state=state, step=step: dwa.combine(losses, {}, state, None, step)[0]
+      )(losses)
+      state = dwa.combine(losses, {}, state, None, step)[1]
+      expected = REFERENCE[f"torchjd_scalar/DWA/grad/{lcase}/e{epoch}b{part}"]
+      np.testing.assert_allclose(grad, expected, rtol=1e-5)
