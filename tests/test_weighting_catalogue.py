@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import test as test_config
+from mtl_jax import config_validation
 from mtl_jax import weighting
 from mtl_jax.train import gradient_steps
 from mtl_jax.weighting import bilevel
@@ -212,3 +214,31 @@ def test_split_batch_cuts_disjoint_parts_and_keeps_per_task_arrays():
   assert all(part["scales"].shape == (2,) for part in parts) and sum(shares) == pytest.approx(1.0)
   with pytest.raises(ValueError, match="config.training.batch_size"):
     gradient_steps.split_batch(batch, 8)
+
+
+@pytest.mark.parametrize(
+  "key,value,message",
+  [
+    ("fairgrad_alpha", -1.0, r"config\.method\.fairgrad_alpha.*> 0"),
+    ("sdmgrad_momentum", 1.0, r"config\.method\.sdmgrad_momentum.*\[0, 1\)"),
+    ("go4align_groups", 0, r"config\.method\.go4align_groups"),
+    ("moco_weight_map", "sigmoid", r"config\.method\.moco_weight_map"),
+    ("cr_mogm_base", "nope", r"config\.method\.cr_mogm_base"),
+  ],
+)
+def test_catalogue_options_are_validated_with_one_line_naming_the_key(key, value, message):
+  config = test_config.get_config()
+  config.unlock()
+  with config.method.ignore_type():
+    config.method[key] = value
+  with pytest.raises(config_validation.ConfigError, match=message) as error:
+    config_validation.validate_config(config, device_count=1)
+  assert len(str(error.value).splitlines()) == 1
+
+
+def test_a_batch_too_small_to_split_is_rejected_naming_the_batch_size():
+  config = test_config.get_config("method=sdmgrad")
+  config.unlock()
+  config.training.batch_size = 2
+  with pytest.raises(config_validation.ConfigError, match=r"config\.training\.batch_size.*3 parts"):
+    config_validation.validate_config(config, device_count=1)
