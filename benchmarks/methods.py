@@ -1,9 +1,9 @@
-"""Benchmark: the step time of gradient-weighting methods relative to EW's step (T = 3, CNN
+"""Benchmark: the step time of every registered method relative to EW's step (T = 3, CNN
 encoders).
 
-Every method's jitted train step (`train.make_train_step`, i.e. the Gramian path: per-row
-gradients -> Gramian -> the method's weights -> their weighted sum) is timed side by side with
-EW's step, in two cases printed next to each other:
+Every method's jitted train step (`train.make_train_step`: for a Gramian weighting, per-row
+gradients -> Gramian -> the method's weights -> their weighted sum; for the others, their own
+step) is timed side by side with EW's step, in two cases printed next to each other:
 
 * tiny: configs/test.py's small_cnn with features (16, 16), group norm, 16x32 images, batch 16:
   a step of a few milliseconds, where fixed per-op and solver overheads weigh the most;
@@ -36,12 +36,13 @@ import numpy as np  # noqa: E402
 from configs import scenes as scenes_config  # noqa: E402
 from configs import test as test_config  # noqa: E402
 from mtl_jax import train  # noqa: E402
+from mtl_jax import weighting  # noqa: E402
 from mtl_jax.data import registry  # noqa: E402
 
 _METHODS = flags.DEFINE_list(
   "methods",
-  ["pcgrad", "imtl", "cagrad", "mgda", "upgrad", "nash_mtl", "aligned_mtl", "gradvac"],
-  "Gramian methods to time (at level 'task').",
+  [name for name in weighting.method_names() if name != "ew"],
+  "Methods to time (at level 'task'); every registered one by default.",
 )
 _SAMPLE_LEVEL_METHODS = flags.DEFINE_list(
   "sample_level_methods", ["upgrad"], "Methods also timed at level 'sample_task' (tiny case only)."
@@ -67,6 +68,8 @@ def case_config(case: str, method: str, level: str = "task"):
   else:
     raise ValueError(f"Unknown case {case!r}; valid cases: {', '.join(CASES)}.")
   config.method.level = level
+  if method == "mtl_io":  # its per-task optimizers are SGD (weighting.jacobian_based)
+    config.optimizer.name = "sgd"
   return config.lock()
 
 

@@ -160,6 +160,89 @@ def _check_model(checker: _Checker) -> None:
         )
 
 
+_POSITIVE = (lambda value: value > 0, "> 0")
+_NON_NEGATIVE = (lambda value: value >= 0, ">= 0")
+_FRACTION = (lambda value: 0 <= value <= 1, "in [0, 1]")
+_FINITE = (lambda value: abs(value) < float("inf"), "finite")
+# Every numeric method option: (key, check, what the check allows).
+_METHOD_REALS = (
+  ("uw_initial_log_variance", *_FINITE),
+  ("uw_o_epsilon", *_POSITIVE),
+  ("cagrad_c", *_NON_NEGATIVE),
+  ("gradvac_beta", *_FRACTION),
+  ("nash_mtl_max_norm", *_NON_NEGATIVE),
+  ("nash_mtl_ridge", *_NON_NEGATIVE),
+  ("graddrop_leak", *_FRACTION),
+  ("dwa_temperature", *_POSITIVE),
+  ("gradnorm_alpha", *_NON_NEGATIVE),
+  ("famo_learning_rate", *_POSITIVE),
+  ("famo_weight_decay", *_NON_NEGATIVE),
+  ("config_eigenvalue_cutoff", lambda value: 0 <= value < 1, "in [0, 1)"),
+  ("fairgrad_alpha", *_POSITIVE),
+  ("cr_mogm_alpha", *_FRACTION),
+  ("db_mtl_beta", *_FRACTION),
+  ("db_mtl_beta_sigma", *_NON_NEGATIVE),
+  ("moco_beta", *_FRACTION),
+  ("moco_beta_sigma", *_NON_NEGATIVE),
+  ("moco_gamma", *_NON_NEGATIVE),
+  ("moco_gamma_sigma", *_NON_NEGATIVE),
+  ("moco_rho", *_NON_NEGATIVE),
+  ("excess_mtl_step_size", *_NON_NEGATIVE),
+  ("sdmgrad_lambda", *_NON_NEGATIVE),
+  ("sdmgrad_learning_rate", *_POSITIVE),
+  ("sdmgrad_momentum", lambda value: 0 <= value < 1, "in [0, 1)"),
+  ("modo_gamma", *_NON_NEGATIVE),
+  ("modo_rho", *_NON_NEGATIVE),
+  ("stch_mu", *_POSITIVE),
+  ("go4align_step_size", *_NON_NEGATIVE),
+  ("auto_lambda_initial_weight", *_FINITE),
+  ("auto_lambda_learning_rate", *_POSITIVE),
+)
+# Every integer method option and its minimum.
+_METHOD_INTEGERS = (
+  ("solver_iterations", 1),
+  ("cagrad_outer_iterations", 1),
+  ("nash_mtl_iterations", 1),
+  ("fairgrad_iterations", 1),
+  ("sdmgrad_iterations", 1),
+  ("stch_warmup_epochs", 0),
+  ("go4align_groups", 1),
+)
+
+
+def _check_method(checker: _Checker, device_count: int) -> None:
+  """The method's name, level and options; then the method is built, so that what only its
+  factory can check (e.g. cr_mogm_base naming a Gramian weighting) is reported the same way."""
+  checker.choice("method.name", weighting_lib.method_names(), "methods")
+  checker.choice("method.level", weighting_lib.LEVELS, "levels")
+  for key, check, allowed in _METHOD_REALS:
+    checker.real(f"method.{key}", check, allowed)
+  for key, minimum in _METHOD_INTEGERS:
+    checker.integer(f"method.{key}", minimum)
+  checker.choice("method.cagrad_rescale", (0, 1, 2))
+  checker.boolean("method.imtl_loss_scaling")
+  checker.choice("method.moco_weight_map", ("simplex", "softmax"))
+  checker.choice("method.moco_gradient_scale", ("loss", "none"))
+  checker.choice("method.cr_mogm_base", weighting_lib.method_names(), "methods")
+  if checker.problems or not checker.value("method.name")[0]:
+    return
+  try:
+    method = weighting_lib.get(
+      checker.config.method.name, weighting_lib.method_options(checker.config, 1)
+    )
+  except ValueError as error:
+    checker.problems.append(str(error))
+    return
+  parts = weighting_lib.batch_parts(method)
+  present, batch_size = checker.value("training.batch_size")
+  if present and _is_int(batch_size) and batch_size // max(device_count, 1) < parts:
+    checker.fail(
+      "training.batch_size",
+      f"method {method.name!r} splits each batch into {parts} parts; it needs at least "
+      f"{parts} samples per device, got {batch_size} on {device_count} device(s).",
+    )
+
+
 def _check_gramian(checker: _Checker) -> None:
   present, value = checker.value("gramian.verify_every_steps")
   if present and (not _is_int(value) or value < -1):
@@ -209,7 +292,6 @@ def validate_config(
     )
   _check_tasks(checker, dataset)
   _check_model(checker)
-  checker.choice("method.name", weighting_lib.method_names(), "methods")
   _check_gramian(checker)
   checker.choice("optimizer.name", optim.OPTIMIZERS, "optimizers")
   checker.real("optimizer.learning_rate", lambda value: 0 < value < float("inf"), "> 0 and finite")
@@ -239,6 +321,7 @@ def validate_config(
         "delta_m.baseline",
         f"{path!r} does not exist; give STL run directories or results.json files.",
       )
+  _check_method(checker, device_count)
   if checker.problems:
     raise ConfigError("\n".join(checker.problems))
 

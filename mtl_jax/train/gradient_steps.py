@@ -1,10 +1,11 @@
-"""Train steps for the gradient-based methods (Gramian weightings, Jacobian methods) and FAMO's
-extra pass.
+"""Train steps for the gradient-based methods (Gramian weightings, Jacobian methods), FAMO's
+extra pass and the bilevel split of Auto-Lambda.
 
 The conventions shared by all of them:
 
 * Methods act on the shared (encoder) parameters, as in LibMTL; every head receives its own
-  task's plain gradient ∂(mean_i L_it)/∂ψ_t.
+  task's plain gradient ∂(mean_i L_it)/∂ψ_t (a 'task_gradients' method may scale it per task,
+  as its reference does: DB-MTL's heads descend log L_t, ExcessMTL's α_t L_t).
 * A Gramian step takes one forward and T backward passes: the per-row gradients that give the
   Gramian also give the weighted encoder gradient Σ_r w_r ∇L_r (`gramian.compute` returns both),
   so no second backward pass of Σ_r w_r L_r is spent once the weights are known.
@@ -15,7 +16,7 @@ The conventions shared by all of them:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -241,6 +242,108 @@ def make_sequential_step(model, tasks, method, optimizer) -> Callable:
   return train_step
 
 
+def split_batch(batch: Mapping[str, jax.Array], parts: int) -> tuple[list[dict], list[float]]:
+  """The batch cut into `parts` consecutive disjoint parts, and each part's share of the batch.
+
+  Part sizes differ by at most one sample (the first B mod K parts get the extra one). An array
+  whose leading axis is not the batch's (a per-task input such as the invariance study's loss
+  scales) goes whole to every part.
+
+  Raises:
+    ValueError: fewer samples than parts.
+  """
+  size = int(batch["image"].shape[0])
+  if size < parts:
+    raise ValueError(
+      f"config.training.batch_size: the method splits each batch into {parts} parts, which "
+      f"needs at least {parts} samples (per device); got {size}."
+    )
+  sizes = [size // parts + (1 if index < size % parts else 0) for index in range(parts)]
+  starts = [sum(sizes[:index]) for index in range(parts)]
+
+  def cut(start, length):
+    return {
+      key: value[start : start + length] if jnp.ndim(value) and value.shape[0] == size else value
+      for key, value in batch.items()
+    }
+
+  return [cut(start, length) for start, length in zip(starts, sizes)], [n / size for n in sizes]
+
+
+def _task_gradient_part(model, tasks, state, part):
+  """(TaskGradients of one part of the batch, its head gradients, its batch statistics)."""
+  _, pullback, batch_stats, feature_gradients, head_gradients, losses = per_task_feature_gradients(
+    model, tasks, state, part
+  )
+  (encoder_gradients,) = gramian_lib.stacked_vjp(pullback, feature_gradients)
+  return weighting_lib.TaskGradients(losses, encoder_gradients), head_gradients, batch_stats
+
+
+def make_task_gradient_step(model, tasks, method, optimizer) -> Callable:
+  """Jacobian method on the encoder's per-task gradients (DB-MTL, MoCo, ExcessMTL), of the batch
+  or of `method.batch_parts` disjoint parts of it (SDMGrad, MoDo): one forward and T backward
+  passes per part, so splitting costs no more passes over the samples than one Gramian step.
+
+  Head t descends head_scales[t] times its plain gradient of the batch-mean loss (the parts'
+  gradients weighted by their shares of the batch); batch statistics are those of the last
+  part's forward pass.
+  """
+
+  def train_step(state, batch):
+    rng, step_rng = jax.random.split(state.rng)
+    parts, shares = split_batch(batch, method.batch_parts)
+    results = [_task_gradient_part(model, tasks, state, part) for part in parts]
+    direction, head_scales, weighting_state, aux = method.combine(
+      tuple(result[0] for result in results),
+      state.weighting_params,
+      state.weighting_state,
+      step_rng,
+      state.step,
+    )
+    heads = {}
+    for index, task in enumerate(tasks):
+      heads[task.name] = jax.tree_util.tree_map(
+        lambda *leaves, index=index: (
+          head_scales[index] * sum(share * leaf for share, leaf in zip(shares, leaves))
+        ),
+        *(result[1][task.name] for result in results),
+      )
+    losses = sum(share * result[0].losses for share, result in zip(shares, results))
+    grads = {
+      "model": {"encoder": direction, "heads": heads},
+      "weighting": _zero_weighting_gradients(state),
+    }
+    return _finish(state, optimizer, grads, results[-1][2], weighting_state, rng, losses, aux)
+
+  return train_step
+
+
+def with_bilevel(train_step: Callable, model, tasks, method) -> Callable:
+  """Splits the batch in two halves: `method.bilevel` updates the weighting state from the task
+  losses of both (as functions of the model parameters), then `train_step` runs on the first
+  half only, so the second is held out from the model's update (Auto-Lambda)."""
+
+  def losses_on(part, batch_stats):
+    def task_losses(model_params):
+      predictions, _ = apply_lib.predict(model, model_params, batch_stats, part["image"], True)
+      return jnp.mean(tasks_lib.losses_matrix(tasks, predictions, part), axis=0)
+
+    return task_losses
+
+  def step(state, batch):
+    (train_part, meta_part), _ = split_batch(batch, 2)
+    weighting_state = method.bilevel(
+      losses_on(train_part, state.batch_stats),
+      losses_on(meta_part, state.batch_stats),
+      state.params,
+      state.weighting_state,
+      state.step,
+    )
+    return train_step(state.replace(weighting_state=weighting_state), train_part)
+
+  return step
+
+
 def with_after_update(train_step: Callable, model, tasks, method) -> Callable:
   """Adds one forward pass after the update, on the same batch, for `method.after_update` (FAMO)."""
 
@@ -268,6 +371,7 @@ _JACOBIAN_STEPS = {
   "features": make_feature_jacobian_step,
   "per_task_optimizer": make_per_task_optimizer_step,
   "sequential": make_sequential_step,
+  "task_gradients": make_task_gradient_step,
 }
 
 

@@ -143,13 +143,13 @@ def _random_init(experiment: Experiment, seed: jax.Array) -> TrainState:
   init_rng = jax.random.key(seed, impl="rbg")
   images = jnp.zeros((1, *experiment.input_shape), jnp.float32)
   variables = experiment.model.init(init_rng, images, train=False)
-  size = weighting_lib.state_size(
+  weighting_params, weighting_state = weighting_lib.initial_state(
     experiment.weighting,
     experiment.level,
     len(experiment.tasks),
     int(experiment.config.training.batch_size),
+    variables["params"],
   )
-  weighting_params, weighting_state = experiment.weighting.init(size)
   trainable = {"model": variables["params"], "weighting": weighting_params}
   return TrainState(
     step=jnp.zeros((), jnp.int32),

@@ -48,7 +48,9 @@ def make_train_step(
     return gradient_steps.make_method_step(model, tasks, method, optimizer, level, mesh)
   step = _loss_weighting_step(model, tasks, method, optimizer)
   if method.after_update is not None:
-    return gradient_steps.with_after_update(step, model, tasks, method)
+    step = gradient_steps.with_after_update(step, model, tasks, method)
+  if method.bilevel is not None:
+    step = gradient_steps.with_bilevel(step, model, tasks, method)
   return step
 
 

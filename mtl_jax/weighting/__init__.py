@@ -1,8 +1,10 @@
 """MTL methods behind one registry: loss weightings, Gramian weightings and Jacobian methods."""
 
+from mtl_jax.weighting import bilevel  # noqa: F401  (Auto-Lambda)
 from mtl_jax.weighting import gramian_based  # noqa: F401  (PCGrad, CAGrad, MGDA, UPGrad, ...)
 from mtl_jax.weighting import jacobian_based  # noqa: F401  (GradDrop, AdaTask, MTL-IO)
-from mtl_jax.weighting import loss_based  # noqa: F401  (EW, UW, UW-O, RLW, DWA, FAMO)
+from mtl_jax.weighting import loss_based  # noqa: F401  (EW, UW, UW-O, RLW, DWA, FAMO, STCH, ...)
+from mtl_jax.weighting import task_gradients  # noqa: F401  (DB-MTL, MoCo, ExcessMTL, SDMGrad, MoDo)
 from mtl_jax.weighting.base import JACOBIAN_MODES
 from mtl_jax.weighting.base import LEVELS
 from mtl_jax.weighting.base import GramianWeighting
@@ -10,10 +12,13 @@ from mtl_jax.weighting.base import JacobianMethod
 from mtl_jax.weighting.base import LossWeighting
 from mtl_jax.weighting.base import Method
 from mtl_jax.weighting.base import NoState
+from mtl_jax.weighting.base import batch_parts
+from mtl_jax.weighting.base import TaskGradients
 from mtl_jax.weighting.base import check_level
 from mtl_jax.weighting.base import check_method_level
 from mtl_jax.weighting.base import get
 from mtl_jax.weighting.base import gramian_method
+from mtl_jax.weighting.base import initial_state
 from mtl_jax.weighting.base import make_optimizer
 from mtl_jax.weighting.base import method_names
 from mtl_jax.weighting.base import method_options
@@ -30,10 +35,13 @@ __all__ = [
   "LossWeighting",
   "Method",
   "NoState",
+  "TaskGradients",
+  "batch_parts",
   "check_level",
   "check_method_level",
   "get",
   "gramian_method",
+  "initial_state",
   "make_optimizer",
   "method_names",
   "method_options",

@@ -4,12 +4,25 @@
 * `GramianWeighting`: the Gramian G [R, R] of the rows' gradients -> weights w [R]; the step
   descends Σ_r w_r ∇L_r on the shared parameters (PCGrad, MGDA, UPGrad, ...).
 * `JacobianMethod`: needs the task gradients' coordinates, not just their inner products
-  (GradDrop in feature space; AdaTask and MTL-IO through their own optimizers).
+  (GradDrop in feature space; AdaTask and MTL-IO through their own optimizers; DB-MTL, MoCo and
+  ExcessMTL keep state in the coordinates of the encoder's task gradients; SDMGrad and MoDo
+  combine the task gradients of disjoint parts of the batch).
 
 Every method is built by a factory `options -> method` registered under its name; `options`
 is `config.method` (plus `steps_per_epoch`), and every default lives in configs/base.py only.
 Trainable parameters (UW's log-variances) are trained by the model's optimizer; state (DWA's
 epoch means, GradVac's targets) is a NamedTuple kept in the train state and checkpointed with it.
+`initial_state` is the one place that calls a method's `init`.
+
+Two extensions serve methods whose step needs more than one set of losses or gradients:
+* Jacobian mode 'task_gradients': the step hands the method each task's encoder gradient
+  (coordinates, [T, ...] per leaf) and the task losses, of the whole batch or, with
+  `batch_parts` = K > 1, of K disjoint parts of it (stochastic estimators that need independent
+  samples: SDMGrad, MoDo); the method returns the encoder direction and a scale per head. Its
+  `init` also receives the encoder parameters, to allocate state of their shape.
+* `LossWeighting.bilevel`: the step splits the batch in two halves, lets the method update its
+  state from the task losses of both (Auto-Lambda's virtual step on the first half, meta-loss
+  on the held-out second half), then descends the method's scalar on the first half only.
 """
 
 from __future__ import annotations
@@ -33,9 +46,24 @@ LEVELS = ("task", "sample", "sample_task")
 # respect to the shared features to one feature cotangent), 'per_task_optimizer' (the per-task
 # gradients of the shared parameters go, stacked, to the optimizer from `make_optimizer`),
 # 'sequential' (one optimizer step per task in turn, each on a fresh gradient).
-JACOBIAN_MODES = ("features", "per_task_optimizer", "sequential")
+# 'task_gradients' (combine maps the encoder's per-task gradients and losses, of the batch or of
+# `batch_parts` disjoint parts of it, to the encoder direction and per-head scales).
+JACOBIAN_MODES = ("features", "per_task_optimizer", "sequential", "task_gradients")
 
-Init = Callable[[int], tuple[Any, Any]]
+Init = Callable[..., tuple[Any, Any]]
+
+
+class TaskGradients(NamedTuple):
+  """What a 'task_gradients' Jacobian method receives for one part of the batch.
+
+  Attributes:
+    losses: [T] the part's batch-mean task losses L_t.
+    encoder: a pytree like the encoder's parameters whose leaves have a leading [T] axis: row t
+      is ∇_encoder L_t.
+  """
+
+  losses: jax.Array
+  encoder: Any
 
 
 class NoState(NamedTuple):
@@ -60,6 +88,10 @@ class LossWeighting:
     description: one line shown in listings and reports.
     after_update: when set, (task losses after the update on the same batch [T], state) ->
       new state; the train step runs one more forward pass for it (FAMO).
+    bilevel: when set, (train_losses, meta_losses, model params, state, step) -> new state,
+      run before `combine`: `train_losses(model params)` and `meta_losses(model params)` are the
+      task losses [T] on the two halves of the batch, differentiable in the model parameters;
+      `combine` then sees the first half's losses only (Auto-Lambda).
   """
 
   name: str
@@ -67,6 +99,7 @@ class LossWeighting:
   combine: Callable[..., tuple[Any, Any, dict]]
   description: str = ""
   after_update: Callable[[Any, Any], Any] | None = None
+  bilevel: Callable[..., Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,31 +130,46 @@ class JacobianMethod:
   Attributes:
     name: registry name.
     mode: one of JACOBIAN_MODES.
-    init: num_tasks -> (trainable parameters, state).
+    init: num_tasks -> (trainable parameters, state); in mode 'task_gradients',
+      (num_tasks, encoder parameters) -> (trainable parameters, state).
     combine: for mode 'features', (feature_gradients [T, *features.shape], features, params,
-      state, rng, step) -> (feature cotangent, new state, aux); None otherwise.
-    make_optimizer: for the other modes, (optimizer config, steps_per_epoch, task names) -> the
-      optax transformation that replaces `optim.make_optimizer`.
+      state, rng, step) -> (feature cotangent, new state, aux); for mode 'task_gradients',
+      (parts: a tuple of `batch_parts` TaskGradients, params, state, rng, step) -> (encoder
+      direction (a pytree like the encoder's parameters), head scales [T], new state, aux):
+      head t descends head_scales[t] times its plain gradient of L_t (averaged over the parts);
+      None otherwise.
+    make_optimizer: for the optimizer modes, (optimizer config, steps_per_epoch, task names) ->
+      the optax transformation that replaces `optim.make_optimizer`.
     description: one line shown in listings and reports.
+    levels: always ('task',): the rows are tasks.
+    batch_parts: mode 'task_gradients': the number of disjoint parts the batch is split into
+      (as equal as the batch size allows), each with its own task gradients.
   """
 
   name: str
   mode: str
   init: Init = no_parameters
-  combine: Callable[..., tuple[Any, Any, dict]] | None = None
+  combine: Callable[..., tuple[Any, ...]] | None = None
   make_optimizer: Callable[..., Any] | None = None
   description: str = ""
   levels: tuple[str, ...] = ("task",)
+  batch_parts: int = 1
 
   def __post_init__(self):
     if self.mode not in JACOBIAN_MODES:
       raise ValueError(
         f"Method {self.name!r}: unknown mode {self.mode!r}; valid: {JACOBIAN_MODES}."
       )
-    if (self.mode == "features") != (self.combine is not None):
-      raise ValueError(f"Method {self.name!r}: mode 'features' needs combine, the others do not.")
-    if (self.mode != "features") != (self.make_optimizer is not None):
+    combines = self.mode in ("features", "task_gradients")
+    if combines != (self.combine is not None):
+      raise ValueError(
+        f"Method {self.name!r}: modes 'features' and 'task_gradients' need combine, the "
+        "others do not."
+      )
+    if combines == (self.make_optimizer is not None):
       raise ValueError(f"Method {self.name!r}: the optimizer modes need make_optimizer.")
+    if self.batch_parts < 1 or (self.batch_parts > 1 and self.mode != "task_gradients"):
+      raise ValueError(f"Method {self.name!r}: batch_parts > 1 needs mode 'task_gradients'.")
 
 
 Method = LossWeighting | GramianWeighting | JacobianMethod
@@ -158,6 +206,33 @@ def state_size(method: Method, level: str, num_tasks: int, batch_size: int) -> i
   if isinstance(method, GramianWeighting):
     return num_rows(level, num_tasks, batch_size)
   return num_tasks
+
+
+def initial_state(
+  method: Method, level: str, num_tasks: int, batch_size: int, model_params: Any
+) -> tuple[Any, Any]:
+  """(trainable parameters, state) of a method at the start of a run.
+
+  Args:
+    method: any method.
+    level: the rows of a Gramian weighting (see LEVELS).
+    num_tasks, batch_size: T and B, which size the state (`state_size`).
+    model_params: {'encoder': ..., 'heads': ...}; the encoder's shapes size the state of a
+      'task_gradients' Jacobian method (per-task copies of the encoder's coordinates).
+  """
+  size = state_size(method, level, num_tasks, batch_size)
+  if isinstance(method, JacobianMethod) and method.mode == "task_gradients":
+    return method.init(size, model_params["encoder"])
+  return method.init(size)
+
+
+def batch_parts(method: Method) -> int:
+  """How many disjoint parts a method's train step splits each batch into (1: none)."""
+  if isinstance(method, JacobianMethod):
+    return method.batch_parts
+  if isinstance(method, LossWeighting) and method.bilevel is not None:
+    return 2
+  return 1
 
 
 def register(name: str) -> Callable[[Factory], Factory]:
@@ -219,9 +294,11 @@ def get(name: str, options: Mapping[str, Any] | ml_collections.ConfigDict) -> Me
 def method_options(
   config: ml_collections.ConfigDict, steps_per_epoch: int
 ) -> ml_collections.ConfigDict:
-  """A method's options: config.method, plus the epoch length epoch-based methods (DWA) need."""
+  """A method's options: config.method, plus the epoch length epoch-based methods (DWA, STCH)
+  need and the optimizer's section (Auto-Lambda's virtual step follows its learning rate)."""
   options = ml_collections.ConfigDict(config.method.to_dict())
   options.steps_per_epoch = int(steps_per_epoch)
+  options.optimizer = ml_collections.ConfigDict(config.optimizer.to_dict())
   return options
 
 

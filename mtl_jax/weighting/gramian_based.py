@@ -15,12 +15,13 @@ otherwise: sum or mean over rows, constants); defaults live in configs/base.py.
 minimises for the weighting's own parameters (IMTL-L's loss scales, GradNorm's weights).
 
 All weightings normalise G by its mean diagonal first (`solvers.normalise`); their weights are
-invariant to that scale, so this only conditions the solvers.
+invariant to that scale, so this only conditions the solvers. FairGrad's are not: it scales its
+weights back (see `fairgrad_weights`).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +31,7 @@ from mtl_jax.weighting import solvers
 from mtl_jax.weighting.base import GramianWeighting
 from mtl_jax.weighting.base import NoState
 from mtl_jax.weighting.base import check_level
+from mtl_jax.weighting.base import get
 from mtl_jax.weighting.base import gramian_method
 from mtl_jax.weighting.base import no_parameters
 from mtl_jax.weighting.base import register
@@ -253,6 +255,60 @@ def nash_mtl_weights(
   return alpha
 
 
+def dualproj_weights(gramian: jax.Array, iterations: int) -> jax.Array:
+  """DualProj's weights: the mean of the rows' gradients projected onto their dual cone.
+
+  The projection of Jᵀu onto {d : J d ≥ 0} is Jᵀw with w = argmin_{w ≥ u} wᵀGw (the dual of the
+  projection, Quinton & Rey 2024, Prop. 1), here with u = 1/R (TorchJD's default preference:
+  mean convention, no conflict gives the mean gradient). UPGrad projects each row separately;
+  DualProj projects their mean once.
+  """
+  gramian, _ = solvers.normalise(gramian)
+  size = gramian.shape[0]
+  preference = jnp.full((1, size), 1.0 / size, gramian.dtype)
+  return solvers.project_onto_dual_cone(gramian, preference, iterations)[0]
+
+
+def config_weights(gramian: jax.Array, eigenvalue_cutoff: float) -> jax.Array:
+  """ConFIG's weights (Liu et al. 2025): the direction with equal cosine to every row's gradient.
+
+  With unit rows u_i = g_i/‖g_i‖ (0 for a zero row) stacked in U, ConFIG's direction is
+  b = U⁺1, rescaled to the length Σ_i ⟨g_i, b̂⟩ (b̂ = b/‖b‖). Since U⁺ = Uᵀ(UUᵀ)⁺ and
+  UUᵀ = C = D⁻¹GD⁻¹ (the cosine matrix, D = diag(‖g_i‖)), b = Jᵀc with c = D⁻¹C⁺1: all from
+  G. Then ‖b‖² = cᵀGc and Σ_i⟨g_i, b⟩ = 1ᵀGc, so the update is Jᵀω with ω = (1ᵀGc / cᵀGc)·c.
+  Sum convention: orthogonal or identical rows give ω = 1 (EW). C⁺ drops eigenvalues below
+  `eigenvalue_cutoff` times the largest (σ ratio √cutoff on U: float32 cannot resolve finer
+  ones). Invariant to G → sG.
+  """
+  gramian, _ = solvers.normalise(gramian)
+  squared_norms = jnp.diag(gramian)
+  nonzero = squared_norms > EPSILON * jnp.max(squared_norms)
+  inverse_norms = jnp.where(nonzero, 1.0 / jnp.sqrt(jnp.where(nonzero, squared_norms, 1.0)), 0.0)
+  cosines = gramian * inverse_norms[:, None] * inverse_norms[None, :]
+  eigenvalues, vectors = jnp.linalg.eigh(cosines)
+  kept = eigenvalues > eigenvalue_cutoff * jnp.maximum(eigenvalues[-1], EPSILON)
+  inverse = jnp.where(kept, 1.0 / jnp.where(kept, eigenvalues, 1.0), 0.0)
+  coefficients = inverse_norms * (vectors @ (inverse * jnp.sum(vectors, axis=0)))
+  products = gramian @ coefficients
+  squared_length = coefficients @ products
+  scale = jnp.where(squared_length > 0, jnp.sum(products) / jnp.maximum(squared_length, 1e-30), 0)
+  return scale * coefficients
+
+
+def fairgrad_weights(gramian: jax.Array, alpha: float, iterations: int) -> jax.Array:
+  """FairGrad's weights (Ban & Ji 2024): the α-fair allocation w > 0 with (Gw)_i = w_i^(-1/α).
+
+  Unlike the other weightings, w depends on the scale of G: w(sG) = s^(-α/(α+1)) w(G). The
+  solve runs on G normalised by its mean diagonal s (for conditioning) and the result is scaled
+  back by s^(-α/(α+1)), so the weights are those of the raw Gramian, as in the reference
+  implementations (LibMTL's convention: the step is Σ w_i g_i, no ×R and no norm clipping).
+  α = 1 is Nash-MTL's condition without its normalisation and clipping.
+  """
+  normalised, scale = solvers.normalise(gramian)
+  weights = solvers.alpha_fair_allocation(normalised, alpha, iterations)
+  return weights * scale ** (-alpha / (alpha + 1.0))
+
+
 # ----------------------------------------------------------------------------------------------
 # Registered methods.
 
@@ -421,3 +477,75 @@ def gradient_normalization(options: ml_collections.ConfigDict) -> GramianWeighti
 
   description = f"gradient normalisation (alpha {alpha:g})"
   return GramianWeighting("gradnorm", init, weigh, description, levels=("task",))
+
+
+@gramian_method("imtl_g", "impartial MTL, gradient balance (IMTL-G alone)")
+def _imtl_g(gramian: jax.Array, options: ml_collections.ConfigDict) -> jax.Array:
+  """IMTL-G (Liu et al. 2021) alone, at every level; `imtl` adds IMTL-L's loss scales at level
+  'task'. See `imtl_g_weights`."""
+  del options
+  return imtl_g_weights(gramian)
+
+
+@gramian_method("dualproj", "the mean gradient projected onto the dual cone")
+def _dualproj(gramian: jax.Array, options: ml_collections.ConfigDict) -> jax.Array:
+  """DualProj (Lopez-Paz & Ranzato 2017's projection; Quinton & Rey 2024); see
+  `dualproj_weights`."""
+  return dualproj_weights(gramian, int(options.solver_iterations))
+
+
+@gramian_method("config", "ConFIG: conflict-free inverse gradients")
+def _config(gramian: jax.Array, options: ml_collections.ConfigDict) -> jax.Array:
+  """ConFIG (Liu et al. 2025) with `config_eigenvalue_cutoff`; see `config_weights`."""
+  return config_weights(gramian, float(options.config_eigenvalue_cutoff))
+
+
+@gramian_method("fairgrad", "alpha-fair resource allocation among tasks")
+def _fairgrad(gramian: jax.Array, options: ml_collections.ConfigDict) -> jax.Array:
+  """FairGrad (Ban & Ji 2024) with `fairgrad_alpha` and `fairgrad_iterations` Newton steps; see
+  `fairgrad_weights`."""
+  return fairgrad_weights(gramian, float(options.fairgrad_alpha), int(options.fairgrad_iterations))
+
+
+class CRMOGMState(NamedTuple):
+  """CR-MOGM's state: the wrapped method's state and the last smoothed weights."""
+
+  base: Any
+  weights: jax.Array
+  started: jax.Array
+
+
+@register("cr_mogm")
+def correlation_reduced(options: ml_collections.ConfigDict) -> GramianWeighting:
+  """CR-MOGM (Zhou et al. 2022): a moving average of another Gramian weighting's weights.
+
+  λ_k = α λ_{k-1} + (1 - α) λ̂_k with λ̂_k the weights of `cr_mogm_base` at step k and
+  α = `cr_mogm_alpha`; the first step's weights are the base method's (λ_0 = λ̂_1, as TorchJD).
+  The smoothed weights multiply the current gradients (the gradients are not averaged), which
+  reduces the correlation between the weights and the gradients' sampling noise. Task level
+  only: the average follows each row's identity across steps, which samples do not keep. The
+  base method's parameters and weighting loss (e.g. IMTL-L's) pass through. α is constant here
+  (the paper's analysis lets it grow towards 1 as the learning rate decays).
+  """
+  alpha = float(options.cr_mogm_alpha)
+  base = get(str(options.cr_mogm_base), options)
+  if not isinstance(base, GramianWeighting) or base.name == "cr_mogm" or "task" not in base.levels:
+    raise ValueError(
+      f"config.method.cr_mogm_base: must name a Gramian weighting defined at level 'task' "
+      f"(not cr_mogm), got {options.cr_mogm_base!r}."
+    )
+
+  def init(num_rows):
+    params, state = base.init(num_rows)
+    weights = jnp.zeros((num_rows,), jnp.float32)
+    return params, CRMOGMState(state, weights, jnp.zeros((), jnp.bool_))
+
+  def weigh(gramian, task_losses, params, state: CRMOGMState, rng, step):
+    current, base_state, aux = base.weigh(gramian, task_losses, params, state.base, rng, step)
+    fixed = jax.lax.stop_gradient(current)
+    weights = jnp.where(state.started, alpha * state.weights + (1.0 - alpha) * fixed, fixed)
+    new_state = CRMOGMState(base_state, weights.astype(state.weights.dtype), jnp.ones((), bool))
+    return weights, new_state, {**aux, "weights": weights}
+
+  description = f"correlation-reduced {base.name} (moving average of weights, alpha {alpha:g})"
+  return GramianWeighting("cr_mogm", init, weigh, description, levels=("task",))

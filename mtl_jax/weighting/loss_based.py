@@ -1,5 +1,5 @@
 """Loss weightings: the task losses [T] -> the scalar the optimizer descends (EW, UW, UW-O, RLW,
-DWA, FAMO)."""
+DWA, FAMO, GLS, IMTL-L, STCH, GO4Align)."""
 
 from __future__ import annotations
 
@@ -179,3 +179,187 @@ def fast_adaptive_multitask_optimization(options: ml_collections.ConfigDict) -> 
   return LossWeighting(
     "famo", init, combine, "fast adaptive multitask optimization", after_update=after_update
   )
+
+
+@register("gls")
+def geometric_loss_strategy(options: ml_collections.ConfigDict) -> LossWeighting:
+  """GLS (Chennupati et al. 2019): the geometric mean of the task losses, (Π_t L_t)^(1/T).
+
+  Computed as exp(mean_t log L_t) (a product of T small losses underflows); its gradient is
+  Σ_t w_t ∇L_t with w_t = GLS / (T L_t), logged as the weights. The direction does not change
+  when a task's loss is multiplied by a constant. Losses must be positive.
+  """
+  del options
+
+  def combine(task_losses, params, state, rng, step):
+    del params, rng, step
+    total = jnp.exp(jnp.mean(jnp.log(task_losses)))
+    weights = jax.lax.stop_gradient(total / (task_losses.shape[0] * task_losses))
+    return total, state, {"weights": weights}
+
+  return LossWeighting("gls", no_parameters, combine, "geometric mean of the task losses")
+
+
+@register("imtl_l")
+def impartial_loss_balance(options: ml_collections.ConfigDict) -> LossWeighting:
+  """IMTL-L (Liu et al. 2021): learned log-scales s_t (init 0); total = Σ_t e^{s_t} L_t - s_t.
+
+  The model descends Σ_t e^{s_t} ∇L_t; the optimizer trains s on the same total, whose fixed
+  point e^{s_t} = 1/L_t makes every scaled loss 1 (sum convention: EW at the start). `imtl`
+  combines this with IMTL-G; `imtl_g` is the gradient part alone.
+  """
+  del options
+
+  def init(num_tasks: int):
+    return {"log_scale": jnp.zeros((num_tasks,), jnp.float32)}, {}
+
+  def combine(task_losses, params, state, rng, step):
+    del rng, step
+    log_scale = params["log_scale"]
+    total = jnp.sum(jnp.exp(log_scale) * task_losses - log_scale)
+    return total, state, {"weights": jax.lax.stop_gradient(jnp.exp(log_scale))}
+
+  return LossWeighting("imtl_l", init, combine, "impartial MTL, loss balance (learned scales)")
+
+
+def smooth_tchebycheff(
+  values: jax.Array, mu: float, preference: jax.Array, reference: jax.Array
+) -> jax.Array:
+  """μ log Σ_t exp(p_t (v_t - z_t) / μ): the smooth Tchebycheff scalarization (Lin et al. 2024).
+
+  It tends to max_t p_t (v_t - z_t) as μ → 0. The largest term is taken out of the exponentials
+  (and added back), so no term overflows.
+  """
+  scaled = preference * (values - reference) / mu
+  top = jax.lax.stop_gradient(jnp.max(scaled))
+  return mu * (top + jnp.log(jnp.sum(jnp.exp(scaled - top))))
+
+
+class STCHState(NamedTuple):
+  """STCH's nadir point: the losses summed over the last warm-up epoch, then their mean."""
+
+  loss_sum: jax.Array
+  count: jax.Array
+  nadir: jax.Array
+  nadir_set: jax.Array
+
+
+@register("stch")
+def smooth_tchebycheff_scalarization(options: ml_collections.ConfigDict) -> LossWeighting:
+  """STCH (Lin et al. 2024) for MTL, as the authors' code runs it: log-losses, then a smooth max.
+
+  Epochs count from 0, with W = `stch_warmup_epochs`:
+  * epochs < W and epoch W: total = Σ_t log L_t (epoch W also sums the losses);
+  * after: the nadir n = epoch W's mean losses, ℓ_t = log(L_t / n_t) and
+    total = T · smooth_tchebycheff(ℓ, μ, 1, 0) with μ = `stch_mu`: the weights
+    w_t = T softmax(ℓ/μ)_t / L_t go to the task furthest above its nadir as μ → 0, and to
+    1/L_t (the log-loss objective) as μ → ∞.
+  1e-20 is added inside the logarithms, as in the authors' code.
+  """
+  mu = float(options.stch_mu)
+  warmup_epochs = int(options.stch_warmup_epochs)
+  steps_per_epoch = int(options.steps_per_epoch)
+  epsilon = 1e-20
+
+  def init(num_tasks: int):
+    zeros = jnp.zeros((num_tasks,), jnp.float32)
+    ones = jnp.ones((num_tasks,), jnp.float32)
+    return {}, STCHState(zeros, jnp.zeros((), jnp.float32), ones, jnp.zeros((), jnp.bool_))
+
+  def combine(task_losses, params, state: STCHState, rng, step):
+    del params, rng
+    num_tasks = task_losses.shape[0]
+    epoch = jnp.asarray(step) // steps_per_epoch
+    fixed = jax.lax.stop_gradient(task_losses)
+    accumulate = epoch == warmup_epochs
+    loss_sum = state.loss_sum + jnp.where(accumulate, fixed, 0.0)
+    count = state.count + accumulate.astype(state.count.dtype)
+    after = epoch > warmup_epochs
+    set_now = after & ~state.nadir_set
+    nadir = jnp.where(set_now, loss_sum / jnp.maximum(count, 1.0), state.nadir)
+    log_losses = jnp.log(task_losses / nadir + epsilon)
+    smooth = num_tasks * smooth_tchebycheff(log_losses, mu, 1.0, 0.0)
+    warmup = jnp.sum(jnp.log(task_losses + epsilon))
+    total = jnp.where(after, smooth, warmup)
+    softmax = jax.nn.softmax(jax.lax.stop_gradient(log_losses) / mu)
+    weights = jnp.where(
+      after, num_tasks * softmax / (fixed + epsilon * nadir), 1.0 / (fixed + epsilon)
+    )
+    new_state = STCHState(loss_sum, count, nadir, state.nadir_set | after)
+    return total, new_state, {"weights": weights}
+
+  description = f"smooth Tchebycheff scalarization (mu {mu:g})"
+  return LossWeighting("stch", init, combine, description)
+
+
+def kmeans_1d(values: jax.Array, groups: int) -> jax.Array:
+  """Each value replaced by its cluster's mean under the optimal 1-D k-means with `groups` groups.
+
+  Optimal 1-D clusters are contiguous once sorted, so dynamic programming over the split points
+  finds the exact optimum (deterministic and jittable; Lloyd's iterations from random centres
+  can stop at a local one). Every cluster is non-empty; groups ≥ len(values) returns values.
+  """
+  size = values.shape[0]
+  groups = min(int(groups), size)
+  order = jnp.argsort(values)
+  ordered = values[order]
+  sums = jnp.concatenate([jnp.zeros((1,), values.dtype), jnp.cumsum(ordered)])
+  squares = jnp.concatenate([jnp.zeros((1,), values.dtype), jnp.cumsum(ordered**2)])
+  start, end = jnp.arange(size)[:, None], jnp.arange(size)[None, :]
+  lengths = jnp.maximum(end - start + 1, 1)
+  segment_sum = sums[end + 1] - sums[start]
+  # cost[i, j]: the squared error of one cluster holding ordered[i..j] (inf when i > j).
+  cost = squares[end + 1] - squares[start] - segment_sum**2 / lengths
+  cost = jnp.where(end >= start, jnp.maximum(cost, 0.0), jnp.inf)
+  best = cost[0]  # best[j]: one cluster over ordered[0..j].
+  splits = []
+  for _ in range(1, groups):
+    # The last cluster starts at i ≥ 1 and follows the best partition of ordered[0..i-1].
+    previous = jnp.concatenate([jnp.full((1,), jnp.inf, values.dtype), best[:-1]])
+    candidates = previous[:, None] + cost
+    splits.append(jnp.argmin(candidates, axis=0))
+    best = jnp.min(candidates, axis=0)
+  means = jnp.zeros_like(ordered)
+  positions = jnp.arange(size)
+  last = size - 1
+  for split in reversed([jnp.zeros((size,), jnp.int32)] + splits):
+    first = split[last]
+    mean = (sums[last + 1] - sums[first]) / (last - first + 1)
+    means = jnp.where((positions >= first) & (positions <= last), mean, means)
+    last = first - 1
+  return jnp.zeros_like(values).at[order].set(means)
+
+
+class GO4AlignState(NamedTuple):
+  """GO4Align's risk-guided indicators p [T] (on the simplex)."""
+
+  indicators: jax.Array
+
+
+@register("go4align")
+def group_optimization_alignment(options: ml_collections.ConfigDict) -> LossWeighting:
+  """GO4Align (Shen et al. 2024), as its released code computes the weights from the losses.
+
+  With L̂ the losses (held constant): scale balance γ_t = Σ_s L̂_s / L̂_t; risk-guided
+  indicators p ← p ⊙ exp(-η L̂), renormalised to sum 1 (start 1/T; η = `go4align_step_size`);
+  ω_t = γ_t p_t; the T values ω are grouped by 1-D k-means into K = `go4align_groups` groups
+  (exactly, `kmeans_1d`), and each task's weight is its group's mean. The total is Σ_t ω̄_t L_t.
+  K = 1 (the code's default) gives every task mean(ω); K ≥ T gives ω itself.
+  """
+  step_size = float(options.go4align_step_size)
+  groups = int(options.go4align_groups)
+
+  def init(num_tasks: int):
+    return {}, GO4AlignState(jnp.full((num_tasks,), 1.0 / num_tasks, jnp.float32))
+
+  def combine(task_losses, params, state: GO4AlignState, rng, step):
+    del params, rng, step
+    fixed = jax.lax.stop_gradient(task_losses)
+    balance = jnp.sum(fixed) / fixed
+    indicators = state.indicators * jnp.exp(-step_size * fixed)
+    indicators = indicators / jnp.sum(indicators)
+    weights = kmeans_1d(balance * indicators, groups)
+    return jnp.sum(weights * task_losses), GO4AlignState(indicators), {"weights": weights}
+
+  description = f"group optimization for alignment ({groups} group(s))"
+  return LossWeighting("go4align", init, combine, description)

@@ -541,3 +541,64 @@ def nash_bargaining(gramian: jax.Array, iterations: int, ridge: float = 0.0) -> 
     return jnp.where(jnp.all(jnp.isfinite(updated)), updated, alpha)
 
   return jax.lax.fori_loop(0, iterations, body, start)
+
+
+# ----------------------------------------------------------------------------------------------
+# FairGrad's α-fair allocation.
+
+# Step lengths tried by each Newton step's backtracking (1, 1/2, ..., 2^-29), all at once.
+_BACKTRACKING_STEPS = 0.5 ** jnp.arange(30, dtype=jnp.float32)
+
+
+def alpha_fair_allocation(gramian: jax.Array, alpha: float, iterations: int) -> jax.Array:
+  """The w > 0 with (G w)_i = w_i^(-1/α) for every i (FairGrad), by damped Newton steps.
+
+  The condition is the stationarity condition of the strictly convex function
+  f(w) = ½ wᵀGw - Σ_i ψ(w_i) on w > 0, with ψ(w) = α/(α-1) w^((α-1)/α) (log w when α = 1):
+  its Hessian G + diag(w^(-1/α-1)/α) is positive definite. Each Newton step is backtracked
+  : the longest of 1, 1/2, 1/4, ... that keeps w > 0 and either decreases f enough (Armijo) or
+  reduces the residual ‖Gw - w^(-1/α)‖ (near the solution, where float32 cannot resolve f).
+  The start w_i = G_ii^(-α/(α+1)) is exact for a diagonal G. At α = 1 this is Nash-MTL's
+  bargaining condition. As in `nash_bargaining`, the condition has no solution when a
+  non-negative combination of the rows vanishes (a zero row); w then grows along that
+  combination, which leaves the direction Σ w_i g_i unchanged.
+
+  Args:
+    gramian: [R, R] PSD (normalised: the solution for sG is s^(-α/(α+1)) times that for G).
+    alpha: α > 0.
+    iterations: the number of Newton steps.
+
+  Returns:
+    w, shape [R].
+  """
+  exponent = -1.0 / alpha
+  start = jnp.maximum(jnp.diag(gramian), EPSILON) ** (-alpha / (alpha + 1.0))
+  steps = _BACKTRACKING_STEPS.astype(gramian.dtype)
+
+  def objective(weights):
+    if alpha == 1.0:
+      barrier = jnp.sum(jnp.log(weights))
+    else:
+      barrier = alpha / (alpha - 1.0) * jnp.sum(weights ** (1.0 + exponent))
+    return 0.5 * weights @ gramian @ weights - barrier
+
+  def residual(weights):
+    return weights @ gramian - weights**exponent
+
+  def body(_, weights):
+    gradient = residual(weights)
+    hessian = gramian + jnp.diag(weights ** (exponent - 1.0) / alpha)
+    delta = -jnp.linalg.solve(hessian, gradient)
+    candidates = weights[None, :] + steps[:, None] * delta[None, :]
+    positive = jnp.all(candidates > 0, axis=1)
+    safe = jnp.where(positive[:, None], candidates, 1.0)
+    values = jax.vmap(objective)(safe)
+    # Strict inequalities: a step too short to change f or the residual in float32 is no step.
+    sufficient = values < objective(weights) + 1e-4 * steps * (gradient @ delta)
+    smaller = jnp.sum(jax.vmap(residual)(safe) ** 2, axis=1) < jnp.sum(gradient**2)
+    acceptable = positive & (sufficient | smaller) & jnp.isfinite(values)
+    chosen = jnp.argmax(acceptable)
+    accept = acceptable[chosen] & jnp.all(jnp.isfinite(delta))
+    return jnp.where(accept, candidates[chosen], weights)
+
+  return jax.lax.fori_loop(0, iterations, body, start)
