@@ -17,6 +17,7 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from mtl_jax import parallel  # noqa: E402
 from mtl_jax import runtime  # noqa: E402
 from mtl_jax.studies import optimizers as sweep  # noqa: E402
 
@@ -31,8 +32,16 @@ _WORKDIR = flags.DEFINE_string(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  runtime.setup(_CONFIG.value)
-  result = sweep.run_sweep(_CONFIG.value, _WORKDIR.value)
+  try:
+    runtime.setup(_CONFIG.value)
+    result = sweep.run_sweep(_CONFIG.value, _WORKDIR.value)
+  except parallel.LostPeerError as error:
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    # A normal exit would wait in jax.distributed.shutdown for the lost process.
+    os._exit(parallel.LOST_PEER_EXIT_CODE)
+  if not parallel.is_writer():
+    return
   markdown, _ = sweep.delta_m_table(result.selections)
   print(markdown)
   print()
