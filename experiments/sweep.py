@@ -36,10 +36,11 @@ def main(argv):
     runtime.setup(_CONFIG.value)
     result = sweep.run_sweep(_CONFIG.value, _WORKDIR.value)
   except parallel.LostPeerError as error:
-    print(f"error: {error}", file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    # A normal exit would wait in jax.distributed.shutdown for the lost process.
-    os._exit(parallel.LOST_PEER_EXIT_CODE)
+    parallel.exit_lost_peer(error)
+  except Exception:
+    # In a multi-process job a collective fails at once when a peer dies: name it, exit 5.
+    parallel.exit_if_peer_lost()
+    raise
   if not parallel.is_writer():
     return
   markdown, _ = sweep.delta_m_table(result.selections)

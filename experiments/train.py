@@ -48,10 +48,7 @@ def main(argv):
     runtime.setup(_CONFIG.value)
     results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except parallel.LostPeerError as error:
-    print(f"error: {error}", file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    # A normal exit would wait in jax.distributed.shutdown for the lost process.
-    os._exit(parallel.LOST_PEER_EXIT_CODE)
+    parallel.exit_lost_peer(error)
   except train.Preempted:
     # The loop has already printed where it stopped and how to resume.
     sys.exit(train.PREEMPTED_EXIT_CODE)
@@ -64,6 +61,10 @@ def main(argv):
   except checkpoint.CheckpointError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(4)
+  except Exception:
+    # In a multi-process job a collective fails at once when a peer dies: name it, exit 5.
+    parallel.exit_if_peer_lost()
+    raise
   if parallel.is_writer():
     print(report.results_table(results))
     print(f"Results written to {os.path.join(_WORKDIR.value, train.RESULTS_FILE)}")

@@ -246,14 +246,27 @@ class _PeerWatchdog(threading.Thread):
     super().__init__(name="mtl_jax-peer-watchdog", daemon=True)
     self.timeout_seconds = timeout_seconds
     self.stopped = threading.Event()
+    # Checks passed so far (every process answered); notified after each and when the thread ends.
+    self.passed = 0
+    self.progress = threading.Condition()
 
   def run(self) -> None:
+    try:
+      self._check_until_stopped()
+    finally:
+      with self.progress:
+        self.progress.notify_all()
+
+  def _check_until_stopped(self) -> None:
     client = _client()
     for round_index in itertools.count():
       if self.stopped.wait(PEER_CHECK_INTERVAL_SECONDS):
         return
       try:
         _wait(client, f"{_KEY_PREFIX}/alive/{round_index}", self.timeout_seconds, "the check")
+        with self.progress:
+          self.passed += 1
+          self.progress.notify_all()
       except LostPeerError as error:
         still_expected = set(_absent(client, f"{_KEY_PREFIX}/departed"))
         lost = [index for index in error.lost if index in still_expected]
@@ -276,6 +289,36 @@ class _PeerWatchdog(threading.Thread):
 
 
 _WATCHDOG: _PeerWatchdog | None = None
+
+
+def exit_if_peer_lost() -> None:
+  """After an error in a multi-process job, lets the liveness check decide whether another
+  process was lost; call it from an `except` clause before re-raising.
+
+  A peer killed mid-collective makes this process's collective fail at once (gloo: "Connection
+  closed by peer"), before the check has noticed. This waits until two more checks pass (every
+  peer is alive: the error is this process's own, and the caller re-raises it) or the check
+  names the lost process and ends this one (exit status LOST_PEER_EXIT_CODE), at most about
+  twice the peer timeout. A no-op with one process.
+  """
+  watchdog = _WATCHDOG
+  if watchdog is None or not watchdog.is_alive():
+    return
+  deadline = 2 * (watchdog.timeout_seconds + PEER_CHECK_INTERVAL_SECONDS) + 5
+  with watchdog.progress:
+    # Two checks: the first may have passed its barrier before the peer was lost.
+    target = watchdog.passed + 2
+    watchdog.progress.wait_for(
+      lambda: watchdog.passed >= target or not watchdog.is_alive(), timeout=deadline
+    )
+
+
+def exit_lost_peer(error: LostPeerError) -> None:
+  """Prints `error: <which process was lost>` and ends this process with LOST_PEER_EXIT_CODE,
+  without Python's exit handlers (jax.distributed.shutdown would wait for the lost process)."""
+  print(f"error: {error}", file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(LOST_PEER_EXIT_CODE)
 
 
 def watch_peers(timeout_seconds: float) -> None:

@@ -80,8 +80,10 @@ def main(argv):
     for case, config in zip(cases, configs):
       train.train_and_evaluate(config, os.path.join(root, case))
   except parallel.LostPeerError as error:
-    print(f"error: {error}", file=sys.stderr, flush=True)
-    os._exit(parallel.LOST_PEER_EXIT_CODE)
+    parallel.exit_lost_peer(error)
+  except Exception:
+    parallel.exit_if_peer_lost()
+    raise
   print(f"worker {process_id} done", flush=True)
 
 

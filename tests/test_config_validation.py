@@ -169,7 +169,7 @@ CASES = [
   (
     {"sharding.shutdown_timeout_seconds": 0},
     "config.sharding.shutdown_timeout_seconds",
-    "0",
+    "must be an integer >= 1, got 0",
   ),
 ]
 

@@ -51,6 +51,17 @@ def _free_port() -> int:
     return probe.getsockname()[1]
 
 
+_JOBS: list["Job"] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _kill_leftover_processes():
+  """Whatever a failed or interrupted test left running is killed with the module."""
+  yield
+  for job in _JOBS:
+    job.kill()
+
+
 class Job:
   """The processes of one launch: logs in files (no pipe can fill up), one process group each.
 
@@ -62,6 +73,7 @@ class Job:
     self.name, self.directory, self.commands, self.devices = name, directory, commands, devices
     self.deadline = time.monotonic() + JOB_DEADLINE_S
     self.restarted = False
+    _JOBS.append(self)
     self._start()
 
   def _start(self) -> None:
@@ -366,6 +378,8 @@ def test_sigkill_names_the_lost_process_within_the_peer_timeout(interrupted):
   sigkill = interrupted[0]["sigkill"]
   assert sigkill["codes"] == [parallel.LOST_PEER_EXIT_CODE, -signal.SIGKILL], sigkill["log"]
   assert "error: lost process 1 of 2" in sigkill["output"], sigkill["log"]
+  # The failed collective waits for the liveness check's verdict: no traceback, no abort.
+  assert "Traceback" not in sigkill["output"], sigkill["log"]
   assert sigkill["seconds"] <= LOST_PEER_BOUND_S, sigkill["seconds"]
   assert sigkill["resumed"] == interrupted[0]["sigterm"]["step"]
 
