@@ -151,8 +151,23 @@ def get_config() -> ml_collections.ConfigDict:
       fsdp=False,  # split large parameters and optimizer moments over 'data' (big encoders).
       fsdp_min_size=2**14,  # leaves with fewer elements stay replicated under fsdp.
       # 'auto': jax.distributed.initialize() when the environment names several hosts
-      # (TPU pod slice, SLURM, JAX_COORDINATOR_ADDRESS); 'on' always; 'off' never.
+      # (TPU pod slice, SLURM, JAX_COORDINATOR_ADDRESS) or coordinator_address is set; 'on'
+      # always; 'off' never.
       distributed="auto",
+      # A multi-process job started by hand (e.g. several processes on one machine): process 0's
+      # 'host:port', the number of processes and this one's index; all three or none ('' / -1:
+      # detected from the environment).
+      coordinator_address="",
+      num_processes=-1,
+      process_id=-1,
+      # Bounds on waiting for the other processes, in seconds: connecting at start-up; a silent
+      # peer before the JAX runtime aborts; the barrier at exit; and the liveness check that
+      # names a lost process and stops this one with an error (exit status 5). The check must
+      # fire before the heartbeat abort: peer_timeout_seconds < heartbeat_timeout_seconds.
+      initialization_timeout_seconds=300,
+      heartbeat_timeout_seconds=100,
+      shutdown_timeout_seconds=300,
+      peer_timeout_seconds=60,
     )
   )
   # The gradient-conflict probe (mtl_jax/conflicts.py), run inside training every k steps.

@@ -17,6 +17,7 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from mtl_jax import parallel  # noqa: E402
 from mtl_jax import runtime  # noqa: E402
 from mtl_jax.studies import optimizers as sweep  # noqa: E402
 
@@ -31,8 +32,17 @@ _WORKDIR = flags.DEFINE_string(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  runtime.setup(_CONFIG.value)
-  result = sweep.run_sweep(_CONFIG.value, _WORKDIR.value)
+  try:
+    runtime.setup(_CONFIG.value)
+    result = sweep.run_sweep(_CONFIG.value, _WORKDIR.value)
+  except parallel.LostPeerError as error:
+    parallel.exit_lost_peer(error)
+  except Exception:
+    # In a multi-process job a collective fails at once when a peer dies: name it, exit 5.
+    parallel.exit_if_peer_lost()
+    raise
+  if not parallel.is_writer():
+    return
   markdown, _ = sweep.delta_m_table(result.selections)
   print(markdown)
   print()

@@ -4,8 +4,15 @@
   python experiments/train.py --config=configs/scenes.py:task=depth --workdir=runs/stl_depth
 Re-running the same command resumes from the workdir's latest checkpoint.
 
+Several processes (e.g. 2 on one machine, 4 emulated CPU devices each; README, 'Scaling out'):
+  for i in 0 1; do XLA_FLAGS=--xla_force_host_platform_device_count=4 \
+    python experiments/train.py --config=configs/test.py --workdir=runs/two_processes \
+    --config.sharding.coordinator_address=127.0.0.1:12355 \
+    --config.sharding.num_processes=2 --config.sharding.process_id=$i & done; wait
+
 Exit status: 0 done; 75 stopped by SIGTERM/SIGINT after saving a checkpoint (rerun to resume);
-2 bad config, data or workdir; 3 non-finite loss or gradient; 4 no intact checkpoint.
+2 bad config, data or workdir; 3 non-finite loss or gradient; 4 no intact checkpoint; 5 another
+process of a multi-process job was lost (rerun every process to resume).
 """
 
 import os
@@ -19,6 +26,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from mtl_jax import checkpoint  # noqa: E402
 from mtl_jax import config_validation  # noqa: E402
+from mtl_jax import parallel  # noqa: E402
 from mtl_jax import report  # noqa: E402
 from mtl_jax import runtime  # noqa: E402
 from mtl_jax import train  # noqa: E402
@@ -35,10 +43,12 @@ _WORKDIR = flags.DEFINE_string(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  # Multi-host jobs connect before anything touches a device (a no-op on one host).
-  runtime.setup(_CONFIG.value)
   try:
+    # Multi-host jobs connect before anything touches a device (a no-op on one host).
+    runtime.setup(_CONFIG.value)
     results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except parallel.LostPeerError as error:
+    parallel.exit_lost_peer(error)
   except train.Preempted:
     # The loop has already printed where it stopped and how to resume.
     sys.exit(train.PREEMPTED_EXIT_CODE)
@@ -51,8 +61,13 @@ def main(argv):
   except checkpoint.CheckpointError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(4)
-  print(report.results_table(results))
-  print(f"Results written to {os.path.join(_WORKDIR.value, train.RESULTS_FILE)}")
+  except Exception:
+    # In a multi-process job a collective fails at once when a peer dies: name it, exit 5.
+    parallel.exit_if_peer_lost()
+    raise
+  if parallel.is_writer():
+    print(report.results_table(results))
+    print(f"Results written to {os.path.join(_WORKDIR.value, train.RESULTS_FILE)}")
 
 
 if __name__ == "__main__":

@@ -42,19 +42,35 @@ class CheckpointError(RuntimeError):
 def state_digest(state: Any) -> str | None:
   """A hex digest of a pytree's structure, shapes, dtypes and bytes (host-side; cost ~ one copy).
 
-  Returns None for arrays sharded across hosts (no single host sees every byte); Orbax's own
-  checks are all that guard those.
+  Arrays replicated over several processes are read from this process's copy, so every process
+  computes the same digest. Returns None when an array is split across processes (no single
+  process sees every byte); Orbax's own checks are all that guard those.
   """
   digest = hashlib.blake2b(digest_size=16)
   leaves, treedef = jax.tree_util.tree_flatten(state)
-  if any(isinstance(leaf, jax.Array) and not leaf.is_fully_addressable for leaf in leaves):
+  if any(_split_across_processes(leaf) for leaf in leaves):
     return None
   digest.update(str(treedef).encode())
+  leaves = [_local_copy(leaf) for leaf in leaves]
   for leaf in jax.device_get(leaves):
     array = np.ascontiguousarray(np.asarray(leaf))
     digest.update(f"{array.dtype}{array.shape}".encode())
     digest.update(array.tobytes())
   return digest.hexdigest()
+
+
+def _split_across_processes(leaf: Any) -> bool:
+  return (
+    isinstance(leaf, jax.Array) and not leaf.is_fully_addressable and not leaf.is_fully_replicated
+  )
+
+
+def _local_copy(leaf: Any) -> Any:
+  """A whole copy of a leaf held by this process (an array replicated over processes is not
+  addressable as a whole, but each of its local shards is all of it)."""
+  if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+    return leaf.addressable_data(0)
+  return leaf
 
 
 def _manager(directory: str, max_to_keep: int, asynchronous: bool) -> ocp.CheckpointManager:

@@ -253,6 +253,64 @@ def _check_gramian(checker: _Checker) -> None:
     )
 
 
+DISTRIBUTED_TIMEOUT_KEYS = (
+  "sharding.initialization_timeout_seconds",
+  "sharding.heartbeat_timeout_seconds",
+  "sharding.shutdown_timeout_seconds",
+  "sharding.peer_timeout_seconds",
+)
+
+
+def _check_connection(checker: _Checker) -> None:
+  """coordinator_address, num_processes and process_id: all three given, or none."""
+  present, address = checker.value("sharding.coordinator_address")
+  if not present:
+    return
+  _, count = checker.value("sharding.num_processes")
+  _, index = checker.value("sharding.process_id")
+  host, _, port = address.rpartition(":") if isinstance(address, str) else ("", "", "")
+  if not isinstance(address, str) or (address and not (host and port.isdigit())):
+    checker.fail(
+      "sharding.coordinator_address",
+      f"expected 'host:port' of process 0 (or '' to detect it), got {address!r}.",
+    )
+  elif not _is_int(count) or (count < 1 and count != -1):
+    checker.fail("sharding.num_processes", f"expected a positive integer or -1, got {count!r}.")
+  elif not _is_int(index) or index < -1 or (count > 0 and index >= count):
+    checker.fail(
+      "sharding.process_id", f"expected -1 or an integer in [0, num_processes), got {index!r}."
+    )
+  elif len({bool(address), count != -1, index != -1}) > 1:
+    checker.fail(
+      "sharding.coordinator_address",
+      f"give coordinator_address, num_processes and process_id together, or none of them to "
+      f"detect them from the environment; got {address!r}, {count!r}, {index!r}.",
+    )
+
+
+def _check_distributed(checker: _Checker) -> None:
+  _check_connection(checker)
+  for key in DISTRIBUTED_TIMEOUT_KEYS:
+    checker.integer(key, 1)
+  _, peer = checker.value("sharding.peer_timeout_seconds")
+  _, heartbeat = checker.value("sharding.heartbeat_timeout_seconds")
+  if _is_int(peer) and _is_int(heartbeat) and 1 <= heartbeat <= peer:
+    checker.fail(
+      "sharding.peer_timeout_seconds",
+      f"must be below heartbeat_timeout_seconds ({heartbeat}), or the JAX runtime aborts on a "
+      f"lost process before it can be named; got {peer}.",
+    )
+
+
+def validate_distributed(config: ml_collections.ConfigDict) -> None:
+  """Raises a ConfigError naming each bad multi-process key of config.sharding (checked before
+  `jax.distributed.initialize`, so before `validate_config` can run)."""
+  checker = _Checker(config)
+  _check_distributed(checker)
+  if checker.problems:
+    raise ConfigError("\n".join(checker.problems))
+
+
 def validate_config(
   config: ml_collections.ConfigDict,
   dataset: data_registry.Dataset | None = None,
@@ -311,6 +369,7 @@ def validate_config(
   checker.integer("training.early_stopping_patience", 0)
   checker.choice("training.on_non_finite", ON_NON_FINITE)
   checker.boolean("training.async_checkpoints")
+  _check_distributed(checker)
   checker.choice("delta_m.variant", metrics_lib.DELTA_M_VARIANTS, "variants")
   present, baselines = checker.value("delta_m.baseline")
   if present and isinstance(baselines, str):

@@ -351,7 +351,10 @@ def read_records(workdir: str) -> list[dict[str, Any]]:
 
 
 def write_records(workdir: str, records: Iterable[Mapping[str, Any]]) -> None:
-  """Writes `conflicts.jsonl` and `conflicts.csv` (replaced atomically, one record per epoch)."""
+  """Writes `conflicts.jsonl` and `conflicts.csv` (replaced atomically, one record per epoch), on
+  the writing process only (`parallel.is_writer`)."""
+  if not parallel.is_writer():
+    return
   records = list(records)
   for name, write in ((JSONL_FILE, _write_jsonl), (CSV_FILE, _write_csv)):
     path = os.path.join(workdir, name)

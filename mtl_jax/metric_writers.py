@@ -1,7 +1,8 @@
 """Where training metrics go: the console (with steps/s and ETA), a JSONL file and TensorBoard.
 
 TensorBoard event files are written with tensorboardX, which needs only protobuf: CLU's
-writers would pull in TensorFlow (about 1.4 GB) for the same files. Only process 0 writes.
+writers would pull in TensorFlow (about 1.4 GB) for the same files. Only the writing process
+(`parallel.is_writer`: process 0) writes and prints.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import sys
 import time
 from typing import Mapping
 
-import jax
 import numpy as np
+
+from mtl_jax import parallel
 
 
 def _to_float(value) -> float:
@@ -25,7 +27,7 @@ class MetricWriter:
   """Writes scalar dicts to console, `metrics.jsonl` and TensorBoard event files in workdir."""
 
   def __init__(self, workdir: str | None, console: bool = True, tensorboard: bool = True):
-    self.active = jax.process_index() == 0
+    self.active = parallel.is_writer()
     self.console = console
     self._jsonl = None
     self._tensorboard = None
@@ -99,6 +101,6 @@ class ProgressReport:
 
 
 def status(message: str) -> None:
-  """A progress line on stdout (process 0 only)."""
-  if jax.process_index() == 0:
+  """A progress line on stdout (the writing process only)."""
+  if parallel.is_writer():
     print(message, file=sys.stdout, flush=True)

@@ -30,10 +30,16 @@ which sharded `vmap(jacrev)` over a CNN raises a `ShardingTypeError`.
 
 from __future__ import annotations
 
+import atexit
+import itertools
 import os
+import sys
+import threading
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
+from jax._src import distributed as jax_distributed
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 import ml_collections
 import numpy as np
@@ -79,21 +85,258 @@ def _multi_host_environment() -> bool:
   return bool(os.environ.get("JAX_COORDINATOR_ADDRESS"))
 
 
+def _distributed_arguments(config: ml_collections.ConfigDict | None) -> dict[str, Any]:
+  """`jax.distributed.initialize` keyword arguments from config.sharding (validated); {} for a
+  config without a sharding section (JAX's own defaults and detection)."""
+  if config is None or "sharding" not in config:
+    return {}
+  config_validation.validate_distributed(config)
+  sharding = config.sharding
+  arguments = dict(
+    initialization_timeout=int(sharding.initialization_timeout_seconds),
+    heartbeat_timeout_seconds=int(sharding.heartbeat_timeout_seconds),
+    shutdown_timeout_seconds=int(sharding.shutdown_timeout_seconds),
+  )
+  if sharding.coordinator_address:
+    arguments.update(
+      coordinator_address=str(sharding.coordinator_address),
+      num_processes=int(sharding.num_processes),
+      process_id=int(sharding.process_id),
+    )
+  return arguments
+
+
 def initialize_distributed(config: ml_collections.ConfigDict | None = None) -> bool:
   """Connects the processes of a multi-host job; call before any other JAX use.
 
-  `config.sharding.distributed`: 'on' always calls `jax.distributed.initialize()` (which reads
-  the TPU, SLURM or JAX_COORDINATOR_ADDRESS environment), 'off' never does, and 'auto' does so
-  when the environment names more than one host (so a single TPU VM or GPU box skips it).
+  `config.sharding.distributed`: 'on' always calls `jax.distributed.initialize` (with
+  `coordinator_address`, `num_processes` and `process_id` when the config gives them, else read
+  from the TPU, SLURM or JAX_COORDINATOR_ADDRESS environment), 'off' never does, and 'auto' does
+  so when the config or the environment names more than one process (so a single TPU VM or GPU
+  box skips it). With several processes a liveness check starts (`watch_peers`).
 
   Returns:
     Whether `jax.distributed.initialize()` was called.
+
+  Raises:
+    ConfigError: a bad config.sharding key.
   """
   mode = _sharding_config(config)["distributed"]
-  if mode == "off" or (mode == "auto" and not _multi_host_environment()):
+  arguments = _distributed_arguments(config)
+  wanted = "coordinator_address" in arguments or _multi_host_environment()
+  if mode == "off" or (mode == "auto" and not wanted):
     return False
-  jax.distributed.initialize()
+  jax.distributed.initialize(**arguments)
+  if jax.process_count() > 1 and config is not None and "sharding" in config:
+    watch_peers(int(config.sharding.peer_timeout_seconds))
   return True
+
+
+# Exit status of a process that stopped because another process of its job was lost.
+LOST_PEER_EXIT_CODE = 5
+# How often the liveness check runs; a lost process is named within this plus the peer timeout.
+PEER_CHECK_INTERVAL_SECONDS = 1.0
+_KEY_PREFIX = "mtl_jax"
+
+
+class LostPeerError(RuntimeError):
+  """Another process of a multi-process job did not answer in time (killed, crashed or hung).
+
+  Attributes:
+    lost: the indices of the processes that did not answer.
+  """
+
+  def __init__(self, message: str, lost: Sequence[int]):
+    super().__init__(message)
+    self.lost = tuple(lost)
+
+
+def is_writer() -> bool:
+  """Whether this process writes a run's files (config.json, metrics, results, conflict records,
+  reports): process 0 only, so each is written once into the shared workdir. Checkpoints are the
+  exception: every process writes its shards through Orbax's multi-process save."""
+  return jax.process_index() == 0
+
+
+def _client():
+  """The JAX distributed runtime's client (None before `jax.distributed.initialize`).
+
+  jax 0.10.2 has no public barrier with a timeout; `jax.experimental.multihost_utils` and Orbax
+  reach the same client this way. Its barriers fail with a catchable error after their timeout,
+  while a collective with a dead peer blocks until the heartbeat timeout aborts the process.
+  """
+  return jax_distributed.global_state.client
+
+
+def _absent(client, key: str) -> list[int]:
+  """The processes that have not set their arrival mark `key/<index>`."""
+  absent = []
+  for index in range(jax.process_count()):
+    try:
+      client.key_value_try_get(f"{key}/{index}")
+    except Exception:  # NOT_FOUND, or UNAVAILABLE when the coordinator is gone.
+      absent.append(index)
+  return absent
+
+
+def _lost_message(lost: Sequence[int], timeout_seconds: float, where: str) -> str:
+  count = jax.process_count()
+  names = ", ".join(str(index) for index in lost)
+  coordinator = " (the coordinator)" if 0 in lost else ""
+  return (
+    f"lost process {names}{coordinator} of {count}: it did not reach {where} within "
+    f"{timeout_seconds:g} s (killed, crashed or hung); process {jax.process_index()} stops too. "
+    "Rerun every process with the same command to resume from the last complete checkpoint."
+  )
+
+
+def _wait(client, key: str, timeout_seconds: float, where: str) -> None:
+  """Marks this process's arrival at barrier `key` and waits for every process.
+
+  Raises:
+    LostPeerError: naming the processes that did not arrive in time.
+  """
+  own = f"{key}/{jax.process_index()}"
+  try:
+    client.key_value_set(own, "arrived")
+    client.wait_at_barrier(key, int(timeout_seconds * 1000))
+  except Exception as error:  # JaxRuntimeError: DEADLINE_EXCEEDED, or UNAVAILABLE.
+    lost = _absent(client, key)
+    if jax.process_index() in lost:  # Even our own mark is gone: the coordinator is.
+      lost = [0]
+    raise LostPeerError(_lost_message(lost, timeout_seconds, where), lost) from error
+  # Past the barrier every process has arrived; nobody reads the mark again.
+  client.key_value_delete(own)
+
+
+_BARRIER_COUNT = itertools.count()
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches this point (a no-op with one process).
+
+  Every process must call the same barriers in the same order. Used after process 0 writes a
+  file that the others then read (results.json before a sweep's next step).
+
+  Raises:
+    LostPeerError: a process did not arrive within config.sharding.peer_timeout_seconds.
+  """
+  if jax.process_count() == 1:
+    return
+  client = _client()
+  if client is None or _WATCHDOG is None:
+    # jax.distributed was set up elsewhere, without our timeout: a device-level barrier.
+    multihost_utils.sync_global_devices(name)
+    return
+  key = f"{_KEY_PREFIX}/barrier/{next(_BARRIER_COUNT)}"
+  _wait(client, key, _WATCHDOG.timeout_seconds, f"the barrier '{name}'")
+
+
+class _PeerWatchdog(threading.Thread):
+  """Every PEER_CHECK_INTERVAL_SECONDS, meets the other processes at a coordination-service
+  barrier; when one does not arrive within the timeout, prints an `error:` line naming it and
+  ends this process with LOST_PEER_EXIT_CODE.
+
+  It runs beside the main thread because a lost peer usually leaves the main thread blocked in a
+  collective, which only the JAX heartbeat (an abort, minutes later by default) would end. A
+  process that exits normally marks itself departed first, so its peers do not report it.
+  """
+
+  def __init__(self, timeout_seconds: float):
+    super().__init__(name="mtl_jax-peer-watchdog", daemon=True)
+    self.timeout_seconds = timeout_seconds
+    self.stopped = threading.Event()
+    # Checks passed so far (every process answered); notified after each and when the thread ends.
+    self.passed = 0
+    self.progress = threading.Condition()
+
+  def run(self) -> None:
+    try:
+      self._check_until_stopped()
+    finally:
+      with self.progress:
+        self.progress.notify_all()
+
+  def _check_until_stopped(self) -> None:
+    client = _client()
+    for round_index in itertools.count():
+      if self.stopped.wait(PEER_CHECK_INTERVAL_SECONDS):
+        return
+      try:
+        _wait(client, f"{_KEY_PREFIX}/alive/{round_index}", self.timeout_seconds, "the check")
+        with self.progress:
+          self.passed += 1
+          self.progress.notify_all()
+      except LostPeerError as error:
+        still_expected = set(_absent(client, f"{_KEY_PREFIX}/departed"))
+        lost = [index for index in error.lost if index in still_expected]
+        if self.stopped.is_set() or not lost:
+          return  # This process is exiting, or every missing peer finished normally.
+        message = _lost_message(lost, self.timeout_seconds, "a liveness check")
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # The main thread may be blocked in a collective for good: leave without Python's exit
+        # handlers (jax.distributed.shutdown would wait for the lost process too).
+        os._exit(LOST_PEER_EXIT_CODE)
+
+  def depart(self) -> None:
+    """Marks this process as finished (peers stop expecting it) and stops the check."""
+    self.stopped.set()
+    try:
+      _client().key_value_set(f"{_KEY_PREFIX}/departed/{jax.process_index()}", "departed")
+    except Exception:  # The coordinator is gone already; nobody is left to tell.
+      pass
+
+
+_WATCHDOG: _PeerWatchdog | None = None
+
+
+def exit_if_peer_lost() -> None:
+  """After an error in a multi-process job, lets the liveness check decide whether another
+  process was lost; call it from an `except` clause before re-raising.
+
+  A peer killed mid-collective makes this process's collective fail at once (gloo: "Connection
+  closed by peer"), before the check has noticed. This waits until two more checks pass (every
+  peer is alive: the error is this process's own, and the caller re-raises it) or the check
+  names the lost process and ends this one (exit status LOST_PEER_EXIT_CODE), at most about
+  twice the peer timeout. A no-op with one process.
+  """
+  watchdog = _WATCHDOG
+  if watchdog is None or not watchdog.is_alive():
+    return
+  deadline = 2 * (watchdog.timeout_seconds + PEER_CHECK_INTERVAL_SECONDS) + 5
+  with watchdog.progress:
+    # Two checks: the first may have passed its barrier before the peer was lost.
+    target = watchdog.passed + 2
+    watchdog.progress.wait_for(
+      lambda: watchdog.passed >= target or not watchdog.is_alive(), timeout=deadline
+    )
+
+
+def exit_lost_peer(error: LostPeerError) -> None:
+  """Prints `error: <which process was lost>` and ends this process with LOST_PEER_EXIT_CODE,
+  without Python's exit handlers (jax.distributed.shutdown would wait for the lost process)."""
+  print(f"error: {error}", file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(LOST_PEER_EXIT_CODE)
+
+
+def watch_peers(timeout_seconds: float) -> None:
+  """Starts the liveness check of a multi-process job (once; see `_PeerWatchdog`).
+
+  Args:
+    timeout_seconds: how long a peer may miss a check (and `barrier` wait) before it counts as
+      lost; keep it below the JAX heartbeat timeout so this check, not the runtime's abort, ends
+      the job.
+  """
+  global _WATCHDOG
+  if _WATCHDOG is not None or jax.process_count() == 1:
+    return
+  _WATCHDOG = _PeerWatchdog(timeout_seconds)
+  _WATCHDOG.start()
+  # Registered after JAX's own exit handler, so it runs first: peers learn of a normal exit
+  # before this process waits in jax.distributed.shutdown.
+  atexit.register(_WATCHDOG.depart)
 
 
 def make_mesh(

@@ -91,12 +91,15 @@ def quiet_library_logs() -> None:
 
 
 def setup(config=None) -> None:
-  """Connects the hosts of a multi-host job (a no-op on one host), enables the persistent XLA
-  compilation cache and quiets library logs. Call at the top of an experiment's main().
+  """Quiets library logs, connects the processes of a multi-process job (a no-op for one) and
+  enables the persistent XLA compilation cache. Call at the top of an experiment's main().
 
   Args:
     config: the experiment config, for `config.sharding` (None: defaults).
+
+  Raises:
+    ConfigError: a bad config.sharding key.
   """
+  quiet_library_logs()
   parallel.initialize_distributed(config)
   enable_compilation_cache()
-  quiet_library_logs()

@@ -142,6 +142,35 @@ CASES = [
     "or a positive step count; got 2.5",
   ),
   ({"gramian.verify_every_steps": True}, "config.gramian.verify_every_steps", "got True"),
+  (
+    {"sharding.coordinator_address": "localhost"},
+    "config.sharding.coordinator_address",
+    "expected 'host:port' of process 0",
+  ),
+  (
+    {"sharding.coordinator_address": "127.0.0.1:12355"},
+    "config.sharding.coordinator_address",
+    "give coordinator_address, num_processes and process_id together",
+  ),
+  (
+    {
+      "sharding.coordinator_address": "127.0.0.1:12355",
+      "sharding.num_processes": 2,
+      "sharding.process_id": 2,
+    },
+    "config.sharding.process_id",
+    "expected -1 or an integer in [0, num_processes), got 2",
+  ),
+  (
+    {"sharding.peer_timeout_seconds": 100},
+    "config.sharding.peer_timeout_seconds",
+    "must be below heartbeat_timeout_seconds (100)",
+  ),
+  (
+    {"sharding.shutdown_timeout_seconds": 0},
+    "config.sharding.shutdown_timeout_seconds",
+    "must be an integer >= 1, got 0",
+  ),
 ]
 
 

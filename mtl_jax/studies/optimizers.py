@@ -30,12 +30,14 @@ import os
 import time
 from typing import Any, Iterable, Mapping, Sequence
 
+import jax
 import ml_collections
 import numpy as np
 
 from mtl_jax import metric_writers
 from mtl_jax import metrics as metrics_lib
 from mtl_jax import optim
+from mtl_jax import parallel
 from mtl_jax import tasks as tasks_lib
 from mtl_jax import train
 from mtl_jax import weighting as weighting_lib
@@ -607,6 +609,11 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, dataset=None) -> 
   for note in notes:
     metric_writers.status(f"note: {note}")
   group_runs = bool(config.sweep.group_runs)
+  if group_runs and jax.process_count() > 1:
+    # A group is one program on one process's devices; one by one, each run's batch is split
+    # over every device of every process.
+    group_runs = False
+    metric_writers.status(f"note: {jax.process_count()} processes: runs train one by one.")
   progress = JobProgress(len(stl_specs) + len(mtl_specs))
   metric_writers.status(
     f"Sweep in {workdir}: {len(stl_specs)} STL + {len(mtl_specs)} MTL runs "
@@ -643,7 +650,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, dataset=None) -> 
 
 def write_outputs(workdir, specs, selections, directions, points, counts) -> dict[str, str]:
   """Writes the run index (sweep.json, sweep.csv), the tables and the parallel-coordinates
-  figure."""
+  figure (the writing process only, `parallel.is_writer`; every process returns the paths)."""
   index = []
   for spec in specs:
     run_dir = os.path.join(workdir, spec.path)
@@ -658,8 +665,9 @@ def write_outputs(workdir, specs, selections, directions, points, counts) -> dic
 
   def write(name: str, text: str) -> None:
     files[name] = os.path.join(workdir, name)
-    with open(files[name], "w") as file:
-      file.write(text)
+    if parallel.is_writer():
+      with open(files[name], "w") as file:
+        file.write(text)
 
   write("sweep.json", json.dumps(index, indent=2))
   buffer = io.StringIO()
@@ -687,12 +695,14 @@ def write_outputs(workdir, specs, selections, directions, points, counts) -> dic
   write("metrics.csv", table_csv)
   write("pareto.md", pareto_table(counts) + "\n")
   if points:
-    files["parallel_coordinates.png"] = figures.parallel_coordinates(
+    files["parallel_coordinates.png"] = os.path.join(workdir, "parallel_coordinates.png")
+  if points and parallel.is_writer():
+    figures.parallel_coordinates(
       [point.values for point in points],
       list(directions),
       list(directions.values()),
       [point.optimizer for point in points],
-      os.path.join(workdir, "parallel_coordinates.png"),
+      files["parallel_coordinates.png"],
       front=[point.on_front for point in points],
     )
   return files

@@ -13,6 +13,7 @@ from mtl_jax import checkpoint as checkpoint_lib
 from mtl_jax import config_validation
 from mtl_jax import metrics as metrics_lib
 from mtl_jax import metric_writers
+from mtl_jax import parallel
 from mtl_jax import tasks as tasks_lib
 from mtl_jax.train.state import Experiment
 from mtl_jax.train.state import config_fingerprint
@@ -22,11 +23,19 @@ FAILED_FILE = "failed.json"
 
 
 def write_json(path: str, value: Any) -> None:
-  """Writes JSON atomically: a reader sees the old file or the whole new one, never a part."""
-  temporary = path + ".tmp"
-  with open(temporary, "w") as file:
-    json.dump(value, file, indent=2)
-  os.replace(temporary, path)
+  """Writes JSON atomically: a reader sees the old file or the whole new one, never a part.
+
+  Written once, by the writing process (`parallel.is_writer`); every process calls this and waits
+  until the file is there (`parallel.barrier`), so any of them may read it next (a sweep checks
+  which runs are finished).
+  """
+  if parallel.is_writer():
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    temporary = path + ".tmp"
+    with open(temporary, "w") as file:
+      json.dump(value, file, indent=2)
+    os.replace(temporary, path)
+  parallel.barrier(f"wrote {path}")
 
 
 def load_baselines(config: ml_collections.ConfigDict) -> tuple[dict | None, dict | None]:
@@ -105,7 +114,6 @@ def run_results(
 
 def write_failure(workdir: str, config: ml_collections.ConfigDict, error: str) -> None:
   """Records a diverged run (a result of a sweep, not a crash) as failed.json."""
-  os.makedirs(workdir, exist_ok=True)
   write_json(
     os.path.join(workdir, FAILED_FILE), {"fingerprint": config_fingerprint(config), "error": error}
   )

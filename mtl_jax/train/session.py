@@ -23,6 +23,7 @@ import numpy as np
 from mtl_jax import checkpoint as checkpoint_lib
 from mtl_jax import conflicts as conflicts_lib
 from mtl_jax import metric_writers
+from mtl_jax import parallel
 from mtl_jax import weighting as weighting_lib
 from mtl_jax.gramian import check as gramian_check
 from mtl_jax.train import evaluation
@@ -57,6 +58,11 @@ def check_group(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence
     raise ValueError(
       f"Configs of one group may differ only in {', '.join(PER_RUN_KEYS)}; got {len(keys)} "
       "variants."
+    )
+  if jax.process_count() > 1:
+    raise ValueError(
+      "train_group trains on one process's devices; with several processes train the runs one "
+      "by one (train_and_evaluate), each split over every device."
     )
   if int(configs[0].conflicts.probe_every_steps) > 0:
     raise ValueError(
@@ -107,10 +113,12 @@ class Run:
 
   @classmethod
   def open(cls, config: ml_collections.ConfigDict, workdir: str, tensorboard: bool) -> "Run":
-    """Creates the workdir, records config.json and loads the run's Δm baselines."""
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as file:
-      file.write(config.to_json_best_effort(indent=2))
+    """Creates the workdir, records config.json (the writing process) and loads the run's Δm
+    baselines."""
+    if parallel.is_writer():
+      os.makedirs(workdir, exist_ok=True)
+      with open(os.path.join(workdir, "config.json"), "w") as file:
+        file.write(config.to_json_best_effort(indent=2))
     writer = metric_writers.MetricWriter(workdir, console=False, tensorboard=tensorboard)
     return cls(config, workdir, writer, results_lib.load_baselines(config), new_progress(config))
 
@@ -237,10 +245,13 @@ class Session:
     )
     probe = conflicts_lib.make_probe(experiment, config, workdir, mesh)
     session = cls(experiment, lanes, [run], CheckpointStore(workdir, config), label, probe, mesh)
+    split = "" if mesh is None else f", batch split over {parallel.data_size(mesh)} devices"
+    processes = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
     metric_writers.status(
       f"{label}training {experiment.model.encoder.__class__.__name__} on {config.dataset.name} "
       f"tasks {experiment.task_names}: {experiment.total_steps} steps "
       f"({config.training.num_epochs} epochs x {experiment.steps_per_epoch}), workdir {workdir}"
+      f"{split}{processes}"
     )
     return session
 
