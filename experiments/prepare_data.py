@@ -15,13 +15,13 @@ import os
 import sys
 import time
 
-from absl import app
 from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tensorflow_datasets as tfds  # noqa: E402
 
+from mtl_jax import runtime  # noqa: E402
 from mtl_jax.data import tfds_datasets  # noqa: E402
 from mtl_jax.data.builders import cityscapes_mtl  # noqa: E402
 from mtl_jax.data.builders import nyuv2_mtl  # noqa: E402
@@ -54,4 +54,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  runtime.run(main)
