@@ -34,6 +34,11 @@ flags.mark_flags_as_required(["dataset", "manual_dir"])
 
 def main(argv):
   del argv
+  if not os.path.isdir(_MANUAL_DIR.value):
+    raise FileNotFoundError(
+      f"--manual_dir {_MANUAL_DIR.value!r} is not a directory: download the dataset's files "
+      "there first (see README.md, 'Datasets')."
+    )
   builder_class = {"cityscapes": cityscapes_mtl.CityscapesMtl, "nyuv2": nyuv2_mtl.Nyuv2Mtl}[
     _DATASET.value
   ]

@@ -176,13 +176,20 @@ class Checkpointer:
       self._pending.pop(id(manager), None)
 
   def _write_error(self, manager, step: int | None, error: Exception) -> CheckpointWriteError:
+    """The error of a failed save, naming the directory, the step and the checkpoint a rerun
+    resumes from (the newest finished one in the latest slot)."""
     self._failed = True
     logging.warning("Checkpoint step %s in %s failed: %r", step, manager.directory, error)
-    intact = [number for number in _finished_steps(str(manager.directory)) if number != step]
+    latest = str(self.latest.directory)
+    intact = [
+      number
+      for number in _finished_steps(latest)
+      if not (manager is self.latest and number == step)
+    ]
     kept = (
-      f"the previous checkpoint (step {max(intact)}) is intact"
+      f"the previous checkpoint (step {max(intact)} in {latest}) is intact"
       if intact
-      else "no earlier checkpoint is in that directory"
+      else "no earlier checkpoint was written"
     )
     return CheckpointWriteError(
       f"could not write checkpoint step {step} in {manager.directory}: {describe_error(error)}; "
@@ -269,10 +276,11 @@ class Checkpointer:
     its progress record names is lost (the slot is then emptied: the caller restarts the
     selection).
 
-    Best steps after the resumed step were saved by the abandoned part of the run, which the
-    resumed run recomputes: they are deleted. The newest remaining one is restored to check it
-    (a damaged one is moved aside like any other) and must be `progress['best_step']`; when it
-    is not but that step is the resumed one, the resumed state is saved as the best again.
+    Each best step is restored, newest first, until an intact one at or before the resumed step
+    is found: damaged ones are moved aside like any other, and intact ones after the resumed step
+    (saved by the abandoned part of the run, which the resumed run recomputes) are deleted. The
+    one found must be `progress['best_step']`; when it is not but that step is the resumed one,
+    the resumed state is saved as the best again.
 
     Args:
       resumed: (step, state) of the restored latest checkpoint; None for a run from scratch.
@@ -281,21 +289,9 @@ class Checkpointer:
       check_progress: as for `restore`.
     """
     resumed_step = resumed[0] if resumed is not None else None
-    for step in self.best_steps():
-      if resumed_step is None or step > resumed_step:
-        metric_writers.status(
-          f"Deleting best checkpoint step {step} in {self.best.directory}: it is newer than the "
-          f"step training resumes from ({resumed_step or 0}) and will be recomputed."
-        )
-        self.best.delete(step)
+    newest = self._newest_intact_best(resumed_step, target, check_progress)
     best_step = progress.get("best_step")
-    if best_step is None:
-      return True
-    try:
-      restored = self.restore(target, best=True, check_progress=check_progress)
-    except CheckpointError:
-      restored = None
-    if restored is not None and self.best_steps()[-1] == int(best_step):
+    if best_step is None or newest == int(best_step):
       return True
     if resumed is not None and int(best_step) == resumed_step:
       self.save(resumed_step, resumed[1], progress, best=True)
@@ -305,6 +301,24 @@ class Checkpointer:
     for step in self.best_steps():
       self.best.delete(step)
     return False
+
+  def _newest_intact_best(self, resumed_step: int | None, target, check_progress) -> int | None:
+    """The newest intact best step at or before resumed_step (see `settle_best`), or None."""
+    while True:
+      try:
+        restored = self.restore(target, best=True, check_progress=check_progress)
+      except CheckpointError:  # Every one was damaged, and has been moved aside.
+        restored = None
+      steps = self.best_steps()
+      if restored is None or not steps:
+        return None
+      if resumed_step is not None and steps[-1] <= resumed_step:
+        return steps[-1]
+      metric_writers.status(
+        f"Deleting best checkpoint step {steps[-1]} in {self.best.directory}: it is newer than "
+        f"the step training resumes from ({resumed_step or 0}) and will be recomputed."
+      )
+      self.best.delete(steps[-1])
 
   def wait_until_finished(self) -> None:
     """Waits for background saves; raises CheckpointWriteError naming a failed one."""
