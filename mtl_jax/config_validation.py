@@ -27,7 +27,6 @@ import ml_collections
 from mtl_jax import metrics as metrics_lib
 from mtl_jax import optim
 from mtl_jax import weighting as weighting_lib
-from mtl_jax.data import corruptions as corruptions_lib
 from mtl_jax.data import registry as data_registry
 from mtl_jax.data import scenes as scenes_lib
 from mtl_jax.gramian import modes as gramian_modes
@@ -192,6 +191,19 @@ def _verify_every_steps(value: Any) -> str | None:
   )
 
 
+def _corruption_rules() -> tuple[Rule, Rule]:
+  """The rules of robustness.corruptions and robustness.severities."""
+  # Imported here: the corruptions pull in SciPy and Matplotlib (~1 s), which only the robustness
+  # study needs.
+  from mtl_jax.data import corruptions  # noqa: PLC0415  (heavy; robustness configs only)
+
+  severities = corruptions.SEVERITIES
+  return (
+    text_sequence(True, corruptions.CORRUPTIONS, "corruptions"),
+    int_sequence(allow_empty=False, minimum=min(severities), maximum=max(severities)),
+  )
+
+
 def _sequence_or_text(rule: Rule) -> Rule:
   """rule applied to (value,) when value is a single string (a lone path or task)."""
   return lambda value: rule((value,) if isinstance(value, str) else value)
@@ -294,12 +306,8 @@ RULES: dict[str, Rule] = {
   "robustness.mtl_runs": text_sequence(allow_empty=True),
   "robustness.stl_runs": text_sequence(allow_empty=True),
   "robustness.prepare_methods": text_sequence(False, weighting_lib.method_names(), "methods"),
-  "robustness.corruptions": text_sequence(True, corruptions_lib.CORRUPTIONS, "corruptions"),
-  "robustness.severities": int_sequence(
-    allow_empty=False,
-    minimum=min(corruptions_lib.SEVERITIES),
-    maximum=max(corruptions_lib.SEVERITIES),
-  ),
+  "robustness.corruptions": lambda value: _corruption_rules()[0](value),
+  "robustness.severities": lambda value: _corruption_rules()[1](value),
   "robustness.corruption_seed": integer(0),
   "robustness.finetune_epochs": integer(0),
   "robustness.finetune_learning_rate": real(positive, "> 0"),
@@ -329,6 +337,8 @@ class _Checker:
     return True, node
 
   def fail(self, key: str, message: str) -> None:
+    # One line per problem, even when a value's repr spans several (a ConfigDict's does).
+    message = " ".join(line.strip() for line in message.splitlines() if line.strip())
     self.problems.append(f"config.{key}: {message}")
 
   def failed(self, *keys: str) -> bool:
@@ -359,7 +369,7 @@ def _check_unknown_keys(checker: _Checker) -> None:
   """Rejects keys no rule (nor any other check) looked at, naming the valid ones nearby."""
   config = checker.config
   known_top = {key.split(".")[0] for key in checker.seen} | set(FOREIGN_SECTIONS)
-  sections = {key.split(".")[0] for key in checker.seen if "." in key}
+  sections = {key.split(".")[0] for key in checker.seen if "." in key} | set(FOREIGN_SECTIONS)
   for name in config.keys():
     if name not in known_top:
       _fail_unknown(checker, name, sorted(known_top & set(config.keys()) | {"seed", "tasks"}))
