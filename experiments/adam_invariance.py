@@ -19,13 +19,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 from mtl_jax import runtime  # noqa: E402
 from mtl_jax.studies import invariance  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file(
-  "config", "configs/adam_invariance.py", "Config file (argument = mode).", lock_config=True
+_CONFIG = runtime.define_config_file(
+  "config", "configs/adam_invariance.py", "Config file (argument = mode)."
 )
 _WORKDIR = flags.DEFINE_string(
   "workdir", "runs/adam_invariance", "Directory for tables, figures and results."
@@ -67,4 +66,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  runtime.run(main)

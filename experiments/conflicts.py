@@ -18,14 +18,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 from mtl_jax import runtime  # noqa: E402
 from mtl_jax.studies import conflicts as conflict_study  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file(
-  "config", "configs/conflicts.py", "A conflicts config file.", lock_config=True
-)
+_CONFIG = runtime.define_config_file("config", "configs/conflicts.py", "A conflicts config file.")
 _WORKDIR = flags.DEFINE_string(
   "workdir", "runs/conflicts", "Directory for the runs, figures and summary.md."
 )
@@ -44,4 +41,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  runtime.run(main)

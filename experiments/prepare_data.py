@@ -15,13 +15,13 @@ import os
 import sys
 import time
 
-from absl import app
 from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tensorflow_datasets as tfds  # noqa: E402
 
+from mtl_jax import runtime  # noqa: E402
 from mtl_jax.data import tfds_datasets  # noqa: E402
 from mtl_jax.data.builders import cityscapes_mtl  # noqa: E402
 from mtl_jax.data.builders import nyuv2_mtl  # noqa: E402
@@ -34,6 +34,11 @@ flags.mark_flags_as_required(["dataset", "manual_dir"])
 
 def main(argv):
   del argv
+  if not os.path.isdir(_MANUAL_DIR.value):
+    raise FileNotFoundError(
+      f"--manual_dir {_MANUAL_DIR.value!r} is not a directory: download the dataset's files "
+      "there first (see README.md, 'Datasets')."
+    )
   builder_class = {"cityscapes": cityscapes_mtl.CityscapesMtl, "nyuv2": nyuv2_mtl.Nyuv2Mtl}[
     _DATASET.value
   ]
@@ -54,4 +59,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  runtime.run(main)

@@ -13,16 +13,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 import numpy as np  # noqa: E402
 
+from mtl_jax import config_validation  # noqa: E402
 from mtl_jax import runtime  # noqa: E402
 from mtl_jax.data import registry  # noqa: E402
 from mtl_jax.studies import robustness  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file(
-  "config", "configs/robustness.py", "Robustness config file.", lock_config=True
-)
+_CONFIG = runtime.define_config_file("config", "configs/robustness.py", "Robustness config file.")
 _WORKDIR = flags.DEFINE_string(
   "workdir", "runs/robustness", "Directory for the prepared runs and the results."
 )
@@ -33,6 +31,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
   runtime.setup(config)
+  config_validation.validate_config(config)
   mode = config.robustness.mode
   if mode == "figure":
     path = config.robustness.figure_path or os.path.join(_WORKDIR.value, "corruptions.png")
@@ -49,4 +48,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  runtime.run(main)

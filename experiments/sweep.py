@@ -15,15 +15,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 from mtl_jax import parallel  # noqa: E402
 from mtl_jax import runtime  # noqa: E402
 from mtl_jax.studies import optimizers as sweep  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file(
-  "config", "configs/sweep_scenes.py", "Sweep config file.", lock_config=True
-)
+_CONFIG = runtime.define_config_file("config", "configs/sweep_scenes.py", "Sweep config file.")
 _WORKDIR = flags.DEFINE_string(
   "workdir", "runs/sweep_scenes", "Directory of the sweep's runs and tables."
 )
@@ -51,4 +48,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  runtime.run(main)

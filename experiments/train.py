@@ -11,8 +11,9 @@ Several processes (e.g. 2 on one machine, 4 emulated CPU devices each; README, '
     --config.sharding.num_processes=2 --config.sharding.process_id=$i & done; wait
 
 Exit status: 0 done; 75 stopped by SIGTERM/SIGINT after saving a checkpoint (rerun to resume);
-2 bad config, data or workdir; 3 non-finite loss or gradient; 4 no intact checkpoint; 5 another
-process of a multi-process job was lost (rerun every process to resume).
+2 bad flag, config or data, a workdir in use by another run, or a checkpoint the disk refused
+(`runtime.run` prints these as `error:` lines); 3 non-finite loss or gradient; 4 no intact
+checkpoint; 5 another process of a multi-process job was lost (rerun every process to resume).
 """
 
 import os
@@ -22,19 +23,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 from mtl_jax import checkpoint  # noqa: E402
-from mtl_jax import config_validation  # noqa: E402
 from mtl_jax import parallel  # noqa: E402
 from mtl_jax import report  # noqa: E402
 from mtl_jax import runtime  # noqa: E402
 from mtl_jax import train  # noqa: E402
-from mtl_jax.data import validation  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file(
-  "config", "configs/scenes.py", "Experiment config file.", lock_config=True
-)
+_CONFIG = runtime.define_config_file("config", "configs/scenes.py", "Experiment config file.")
 _WORKDIR = flags.DEFINE_string(
   "workdir", "runs/scenes", "Directory for checkpoints, metrics and results."
 )
@@ -52,9 +48,6 @@ def main(argv):
   except train.Preempted:
     # The loop has already printed where it stopped and how to resume.
     sys.exit(train.PREEMPTED_EXIT_CODE)
-  except (config_validation.ConfigError, validation.DataError) as error:
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(2)
   except train.NonFiniteLossError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(3)
@@ -71,4 +64,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  runtime.run(main)

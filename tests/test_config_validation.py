@@ -57,7 +57,7 @@ CASES = [
   ),
   ({"delta_m.variant": "mean"}, "config.delta_m.variant", "valid variants: flat, per_task"),
   (
-    {"model.encoder": "resnet18", "model.resnet_stem": "tiny"},
+    {"model.encoder": "resnet18", "model.resnet_stem": "tiny", "tasks": ("has_sphere",)},
     "config.model.resnet_stem",
     "valid stems: imagenet",
   ),
@@ -114,7 +114,7 @@ CASES = [
     "config.dataset.data_dir",
     "directory '/nonexistent/nyuv2' does not exist",
   ),
-  ({"dataset.height": "16"}, "config.dataset.height", "expected an integer >= 1, got '16' (str)"),
+  ({"dataset.height": "16"}, "config.dataset.height", "expected an integer >= 8, got '16' (str)"),
   ({"model.features": ()}, "config.model.features", "must not be empty"),
   (
     {"model.features": (8, -1)},

@@ -11,6 +11,7 @@ import pytest
 
 from configs import test as test_config
 from configs.sections import robustness as robustness_section
+from mtl_jax import config_validation
 from mtl_jax.studies import robustness
 from mtl_jax.data import registry
 
@@ -148,7 +149,11 @@ def test_missing_run_directory_or_checkpoint(study, dataset, tmp_path):
   workdir, _ = study
   missing = str(tmp_path / "no_such_run")
   config = _explicit(workdir, **{"robustness.mtl_runs": (missing,)})
-  with pytest.raises(FileNotFoundError, match="no_such_run.*does not exist"):
+  # Checked with the config, before the study starts.
+  with pytest.raises(
+    config_validation.ConfigError,
+    match=r"config\.robustness\.mtl_runs: .*no_such_run.* do not exist",
+  ):
     robustness.run_robustness(config, str(tmp_path / "out"))
   broken = str(tmp_path / "broken")
   shutil.copytree(os.path.join(workdir, "runs", "stl_has_box"), broken)

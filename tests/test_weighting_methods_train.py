@@ -10,6 +10,7 @@ import optax
 import pytest
 
 from configs import test as test_config
+from mtl_jax import config_validation
 from mtl_jax import gramian
 from mtl_jax import tasks as tasks_lib
 from mtl_jax import train
@@ -204,12 +205,13 @@ def test_sample_levels_with_batch_norm_raise_a_clear_error(dataset):
   config = _config("method=upgrad", level="sample")
   config.unlock()
   config.model.norm = "batch"
+  # Refused by the config validation, before anything is built or traced.
   with pytest.raises(
-    ValueError, match=r"config.method.level='sample'.*batch norm.*'group', 'layer' or 'none'"
+    config_validation.ConfigError,
+    match=r"config\.method\.level: 'sample' needs per-sample gradients.*batch norm.*'group', "
+    "'layer' or 'none'",
   ):
-    _experiment(config.lock(), dataset)[2](
-      *_experiment(config, dataset)[1:2], _batch(train.build_experiment(config, dataset))
-    )
+    train.build_experiment(config.lock(), dataset)
 
 
 @pytest.mark.parametrize(
@@ -230,8 +232,13 @@ def test_per_task_optimizer_methods_reject_the_other_optimizer(argument, message
 def test_jacobian_methods_and_gradnorm_reject_per_sample_levels(dataset):
   with pytest.raises(ValueError, match="GradNorm works on task gradients"):
     train.build_experiment(_config("method=gradnorm", level="sample"), dataset)
-  config = _config("method=graddrop", level="sample")
-  experiment = train.build_experiment(config, dataset)
+  with pytest.raises(
+    config_validation.ConfigError,
+    match="config.method.level: method 'graddrop' works on level",
+  ):
+    train.build_experiment(_config("method=graddrop", level="sample"), dataset)
+  # The step refuses it too, for callers that build one without a config.
+  experiment = train.build_experiment(_config("method=graddrop", level="task"), dataset)
   with pytest.raises(ValueError, match="'graddrop' works on task gradients"):
     train.make_train_step(
       experiment.model, experiment.tasks, experiment.weighting, experiment.optimizer, level="sample"

@@ -9,7 +9,7 @@ the first tile's product reduction. The backward pass of a layer norm vmapped ov
 layer-normalised SegNet wrong.
 
 Two workarounds, each tested on its own: importing mtl_jax keeps YNNPACK away from reductions for
-the whole process (`runtime.avoid_known_miscompilations`, through XLA_FLAGS), and
+the whole process (`mtl_jax.avoid_known_miscompilations`, through XLA_FLAGS), and
 `gramian.capture` applies one pullback per task (`gramian.stacked_vjp`), exact even with the
 faulty fusion on. The programs that must show or avoid the fault are compiled with jaxlib
 0.10.2's default fusion types (`DEFAULT_FUSIONS`), whatever the process flags say.
@@ -32,7 +32,7 @@ import pytest
 
 import gramian_cases
 from mtl_jax import gramian
-from mtl_jax import runtime
+import mtl_jax
 from mtl_jax.gramian import capture
 
 ON_CPU = jax.default_backend() == "cpu"
@@ -100,25 +100,25 @@ def test_the_same_program_without_ynnpack_reductions_is_exact():
 
 @cpu_only
 def test_importing_mtl_jax_keeps_ynnpack_away_from_reductions_in_this_process():
-  if not importlib.metadata.version("jaxlib").startswith(runtime.AFFECTED_JAXLIB_PREFIXES):
+  if not importlib.metadata.version("jaxlib").startswith(mtl_jax.AFFECTED_JAXLIB_PREFIXES):
     pytest.skip("a jaxlib the workaround was not measured on")
-  assert f"{runtime.YNN_FUSION_FLAG}=" in os.environ.get("XLA_FLAGS", "")
+  assert f"{mtl_jax.YNN_FUSION_FLAG}=" in os.environ.get("XLA_FLAGS", "")
   cotangents, primal, expected = _product_inputs()
   assert relative_error(jax.jit(_product_and_plain_sums)(cotangents, primal), expected) < 1e-6
 
 
 def test_the_process_flag_is_added_once_and_never_over_the_users():
   environment = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-  assert runtime.avoid_known_miscompilations(environment, "0.10.2")
+  assert mtl_jax.avoid_known_miscompilations(environment, "0.10.2")
   assert environment["XLA_FLAGS"] == (
     "--xla_force_host_platform_device_count=8 --xla_cpu_experimental_ynn_fusion_type=individual_dot"
   )
-  assert not runtime.avoid_known_miscompilations(environment, "0.10.2")
+  assert not mtl_jax.avoid_known_miscompilations(environment, "0.10.2")
   users = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce"}
-  assert not runtime.avoid_known_miscompilations(users, "0.10.2")
+  assert not mtl_jax.avoid_known_miscompilations(users, "0.10.2")
   assert users["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce"
   empty: dict = {}
-  assert not runtime.avoid_known_miscompilations(empty, "0.11.0") and empty == {}
+  assert not mtl_jax.avoid_known_miscompilations(empty, "0.11.0") and empty == {}
 
 
 def _layer_norm(inputs):

@@ -28,6 +28,10 @@ Batch = dict[str, np.ndarray]
 Transform = Callable[[Sequence[dict[str, Any]]], Batch]
 
 
+class DatasetNotPreparedError(FileNotFoundError):
+  """A TFDS dataset's array_record files are not in the data directory; says how to prepare them."""
+
+
 @dataclasses.dataclass
 class TfdsSource:
   """Rows of a random-access data source, mapped to the batch contract by `transform`.
@@ -77,7 +81,7 @@ def open_data_source(name: str, split: str, data_dir: str, prepare_command: str)
     prepare_command: the shell command that prepares the dataset, quoted in the error.
 
   Raises:
-    FileNotFoundError: the dataset is not prepared in array_record format under data_dir.
+    DatasetNotPreparedError: the dataset is not prepared in array_record format under data_dir.
   """
   import tensorflow_datasets as tfds  # noqa: PLC0415  (heavy; only the TFDS datasets need it)
 
@@ -85,10 +89,11 @@ def open_data_source(name: str, split: str, data_dir: str, prepare_command: str)
     return tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
   except Exception as error:  # TFDS raises several types here (not prepared, wrong format, ...).
     where = data_dir or "the default TFDS data directory ($TFDS_DATA_DIR or ~/tensorflow_datasets)"
-    raise FileNotFoundError(
+    said = " ".join(str(error).split())[:300]
+    raise DatasetNotPreparedError(
       f"TFDS dataset {name!r} (split {split!r}) is not prepared in array_record format in "
-      f"{where}. Prepare it with:\n  {prepare_command}\n(see README.md, 'Datasets'). "
-      f"TFDS said: {type(error).__name__}: {str(error).strip()[:400]}"
+      f"{where} (config.dataset.data_dir); prepare it with: {prepare_command} (see README.md, "
+      f"'Datasets'). TFDS said: {type(error).__name__}: {said}"
     ) from error
 
 

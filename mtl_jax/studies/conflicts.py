@@ -495,6 +495,7 @@ def run_conflicts(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
     {'markdown' (= 'summary'): the joint summary, also in workdir/summary.md, 'figures': [paths],
     'title', 'settings': {setting: `run_setting` result}}.
   """
+  config_validation.validate_config(config)
   names = list(config.conflicts.settings)
   if not names:
     raise ValueError(

@@ -34,6 +34,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from mtl_jax import config_validation
 from mtl_jax import metric_writers
 from mtl_jax import metrics as metrics_lib
 from mtl_jax import optim
@@ -602,6 +603,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, dataset=None) -> 
     The SweepResult; files written: sweep.json, sweep.csv, delta_m.md/.csv, metrics.md/.csv,
     pareto.md, parallel_coordinates.png under workdir.
   """
+  config_validation.validate_config(config)
   if dataset is None:
     dataset = data_registry.load_dataset(config.dataset)
   stl_specs = stl_grid(config)

@@ -14,6 +14,7 @@ from typing import Callable, Mapping, Sequence
 
 import ml_collections
 
+from mtl_jax import config_validation
 from mtl_jax import metric_writers
 from mtl_jax.report import markdown
 from mtl_jax.studies import conflicts as conflicts_study
@@ -177,7 +178,10 @@ def run(
   names = list(studies or registry)
   unknown = [name for name in names if name not in registry]
   if unknown:
-    raise ValueError(f"Unknown studies {unknown}; valid: {', '.join(registry)}.")
+    raise config_validation.ConfigError(
+      f"--studies: Unknown studies {unknown}; valid: {', '.join(registry)}."
+    )
+  config_validation.validate_config(config)
   os.makedirs(workdir, exist_ok=True)
   sections, timings, first_error = [], [], None
   start = time.perf_counter()

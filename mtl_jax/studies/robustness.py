@@ -597,12 +597,16 @@ def _load_runs(config, mtl_dirs, stl_dirs, dataset) -> tuple[list[Run], dict[str
     run = restore_run(run_dir, dataset)
     task = run.task_names[0]
     if task in stl_runs:
-      raise ValueError(f"Two STL runs for task {task!r}: {stl_runs[task].path!r} and {run_dir!r}.")
+      raise config_validation.ConfigError(
+        f"config.robustness.stl_runs: Two STL runs for task {task!r}: {stl_runs[task].path!r} "
+        f"and {run_dir!r}."
+      )
     stl_runs[task] = run
   missing = [task for task in config.tasks if task not in stl_runs]
   if missing:
-    raise ValueError(
-      f"No STL run for task(s) {missing}; robustness.stl_runs must cover {list(config.tasks)}."
+    raise config_validation.ConfigError(
+      f"config.robustness.stl_runs: No STL run for task(s) {missing}; it must cover "
+      f"{list(config.tasks)}."
     )
   return mtl_runs, stl_runs
 
@@ -648,6 +652,7 @@ def run_robustness(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
     The results dict written to <workdir>/robustness.json: per run clean and corrupted test
     metrics after fine-tuning, δ per MTL run, linear-probe metrics, settings.
   """
+  config_validation.validate_config(config)
   settings = config.robustness
   names = tuple(settings.corruptions) or corruptions_lib.CORRUPTIONS
   severities = tuple(int(severity) for severity in settings.severities)
@@ -657,6 +662,7 @@ def run_robustness(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
     corruptions_lib.check_corruption(names[0], severity)
   os.makedirs(workdir, exist_ok=True)
   dataset = data_registry.load_dataset(config.dataset)
+  config_validation.validate_config(config, dataset)
   mtl_dirs, stl_dirs = _resolve_runs(config, workdir, dataset)
   mtl_runs, stl_by_task = _load_runs(config, mtl_dirs, stl_dirs, dataset)
   runs = mtl_runs + list(stl_by_task.values())

@@ -20,12 +20,14 @@ from typing import Sequence
 import jax
 import ml_collections
 
+from mtl_jax import checkpoint as checkpoint_lib
 from mtl_jax import parallel
 from mtl_jax.data import registry as data_registry
 from mtl_jax.train import lanes as lanes_lib
 from mtl_jax.train import preemption as preemption_lib
 from mtl_jax.train import results as results_lib
 from mtl_jax.train import session as session_lib
+from mtl_jax.train import workdir_lock
 from mtl_jax.train.state import build_experiment
 
 
@@ -38,8 +40,9 @@ def train_and_evaluate(
   """Trains a model from config, keeping the best validation state, and writes test results.
 
   Re-running with the same workdir resumes from the latest checkpoint; a finished run only
-  re-reads its results. On SIGTERM/SIGINT the current step finishes, a checkpoint of it is
-  written, and `preemption.Preempted` is raised (see mtl_jax/train/preemption.py).
+  re-reads its results. The workdir is locked while the run trains (`workdir_lock`). On
+  SIGTERM/SIGINT the current step finishes, a checkpoint of it is written, and
+  `preemption.Preempted` is raised (see mtl_jax/train/preemption.py).
 
   Args:
     config: an experiment config.
@@ -58,11 +61,13 @@ def train_and_evaluate(
       method at level 'sample' / 'sample_task', the conflict probe) disagree with the reference.
     config_validation.ConfigError: a bad config, or a workdir written by a different config.
     checkpoint.CheckpointError: checkpoints exist but none is intact.
+    checkpoint.CheckpointWriteError: a checkpoint could not be written (full disk, read-only).
+    workdir_lock.WorkdirInUseError: another process is training in workdir.
   """
   finished = results_lib.finished_results(config, workdir)
   if finished is not None:
     return finished
-  with _guard(preemption) as guard:
+  with workdir_lock.hold([workdir]), _guard(preemption) as guard:
     experiment = build_experiment(config, dataset)
     mesh = parallel.make_mesh(config) if jax.device_count() > 1 else None
     lanes = lanes_lib.SingleLane(experiment, mesh)
@@ -93,9 +98,10 @@ def train_group(
 
   Raises:
     ValueError: configs that cannot share one program, or mismatched lengths.
+    workdir_lock.WorkdirInUseError: another process is training in one of the workdirs.
   """
   session_lib.check_group(configs, workdirs)
-  with _guard(None) as guard:
+  with workdir_lock.hold(workdirs), _guard(None) as guard:
     experiment = build_experiment(configs[0], dataset)
     lanes = lanes_lib.StackedLanes(experiment, configs, lane_mode)
     session = session_lib.Session.group(experiment, lanes, configs, workdirs, label)
@@ -118,19 +124,23 @@ def train_lanes(
 ) -> list[dict | None]:
   """The loop: every step of every lane, then each run's results (None for a failed run)."""
   total = session.experiment.total_steps
-  for step in range(session.start_step, total):
-    if not session.any_active():
-      break
-    batch, host_batch = session.lanes.batch(step)
-    if guard.should_stop(step):
-      session.stop_for_preemption(step, guard.signal_name)
-    session.before_step(step, host_batch)
-    new_states, step_metrics = session.lanes.step(session.states, batch)
-    session.accept(step, new_states, step_metrics, batch)
-    done = step + 1
-    session.end_of_step(done)
-    if done % session.eval_every == 0 or done == total:
-      session.evaluate(done)
-    elif session.checkpoint_every and done % session.checkpoint_every == 0:
-      session.store.save(done, session.states, session.runs)
-  return session.finish()
+  try:
+    for step in range(session.start_step, total):
+      if not session.any_active():
+        break
+      batch, host_batch = session.lanes.batch(step)
+      if guard.should_stop(step):
+        session.stop_for_preemption(step, guard.signal_name)
+      session.before_step(step, host_batch)
+      new_states, step_metrics = session.lanes.step(session.states, batch)
+      session.accept(step, new_states, step_metrics, batch)
+      done = step + 1
+      session.end_of_step(done)
+      if done % session.eval_every == 0 or done == total:
+        session.evaluate(done)
+      elif session.checkpoint_every and done % session.checkpoint_every == 0:
+        session.store.save(done, session.states, session.runs)
+    return session.finish()
+  except checkpoint_lib.CheckpointWriteError:
+    session.close()  # Flushes the logs; the failed save is reported once, by this error.
+    raise

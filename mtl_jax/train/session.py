@@ -126,6 +126,9 @@ class Run:
 class CheckpointStore:
   """A single run's Orbax checkpoints: the latest (to resume) and the best on validation."""
 
+  # Set by `restore` when the best state the resumed progress names could not be recovered.
+  best_lost = False
+
   def __init__(self, workdir: str, config: ml_collections.ConfigDict):
     self.workdir = workdir
     asynchronous = bool(config.training.async_checkpoints)
@@ -142,10 +145,19 @@ class CheckpointStore:
       results_lib.raise_on_mismatch(what, saved.get("fingerprint"), fingerprint)
 
     restored = self.checkpointer.restore(states, check_progress=check)
+    progress = restored[1] if restored is not None else runs[0].progress
+    resumed = (int(restored[0].step), restored[0]) if restored is not None else None
+    self.best_lost = not self.checkpointer.settle_best(resumed, progress, states, check)
+    if self.best_lost:
+      metric_writers.status(
+        f"Warning: the best checkpoint of step {progress['best_step']} in {self.workdir} is lost "
+        f"(damaged or missing); best-state selection restarts from step {resumed[0]}."
+      )
+      progress.update(best_score=None, best_step=None, evals_since_best=0)
     if restored is None:
       return None
-    states, runs[0].progress = restored
-    metric_writers.status(f"Resuming from step {int(states.step)} in {self.workdir}.")
+    states, runs[0].progress = restored[0], progress
+    metric_writers.status(f"Resuming from step {resumed[0]} in {self.workdir}.")
     return states
 
   def save(self, step: int, states: Any, runs: Sequence[Run]) -> None:
@@ -179,6 +191,7 @@ class MemoryStore:
   """A group's best states, kept in memory; nothing is written until the group ends."""
 
   last_saved = None
+  best_lost = False
 
   def __init__(self, lanes):
     self.lanes = lanes
@@ -230,6 +243,9 @@ class Session:
     restored = store.restore(self.states, runs)
     self.states = restored if restored is not None else self.states
     self.start_step = int(np.max(np.asarray(jax.device_get(self.states.step))))
+    if store.best_lost:
+      # The resumed state is the selection's first candidate, so the best slot is never empty.
+      self.evaluate(self.start_step, save_latest=False)
     self.report = metric_writers.ProgressReport(experiment.total_steps, self.start_step, label)
     self._sums: dict[str, np.ndarray] = {}
     self._counts = np.zeros(lanes.size)
@@ -376,7 +392,7 @@ class Session:
       metric_writers.status(self.report.line(done, speed) + f"  loss {loss:.4f}")
     self._sums, self._counts = {}, np.zeros(self.lanes.size)
 
-  def evaluate(self, done: int) -> None:
+  def evaluate(self, done: int, save_latest: bool = True) -> None:
     """Validation of every active lane: best-state selection, early stopping, the latest save."""
     improved = np.zeros(self.lanes.size, bool)
     for index, (run, validation) in enumerate(
@@ -385,7 +401,8 @@ class Session:
       if run.active:
         improved[index] = self._record_validation(done, run, validation)
     self.store.save_best(done, self.states, self.runs, improved)
-    self.store.save(done, self.states, self.runs)
+    if save_latest:
+      self.store.save(done, self.states, self.runs)
 
   def _record_validation(self, done: int, run: Run, validation) -> bool:
     """Updates one run's selection record with a validation result; returns whether it improved."""
