@@ -202,8 +202,21 @@ def _non_negative(value: float) -> bool:
 # encoder needs image sides that are multiples of 32; MTL-IO and AdaTask take only their own
 # optimizers; a per-sample level needs a norm without batch statistics).
 _IMAGE = ("model.encoder", "dataset.height", "dataset.width")
-_METHOD = ("method.name", "method.level", "model.norm", "optimizer.name")
+# The method is built from these together; a method that splits batches needs enough samples.
+_METHOD = ("method.name", "method.level", "model.norm", "optimizer.name", "training.batch_size")
 _PROBE = ("conflicts.probe_every_steps", "conflicts.batch_norm", "conflicts.path", "model.norm")
+
+_PROCESSES = ("sharding.coordinator_address", "sharding.num_processes", "sharding.process_id")
+_TIMEOUTS = ("sharding.heartbeat_timeout_seconds", "sharding.peer_timeout_seconds")
+_ADDRESSES = ("", "127.0.0.1:1234", "localhost:80", "nohost", ":1234", "host:port", "1.2.3.4:")
+
+
+def _address(value) -> bool:
+  if not isinstance(value, str):
+    return False
+  host, _, port = value.rpartition(":")
+  return value == "" or (bool(host) and port.isdigit())
+
 
 SPECS: dict[str, Spec] = {
   "seed": ints(0),
@@ -248,6 +261,34 @@ SPECS: dict[str, Spec] = {
   "method.gradnorm_alpha": reals(_non_negative),
   "method.famo_learning_rate": reals(_positive),
   "method.famo_weight_decay": reals(_non_negative),
+  "method.config_eigenvalue_cutoff": reals(_unit_open),
+  "method.fairgrad_alpha": reals(_positive),
+  "method.fairgrad_iterations": ints(1),
+  "method.cr_mogm_alpha": reals(_in_unit),
+  # CR-MOGM smooths a Gramian weighting's weights: a loss weighting is refused by its factory.
+  "method.cr_mogm_base": choices(weighting_lib.method_names(), related=_METHOD),
+  "method.db_mtl_beta": reals(_in_unit),
+  "method.db_mtl_beta_sigma": reals(_non_negative),
+  "method.moco_beta": reals(_in_unit),
+  "method.moco_beta_sigma": reals(_non_negative),
+  "method.moco_gamma": reals(_non_negative),
+  "method.moco_gamma_sigma": reals(_non_negative),
+  "method.moco_rho": reals(_non_negative),
+  "method.moco_weight_map": choices(("simplex", "softmax")),
+  "method.moco_gradient_scale": choices(("loss", "none")),
+  "method.excess_mtl_step_size": reals(_non_negative),
+  "method.sdmgrad_lambda": reals(_non_negative),
+  "method.sdmgrad_learning_rate": reals(_positive),
+  "method.sdmgrad_momentum": reals(_unit_open),
+  "method.sdmgrad_iterations": ints(1),
+  "method.modo_gamma": reals(_non_negative),
+  "method.modo_rho": reals(_non_negative),
+  "method.stch_mu": reals(_positive),
+  "method.stch_warmup_epochs": ints(0),
+  "method.go4align_step_size": reals(_non_negative),
+  "method.go4align_groups": ints(1),
+  "method.auto_lambda_initial_weight": reals(math.isfinite),
+  "method.auto_lambda_learning_rate": reals(_positive),
   "gramian.verify_every_steps": ints(-1),
   "optimizer.name": choices(optim.OPTIMIZERS, related=_METHOD),
   "optimizer.learning_rate": reals(_positive),
@@ -275,6 +316,17 @@ SPECS: dict[str, Spec] = {
   "sharding.fsdp": BOOL,
   "sharding.fsdp_min_size": ints(0),
   "sharding.distributed": choices(("auto", "on", "off")),
+  # All three given (a 'host:port', a count, an index below it) or none ('', -1, -1).
+  "sharding.coordinator_address": Spec(
+    _address, st.one_of(st.sampled_from(_ADDRESSES), _ANY_TYPE), _PROCESSES
+  ),
+  "sharding.num_processes": ints(1, special=(-1,), related=_PROCESSES),
+  "sharding.process_id": ints(0, special=(-1,), related=_PROCESSES),
+  "sharding.initialization_timeout_seconds": ints(1),
+  "sharding.heartbeat_timeout_seconds": ints(1, related=_TIMEOUTS),
+  "sharding.shutdown_timeout_seconds": ints(1),
+  # The liveness check must name a lost process before the heartbeat aborts the runtime.
+  "sharding.peer_timeout_seconds": ints(1, related=_TIMEOUTS),
   "conflicts.probe_every_steps": ints(0, related=_PROBE),
   "conflicts.max_samples": ints(0),
   "conflicts.max_tasks": ints(0),
