@@ -21,6 +21,7 @@ import ml_collections
 from mtl_jax import metrics as metrics_lib
 from mtl_jax import optim
 from mtl_jax import weighting as weighting_lib
+from mtl_jax.data import augment as augment_lib
 from mtl_jax.data import registry as data_registry
 from mtl_jax.models import encoders as encoders_lib
 from mtl_jax.models import layers as layers_lib
@@ -137,6 +138,7 @@ def _check_tasks(checker: _Checker, dataset: data_registry.Dataset | None) -> No
 def _check_model(checker: _Checker) -> None:
   checker.choice("model.encoder", multitask.ENCODERS, "encoders")
   checker.choice("model.norm", layers_lib.NORM_KINDS, "norms")
+  checker.choice("model.dtype", layers_lib.DTYPES, "dtypes")
   checker.real("model.width_multiplier", lambda value: value > 0, "> 0")
   checker.int_sequence("model.hidden", allow_empty=True)
   checker.int_sequence("model.features", allow_empty=False)
@@ -207,6 +209,9 @@ def validate_config(
       f"directory {data_dir!r} does not exist (absolute: "
       f"{os.path.abspath(os.path.expanduser(data_dir))}).",
     )
+  checker.integer("data.workers", 0)
+  checker.integer("data.prefetch", 0)
+  checker.choice("data.augment_on", augment_lib.PLACEMENTS, "placements")
   _check_tasks(checker, dataset)
   _check_model(checker)
   checker.choice("method.name", weighting_lib.method_names(), "methods")

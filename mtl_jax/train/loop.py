@@ -118,19 +118,23 @@ def train_lanes(
 ) -> list[dict | None]:
   """The loop: every step of every lane, then each run's results (None for a failed run)."""
   total = session.experiment.total_steps
-  for step in range(session.start_step, total):
-    if not session.any_active():
-      break
-    batch, host_batch = session.lanes.batch(step)
-    if guard.should_stop(step):
-      session.stop_for_preemption(step, guard.signal_name)
-    session.before_step(step, host_batch)
-    new_states, step_metrics = session.lanes.step(session.states, batch)
-    session.accept(step, new_states, step_metrics, batch)
-    done = step + 1
-    session.end_of_step(done)
-    if done % session.eval_every == 0 or done == total:
-      session.evaluate(done)
-    elif session.checkpoint_every and done % session.checkpoint_every == 0:
-      session.store.save(done, session.states, session.runs)
+  try:
+    for step in range(session.start_step, total):
+      if not session.any_active():
+        break
+      batch = session.lanes.batch(step)
+      if guard.should_stop(step):
+        session.stop_for_preemption(step, guard.signal_name)
+      session.before_step(step)
+      new_states, step_metrics = session.lanes.step(session.states, batch)
+      session.accept(step, new_states, step_metrics)
+      done = step + 1
+      session.end_of_step(done)
+      if done % session.eval_every == 0 or done == total:
+        session.evaluate(done)
+      elif session.checkpoint_every and done % session.checkpoint_every == 0:
+        session.store.save(done, session.states, session.runs)
+  finally:
+    # The data pipeline's reader thread or worker processes stop however the loop ends.
+    session.lanes.close()
   return session.finish()
