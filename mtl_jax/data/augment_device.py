@@ -21,6 +21,8 @@ import numpy as np
 
 from mtl_jax.data import augment as augment_lib
 
+# uint8 level v -> v / 255 in float32, exactly as `pipeline.unit_float_images` computes it.
+_UNIT_LEVELS = np.arange(256, dtype=np.float32) / 255.0
 # The batch key of the host's augmentation draws [B, 4] int32 (see `augment.Augmentation.draw`).
 DRAWS_KEY = augment_lib.DRAWS_KEY
 
@@ -132,7 +134,9 @@ def prepare_batch(
   draws = batch.pop(DRAWS_KEY, None)
   image = batch["image"]
   if jnp.issubdtype(image.dtype, jnp.integer):
-    batch["image"] = jnp.asarray(image).astype(jnp.float32) / 255.0
+    # A table of NumPy's own quotients: XLA turns a division by a constant into a multiplication
+    # by its reciprocal, which differs from the host's float32 division in the last bit.
+    batch["image"] = jnp.asarray(_UNIT_LEVELS)[jnp.asarray(image).astype(jnp.int32)]
   if draws is None or augmentation is None:
     return batch
   return apply(batch, draws, augmentation)
