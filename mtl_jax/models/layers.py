@@ -8,8 +8,8 @@ their input and output can be captured, which is what a per-sample Gramian needs
 
 Mixed precision: parameters are always float32; each layer computes in the dtype of its input
 (its parameters are cast to it), so a model whose input is cast to bfloat16 runs its matmuls,
-convolutions and activations in bfloat16. Normalisation statistics stay float32 (Flax computes
-them in at least float32), and gradients reach the float32 parameters in float32.
+convolutions, activations and normalisations in bfloat16 (statistics summed in float32; running
+averages stored in float32), and gradients reach the float32 parameters in float32.
 """
 
 from __future__ import annotations
@@ -121,6 +121,10 @@ class Norm(nn.Module):
       raise ValueError(f"Unknown norm {self.kind!r}; valid norms: {', '.join(NORM_KINDS)}.")
     if self.kind == "none":
       return inputs
+    # Reduced-precision activations: the statistics are still summed in float32 (jnp.mean
+    # accumulates bfloat16 in float32) but the normalisation's arithmetic stays in bfloat16, so
+    # no float32 copy of the activation is kept for the backward pass.
+    float32_arithmetic = inputs.dtype == jnp.float32
     if self.kind == "batch":
       normalised = nn.BatchNorm(
         use_running_average=not train,
@@ -128,6 +132,7 @@ class Norm(nn.Module):
         epsilon=self.epsilon,
         use_scale=False,
         use_bias=False,
+        force_float32_reductions=float32_arithmetic,
       )(inputs)
     elif self.kind == "group":
       normalised = nn.GroupNorm(
@@ -135,9 +140,15 @@ class Norm(nn.Module):
         epsilon=self.epsilon,
         use_scale=False,
         use_bias=False,
+        force_float32_reductions=float32_arithmetic,
       )(inputs)
     else:
-      normalised = nn.LayerNorm(epsilon=self.epsilon, use_scale=False, use_bias=False)(inputs)
+      normalised = nn.LayerNorm(
+        epsilon=self.epsilon,
+        use_scale=False,
+        use_bias=False,
+        force_float32_reductions=float32_arithmetic,
+      )(inputs)
     return Affine()(normalised)
 
 
