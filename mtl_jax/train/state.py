@@ -192,7 +192,8 @@ def config_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
   Everything that changes the trajectory of a run is in it (training length, logging and
   checkpoint cadence are not: a run may be extended or resumed with other cadences; nor is the
-  input pipeline's `config.data`, which never changes the batches).
+  input pipeline's `config.data`: the worker count never changes the batches, and the
+  augmentation's placement changes them by float rounding at most, in the image and depth).
   """
   model = config.model.to_dict()
   # float32 is what every run did before the key existed: left out, older runs still resume.
