@@ -12,7 +12,8 @@ batch 512, 40 heads). Per config:
 * step ms: the float32 EW step as training runs it (uint8 image and augmentation draws in,
   augmentation inside the step), median of --steps calls after --warmup untimed ones (the
   program is compiled ahead, so on a CPU, where a paper-size step takes a minute or more,
-  `--warmup 0 --steps 1` is enough);
+  `--warmup 0 --steps 1` is enough; `--step-batch b` times b rows and scales by batch / b,
+  marked so in the table, for CPUs where a whole paper batch takes minutes);
 * host ms per batch: the training pipeline (`data.loader.BatchStream`) reading consecutive
   steps, after its first batch: with the augmentation's pixel work on the device (the host reads
   uint8 rows and draws the crops; 0 workers, no prefetch), and in NumPy on the host with 0
@@ -26,7 +27,7 @@ last line gives the main job's host time per step (configs/reproduce.py, the emb
 the plain NumPy reference `pipeline.train_batch` against the pipeline.
 
   python benchmarks/paper_scale.py [--configs cityscapes_segnet,...] [--steps 2] [--warmup 1]
-    [--smoke]
+    [--step-batch 0] [--smoke]
 
 --smoke is the CI-sized run of the same path: each config shrunk (small images, batch 4, narrow
 networks), one timed step, workers 0 and 1.
@@ -191,8 +192,8 @@ def host_milliseconds(reader: loader.StepReader, workers: int, prefetch: int) ->
     stream.close()
 
 
-def measure(name: str, smoke: bool, steps: int, warmup: int, worker_counts) -> dict:
-  """Every figure of one config's row."""
+def measure(name: str, smoke: bool, timing: dict, worker_counts) -> dict:
+  """Every figure of one config's row; `timing`: steps, warmup and step_batch (0: the config's)."""
   base = paper_config(name, smoke)
   dataset = synthetic_dataset(base)
   batch_size = int(base.training.batch_size)
@@ -201,17 +202,30 @@ def measure(name: str, smoke: bool, steps: int, warmup: int, worker_counts) -> d
   )
   batch = reader(0)
   row = {"name": name, "batch": batch_size, "shape": (base.dataset.height, base.dataset.width)}
+  step_batch = min(timing["step_batch"] or batch_size, batch_size)
+  row["step_batch"] = step_batch
+  whole = step_batch == batch_size
   for method in ("ew", "pcgrad"):
     for dtype in layers.DTYPES:
       print(f"[{name}: compiling {method} {dtype} ...]", file=sys.stderr, flush=True)
       config = paper_config(name, smoke, method, dtype)
-      timed = method == "ew" and dtype == "float32"
-      executable, state, row[f"{method}_{dtype}"] = compiled_step(config, dataset, batch, timed)
-      if timed:
-        row["parameters"] = layers.count_parameters(state.params)
-        print(f"[{name}: timing the EW step ...]", file=sys.stderr, flush=True)
-        row["step_ms"] = step_milliseconds(executable, state, batch, steps, warmup)
-      del executable, state
+      timed = whole and method == "ew" and dtype == "float32"
+      compiled = compiled_step(config, dataset, batch, timed)
+      row[f"{method}_{dtype}"] = compiled[2]
+      if method == "ew" and dtype == "float32":
+        row["parameters"] = layers.count_parameters(compiled[1].params)
+        executable, state = compiled[:2]
+      del compiled
+  print(f"[{name}: timing the EW step at batch {step_batch} ...]", file=sys.stderr, flush=True)
+  timed_batch = {key: value[:step_batch] for key, value in batch.items()}
+  if not whole:
+    executable, state, _ = compiled_step(paper_config(name, smoke), dataset, timed_batch, True)
+  milliseconds = step_milliseconds(
+    executable, state, timed_batch, timing["steps"], timing["warmup"]
+  )
+  # A convolutional step's work grows linearly with the batch.
+  row["step_ms"] = milliseconds * batch_size / step_batch
+  del executable, state
   print(f"[{name}: host time per batch ...]", file=sys.stderr, flush=True)
   row["host_device"] = host_milliseconds(reader, 0, 0)
   host_reader = loader.StepReader(dataset.splits["train"], batch_size, (0,), dataset.augment)
@@ -226,31 +240,39 @@ def _mib(value) -> str:
   return "n/a" if value is None else f"{value:,.0f}"
 
 
+def _step_cell(row) -> str:
+  if row["step_batch"] == row["batch"]:
+    return f"{row['step_ms']:,.0f}"
+  return f"{row['step_ms']:,.0f} (batch {row['step_batch']} × {row['batch'] // row['step_batch']})"
+
+
 def _ratio(numerator, denominator) -> str:
   return "n/a" if numerator is None or not denominator else f"{numerator / denominator:.2f}"
 
 
-def print_table(rows, worker_counts) -> None:
+def print_header(worker_counts) -> None:
   workers_header = " | ".join(f"host aug {count}w" for count in worker_counts)
   print(
     "| config | B × H × W | params | EW f32 MiB | EW bf16 MiB | bf16 ÷ f32 | PCGrad f32 MiB | "
     f"PCGrad bf16 MiB | step ms (EW f32) | host ms: device aug | {workers_header} | "
     "host ÷ step (device aug) | host ÷ step (best host aug) |"
   )
-  print("|---" * (12 + len(worker_counts)) + "|")
-  for row in rows:
-    host = " | ".join(f"{row['host'][count]:.1f}" for count in worker_counts)
-    best_host = min(row["host"].values())
-    height, width = row["shape"]
-    print(
-      f"| {row['name']} | {row['batch']} × {height} × {width} | {row['parameters']:,} | "
-      f"{_mib(row['ew_float32'])} | {_mib(row['ew_bfloat16'])} | "
-      f"{_ratio(row['ew_bfloat16'], row['ew_float32'])} | {_mib(row['pcgrad_float32'])} | "
-      f"{_mib(row['pcgrad_bfloat16'])} | {row['step_ms']:.0f} | {row['host_device']:.1f} | "
-      f"{host} | {_ratio(row['host_device'], row['step_ms'])} | "
-      f"{_ratio(best_host, row['step_ms'])} |",
-      flush=True,
-    )
+  print("|---" * (12 + len(worker_counts)) + "|", flush=True)
+
+
+def print_row(row, worker_counts) -> None:
+  host = " | ".join(f"{row['host'][count]:.1f}" for count in worker_counts)
+  best_host = min(row["host"].values())
+  height, width = row["shape"]
+  print(
+    f"| {row['name']} | {row['batch']} × {height} × {width} | {row['parameters']:,} | "
+    f"{_mib(row['ew_float32'])} | {_mib(row['ew_bfloat16'])} | "
+    f"{_ratio(row['ew_bfloat16'], row['ew_float32'])} | {_mib(row['pcgrad_float32'])} | "
+    f"{_mib(row['pcgrad_bfloat16'])} | {_step_cell(row)} | {row['host_device']:.1f} | "
+    f"{host} | {_ratio(row['host_device'], row['step_ms'])} | "
+    f"{_ratio(best_host, row['step_ms'])} |",
+    flush=True,
+  )
 
 
 def main_job_host_times() -> tuple[float, float]:
@@ -287,6 +309,12 @@ def main() -> None:
   parser.add_argument(
     "--warmup", type=int, default=1, help="untimed EW steps first (the program is compiled ahead)"
   )
+  parser.add_argument(
+    "--step-batch",
+    type=int,
+    default=0,
+    help="time the step on this many rows and scale to the batch (0: the whole batch)",
+  )
   parser.add_argument("--smoke", action="store_true", help="the CI-sized run (shrunk configs)")
   arguments = parser.parse_args()
   names = arguments.configs.split(",")
@@ -297,20 +325,23 @@ def main() -> None:
   worker_counts = WORKER_COUNTS[:2] if arguments.smoke else WORKER_COUNTS
   steps = 1 if arguments.smoke else max(1, arguments.steps)
   warmup = 0 if arguments.smoke else max(0, arguments.warmup)
-  rows = [measure(name, arguments.smoke, steps, warmup, worker_counts) for name in names]
-  reference, piped = main_job_host_times()
+  timing = dict(steps=steps, warmup=warmup, step_batch=max(0, arguments.step_batch))
   print(
-    f"\n# Paper-scale benchmark{' (--smoke)' if arguments.smoke else ''}, "
+    f"# Paper-scale benchmark{' (--smoke)' if arguments.smoke else ''}, "
     f"{datetime.date.today()}, {platform.machine()} {jax.devices()[0].device_kind} "
     f"x{jax.device_count()}, {os.cpu_count()} CPU cores, jax {jax.__version__} on "
-    f"{jax.default_backend()}, load average {os.getloadavg()[0]:.2f}; step: median of {steps} "
-    f"after {warmup} untimed; "
-    f"host: mean of {HOST_BATCHES} batches\n"
+    f"{jax.default_backend()}, load average {os.getloadavg()[0]:.2f} at the start; step: median "
+    f"of {steps} after {warmup} untimed; host: mean of {HOST_BATCHES} batches\n"
   )
-  print_table(rows, worker_counts)
+  # Each row as soon as it is measured: a run stopped by a time limit keeps what it finished.
+  print_header(worker_counts)
+  for name in names:
+    print_row(measure(name, arguments.smoke, timing, worker_counts), worker_counts)
+  reference, piped = main_job_host_times()
   print(
     f"\nMain job (configs/reproduce.py, grouped seeds) host ms per step: stacked "
-    f"pipeline.train_batch {reference:.2f}, data.loader with its config.data {piped:.2f}"
+    f"pipeline.train_batch {reference:.2f}, data.loader with its config.data {piped:.2f}; "
+    f"load average {os.getloadavg()[0]:.2f} at the end"
   )
 
 
