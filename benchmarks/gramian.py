@@ -12,7 +12,9 @@ Timings are medians of interleaved runs (one call of each function per round, pl
 plain call after the reference's), so load from other processes hits all three alike; ratios
 are to the plain step. Peak memory is XLA's own account of the compiled program (temporary
 buffers plus outputs), which on CPU is the only allocator-independent number; compile time is
-that of `jit(...).lower(...).compile()` with the persistent cache off. Prints a markdown table.
+that of `jit(...).lower(...).compile()` with the persistent cache off. Prints a markdown table,
+then the relative error of the fast Gramian of a bfloat16 model (config.model.dtype) against
+float32's, per case.
 
   python benchmarks/gramian.py [--rounds 15] [--batch-sizes 64,128]
 """
@@ -50,8 +52,8 @@ ENCODERS = {
 }
 
 
-def make_case(encoder: str, batch_size: int):
-  config = ml_collections.ConfigDict(ENCODERS[encoder])
+def make_case(encoder: str, batch_size: int, dtype: str = "float32"):
+  config = ml_collections.ConfigDict({**ENCODERS[encoder], "dtype": dtype})
   specs = {task.name: models.HeadSpec(task.output_channels, dense=False) for task in TASKS}
   model = models.build_model(config, specs)
   variables = models.init_model(model, jax.random.PRNGKey(0), (1, *IMAGE_SHAPE))
@@ -147,6 +149,21 @@ def benchmark(encoder: str, batch_size: int, rounds: int) -> list[dict]:
   return rows
 
 
+def bfloat16_error(encoder: str, batch_size: int) -> float:
+  """‖G_bf16 − G_f32‖_F / ‖G_f32‖_F: the fast Gramian of the model with bfloat16 activations
+  against float32's, on the same parameters and batch."""
+  model, params, batch = make_case(encoder, batch_size)
+  half_model = make_case(encoder, batch_size, "bfloat16")[0]
+
+  def fast_gramian(network):
+    return jax.jit(
+      lambda params, batch: gramian.compute(network, params, {}, batch, TASKS, gramian.FULL).gramian
+    )(params, batch)
+
+  single, half = fast_gramian(model), fast_gramian(half_model)
+  return float(jnp.linalg.norm(half - single) / jnp.linalg.norm(single))
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--rounds", type=int, default=15, help="timed calls of each function")
@@ -185,6 +202,14 @@ def main() -> None:
         file=sys.stderr,
         flush=True,
       )
+  print()
+  print("bfloat16 activations (model.dtype): the fast Gramian's relative Frobenius error")
+  print()
+  print("| encoder | B | ‖G_bf16 − G_f32‖ / ‖G_f32‖ |")
+  print("|---|---|---|")
+  for encoder in arguments.encoders.split(","):
+    for batch_size in (int(size) for size in arguments.batch_sizes.split(",")):
+      print(f"| {encoder} | {batch_size} | {bfloat16_error(encoder, batch_size):.2e} |", flush=True)
 
 
 if __name__ == "__main__":

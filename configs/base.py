@@ -28,6 +28,16 @@ def get_config() -> ml_collections.ConfigDict:
       scales=(1.0, 1.2, 1.5),
     )
   )
+  # The training input pipeline (mtl_jax/data/loader.py); the batches never depend on it.
+  config.data = ml_collections.ConfigDict(
+    dict(
+      workers=0,  # grain worker processes reading batches (0: the training process reads).
+      prefetch=0,  # batches read ahead: by one thread (workers=0) or by each worker (>= 1).
+      # Where the augmentation's pixel work runs: 'device' (inside the jitted step; the host
+      # reads uint8 images and draws the crops) or 'host' (NumPy, in the reading process).
+      augment_on="device",
+    )
+  )
   config.tasks = ("segmentation", "depth", "normals")
   config.model = ml_collections.ConfigDict(
     dict(
@@ -41,6 +51,9 @@ def get_config() -> ml_collections.ConfigDict:
       resnet_stem="cifar",
       # A local .npz / .msgpack of encoder variables to start from ('' = random init).
       pretrained_backbone="",
+      # Activations and matmuls: 'float32' or 'bfloat16' (parameters, optimizer state, losses,
+      # Gramians and their weightings stay float32).
+      dtype="float32",
     )
   )
   config.method = ml_collections.ConfigDict(

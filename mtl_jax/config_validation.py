@@ -27,6 +27,7 @@ import ml_collections
 from mtl_jax import metrics as metrics_lib
 from mtl_jax import optim
 from mtl_jax import weighting as weighting_lib
+from mtl_jax.data import augment as augment_lib
 from mtl_jax.data import registry as data_registry
 from mtl_jax.data import scenes as scenes_lib
 from mtl_jax.gramian import modes as gramian_modes
@@ -229,6 +230,7 @@ RULES: dict[str, Rule] = {
   "dataset.scales": real_sequence(lambda value: 1 <= value < math.inf, ">= 1", False),
   "model.encoder": choice(multitask.ENCODERS, "encoders"),
   "model.norm": choice(layers_lib.NORM_KINDS, "norms"),
+  "model.dtype": choice(layers_lib.DTYPES, "dtypes"),
   "model.width_multiplier": real(positive, "> 0"),
   "model.hidden": int_sequence(allow_empty=True),
   "model.features": int_sequence(allow_empty=False),
@@ -292,6 +294,9 @@ RULES: dict[str, Rule] = {
   "optimizer.decoupled_weight_decay": boolean,
   "optimizer.lr_decay_every_epochs": integer(0),
   "optimizer.lr_decay_factor": real(lambda value: 0 < value <= 1, "in (0, 1]"),
+  "data.workers": integer(0),
+  "data.prefetch": integer(0),
+  "data.augment_on": choice(augment_lib.PLACEMENTS, "placements"),
   "training.num_epochs": integer(1),
   "training.batch_size": integer(1),
   "training.eval_batch_size": integer(1),

@@ -236,6 +236,8 @@ SPECS: dict[str, Spec] = {
   "dataset.scales": real_tuples(lambda value: 1 <= value < math.inf),
   "model.encoder": choices(multitask.ENCODERS, related=_IMAGE),
   "model.norm": choices(layers_lib.NORM_KINDS, related=_METHOD + _PROBE),
+  # Parameters stay float32 either way; activations may be bfloat16.
+  "model.dtype": choices(("float32", "bfloat16")),
   "model.width_multiplier": reals(_positive),
   "model.hidden": int_tuples(1),
   "model.features": int_tuples(1, allow_empty=False),
@@ -301,6 +303,9 @@ SPECS: dict[str, Spec] = {
   "optimizer.lr_decay_every_epochs": ints(0),
   "optimizer.lr_decay_factor": reals(lambda value: 0 < value <= 1),
   "training.num_epochs": ints(1),
+  "data.workers": ints(0),
+  "data.prefetch": ints(0),
+  "data.augment_on": choices(("host", "device")),
   "training.batch_size": ints(1),
   "training.eval_batch_size": ints(1),
   "training.eval_every_epochs": ints(1),

@@ -11,6 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import base
+from mtl_jax.data import pipeline
 from mtl_jax.data import registry
 from mtl_jax.data import tfds_data
 from mtl_jax.data import tfds_datasets
@@ -192,14 +193,17 @@ def test_missing_data_names_the_prepare_command(tmp_path):
   assert not os.listdir(tmp_path) or not any("downloads" in name for name in os.listdir(tmp_path))
 
 
-def test_holdout_and_host_shards_are_fixed_disjoint_and_cover():
+def test_holdout_and_process_shares_are_fixed_disjoint_and_cover():
   kept, held = tfds_data.holdout_rows(2975, 595, seed=0)
   again_kept, again_held = tfds_data.holdout_rows(2975, 595, seed=0)
   np.testing.assert_array_equal(held, again_held)
   assert len(held) == 595 and len(kept) == 2380 and not set(kept) & set(held)
   assert not np.array_equal(held, tfds_data.holdout_rows(2975, 595, seed=1)[1])
-  shards = [tfds_data.host_rows(kept, index, 3) for index in range(3)]
-  assert all(len(shard) == 2380 // 3 for shard in shards)
-  assert len(set(np.concatenate(shards))) == 3 * (2380 // 3)
+  batch_rows = pipeline.train_indices(len(kept), 48, seed=0, step=5)
+  shards = [pipeline.process_rows(batch_rows, index, 3) for index in range(3)]
+  assert all(len(shard) == 16 for shard in shards)
+  np.testing.assert_array_equal(np.concatenate(shards), batch_rows)
+  with pytest.raises(ValueError, match="split evenly"):
+    pipeline.process_rows(batch_rows, 0, 5)
   with pytest.raises(ValueError, match="validation_size"):
     tfds_data.holdout_rows(10, 10, seed=0)

@@ -1,5 +1,5 @@
-"""Tests of the training loop: results, determinism, exact resume after SIGKILL, non-finite
-stops."""
+"""Tests of the training loop: results, determinism, exact resume after SIGKILL (with and without
+data worker processes), non-finite stops."""
 
 import json
 import os
@@ -70,14 +70,52 @@ def test_same_seed_gives_identical_metrics(tmp_path, dataset):
   assert third["test"] != first["test"]
 
 
-def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, dataset):
-  epochs = 12
+_KILL_EPOCHS = 12
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_kill_run(tmp_path_factory, dataset):
+  """The final state of the kill test's run trained straight through, here with 0 workers."""
+  config = _config(num_epochs=_KILL_EPOCHS, checkpoint_every_steps=1)
+  workdir = str(tmp_path_factory.mktemp("straight"))
+  train.train_and_evaluate(config, workdir, dataset)
+  return _final_state(config, workdir, dataset)
+
+
+def _children(pid):
+  """Process ids whose parent is `pid` (from /proc)."""
+  children = []
+  for name in os.listdir("/proc"):
+    try:
+      with open(f"/proc/{name}/stat") as file:
+        fields = file.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+      continue
+    if name.isdigit() and int(fields[1]) == pid:
+      children.append(int(name))
+  return children
+
+
+def _alive(pid):
+  try:
+    with open(f"/proc/{pid}/stat") as file:
+      return file.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except OSError:
+    return False
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_sigkill_then_resume_equals_uninterrupted_run(
+  tmp_path, dataset, uninterrupted_kill_run, workers
+):
   command = [
     sys.executable,
     os.path.join(ROOT, "experiments", "train.py"),
     "--config=configs/test.py",
-    f"--config.training.num_epochs={epochs}",
+    f"--config.training.num_epochs={_KILL_EPOCHS}",
     "--config.training.checkpoint_every_steps=1",
+    f"--config.data.workers={workers}",
+    f"--config.data.prefetch={workers}",
   ]
   killed_dir = tmp_path / "killed"
   process = subprocess.Popen(
@@ -86,7 +124,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, dataset):
     stdout=subprocess.DEVNULL,
     stderr=subprocess.DEVNULL,
   )
-  deadline = time.time() + 120
+  deadline = time.time() + 180
   checkpoints = killed_dir / "checkpoints"
   while time.time() < deadline:
     steps = [
@@ -99,8 +137,16 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, dataset):
     if process.poll() is not None:
       pytest.fail("training finished before it could be killed")
     time.sleep(0.02)
+  readers = _children(process.pid)
+  if workers:
+    assert len(readers) >= workers, "the data workers should be running"
   process.send_signal(signal.SIGKILL)
   process.wait()
+  # The data workers notice that the trainer is gone and exit (they poll once a second).
+  deadline = time.time() + 15
+  while time.time() < deadline and any(_alive(pid) for pid in readers):
+    time.sleep(0.1)
+  assert not [pid for pid in readers if _alive(pid)], "data workers outlived the killed trainer"
   assert not (killed_dir / "results.json").exists()
   resumed = subprocess.run(
     command + [f"--workdir={killed_dir}"], cwd=ROOT, capture_output=True, text=True
@@ -108,13 +154,11 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, dataset):
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert "Resuming from step" in resumed.stdout
 
-  config = _config(num_epochs=epochs, checkpoint_every_steps=1)
-  train.train_and_evaluate(config, str(tmp_path / "straight"), dataset)
+  config = _config(num_epochs=_KILL_EPOCHS, checkpoint_every_steps=1)
   interrupted = _final_state(config, str(killed_dir), dataset)
-  uninterrupted = _final_state(config, str(tmp_path / "straight"), dataset)
-  assert int(interrupted.step) == int(uninterrupted.step) == epochs * 4
+  assert int(interrupted.step) == int(uninterrupted_kill_run.step) == _KILL_EPOCHS * 4
   for left, right in zip(
-    jax.tree_util.tree_leaves(interrupted), jax.tree_util.tree_leaves(uninterrupted)
+    jax.tree_util.tree_leaves(interrupted), jax.tree_util.tree_leaves(uninterrupted_kill_run)
   ):
     np.testing.assert_array_equal(np.asarray(left), np.asarray(right))
 

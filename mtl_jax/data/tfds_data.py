@@ -6,13 +6,13 @@ here imports TensorFlow. A `TfdsSource` wraps such a data source (or anything wi
 `[i]`), restricted to some of its rows, and maps a list of raw examples to the project's batch
 contract (see mtl_jax/tasks.py): 'image' float32 [B,H,W,3] in [0,1], 'segmentation' int32
 [B,H,W] (-1 ignore), 'depth' float32 [B,H,W] (0 invalid), 'normals' float32 [B,H,W,3]
-(zero = invalid), 'attributes' float32 [B,A].
+(zero = invalid), 'attributes' float32 [B,A]. `raw_batch` gives the same with the image still
+uint8, for a training pipeline that converts it on the device (a quarter of the bytes to copy).
 
-Multi-host: the training split of process p of n holds only the p-th of n equal contiguous
-slices of the training rows (the remainder is dropped so every host runs the same number of
-steps). `config.training.batch_size` is then the per-host batch and the global batch is
-n x batch_size; evaluation splits are read whole by every host, so metrics need no
-cross-host reduction. With one process (the paper's setting) nothing changes.
+Multi-host: every process opens the whole training split; the training pipeline reads only the
+process's share of each step's global batch (`pipeline.process_rows`), so
+`config.training.batch_size` is the global batch and the batches do not depend on the process
+count. Evaluation splits are read whole by every host, so metrics need no cross-host reduction.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Sequence
 
-import jax
 import numpy as np
 from PIL import Image
+
+from mtl_jax.data import pipeline
 
 Batch = dict[str, np.ndarray]
 Transform = Callable[[Sequence[dict[str, Any]]], Batch]
@@ -39,7 +40,7 @@ class TfdsSource:
   Attributes:
     data_source: has `len()` and `[i]` -> dict of NumPy values (e.g. `tfds.data_source(...)`).
     rows: which rows of `data_source` this source exposes, in order (index i -> rows[i]).
-    transform: list of raw examples -> batch dict of stacked NumPy arrays.
+    transform: list of raw examples -> batch dict of stacked NumPy arrays, the image uint8.
   """
 
   data_source: Any
@@ -56,6 +57,10 @@ class TfdsSource:
     return int(self.rows.size)
 
   def batch(self, indices: np.ndarray) -> Batch:
+    return pipeline.unit_float_images(self.raw_batch(indices))
+
+  def raw_batch(self, indices: np.ndarray) -> Batch:
+    """The batch of `indices` with the image as uint8 (the transform's output as is)."""
     rows = self.rows[np.asarray(indices, dtype=np.int64)].tolist()
     return self.transform(self._read(rows))
 
@@ -112,27 +117,6 @@ def holdout_rows(total: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarr
   return np.sort(order[size:]), np.sort(order[:size])
 
 
-def host_rows(rows: np.ndarray, process_index: int, process_count: int) -> np.ndarray:
-  """The process's equal contiguous slice of `rows` (the remainder after n equal slices is dropped).
-
-  This is `tfds.split_for_jax_process(..., drop_remainder=True)` on an index array, which also
-  works on a hold-out made of scattered rows.
-  """
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} outside [0, {process_count}).")
-  per_host = len(rows) // process_count
-  if per_host == 0:
-    raise ValueError(
-      f"{len(rows)} training examples cannot be shared among {process_count} processes."
-    )
-  return np.asarray(rows)[process_index * per_host : (process_index + 1) * per_host]
-
-
-def process_position() -> tuple[int, int]:
-  """(jax.process_index(), jax.process_count())."""
-  return jax.process_index(), jax.process_count()
-
-
 def nearest_indices(source_size: int, target_size: int) -> np.ndarray:
   """Source index of each target pixel for nearest-neighbour resizing (pixel centres aligned)."""
   positions = (np.arange(target_size) + 0.5) * source_size / target_size
@@ -156,9 +140,8 @@ def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def stack_images(examples: Sequence[dict[str, Any]], key: str, size: tuple[int, int]) -> np.ndarray:
-  """float32 [B, H, W, 3] in [0, 1] from uint8 images, resized to size."""
-  images = [resize_image(np.asarray(example[key], np.uint8), size) for example in examples]
-  return np.stack(images).astype(np.float32) / 255.0
+  """uint8 [B, H, W, 3] from uint8 images, resized to size."""
+  return np.stack([resize_image(np.asarray(example[key], np.uint8), size) for example in examples])
 
 
 def dataset_size(config: Any) -> tuple[int, int]:

@@ -3,15 +3,15 @@ TensorFlow-free.
 
 Each loader opens prepared array_record files with `tfds.data_source` (never downloading),
 wraps every split in a `TfdsSource` that maps raw examples to the batch contract, holds out a
-fixed random validation set from 'train' where the dataset has none, gives each JAX process
-its slice of the training rows, and attaches the NumPy augmentation. config.dataset keys:
-data_dir, height, width, validation_size (-1: the dataset's default), validation_seed,
-augment, scales (see configs/base.py).
+fixed random validation set from 'train' where the dataset has none, and attaches the
+augmentation (each process reads its share of every training batch: `pipeline.process_rows`).
+config.dataset keys: data_dir, height, width, validation_size (-1: the dataset's default),
+validation_seed, augment, scales (see configs/base.py).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import ml_collections
 import numpy as np
@@ -111,22 +111,20 @@ def _sources(
       int(config.get("validation_seed", 0)),
     )
     opened["validation"] = opened["train"]
-  process_index, process_count = tfds_data.process_position()
-  rows["train"] = tfds_data.host_rows(rows["train"], process_index, process_count)
   return {
     name: tfds_data.TfdsSource(opened[name], rows[name], transform)
     for name in ("train", "validation", "test")
   }
 
 
-def _augment(config: ml_collections.ConfigDict, flip: bool) -> Callable | None:
+def _augment(config: ml_collections.ConfigDict, flip: bool) -> augment_lib.Augmentation | None:
   if not bool(config.get("augment", True)):
     return None
-  return augment_lib.make_augment(tuple(config.get("scales", (1.0, 1.2, 1.5))), flip=flip)
+  return augment_lib.Augmentation(tuple(config.get("scales", (1.0, 1.2, 1.5))), flip=flip)
 
 
 def celeba_transform(size: tuple[int, int]) -> tfds_data.Transform:
-  """Raw celeb_a examples -> {'image' [B,H,W,3], 'attributes' [B,40] in {0,1}}."""
+  """Raw celeb_a examples -> {'image' uint8 [B,H,W,3], 'attributes' [B,40] in {0,1}}."""
 
   def transform(examples: Sequence[dict[str, Any]]) -> tfds_data.Batch:
     attributes = np.asarray(
@@ -163,7 +161,8 @@ def load_celeb_a(config: ml_collections.ConfigDict) -> dataset_lib.Dataset:
 def dense_transform(
   size: tuple[int, int], depth_key: str, with_normals: bool, num_classes: int
 ) -> tfds_data.Transform:
-  """Raw cityscapes_mtl / nyuv2_mtl examples -> image, segmentation, depth (and normals) at size.
+  """Raw cityscapes_mtl / nyuv2_mtl examples -> image (uint8), segmentation, depth (and normals) at
+  size.
 
   Segmentation values outside 0..num_classes-1 become -1 (ignored); depth that is not a
   positive finite number becomes 0 (invalid); non-finite normals become 0 (invalid). Prepared

@@ -159,8 +159,13 @@ def capture(model, params, batch_stats, batch, tasks, train: bool = True) -> Cap
     feature_gradients.append(feature_gradient)
 
   (perturbation_gradients,) = stacked_vjp(encoder_vjp, jnp.stack(feature_gradients))
-  inputs = {path: value[0] for path, value in by_path(sown, "inputs").items()}
-  output_gradients = by_path(perturbation_gradients, "outputs")
+  # A bfloat16 model captures bfloat16 activations and output gradients; every product the
+  # blocks form from them is accumulated in float32.
+  inputs = {path: value[0].astype(jnp.float32) for path, value in by_path(sown, "inputs").items()}
+  output_gradients = {
+    path: value.astype(jnp.float32)
+    for path, value in by_path(perturbation_gradients, "outputs").items()
+  }
   infos = dict(registry)
   check_coverage(params["encoder"], infos)
   return Capture(

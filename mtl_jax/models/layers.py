@@ -5,6 +5,11 @@ learned scale and shift of a normalisation layer, kept separate from the normali
 Each of them is a plain Flax linen module whose parameters have the usual names (`kernel`,
 `bias`, `scale`), so an optimizer or a checkpoint sees nothing unusual; what they add is that
 their input and output can be captured, which is what a per-sample Gramian needs.
+
+Mixed precision: parameters are always float32; each layer computes in the dtype of its input
+(its parameters are cast to it), so a model whose input is cast to bfloat16 runs its matmuls,
+convolutions, activations and normalisations in bfloat16 (statistics summed in float32; running
+averages stored in float32), and gradients reach the float32 parameters in float32.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import jax.numpy as jnp
 Initializer = Callable[..., jax.Array]
 
 NORM_KINDS = ("batch", "group", "layer", "none")
+# Activation and matmul dtypes of a model (config.model.dtype); parameters stay float32.
+DTYPES = ("float32", "bfloat16")
 
 
 class Dense(nn.Module):
@@ -32,9 +39,9 @@ class Dense(nn.Module):
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
     kernel = self.param("kernel", self.kernel_init, (inputs.shape[-1], self.features))
-    outputs = jnp.dot(inputs, kernel)
+    outputs = jnp.dot(inputs, kernel.astype(inputs.dtype))
     if self.use_bias:
-      outputs = outputs + self.param("bias", self.bias_init, (self.features,))
+      outputs = outputs + self.param("bias", self.bias_init, (self.features,)).astype(inputs.dtype)
     return outputs
 
 
@@ -55,14 +62,14 @@ class Conv(nn.Module):
     kernel = self.param("kernel", self.kernel_init, kernel_shape)
     outputs = jax.lax.conv_general_dilated(
       inputs,
-      kernel,
+      kernel.astype(inputs.dtype),
       window_strides=tuple(self.strides),
       padding="SAME",
       rhs_dilation=tuple(self.dilation),
       dimension_numbers=("NHWC", "HWIO", "NHWC"),
     )
     if self.use_bias:
-      outputs = outputs + self.param("bias", self.bias_init, (self.features,))
+      outputs = outputs + self.param("bias", self.bias_init, (self.features,)).astype(inputs.dtype)
     return outputs
 
 
@@ -74,7 +81,7 @@ class Affine(nn.Module):
     channels = inputs.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (channels,))
     bias = self.param("bias", nn.initializers.zeros, (channels,))
-    return inputs * scale + bias
+    return inputs * scale.astype(inputs.dtype) + bias.astype(inputs.dtype)
 
 
 # Fewest values a group-norm group should normalise over: a group of one value (a [B, D]
@@ -114,6 +121,10 @@ class Norm(nn.Module):
       raise ValueError(f"Unknown norm {self.kind!r}; valid norms: {', '.join(NORM_KINDS)}.")
     if self.kind == "none":
       return inputs
+    # Reduced-precision activations: the statistics are still summed in float32 (jnp.mean
+    # accumulates bfloat16 in float32) but the normalisation's arithmetic stays in bfloat16, so
+    # no float32 copy of the activation is kept for the backward pass.
+    float32_arithmetic = inputs.dtype == jnp.float32
     if self.kind == "batch":
       normalised = nn.BatchNorm(
         use_running_average=not train,
@@ -121,6 +132,7 @@ class Norm(nn.Module):
         epsilon=self.epsilon,
         use_scale=False,
         use_bias=False,
+        force_float32_reductions=float32_arithmetic,
       )(inputs)
     elif self.kind == "group":
       normalised = nn.GroupNorm(
@@ -128,9 +140,15 @@ class Norm(nn.Module):
         epsilon=self.epsilon,
         use_scale=False,
         use_bias=False,
+        force_float32_reductions=float32_arithmetic,
       )(inputs)
     else:
-      normalised = nn.LayerNorm(epsilon=self.epsilon, use_scale=False, use_bias=False)(inputs)
+      normalised = nn.LayerNorm(
+        epsilon=self.epsilon,
+        use_scale=False,
+        use_bias=False,
+        force_float32_reductions=float32_arithmetic,
+      )(inputs)
     return Affine()(normalised)
 
 
@@ -139,6 +157,13 @@ def check_norm(kind: str) -> str:
   if kind not in NORM_KINDS:
     raise ValueError(f"Unknown norm {kind!r}; valid norms: {', '.join(NORM_KINDS)}.")
   return kind
+
+
+def check_dtype(name: str) -> str:
+  """Returns name, or raises a ValueError listing the valid model dtypes."""
+  if name not in DTYPES:
+    raise ValueError(f"Unknown model dtype {name!r}; valid dtypes: {', '.join(DTYPES)}.")
+  return name
 
 
 def count_parameters(params: Any) -> int:

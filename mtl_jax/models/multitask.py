@@ -55,10 +55,13 @@ class MultiTaskModel(nn.Module):
   Attributes:
     encoder: maps images `[B, H, W, 3]` to features; called as `encoder(x, train)`.
     heads: task name -> head module; each is called as `head(features, train)`.
+    dtype: the activations' dtype, 'float32' or 'bfloat16' (`layers.DTYPES`): images are cast to
+      it on entry, and every layer computes in its input's dtype; predictions are float32.
   """
 
   encoder: nn.Module
   heads: Mapping[str, nn.Module]
+  dtype: str = "float32"
 
   def setup(self) -> None:
     if not self.heads:
@@ -70,7 +73,7 @@ class MultiTaskModel(nn.Module):
 
   def encode(self, x: jax.Array, train: bool) -> jax.Array:
     """The shared features of a batch of images."""
-    return self.encoder(x, train)
+    return self.encoder(x.astype(self.dtype), train)
 
   def predict_heads(self, features: jax.Array, train: bool) -> dict[str, jax.Array]:
     """Every task's prediction from shared features."""
@@ -109,7 +112,8 @@ def build_model(config: Any, head_specs: Mapping[str, HeadSpec]) -> MultiTaskMod
   """A MultiTaskModel from a `model` ConfigDict and one HeadSpec per task.
 
   Config keys (missing ones take the defaults shown): encoder (one of ENCODERS, required),
-  norm ('batch'), width_multiplier (1.0; segnet, resnet18, deeplabv3_resnet50),
+  norm ('batch'), dtype ('float32'; or 'bfloat16' activations and matmuls, float32 parameters),
+  width_multiplier (1.0; segnet, resnet18, deeplabv3_resnet50),
   hidden ((256, 256); mlp), features ((16, 32, 32); small_cnn), head_hidden_channels (64; dense
   heads other than deeplabv3_resnet50's ASPP heads, which have 256 x width_multiplier channels),
   head_hidden ((); global heads, () = linear), resnet_stem ('imagenet'; resnet18).
@@ -153,7 +157,8 @@ def build_model(config: Any, head_specs: Mapping[str, HeadSpec]) -> MultiTaskMod
       task_heads[task] = heads_lib.GlobalHead(
         int(spec.output_channels), hidden=head_hidden, kernel_init=head_kernel_init
       )
-  return MultiTaskModel(encoder=encoder, heads=task_heads)
+  dtype = layers.check_dtype(config.get("dtype", "float32"))
+  return MultiTaskModel(encoder=encoder, heads=task_heads, dtype=dtype)
 
 
 def init_model(model: nn.Module, rng: jax.Array, input_shape: Sequence[int]) -> dict[str, Any]:

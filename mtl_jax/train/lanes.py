@@ -17,9 +17,11 @@ proportional to it, each grouped lane builds the same optimizer with the schedul
 `lr_k * unit_schedule(step)`, so a lane computes what the single run computes, up to float
 reordering by XLA. Each run's data order is a function of its own seed, as in a single run.
 
-Every strategy offers the same interface to the loop: initial states, the batch of a step,
+Every strategy offers the same interface to the loop: initial states, the batch of a step (read
+through the grain pipeline of `data.loader`), the host's copy of the first run's batch as the
+step trains on it (for the conflict probe, the Gramian self-check and the finite guard),
 `step(states, batch) -> (states, metrics with a leading [K] axis)`, evaluation of every lane,
-and a lane's own state.
+a lane's own state, and `close()` (stops the pipeline's reader thread or worker processes).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ import numpy as np
 
 from mtl_jax import optim
 from mtl_jax import parallel
+from mtl_jax.data import augment_device
+from mtl_jax.data import loader
 from mtl_jax.data import pipeline
 from mtl_jax.train import evaluation
 from mtl_jax.train import steps
@@ -62,10 +66,60 @@ def _skip_non_finite(config: ml_collections.ConfigDict) -> bool:
   return config.training.on_non_finite == "skip"
 
 
-def _train_batch(experiment: Experiment, seed: int, step: int) -> dict[str, np.ndarray]:
-  split = experiment.dataset.splits["train"]
-  batch_size = int(experiment.config.training.batch_size)
-  return pipeline.train_batch(split, batch_size, seed, step, experiment.dataset.augment)
+def _on_device(experiment: Experiment) -> bool:
+  return experiment.config.data.augment_on == "device"
+
+
+def batch_preparation(experiment: Experiment):
+  """What the train step does to its batch first (`augment_device.prepare_batch`): the float
+  image, and the augmentation when it runs on the device."""
+  return augment_device.preparation(experiment.dataset.augment if _on_device(experiment) else None)
+
+
+class TrainingBatches:
+  """The training batches of K runs (stacked, or one shared), read through `data.loader`."""
+
+  def __init__(self, experiment: Experiment, seeds: Sequence[int], stacked: bool):
+    config = experiment.config
+    self.stacked = stacked
+    self.on_device = _on_device(experiment)
+    self.reader = loader.StepReader(
+      experiment.dataset.splits["train"],
+      int(config.training.batch_size),
+      tuple(int(seed) for seed in seeds),
+      experiment.dataset.augment,
+      self.on_device,
+      jax.process_index(),
+      jax.process_count(),
+      stacked,
+    )
+    self.stream = loader.BatchStream(
+      self.reader, experiment.total_steps, int(config.data.workers), int(config.data.prefetch)
+    )
+    self._prepare = jax.jit(batch_preparation(experiment))
+    self._last: tuple[int, dict[str, np.ndarray]] | None = None
+
+  def read(self, step: int) -> dict[str, np.ndarray]:
+    """This process's batch of `step` (each array [K, B, ...] when stacked)."""
+    batch = self.stream.batch(step)
+    self._last = (step, batch)
+    return batch
+
+  def host_batch(self, step: int) -> dict[str, np.ndarray]:
+    """The first run's global batch of `step` as its step trains on it, in host memory."""
+    if self._last is not None and self._last[0] == step and self.reader.process_count == 1:
+      batch = self._last[1]
+      if self.stacked:
+        batch = {key: value[0] for key, value in batch.items()}
+    else:
+      batch = self.reader.lane_batch(self.reader.seeds[0], step, whole=True)
+    if not self.on_device:
+      return pipeline.unit_float_images(batch)
+    return jax.device_get(self._prepare(batch))
+
+  def close(self) -> None:
+    self._last = None
+    self.stream.close()
 
 
 class SingleLane:
@@ -86,9 +140,11 @@ class SingleLane:
       level=experiment.level,
       mesh=mesh,
     )
+    step = steps.with_prepared_batch(step, batch_preparation(experiment))
     self._step_function = steps.with_skipping(step) if _skip_non_finite(experiment.config) else step
     self._step = None
     self._eval_step = jax.jit(steps.make_eval_step(experiment.model, experiment.tasks))
+    self.batches = TrainingBatches(experiment, [self.seed], stacked=False)
 
   def initial_states(self) -> TrainState:
     """The initial state, placed on the mesh's devices when there is one."""
@@ -101,12 +157,18 @@ class SingleLane:
     )
     return state
 
-  def batch(self, step: int) -> tuple[Any, dict[str, np.ndarray]]:
-    """(the batch the step takes, the host's copy of the global batch)."""
-    host_batch = _train_batch(self.experiment, self.seed, step)
+  def batch(self, step: int) -> Any:
+    """The batch the step takes: this process's rows, split over the mesh when there is one."""
+    batch = self.batches.read(step)
     if self.mesh is None:
-      return host_batch, host_batch
-    return parallel.global_batch(host_batch, self.mesh), host_batch
+      return batch
+    return parallel.shard_batch(batch, self.mesh)
+
+  def host_batch(self, step: int) -> dict[str, np.ndarray]:
+    return self.batches.host_batch(step)
+
+  def close(self) -> None:
+    self.batches.close()
 
   def step(self, states: TrainState, batch) -> tuple[TrainState, dict[str, np.ndarray]]:
     new_state, step_metrics = self._step(states, batch)
@@ -145,6 +207,7 @@ def make_lane_step(experiment: Experiment, skip_non_finite: bool):
   rate."""
   unit_config = _unit_optimizer_config(experiment.config)
   unit_schedule = optim.learning_rate_schedule(unit_config, experiment.steps_per_epoch)
+  prepare = batch_preparation(experiment)
 
   def lane_step(state, batch, learning_rate):
     # The optimizer is rebuilt per lane at trace time; only the scale of its schedule is traced.
@@ -156,6 +219,7 @@ def make_lane_step(experiment: Experiment, skip_non_finite: bool):
     step = steps.make_train_step(
       experiment.model, experiment.tasks, experiment.weighting, optimizer, level=experiment.level
     )
+    step = steps.with_prepared_batch(step, prepare)
     step = steps.with_skipping(step) if skip_non_finite else step
     return step(state, batch)
 
@@ -270,6 +334,9 @@ class StackedLanes:
     )
     self._step = step if self.mode == "loop" else jax.jit(step)
     self._eval_step = _stacked_eval_step(experiment, self.mode)
+    self.batches = TrainingBatches(
+      experiment, self.seeds[:1] if self.shared_batch else self.seeds, not self.shared_batch
+    )
     self._select = jax.jit(
       lambda mask, new, old: jax.tree_util.tree_map(
         lambda a, b: jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old
@@ -279,13 +346,15 @@ class StackedLanes:
   def initial_states(self) -> TrainState:
     return stack_states([init_state(self.experiment, seed) for seed in self.seeds])
 
-  def batch(self, step: int) -> tuple[Any, dict[str, np.ndarray]]:
-    """(the stacked batch [K, B, ...], or the one batch all runs share; the first run's batch)."""
-    if self.shared_batch:
-      batch = _train_batch(self.experiment, self.seeds[0], step)
-      return batch, batch
-    batches = [_train_batch(self.experiment, seed, step) for seed in self.seeds]
-    return {key: np.stack([batch[key] for batch in batches]) for key in batches[0]}, batches[0]
+  def batch(self, step: int) -> dict[str, np.ndarray]:
+    """The stacked batch [K, B, ...], or the one batch all runs share."""
+    return self.batches.read(step)
+
+  def host_batch(self, step: int) -> dict[str, np.ndarray]:
+    return self.batches.host_batch(step)
+
+  def close(self) -> None:
+    self.batches.close()
 
   def step(self, states: TrainState, batch) -> tuple[TrainState, dict[str, np.ndarray]]:
     states, step_metrics = self._step(states, batch, self.learning_rates)

@@ -128,12 +128,12 @@ def train_lanes(
     for step in range(session.start_step, total):
       if not session.any_active():
         break
-      batch, host_batch = session.lanes.batch(step)
+      batch = session.lanes.batch(step)
       if guard.should_stop(step):
         session.stop_for_preemption(step, guard.signal_name)
-      session.before_step(step, host_batch)
+      session.before_step(step)
       new_states, step_metrics = session.lanes.step(session.states, batch)
-      session.accept(step, new_states, step_metrics, batch)
+      session.accept(step, new_states, step_metrics)
       done = step + 1
       session.end_of_step(done)
       if done % session.eval_every == 0 or done == total:
@@ -144,3 +144,6 @@ def train_lanes(
   except checkpoint_lib.CheckpointWriteError:
     session.close()  # Flushes the logs; the failed save is reported once, by this error.
     raise
+  finally:
+    # The data pipeline's reader thread or worker processes stop however the loop ends.
+    session.lanes.close()

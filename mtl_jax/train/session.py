@@ -304,27 +304,32 @@ class Session:
     metric_writers.status(message)
     raise preemption_lib.Preempted(message, step, self.runs[0].workdir, signal_name)
 
-  def before_step(self, step: int, host_batch) -> None:
+  def before_step(self, step: int) -> None:
     """The conflict probe and the fast Gramian path's self-check, on the pre-step parameters and
     the batch about to be trained on (the host's copy: on several hosts the global array is not
     addressable as a whole here; for a group, the first run's state and batch)."""
+    probe_due = self.conflict_probe is not None and step % self.conflict_probe.every == 0
+    check_due = self.gramian_check is not None and self.gramian_check.due(step)
+    if not (probe_due or check_due):
+      return
+    host_batch = self.lanes.host_batch(step)
     try:
-      if self.conflict_probe is not None:
+      if probe_due:
         self.conflict_probe.maybe_probe(step, self.states, host_batch)
-      if self.gramian_check is not None and self.gramian_check.due(step):
+      if check_due:
         state = self.lanes.run_state(self.states, 0)
         self.gramian_check.verify(step, state.params, state.batch_stats, host_batch)
     except gramian_check.FastPathMismatchError:
       self.close()
       raise
 
-  def accept(self, step: int, new_states, step_metrics, batch) -> None:
+  def accept(self, step: int, new_states, step_metrics) -> None:
     """Takes the step's new states, or stops / marks lanes failed when a lane is not finite."""
     finite = guards.finite_lanes(step_metrics)
     if "finite" in step_metrics:  # Skipping: non-finite lanes kept their state in the step.
       self._count_skipped(step, finite)
     elif not finite.all():
-      self._fail(step, finite, step_metrics, batch)
+      self._fail(step, finite, step_metrics)
     self.states = new_states
     self._add_to_sums(step_metrics, finite)
 
@@ -334,7 +339,7 @@ class Session:
       run.progress["skipped_steps"] = int(run.progress.get("skipped_steps", 0)) + 1
       logging.warning("Skipping step %d of %s: non-finite loss or gradient.", step, run.workdir)
 
-  def _fail(self, step: int, finite: np.ndarray, step_metrics, batch) -> None:
+  def _fail(self, step: int, finite: np.ndarray, step_metrics) -> None:
     """A single run raises NonFiniteLossError; a group marks the lanes failed and goes on."""
     task_names = self.experiment.task_names
     if not self.lanes.stacked:
@@ -342,7 +347,7 @@ class Session:
 
       def locate():
         self._locator = self._locator or guards.make_gradient_locator(self.experiment)
-        return self._locator(state, batch)
+        return self._locator(state, self.lanes.host_batch(step))
 
       lane_metrics = {key: value[0] for key, value in step_metrics.items()}
       try:

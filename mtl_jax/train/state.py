@@ -191,15 +191,21 @@ def config_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The settings a checkpoint must agree with to be resumed (JSON-able).
 
   Everything that changes the trajectory of a run is in it (training length, logging and
-  checkpoint cadence are not: a run may be extended or resumed with other cadences).
+  checkpoint cadence are not: a run may be extended or resumed with other cadences; nor is the
+  input pipeline's `config.data`: the worker count never changes the batches, and the
+  augmentation's placement changes them by float rounding at most, in the image and depth).
   """
+  model = config.model.to_dict()
+  # float32 is what every run did before the key existed: left out, older runs still resume.
+  if model.get("dtype") == "float32":
+    del model["dtype"]
   return json.loads(
     json.dumps(
       {
         "seed": config.seed,
         "dataset": config.dataset.to_dict(),
         "tasks": list(config.tasks),
-        "model": config.model.to_dict(),
+        "model": model,
         "method": config.method.to_dict(),
         "optimizer": config.optimizer.to_dict(),
         "batch_size": config.training.batch_size,

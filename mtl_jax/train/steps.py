@@ -86,6 +86,16 @@ def _loss_weighting_step(model, tasks, method: weighting_lib.LossWeighting, opti
   return train_step
 
 
+def with_prepared_batch(step: Step, prepare: Callable[[Mapping[str, jax.Array]], dict]) -> Step:
+  """`step` on `prepare(batch)`, in the same compiled program (the image's conversion to float and
+  the augmentation on the device: `data.augment_device.prepare_batch`)."""
+
+  def prepared_step(state: TrainState, batch):
+    return step(state, prepare(batch))
+
+  return prepared_step
+
+
 def with_skipping(step: Step) -> Step:
   """`step`, except that a step with a non-finite loss or gradient leaves the state unchanged.
 
