@@ -17,11 +17,12 @@ from configs import toy
 from configs.sections import conflicts
 from configs.sections import optimizers
 from configs.sections import robustness
+from configs.sections import sample_alignment
 
 
 def get_config() -> ml_collections.ConfigDict:
   config = base.get_config()
-  for section in (optimizers, conflicts, robustness):
+  for section in (optimizers, conflicts, robustness, sample_alignment):
     section.add(config)
   config.dataset.height, config.dataset.width = 16, 32
   config.dataset.num_train, config.dataset.num_validation, config.dataset.num_test = 192, 48, 48

@@ -20,6 +20,7 @@ import ml_collections
 
 from mtl_jax import metrics as metrics_lib
 from mtl_jax import optim
+from mtl_jax import statistics
 from mtl_jax import weighting as weighting_lib
 from mtl_jax.data import registry as data_registry
 from mtl_jax.models import encoders as encoders_lib
@@ -170,6 +171,45 @@ def _check_gramian(checker: _Checker) -> None:
     )
 
 
+def _check_findings(checker: _Checker) -> None:
+  """config.findings (configs/sections/findings.py) and the sweep's grid refinement."""
+  checker.real("findings.confidence", lambda value: 0 < value < 1, "in (0, 1)")
+  checker.choice("findings.interval_method", statistics.METHODS, "methods")
+  checker.integer("findings.bootstrap_resamples", 1)
+  checker.integer("findings.bootstrap_seed", 0)
+  checker.real("findings.trivial_margin_percent", lambda value: value >= 0, ">= 0")
+  checker.integer("sweep.refine_budget", 0)
+  checker.real("sweep.refine_factor", lambda value: value > 1, "> 1")
+
+
+def _check_sample_alignment(checker: _Checker) -> None:
+  """config.sample_alignment (configs/sections/sample_alignment.py)."""
+  present, options = checker.value("sample_alignment")
+  if not present:
+    return
+  valid = {
+    "methods": weighting_lib.method_names(),
+    "levels": ("task", "sample", "sample_task"),
+    "optimizers": optim.OPTIMIZERS,
+  }
+  for key, choices in valid.items():
+    values = options[key]
+    if isinstance(values, str) or not values or any(value not in choices for value in values):
+      checker.fail(
+        f"sample_alignment.{key}",
+        f"expected a non-empty tuple of {', '.join(map(str, choices))}; got {values!r}.",
+      )
+  rates = options.lr_grid
+  if isinstance(rates, str) or not rates or not all(_is_real(rate) and rate > 0 for rate in rates):
+    checker.fail("sample_alignment.lr_grid", f"expected a tuple of rates > 0, got {rates!r}.")
+  seeds = options.seeds
+  if isinstance(seeds, str) or not seeds or not all(_is_int(seed) and seed >= 0 for seed in seeds):
+    checker.fail("sample_alignment.seeds", f"expected a tuple of integers >= 0, got {seeds!r}.")
+  checker.integer("sample_alignment.refine_budget", 0)
+  checker.integer("sample_alignment.timing_repeats", 1)
+  checker.integer("sample_alignment.probe_every_steps", 0)
+
+
 def validate_config(
   config: ml_collections.ConfigDict,
   dataset: data_registry.Dataset | None = None,
@@ -211,6 +251,8 @@ def validate_config(
   _check_model(checker)
   checker.choice("method.name", weighting_lib.method_names(), "methods")
   _check_gramian(checker)
+  _check_findings(checker)
+  _check_sample_alignment(checker)
   checker.choice("optimizer.name", optim.OPTIMIZERS, "optimizers")
   checker.real("optimizer.learning_rate", lambda value: 0 < value < float("inf"), "> 0 and finite")
   for key in ("optimizer.momentum", "optimizer.b1", "optimizer.b2"):
