@@ -790,12 +790,23 @@ def stl_test_metrics(stl_workdir, choices, seeds) -> dict[str, dict[str, float]]
   return result
 
 
+def _announce(config, workdir: str, coarse_runs: int) -> JobProgress:
+  """The sweep's first status line, and its progress counter."""
+  metric_writers.status(
+    f"Sweep in {workdir}: {coarse_runs} coarse-grid runs, then up to "
+    f"{config.sweep.refine_budget} refined learning rates per pair "
+    f"({'grouped runs' if config.sweep.group_runs else 'one by one'})."
+  )
+  return JobProgress(coarse_runs)
+
+
 def run_sweep(
   config: ml_collections.ConfigDict,
   workdir: str,
   dataset=None,
   stl_workdir: str | None = None,
   mtl_specs: Sequence[RunSpec] | None = None,
+  mtl_refine_budget: int | None = None,
 ) -> SweepResult:
   """Runs (or resumes) the whole study and writes its index, tables and figures.
 
@@ -807,10 +818,12 @@ def run_sweep(
     stl_workdir: where the STL baselines live (default workdir); another study's sweep directory
       shares its baselines (finished runs are reused).
     mtl_specs: the coarse MTL grid (default `mtl_grid(config)`).
+    mtl_refine_budget: the MTL grids' refinement budget (default sweep.refine_budget, which
+      the STL grids always use, so that a shared baseline is chosen alike).
 
   Returns:
-    The SweepResult; files written: sweep.json, sweep.csv, delta_m.md/.csv, metrics.md/.csv,
-    pareto.md, parallel_coordinates.png, lr_curves.png under workdir.
+    The SweepResult; files written under workdir: sweep.json/.csv, delta_m.md/.csv,
+    metrics.md/.csv, pareto.md, parallel_coordinates.png, lr_curves.png.
   """
   dataset = dataset or data_registry.load_dataset(config.dataset)
   stl_workdir = stl_workdir or workdir
@@ -819,12 +832,7 @@ def run_sweep(
     mtl_specs, notes = mtl_grid(config)
   for note in notes:
     metric_writers.status(f"note: {note}")
-  progress = JobProgress(len(stl_grid(config)) + len(mtl_specs))
-  metric_writers.status(
-    f"Sweep in {workdir}: {progress.total} coarse-grid runs, then up to "
-    f"{config.sweep.refine_budget} refined learning rates per pair "
-    f"({'grouped runs' if config.sweep.group_runs else 'one by one'})."
-  )
+  progress = _announce(config, workdir, len(stl_grid(config)) + len(mtl_specs))
   stl_specs, stl_searches, choices, baselines = train_stl(config, stl_workdir, dataset, progress)
   mtl_specs, mtl_searches = search_grid(
     config,
@@ -834,7 +842,7 @@ def run_sweep(
     progress,
     _mtl_score,
     lambda spec: run_config(config, spec, baseline_for(baselines, spec.seed)),
-    int(config.sweep.refine_budget),
+    int(config.sweep.refine_budget if mtl_refine_budget is None else mtl_refine_budget),
     float(config.sweep.refine_factor),
   )
   records = {spec: read_results(os.path.join(workdir, spec.path)) for spec in mtl_specs}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import statistics as python_statistics
 import time
 from typing import Any, Mapping, Sequence
@@ -43,7 +44,8 @@ REFERENCE = "ew"
 
 def sweep_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """`config` with its `sweep` section set from `config.sample_alignment` (optimizers, lr grid,
-  seeds, refinement); the training keys are left as they are, so STL baselines can be shared."""
+  seeds); the training keys and the STL grid are left as they are, so STL baselines can be
+  shared."""
   options = config.sample_alignment
   return config_validation.with_overrides(
     config,
@@ -52,7 +54,6 @@ def sweep_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
       "sweep.optimizers": tuple(options.optimizers),
       "sweep.lr_grid": tuple(options.lr_grid),
       "sweep.seeds": tuple(options.seeds),
-      "sweep.refine_budget": int(options.refine_budget),
     },
   )
 
@@ -136,6 +137,18 @@ def probe_run(config, workdir, dataset, result: optimizers.SweepResult) -> list[
   return conflicts_lib.read_records(run_dir)
 
 
+def reuse_finished_runs(specs, workdir: str, source: str) -> int:
+  """Copies each finished run of `specs` that `source` (e.g. the optimizer study's workdir, with
+  the same config and STL baselines) already has into `workdir`; returns how many."""
+  copied = 0
+  for spec in specs:
+    target, origin = os.path.join(workdir, spec.path), os.path.join(source, spec.path)
+    if optimizers.run_status(target) == "pending" and optimizers.run_status(origin) == "finished":
+      shutil.copytree(origin, target, dirs_exist_ok=True)
+      copied += 1
+  return copied
+
+
 @dataclasses.dataclass
 class AlignmentResult:
   """What the report needs: the sweep, the step costs (label -> seconds) and the probe records."""
@@ -150,11 +163,18 @@ def run_study(
   config: ml_collections.ConfigDict, workdir: str, stl_workdir: str | None = None, dataset=None
 ) -> AlignmentResult:
   """Runs (or resumes) the study in `workdir`; STL baselines live in `stl_workdir` (default
-  workdir), e.g. the optimizer study's, whose finished runs are reused."""
+  workdir), e.g. the optimizer study's, whose finished runs of the same settings (EW and the
+  methods at level task, at the same lr and seed) are copied rather than trained again."""
   dataset = dataset or data_registry.load_dataset(config.dataset)
   options = config.sample_alignment
   run_config = sweep_config(config)
-  sweep = optimizers.run_sweep(run_config, workdir, dataset, stl_workdir, grid(config))
+  specs = grid(config)
+  if stl_workdir and os.path.abspath(stl_workdir) != os.path.abspath(workdir):
+    copied = reuse_finished_runs(specs, workdir, stl_workdir)
+    metric_writers.status(f"[sample_alignment] reused {copied} finished runs of {stl_workdir}")
+  sweep = optimizers.run_sweep(
+    run_config, workdir, dataset, stl_workdir, specs, int(options.refine_budget)
+  )
   pairs = [(REFERENCE, "task")] + [
     (method, level) for method in options.methods for level in options.levels
   ]
