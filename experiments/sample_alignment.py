@@ -15,6 +15,7 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from mtl_jax import config_validation  # noqa: E402
 from mtl_jax import runtime  # noqa: E402
 from mtl_jax.studies import sample_alignment  # noqa: E402
 
@@ -29,7 +30,13 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
   runtime.setup(config)
-  result = sample_alignment.run_study(config, _WORKDIR.value)
+  try:
+    # Bad keys fail here, before any run trains, with one line naming each key.
+    config_validation.validate_config(config)
+    result = sample_alignment.run_study(config, _WORKDIR.value)
+  except config_validation.ConfigError as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
   text = sample_alignment.report_markdown(result, config)
   path = os.path.join(_WORKDIR.value, "summary.md")
   with open(path, "w") as file:

@@ -1,6 +1,10 @@
 """The sample-alignment study: its grid, findings with intervals, Pareto counts per level, step
 costs, the probe's conflicts, its config keys, and a tiny end-to-end run."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 from scipy import stats as scipy_stats
 
@@ -148,3 +152,17 @@ def test_tiny_end_to_end_study(tmp_path):
     "**Models that learn.**",
   ):
     assert expected in text, expected
+
+
+def test_experiment_names_a_bad_key_and_exits_2(tmp_path):
+  command = [
+    sys.executable,
+    "experiments/sample_alignment.py",
+    f"--workdir={tmp_path}",
+    "--config.sample_alignment.levels=('task','full')",
+  ]
+  done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+  assert done.returncode == 2, done.stderr[-2000:]
+  assert done.stderr.strip().splitlines()[-1].startswith("error: config.sample_alignment.levels")
+  assert "Traceback" not in done.stderr
+  assert not os.listdir(tmp_path)

@@ -43,6 +43,7 @@ from mtl_jax.train import evaluation
 from mtl_jax import weighting as weighting_lib
 from mtl_jax.data import registry as data_registry
 from mtl_jax.report import figures
+from mtl_jax.report import markdown
 
 STL_OPTIMIZER = "adam"
 
@@ -878,6 +879,18 @@ def run_sweep(
     os.path.join(workdir, "lr_curves.png"),
   )
   return result
+
+
+def findings_lines(result: SweepResult, config: ml_collections.ConfigDict) -> list[str]:
+  """The sweep's findings, each with its interval and verdict: Adam vs SGD per method (paired
+  by seed) and over methods, Pareto counts with their bootstrap spread, and how each lr grid
+  was refined or extended."""
+  settings = statistics.Settings.from_config(config.findings)
+  lines = markdown.optimizer_findings(
+    result.selections, result.pareto_counts, settings, result.pareto_spread
+  )
+  lines += markdown.grid_search_findings(result.mtl_searches, "method")
+  return lines + markdown.grid_search_findings(result.stl_searches, "STL task")
 
 
 def pareto_bootstrap(selections, directions, settings: statistics.Settings) -> dict[str, Any]:

@@ -15,7 +15,6 @@ from typing import Callable, Mapping, Sequence
 import ml_collections
 
 from mtl_jax import metric_writers
-from mtl_jax import statistics
 from mtl_jax.report import markdown
 from mtl_jax.studies import conflicts as conflicts_study
 from mtl_jax.studies import invariance
@@ -95,7 +94,6 @@ def optimizer_study(config: ml_collections.ConfigDict, workdir: str) -> markdown
   """The optimizer × method sweep with STL baselines, Δm tables and Pareto counts."""
   result = optimizers.run_sweep(config, workdir)
   grid = config.sweep
-  settings = statistics.Settings.from_config(config.findings)
   parts = [
     f"Coarse grid: methods {', '.join(grid.methods)} × optimizers {', '.join(grid.optimizers)} × "
     f"lr {', '.join(f'{rate:g}' for rate in grid.lr_grid)} × seeds "
@@ -112,11 +110,7 @@ def optimizer_study(config: ml_collections.ConfigDict, workdir: str) -> markdown
     f"{task} {choice.learning_rate:g}" for task, choice in result.stl_choices.items()
   )
   parts.append(f"STL lr chosen on validation loss: {chosen}.")
-  findings = markdown.optimizer_findings(
-    result.selections, result.pareto_counts, settings, result.pareto_spread
-  )
-  findings += markdown.grid_search_findings(result.mtl_searches, "method")
-  findings += markdown.grid_search_findings(result.stl_searches, "STL task")
+  findings = optimizers.findings_lines(result, config)
   parts.append("**Findings (from the numbers below):**\n\n" + "\n".join(findings))
   parts.append(model_rows_section(result, config))
   delta_markdown, _ = optimizers.delta_m_table(result.selections)
