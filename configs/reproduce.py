@@ -7,6 +7,9 @@ len(methods) x 2 optimizers x 3 lr x 3 seeds MTL runs of a small CNN (3 seeds, a
 protocol has everywhere: mean ± std over 2 seeds says little); runs that differ only in
 seed and lr train with one compiled program (config.sweep.group_runs; looped over runs on CPU,
 vmapped on accelerators). Methods not in this build are skipped with a note in the report.
+Each grid is then refined around its best lr (sweep.refine_budget extra rates per pair, one
+round of groups that reuse the compiled programs). The sample-alignment study trains 4 methods
+x 3 levels x 2 optimizers x 3 seeds at one lr, reusing the optimizer study's identical runs.
 """
 
 import ml_collections
