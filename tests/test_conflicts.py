@@ -455,7 +455,8 @@ def test_run_conflicts_end_to_end(tmp_path):
   assert summary == results["summary"] and "group normalisation" in summary
   assert "### Gradient conflicts: dense" in results["markdown"] and "](" not in results["markdown"]
   assert (
-    "inter-sample cosine spread >= inter-task spread **" in summary
+    "inter-sample cosine spread > inter-task spread; per-epoch difference" in summary
+    and "(95% t, n=2): **" in summary
     and "](dense/conflicts.png)" in summary
   )
   metrics = [
