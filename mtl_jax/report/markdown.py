@@ -113,9 +113,11 @@ def optimizer_findings(
   return findings
 
 
-def pareto_findings(pareto_counts, spread: Mapping, optimizers: Sequence[str]) -> list[str]:
-  """Pareto counts per optimizer with their bootstrap interval over seeds, and the verdict on
-  the first optimizer's larger share of the full front."""
+def pareto_findings(
+  pareto_counts, spread: Mapping, optimizers: Sequence[str], kind: str = "optimizer"
+) -> list[str]:
+  """Pareto counts per optimizer (or per `kind` of group, e.g. 'level') with their bootstrap
+  interval over seeds, and the verdict on the first group's larger share of the full front."""
   findings = []
   for name in optimizers:
     if name not in pareto_counts:
@@ -124,7 +126,7 @@ def pareto_findings(pareto_counts, spread: Mapping, optimizers: Sequence[str]) -
     parts = []
     for key, label in (
       ("po_full", "on the full Pareto front"),
-      ("po_other", "not dominated by any run of the other optimizer(s)"),
+      ("po_other", f"not dominated by any run of another {kind}"),
     ):
       text = f"{label}: {count[key]}/{count['runs']}"
       if key in intervals and math.isfinite(intervals[key].low):

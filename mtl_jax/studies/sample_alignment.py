@@ -298,7 +298,7 @@ def report_markdown(result: AlignmentResult, config: ml_collections.ConfigDict) 
     f"{config.model.norm} norm. Differences are paired by seed (> 0: the row is better).",
     "**Findings: Δm (%) with intervals over seeds**\n\n" + "\n".join(delta_m_lines(result)),
     "**Pareto counts per level** (all runs at their chosen lr; EW counts as level task):\n\n"
-    + "\n".join(markdown.pareto_findings(counts, spread, list(counts))),
+    + "\n".join(markdown.pareto_findings(counts, spread, list(counts), "level")),
     "**Step cost** (one compiled train step on one batch, "
     f"median of {options.timing_repeats} interleaved rounds, this machine):\n\n"
     + cost_table(result.costs),
