@@ -1,4 +1,4 @@
-"""The main job's config: a small version of all four studies on the embedded scenes (2 CPU cores).
+"""The main job's config: a small version of all five studies on the embedded scenes (2 CPU cores).
 
 Launch:
   python experiments/reproduce.py --config=configs/reproduce.py --workdir=runs/reproduce
@@ -7,6 +7,9 @@ len(methods) x 2 optimizers x 3 lr x 3 seeds MTL runs of a small CNN (3 seeds, a
 protocol has everywhere: mean ± std over 2 seeds says little); runs that differ only in
 seed and lr train with one compiled program (config.sweep.group_runs; looped over runs on CPU,
 vmapped on accelerators). Methods not in this build are skipped with a note in the report.
+Each grid is then refined around its best lr (sweep.refine_budget extra rates per pair, one
+round of groups that reuse the compiled programs). The sample-alignment study trains 4 methods
+x 3 levels x 2 optimizers x 3 seeds at one lr, reusing the optimizer study's identical runs.
 """
 
 import ml_collections
@@ -17,11 +20,12 @@ from configs import toy
 from configs.sections import conflicts
 from configs.sections import optimizers
 from configs.sections import robustness
+from configs.sections import sample_alignment
 
 
 def get_config() -> ml_collections.ConfigDict:
   config = base.get_config()
-  for section in (optimizers, conflicts, robustness):
+  for section in (optimizers, conflicts, robustness, sample_alignment):
     section.add(config)
   config.dataset.height, config.dataset.width = 16, 32
   config.dataset.num_train, config.dataset.num_validation, config.dataset.num_test = 192, 48, 48
@@ -48,4 +52,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.toy = toy.get_config()
   config.robustness.finetune_epochs = 2
   config.robustness.probe_steps = 200
+  # The fifth study at one lr (the coarse grid's 0.05, shared with the optimizer study, whose
+  # finished EW, PCGrad and CAGrad runs it reuses); no refinement, to fit the job's budget.
+  config.sample_alignment.lr_grid = (0.05,)
+  config.sample_alignment.refine_budget = 0
+  config.sample_alignment.timing_repeats = 5
   return config

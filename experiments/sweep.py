@@ -44,6 +44,11 @@ def main(argv):
   print(markdown)
   print()
   print(sweep.pareto_table(result.pareto_counts))
+  findings = "\n".join(sweep.findings_lines(result, _CONFIG.value))
+  path = os.path.join(_WORKDIR.value, "findings.md")
+  with open(path, "w") as file:
+    file.write(f"# Findings, each with its interval and verdict\n\n{findings}\n")
+  print(f"\n{findings}\nFindings written to {path}")
   print("\n".join(f"{name}: {path}" for name, path in result.files.items()))
 
 

@@ -26,6 +26,7 @@ import ml_collections
 
 from mtl_jax import metrics as metrics_lib
 from mtl_jax import optim
+from mtl_jax import statistics
 from mtl_jax import weighting as weighting_lib
 from mtl_jax.data import augment as augment_lib
 from mtl_jax.data import registry as data_registry
@@ -341,6 +342,23 @@ RULES: dict[str, Rule] = {
   "sweep.seeds": int_sequence(allow_empty=False, minimum=0),
   "sweep.group_runs": boolean,
   "sweep.lane_mode": choice(LANE_MODES, "lane modes"),
+  "sweep.refine_budget": integer(0),
+  "sweep.refine_factor": real(lambda value: 1 < value < math.inf, "> 1"),
+  # configs/sections/findings.py
+  "findings.confidence": real(lambda value: 0 < value < 1, "in (0, 1)"),
+  "findings.interval_method": choice(statistics.METHODS, "methods"),
+  "findings.bootstrap_resamples": integer(1),
+  "findings.bootstrap_seed": integer(0),
+  "findings.trivial_margin_percent": real(non_negative, ">= 0"),
+  # configs/sections/sample_alignment.py
+  "sample_alignment.methods": text_sequence(False, weighting_lib.method_names(), "methods"),
+  "sample_alignment.levels": text_sequence(False, ("task", "sample", "sample_task"), "levels"),
+  "sample_alignment.optimizers": text_sequence(False, optim.OPTIMIZERS, "optimizers"),
+  "sample_alignment.lr_grid": real_sequence(positive, "> 0", False),
+  "sample_alignment.seeds": int_sequence(allow_empty=False, minimum=0),
+  "sample_alignment.refine_budget": integer(0),
+  "sample_alignment.timing_repeats": integer(1),
+  "sample_alignment.probe_every_steps": integer(0),
   # configs/sections/robustness.py
   "robustness.mode": choice(ROBUSTNESS_MODES, "modes"),
   "robustness.mtl_runs": text_sequence(allow_empty=True),

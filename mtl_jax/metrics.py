@@ -91,6 +91,39 @@ def delta_m(
   return float(np.mean([np.mean(values) for values in per_task.values()]))
 
 
+def relative_improvement(
+  metrics: Mapping[str, float], baseline: Mapping[str, float], directions: Mapping[str, bool]
+) -> dict[str, float]:
+  """Per metric, the relative improvement (%) over a baseline: positive when better.
+
+  (−1)^{l} (M − B) / |B| × 100 with l = 1 when lower is better: one metric's term of −Δm. Used
+  to check that a model beats its trivial predictor. NaN where the relative change is undefined
+  (a baseline value of 0, or a value missing or not finite).
+
+  Args:
+    metrics: 'task/metric' -> value of the model.
+    baseline: 'task/metric' -> value of the baseline (e.g. the trivial predictor).
+    directions: 'task/metric' -> True if higher is better; exactly these metrics are used.
+
+  Returns:
+    'task/metric' -> improvement in percent, in the order of `directions`.
+  """
+  result = {}
+  for key, higher_is_better in directions.items():
+    base, value = float(baseline.get(key, math.nan)), float(metrics.get(key, math.nan))
+    if base == 0.0 or not (math.isfinite(base) and math.isfinite(value)):
+      result[key] = math.nan
+      continue
+    sign = 1.0 if higher_is_better else -1.0
+    result[key] = sign * (value - base) / abs(base) * 100.0
+  return result
+
+
+def task_of(key: str) -> str:
+  """The task part of a flat 'task/metric' key."""
+  return _task_of(key)
+
+
 def _read_split(path: str, split: str) -> dict[str, float]:
   """The `split` entry of one results file (or of a run directory's results.json)."""
   file_path = os.path.join(path, RESULTS_FILENAME) if os.path.isdir(path) else path

@@ -22,7 +22,9 @@ import ml_collections
 from configs import test as test_config
 from configs.sections import conflicts as conflicts_section
 from configs.sections import optimizers as optimizers_section
+from configs.sections import findings as findings_section
 from configs.sections import robustness as robustness_section
+from configs.sections import sample_alignment as sample_alignment_section
 from mtl_jax import config_validation
 from mtl_jax import metrics as metrics_lib
 from mtl_jax import optim
@@ -356,6 +358,22 @@ SPECS: dict[str, Spec] = {
   "sweep.seeds": int_tuples(0, allow_empty=False),
   "sweep.group_runs": BOOL,
   "sweep.lane_mode": choices(("auto", "vmap", "map", "loop")),
+  # Extra learning rates per pair around the best, a factor apart (> 1, or no new rate).
+  "sweep.refine_budget": ints(0),
+  "sweep.refine_factor": reals(lambda value: 1 < value < math.inf, edges=(1.0, 3.0)),
+  "findings.confidence": reals(lambda value: 0 < value < 1),
+  "findings.interval_method": choices(("t", "bootstrap")),
+  "findings.bootstrap_resamples": ints(1),
+  "findings.bootstrap_seed": ints(0),
+  "findings.trivial_margin_percent": reals(_non_negative),
+  "sample_alignment.methods": text_tuples(weighting_lib.method_names(), allow_empty=False),
+  "sample_alignment.levels": text_tuples(("task", "sample", "sample_task"), allow_empty=False),
+  "sample_alignment.optimizers": text_tuples(optim.OPTIMIZERS, allow_empty=False),
+  "sample_alignment.lr_grid": real_tuples(_positive),
+  "sample_alignment.seeds": int_tuples(0, allow_empty=False),
+  "sample_alignment.refine_budget": ints(0),
+  "sample_alignment.timing_repeats": ints(1),
+  "sample_alignment.probe_every_steps": ints(0),
   "robustness.mode": choices(("study", "figure")),
   # Run directories that exist; both given or neither (then the study trains them).
   "robustness.mtl_runs": _runs(("robustness.stl_runs",)),
@@ -377,7 +395,14 @@ SPECS: dict[str, Spec] = {
 def _full_config() -> ml_collections.ConfigDict:
   """configs/test.py with every study section added: every key the validator must know."""
   config = test_config.get_config()
-  for section in (conflicts_section, optimizers_section, robustness_section):
+  sections = (
+    conflicts_section,
+    optimizers_section,
+    robustness_section,
+    sample_alignment_section,
+    findings_section,
+  )
+  for section in sections:
     section.add(config)
   return config
 

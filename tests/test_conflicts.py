@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import stats as scipy_stats
 
 from configs import conflicts_attributes
 from configs import conflicts_dense
@@ -17,6 +18,7 @@ from configs.sections import conflicts as conflict_sections
 from mtl_jax import config_validation
 from mtl_jax import conflicts
 from mtl_jax import gramian as gramian_lib
+from mtl_jax import statistics
 from mtl_jax import train
 from mtl_jax.data import registry
 from mtl_jax.gramian import blocks
@@ -367,28 +369,39 @@ def _record(epoch, task_width, sample_width, task_magnitude, sample_magnitude, s
   return record
 
 
-def test_findings_follow_the_numbers_whatever_they_are():
+def test_findings_follow_the_numbers_with_intervals_over_epochs():
   runs = {
-    "small_heads": [_record(1, 0.5, 0.9, 0.4, 0.9), _record(2, 0.6, 0.8, 0.5, 0.9)],
+    # Spread: inter-sample − inter-task width 0.4, 0.4, 0.45 per epoch; magnitude 0.5, 0.4, 0.45.
+    "small_heads": [
+      _record(1, 0.5, 0.9, 0.4, 0.9),
+      _record(2, 0.6, 1.0, 0.5, 0.9),
+      _record(3, 0.5, 0.95, 0.45, 0.9),
+    ],
+    # Spread −0.4, −0.4, −0.3: reversed; magnitude −0.05, 0.1, 0.4: mean 0.15, interval wide.
     "large_heads": [
       _record(1, 0.9, 0.5, 0.95, 0.9, std=0.1),
       _record(2, 0.9, 0.5, 0.8, 0.9, std=0.1),
+      _record(3, 0.8, 0.5, 0.5, 0.9, std=0.1),
     ],
   }
-  found = conflict_study.findings(runs)
-  assert (
-    found["small_heads"]["cosine_spread"]["holds"] and found["small_heads"]["magnitude"]["holds"]
-  )
-  assert not found["large_heads"]["cosine_spread"]["holds"]
-  assert (
-    found["large_heads"]["magnitude"]["holds"]
-    and found["large_heads"]["magnitude"]["epochs_holding"] == 1
-  )
-  assert found["heads"]["inter_task"]["holds"]
+  found = conflict_study.findings(runs, statistics.Settings(0.95, "t", 100, 0))
+  small, large = found["small_heads"], found["large_heads"]
+  assert small["cosine_spread"]["verdict"] == statistics.HOLDS
+  spread = small["cosine_spread"]["interval"]
+  expected = scipy_stats.ttest_1samp([0.4, 0.4, 0.45], 0.0).confidence_interval(0.95)
+  assert (spread.low, spread.high) == pytest.approx((expected.low, expected.high), rel=1e-9)
+  assert small["magnitude"]["verdict"] == statistics.HOLDS
+  assert large["cosine_spread"]["verdict"] == statistics.REVERSED
+  assert large["magnitude"]["verdict"] == statistics.INCONCLUSIVE
+  assert large["magnitude"]["holds"] and large["magnitude"]["epochs_holding"] == 2
+  # Cosine std 0.2 (small heads) vs 0.1 (large) in every epoch: a constant difference of 0.1.
+  assert found["heads"]["inter_task"]["verdict"] == statistics.HOLDS
+  assert found["heads"]["inter_task"]["interval"].estimate == pytest.approx(0.1)
   config = conflicts_dense.get_config()
   summary = conflict_study.summary_markdown(config, runs, found, [], "synthetic")
-  assert "inter-sample cosine spread >= inter-task spread **does not hold**" in summary
-  assert "**holds on average only** (1/2 epochs)" in summary
+  assert "**reversed**; held in 0/3 epochs" in summary
+  assert "**inconclusive**; held in 2/3 epochs" in summary
+  assert "(95% t, n=3)" in summary
 
 
 def test_config_arguments_settings_and_architectures_are_checked():
@@ -442,7 +455,8 @@ def test_run_conflicts_end_to_end(tmp_path):
   assert summary == results["summary"] and "group normalisation" in summary
   assert "### Gradient conflicts: dense" in results["markdown"] and "](" not in results["markdown"]
   assert (
-    "inter-sample cosine spread >= inter-task spread **" in summary
+    "inter-sample cosine spread > inter-task spread; per-epoch difference" in summary
+    and "(95% t, n=2): **" in summary
     and "](dense/conflicts.png)" in summary
   )
   metrics = [

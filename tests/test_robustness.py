@@ -12,6 +12,7 @@ import pytest
 from configs import test as test_config
 from configs.sections import robustness as robustness_section
 from mtl_jax import config_validation
+from mtl_jax import statistics
 from mtl_jax.studies import robustness
 from mtl_jax.data import registry
 
@@ -57,6 +58,12 @@ def test_delta_on_hand_made_numbers():
   # degrade by 1.5x once for each model, so they cancel on average.
   assert delta["per_metric"] == pytest.approx({"a/accuracy": 0.2, "a/loss": 0.0, "b/error": 0.0})
   assert delta["per_task"] == pytest.approx({"a": 0.1, "b": 0.0})
+  # Per corrupted set, δ is the mean over tasks of the mean over a task's metrics: fog/1:
+  # a (0.4 + 0.5) / 2, b 0.5 -> 0.475; fog/2: a (0 − 0.5) / 2, b −0.5 -> −0.375.
+  (line,) = robustness.delta_findings({"mtl": delta}, statistics.Settings(0.95, "t", 10, 0))
+  expected = statistics.t_interval([0.475, -0.375], 0.95)
+  assert f"mean δ over 2 corrupted sets {statistics.described(expected, -1, 4)}" in line
+  assert "**inconclusive**" in line
   assert delta["mean"] == pytest.approx(0.05)
   assert delta["per_condition"]["fog/1"]["b/error"] == pytest.approx(0.5)
   # Identical models have δ = 0; swapping the roles flips the sign.
@@ -105,7 +112,10 @@ def test_end_to_end_study(study):
     json.load(open(os.path.join(workdir, robustness.RESULTS_FILE)))["delta"]["mtl_ew"]["mean"]
     == delta["mean"]
   )
-  assert "mean δ" in open(os.path.join(workdir, robustness.REPORT_FILE)).read()
+  report = open(os.path.join(workdir, robustness.REPORT_FILE)).read()
+  assert "mean δ" in report
+  assert "(95% t, n=4)" in results["findings"][0]
+  assert "**Models that learn.**" in report and "| mtl_ew |" in report
 
 
 def test_finetuning_changes_only_the_heads(study, dataset):

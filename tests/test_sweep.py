@@ -14,11 +14,14 @@ from configs import test as test_config
 from configs.sections import optimizers as optimizer_sections
 from mtl_jax.studies import reproduce
 from mtl_jax.studies import optimizers as sweep
+from mtl_jax import statistics
 from mtl_jax import train
 from mtl_jax.data import registry
 from mtl_jax.report import markdown
+from mtl_jax.train import evaluation
 
 DIRECTIONS = {"a/acc": True, "b/err": False}
+SETTINGS = statistics.Settings(0.95, "t", 200, 0)
 
 
 def _sweep_config(**grid):
@@ -153,7 +156,7 @@ def test_pareto_counts_match_a_hand_count():
     "sgd": {"runs": 2, "po_full": 1, "po_other": 1},
   }
   assert [point.on_front for point in points] == [True, True, False, True, False]
-  findings = markdown.optimizer_findings([adam, sgd], counts)
+  findings = markdown.optimizer_findings([adam, sgd], counts, SETTINGS)
   assert any("2/3" in line for line in findings)
 
 
@@ -213,6 +216,7 @@ def test_tiny_end_to_end_sweep_and_resume(tmp_path, dataset, monkeypatch):
     stl_lr_grid=(0.005,),
     seeds=(0,),
     group_runs=True,
+    refine_budget=0,
   )
   config.unlock()
   config.tasks = ("segmentation", "depth")
@@ -269,3 +273,129 @@ def test_report_assembly_with_a_failing_study(tmp_path, monkeypatch):
   assert "RuntimeError: boom" in text
   with pytest.raises(ValueError, match="Unknown studies"):
     reproduce.run(_sweep_config(), str(tmp_path), studies=["nope"], registry=registry_)
+
+
+def test_next_rates_refine_inside_and_extend_at_the_edge():
+  inside = sweep.next_rates({0.5: 3.0, 0.05: 1.0, 0.005: 2.0}, 10**0.5, budget_left=5)
+  assert inside == [(0.1581, "refined"), (0.01581, "refined")]
+  edge = sweep.next_rates({0.5: 1.0, 0.05: 2.0}, 10**0.5, budget_left=5)
+  assert edge == [(1.581, "extended"), (0.1581, "refined")]
+  assert sweep.next_rates({0.5: 1.0, 0.05: 2.0}, 10**0.5, budget_left=1) == [(1.581, "extended")]
+  assert sweep.next_rates({0.5: math.inf}, 10**0.5, budget_left=3) == []
+  assert sweep.next_rates({0.5: 1.0}, 10**0.5, budget_left=0) == []
+
+
+def test_search_grid_extends_until_the_best_lies_inside(tmp_path, monkeypatch):
+  # A validation score whose minimum is at lr 0.5, beyond the coarse grid's largest rate.
+  def score(rate):
+    return abs(math.log10(rate / 0.5))
+
+  def fake_group(runs, dirs, dataset, **kwargs):
+    for run, run_dir in zip(runs, dirs):
+      os.makedirs(run_dir)
+      rate = run.optimizer.learning_rate
+      with open(os.path.join(run_dir, "results.json"), "w") as file:
+        json.dump({"validation": {"loss": score(rate) + 0.01 * run.seed}, "test": {}}, file)
+
+  monkeypatch.setattr(train, "train_group", fake_group)
+  config = _sweep_config(seeds=(0, 1), refine_budget=3, group_runs=True)
+  coarse = [
+    sweep.RunSpec("mtl", "ew", "adam", rate, seed) for rate in (0.1, 0.01) for seed in (0, 1)
+  ]
+  specs, searches = sweep.search_grid(
+    config,
+    str(tmp_path),
+    coarse,
+    None,
+    sweep.JobProgress(len(coarse)),
+    lambda spec, results: results["validation"]["loss"],
+    lambda spec: sweep.run_config(config, spec),
+    budget=3,
+    factor=10**0.5,
+  )
+  search = searches[("ew", "adam")]
+  # Round 1: best 0.1 on the edge -> 0.3162 (extended) and 0.03162 (refined); round 2: best
+  # 0.3162 on the edge -> 0.9999 (extended; rates keep 4 digits); round 3: 0.3162 is inside
+  # and both its neighbours are tried.
+  assert search.coarse == [0.1, 0.01]
+  assert search.refined == [0.03162] and search.extended == [0.3162, 0.9999]
+  assert search.best == 0.3162 and not search.at_edge
+  assert len(specs) == 2 * 5
+  lines = markdown.grid_search_findings(searches, "method")
+  assert "+0.03162, +0.3162 (ext.), +0.9999 (ext.) → lr 0.3162" in lines[0]
+  assert "still at the grid's edge" not in lines[0]
+
+
+def _selection(optimizer, delta_m, method="ew"):
+  return sweep.Selection(
+    method,
+    optimizer,
+    0.1,
+    {0.1: 0.0},
+    seeds=list(range(len(delta_m))),
+    test=[{"a/acc": 0.5, "b/err": 0.5}] * len(delta_m),
+    test_delta_m=list(delta_m),
+  )
+
+
+def test_optimizer_findings_carry_paired_intervals_and_verdicts():
+  # ew: sgd − adam = 2.0, 2.1, 1.9 per seed: holds. uw: 3, −3, 0.5: inconclusive. rlw: −2 each
+  # (constant): reversed.
+  selections = [
+    _selection("adam", [1.0, 2.0, 3.0]),
+    _selection("sgd", [3.0, 4.1, 4.9]),
+    _selection("adam", [0.0, 0.0, 0.0], "uw"),
+    _selection("sgd", [3.0, -3.0, 0.5], "uw"),
+    _selection("adam", [5.0, 6.0, 7.0], "rlw"),
+    _selection("sgd", [3.0, 4.0, 5.0], "rlw"),
+  ]
+  _, counts = sweep.pareto_analysis(selections, DIRECTIONS)
+  findings = markdown.optimizer_findings(selections, counts, SETTINGS)
+  text = "\n".join(findings)
+  assert "holds for 1, reversed for 1, inconclusive for 1 of 3 methods" in text
+  ew_line = next(line for line in findings if line.strip().startswith("- ew:"))
+  expected = statistics.t_interval([2.0, 2.1, 1.9], 0.95)
+  assert f"+2.00 [{expected.low:+.2f}, {expected.high:+.2f}] (95% t, n=3): **holds**" in ew_line
+  assert "**inconclusive**" in next(line for line in findings if "- uw:" in line)
+  assert "**reversed**" in next(line for line in findings if "- rlw:" in line)
+
+
+def test_pareto_bootstrap_of_identical_seeds_has_no_spread():
+  # Every seed gives the same points, so every resample gives the sample's counts.
+  adam = _selection("adam", [0.0] * 3)
+  adam.test = [{"a/acc": 0.9, "b/err": 0.1}] * 3
+  sgd = _selection("sgd", [0.0] * 3)
+  sgd.test = [{"a/acc": 0.5, "b/err": 0.5}] * 3
+  spread = sweep.pareto_bootstrap([adam, sgd], DIRECTIONS, SETTINGS)
+  assert (spread["adam"]["po_full"].low, spread["adam"]["po_full"].high) == (3, 3)
+  assert (spread["sgd"]["po_full"].low, spread["sgd"]["po_full"].high) == (0, 0)
+  assert spread["difference"].estimate == 1.0
+  assert statistics.verdict(spread["difference"]) == statistics.HOLDS
+
+
+def test_models_that_do_not_beat_the_trivial_predictor_are_flagged():
+  trivial = {"a/acc": 0.5, "b/err": 1.0}
+  rows = [("good", {"a/acc": 0.6, "b/err": 0.5}), ("flat", {"a/acc": 0.51, "b/err": 0.5})]
+  table, flags = markdown.learned_check(rows, trivial, DIRECTIONS, margin_percent=5.0)
+  assert "| good | acc +20.0% | err +50.0% | yes |" in table
+  assert "| flat | acc +2.0% **no** | err +50.0% | **NO** |" in table
+  assert len(flags) == 1 and "flat" in flags[0] and "a (acc +2.0%)" in flags[0]
+
+
+def test_trivial_predictors_against_numpy(dataset):
+  tasks = dataset.select_tasks(["segmentation", "depth"])
+  found = evaluation.trivial_metrics(tasks, dataset.splits["train"], dataset.splits["test"], 16)
+  train_split = dataset.splits["train"].batch(np.arange(len(dataset.splits["train"])))
+  test_split = dataset.splits["test"].batch(np.arange(len(dataset.splits["test"])))
+  segmentation, depth = tasks
+  train_depth = np.asarray(train_split[depth.target_key], np.float64)
+  mean_depth = train_depth[train_depth > 0].mean()
+  test_depth = np.asarray(test_split[depth.target_key], np.float64)
+  valid = test_depth > 0
+  assert found["depth/abs_err"] == pytest.approx(np.abs(test_depth[valid] - mean_depth).mean())
+  labels = np.asarray(train_split[segmentation.target_key]).reshape(-1)
+  labels = labels[(labels >= 0) & (labels < segmentation.num_classes)]
+  majority = np.bincount(labels, minlength=segmentation.num_classes).argmax()
+  test_labels = np.asarray(test_split[segmentation.target_key]).reshape(-1)
+  test_labels = test_labels[(test_labels >= 0) & (test_labels < segmentation.num_classes)]
+  assert found["segmentation/pixel_accuracy"] == pytest.approx(np.mean(test_labels == majority))

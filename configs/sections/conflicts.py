@@ -6,6 +6,8 @@ configs/base.py; this adds the study's to the same section.
 
 import ml_collections
 
+from configs.sections import findings
+
 
 def add(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Adds the study's keys to `config.conflicts` and returns config."""
@@ -23,4 +25,5 @@ def add(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       large_heads=ml_collections.ConfigDict(dict(head_hidden_channels=64, head_hidden=(64, 64))),
     )
   )
+  findings.add(config)
   return config

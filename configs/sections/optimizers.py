@@ -2,6 +2,8 @@
 
 import ml_collections
 
+from configs.sections import findings
+
 
 def add(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Adds `config.sweep` with its defaults and returns config."""
@@ -17,6 +19,13 @@ def add(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       # How a group's runs share the program: 'auto' (loop on CPU, vmap on GPU/TPU), 'vmap',
       # 'map' or 'loop'; see mtl_jax.train.lanes.
       lane_mode="auto",
+      # After the coarse grid, each (method, optimizer)'s best lr (and each STL task's) is
+      # refined: best x refine_factor and best / refine_factor are tried where not tried yet, an
+      # extension beyond the grid when the best sits on its edge; up to refine_budget extra
+      # learning rates per pair (all seeds each), round after round. 0 = the coarse grid only.
+      refine_budget=2,
+      refine_factor=10**0.5,
     )
   )
+  findings.add(config)
   return config

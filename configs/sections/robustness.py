@@ -3,6 +3,8 @@ them."""
 
 import ml_collections
 
+from configs.sections import findings
+
 
 def add(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Adds `config.robustness` with its defaults and returns config."""
@@ -27,4 +29,5 @@ def add(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       figure_path="",  # '' = <workdir>/corruptions.png
     )
   )
+  findings.add(config)
   return config

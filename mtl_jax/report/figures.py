@@ -1,8 +1,9 @@
-"""Figures for reports (matplotlib, headless): parallel coordinates of runs' metrics."""
+"""Figures for reports (matplotlib, headless): parallel coordinates of runs' metrics, learning-rate
+curves."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import matplotlib
 
@@ -81,5 +82,61 @@ def parallel_coordinates(
   axis.set_title(title, fontsize=10)
   figure.tight_layout()
   figure.savefig(path, dpi=120)
+  plt.close(figure)
+  return path
+
+
+def lr_curves(
+  mtl: Mapping[tuple[str, str], Mapping[float, float]],
+  stl: Mapping[tuple[str, str], Mapping[float, float]],
+  path: str,
+) -> str:
+  """Selection score against learning rate: one panel per optimizer (mean validation Δm of each
+  method over seeds), and one for the STL baselines (mean validation loss of each task).
+
+  The chosen lr of each curve is ringed; a diverged lr (+inf) is left out of its curve and
+  marked with an x on the panel's bottom edge.
+
+  Args:
+    mtl: (method, optimizer) -> lr -> mean validation Δm.
+    stl: (task, optimizer) -> lr -> mean validation loss.
+    path: the PNG to write.
+
+  Returns:
+    path.
+  """
+  optimizers = list(dict.fromkeys(optimizer for _, optimizer in mtl))
+  panels = [(f"{optimizer}: validation Δm (%) ↓", optimizer, mtl) for optimizer in optimizers]
+  if stl:
+    panels.append(("STL baselines: validation loss ↓", None, stl))
+  figure, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
+  colours = plt.get_cmap("tab10")
+  for axis, (title, optimizer, curves) in zip(axes[0], panels):
+    items = [
+      (name, scores)
+      for (name, other), scores in curves.items()
+      if optimizer is None or other == optimizer
+    ]
+    for index, (name, scores) in enumerate(items):
+      rates = sorted(scores)
+      finite = [rate for rate in rates if np.isfinite(scores[rate])]
+      colour = colours(index % 10)
+      axis.plot(finite, [scores[rate] for rate in finite], "o-", color=colour, label=name, ms=3)
+      if finite:
+        best = min(finite, key=scores.get)
+        axis.plot([best], [scores[best]], "o", ms=9, mfc="none", mec=colour)
+      diverged = [rate for rate in rates if not np.isfinite(scores[rate])]
+      if diverged:
+        axis.plot(
+          diverged, [0.0] * len(diverged), "x", color=colour, transform=axis.get_xaxis_transform()
+        )
+    axis.set_xscale("log")
+    axis.set_xlabel("learning rate")
+    axis.set_title(title, fontsize=9)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=6, ncol=2)
+  figure.suptitle("Learning-rate curves (ring: chosen lr; x at the bottom: diverged)", fontsize=9)
+  figure.tight_layout()
+  figure.savefig(path, dpi=110)
   plt.close(figure)
   return path

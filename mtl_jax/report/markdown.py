@@ -6,7 +6,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Sequence
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from mtl_jax import metrics as metrics_lib
+from mtl_jax import statistics
 
 
 @dataclasses.dataclass
@@ -41,13 +46,25 @@ def assemble(title: str, preamble: str, sections: Sequence[StudyResult], report_
 
 
 def optimizer_findings(
-  selections, pareto_counts, reference: str = "adam", other: str = "sgd"
+  selections,
+  pareto_counts,
+  settings: statistics.Settings,
+  pareto_spread: Mapping | None = None,
+  reference: str = "adam",
+  other: str = "sgd",
 ) -> list[str]:
-  """Sentences comparing two optimizers, computed from a sweep's selections and Pareto counts.
+  """Findings comparing two optimizers, each with its 95% interval and verdict.
+
+  Per method, the per-seed paired difference of test Δm (other − reference; positive: the
+  reference is better) gets an interval over seeds; so does its mean over methods (per seed,
+  the mean over the methods both optimizers finished). Pareto counts get their bootstrap spread
+  over seeds (`pareto_spread`, from `optimizers.pareto_bootstrap`).
 
   Args:
-    selections: `sweep.Selection`s (method, optimizer, best lr, per-seed test Δm).
-    pareto_counts: optimizer -> {'runs', 'po_full', 'po_other'} from `sweep.pareto_analysis`.
+    selections: `optimizers.Selection`s (method, optimizer, best lr, per-seed test Δm).
+    pareto_counts: optimizer -> {'runs', 'po_full', 'po_other'} from `pareto_analysis`.
+    settings: how intervals are computed (`config.findings`).
+    pareto_spread: optimizer -> {'po_full', 'po_other'} -> Interval, plus 'difference'.
     reference: the optimizer the sentences are about.
     other: the optimizer it is compared with.
 
@@ -56,47 +73,77 @@ def optimizer_findings(
   """
   by_pair = {(selection.method, selection.optimizer): selection for selection in selections}
   methods = list(dict.fromkeys(selection.method for selection in selections))
-  compared, wins, gaps = 0, 0, []
+  lines, per_seed, verdicts = [], {}, []
   for method in methods:
     first, second = by_pair.get((method, reference)), by_pair.get((method, other))
     if first is None or second is None:
       continue
-    first_mean = first.mean_std("delta_m")[0] if first.learning_rate is not None else math.inf
-    second_mean = second.mean_std("delta_m")[0] if second.learning_rate is not None else math.inf
-    if math.isinf(first_mean) and math.isinf(second_mean):
+    if first.learning_rate is None or second.learning_rate is None:
+      lines.append(
+        f"  - {method}: {reference if first.learning_rate is None else other} diverged at every "
+        "lr: no interval (**inconclusive**)."
+      )
+      verdicts.append(statistics.INCONCLUSIVE)
       continue
-    compared += 1
-    if first_mean < second_mean:
-      wins += 1
-    if math.isfinite(first_mean) and math.isfinite(second_mean):
-      gaps.append(second_mean - first_mean)
-  findings = []
-  if compared:
-    line = (
-      f"- {reference} beat {other} on test Δm (lower is better) for {wins} of {compared} methods"
+    seeds, differences = statistics.paired_differences(
+      dict(zip(first.seeds, first.test_delta_m)), dict(zip(second.seeds, second.test_delta_m))
     )
-    if gaps:
-      line += f"; mean Δm gap ({other} − {reference}) {sum(gaps) / len(gaps):+.2f} points"
-    findings.append(line + ".")
-  spread = {}
-  for optimizer in (reference, other):
-    values = [
-      selection.mean_std("delta_m")[0]
-      for selection in selections
-      if selection.optimizer == optimizer and selection.learning_rate is not None
-    ]
-    if len(values) > 1:
-      spread[optimizer] = max(values) - min(values)
-  if spread:
-    text = ", ".join(f"{name}: {value:.2f}" for name, value in spread.items())
-    findings.append(f"- Spread of Δm across methods (max − min) per optimizer: {text} points.")
-  counts = {name: pareto_counts[name] for name in (reference, other) if name in pareto_counts}
-  for name, count in counts.items():
+    for seed, difference in zip(seeds, differences):
+      per_seed.setdefault(seed, []).append(float(difference))
+    found = settings.interval(differences)
+    verdicts.append(statistics.verdict(found))
+    lines.append(f"  - {method}: {statistics.described(found)}")
+  if not lines:
+    return []
+  counts = {name: verdicts.count(name) for name in statistics.VERDICTS}
+  findings = [
+    f"- Claim: {reference} beats {other} on test Δm (lower is better). Per method, the paired "
+    f"per-seed difference {other} − {reference} (points; > 0 favours {reference}) with its "
+    f"{100 * settings.confidence:g}% interval over seeds: holds for {counts['holds']}, reversed "
+    f"for {counts['reversed']}, inconclusive for {counts['inconclusive']} of {len(verdicts)} "
+    "methods."
+  ] + lines
+  if per_seed:
+    overall = settings.interval([float(np.mean(values)) for values in per_seed.values()])
     findings.append(
-      f"- {name} runs on the full Pareto front: {count['po_full']}/{count['runs']}; "
-      f"not dominated by any run of the other optimizer(s): {count['po_other']}/{count['runs']}."
+      f"- Mean over methods of {other} − {reference} (one value per seed): "
+      f"{statistics.described(overall)}."
     )
-  findings.extend(grid_edge_findings(selections))
+  findings += pareto_findings(pareto_counts, pareto_spread or {}, (reference, other))
+  return findings
+
+
+def pareto_findings(
+  pareto_counts, spread: Mapping, optimizers: Sequence[str], kind: str = "optimizer"
+) -> list[str]:
+  """Pareto counts per optimizer (or per `kind` of group, e.g. 'level') with their bootstrap
+  interval over seeds, and the verdict on the first group's larger share of the full front."""
+  findings = []
+  for name in optimizers:
+    if name not in pareto_counts:
+      continue
+    count, intervals = pareto_counts[name], spread.get(name, {})
+    parts = []
+    for key, label in (
+      ("po_full", "on the full Pareto front"),
+      ("po_other", f"not dominated by any run of another {kind}"),
+    ):
+      text = f"{label}: {count[key]}/{count['runs']}"
+      if key in intervals and math.isfinite(intervals[key].low):
+        text += f" [{intervals[key].low:g}, {intervals[key].high:g}]"
+      parts.append(text)
+    findings.append(f"- {name} runs " + "; ".join(parts) + ".")
+  if "difference" in spread:
+    first, second = spread["difference_of"]
+    findings.append(
+      f"- Share of runs on the full front, {first} − {second} (bootstrap over seeds): "
+      f"{statistics.described(spread['difference'])}."
+    )
+  if findings:
+    findings.append(
+      "  (Pareto intervals: percentile bootstrap over seeds, every method resampled with the same "
+      "seeds.)"
+    )
   return findings
 
 
@@ -120,3 +167,112 @@ def grid_edge_findings(selections) -> list[str]:
     "bound."
     for optimizer, methods in edges.items()
   ]
+
+
+def grid_search_findings(searches: Mapping, what: str) -> list[str]:
+  """Which lr grids were refined or extended before the lr was chosen, per optimizer.
+
+  Args:
+    searches: (name, optimizer) -> `optimizers.GridSearch`.
+    what: what the names are ('method', 'STL task').
+  """
+  by_optimizer: dict[str, list[str]] = {}
+  for (name, optimizer), search in searches.items():
+    added = [f"+{rate:g}" for rate in search.refined] + [
+      f"+{rate:g} (ext.)" for rate in search.extended
+    ]
+    best = search.best
+    cell = f"{name} {', '.join(added) if added else 'not refined'} → lr {_rate(best)}"
+    if search.at_edge:
+      cell += " (**still at the grid's edge**: its optimum may lie outside)"
+    by_optimizer.setdefault(optimizer, []).append(cell)
+  return [
+    f"- {optimizer}, per {what}, rates added to the coarse grid (ext.: beyond its ends, because "
+    f"the best was on an edge) and the lr chosen: {'; '.join(cells)}."
+    for optimizer, cells in by_optimizer.items()
+  ]
+
+
+def _rate(rate: float | None) -> str:
+  return "— (diverged everywhere)" if rate is None else f"{rate:g}"
+
+
+def learned_check(
+  rows: Sequence[tuple[str, Mapping[str, float]]],
+  trivial: Mapping[str, float],
+  directions: Mapping[str, bool],
+  margin_percent: float,
+) -> tuple[str, list[str]]:
+  """Every model row against its trivial predictor: the table and a flag per row that fails.
+
+  A row learned a task when every metric of the task beats the trivial predictor's by at least
+  `margin_percent` (relative, `metrics.relative_improvement`); the table shows each task's
+  worst metric. A metric whose trivial value is 0 cannot be compared relatively and is left out.
+
+  Args:
+    rows: (row name, 'task/metric' -> test value) per model; a row covers the tasks it has.
+    trivial: the trivial predictor's 'task/metric' values on the same split.
+    directions: 'task/metric' -> higher is better, for every task of any row.
+    margin_percent: the bar, in percent.
+
+  Returns:
+    (markdown, flags): the table and one line per row that does not clear the bar on a task.
+  """
+  tasks = list(dict.fromkeys(metrics_lib.task_of(key) for key in directions))
+  lines = [
+    "| model | "
+    + " | ".join(f"{task}: worst metric vs trivial" for task in tasks)
+    + " | learned |",
+    "|---|" + "---|" * len(tasks) + "---|",
+  ]
+  flags = []
+  for name, values in rows:
+    own = {key: higher for key, higher in directions.items() if key in values}
+    improvement = metrics_lib.relative_improvement(values, trivial, own)
+    worst: dict[str, tuple[str, float]] = {}
+    for key, value in improvement.items():
+      task = metrics_lib.task_of(key)
+      if math.isfinite(value) and (task not in worst or value < worst[task][1]):
+        worst[task] = (key.rpartition("/")[2], value)
+    failed = [task for task, (_, value) in worst.items() if value < margin_percent]
+    cells = []
+    for task in tasks:
+      if task not in worst:
+        cells.append("")
+        continue
+      metric, value = worst[task]
+      cells.append(f"{metric} {value:+.1f}%" + (" **no**" if value < margin_percent else ""))
+    lines.append(f"| {name} | " + " | ".join(cells) + f" | {'**NO**' if failed else 'yes'} |")
+    if failed:
+      flags.append(
+        f"**Flag:** {name} does not beat the trivial predictor by {margin_percent:g}% on "
+        + ", ".join(f"{task} ({worst[task][0]} {worst[task][1]:+.1f}%)" for task in failed)
+        + "."
+      )
+  return "\n".join(lines), flags
+
+
+def trivial_section(
+  rows: Sequence[tuple[str, Mapping[str, float]]],
+  trivial: Mapping[str, float],
+  directions: Mapping[str, bool],
+  margin_percent: float,
+  split: str = "test",
+) -> str:
+  """The markdown paragraph and table of `learned_check`, with the trivial predictor's values."""
+  table, flags = learned_check(rows, trivial, directions, margin_percent)
+  bar = ", ".join(f"{key} {trivial[key]:.4g}" for key in directions if key in trivial)
+  verdict = (
+    "\n\n".join(flags)
+    if flags
+    else f"Every model clears the bar (≥ {margin_percent:g}% better on every metric of every task)."
+  )
+  return (
+    f"**Models that learn.** Each model is compared on the {split} split with the trivial "
+    "predictor of each task (majority class for segmentation and attributes, the training-mean "
+    "depth, the training-mean normal), which ignores its input: "
+    f"{bar}. A model learned a task when every metric of the task is at least "
+    f"{margin_percent:g}% better (relative) than the trivial predictor's; each cell gives the "
+    "task's worst metric and its relative improvement (a metric whose trivial value is 0 is left "
+    f"out).\n\n{table}\n\n{verdict}"
+  )

@@ -11,6 +11,7 @@ are computed from the measured numbers; the settings' summaries are joined in on
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any, Mapping, Sequence
@@ -21,6 +22,7 @@ import numpy as np
 from mtl_jax import config_validation
 from mtl_jax import conflicts as conflicts_lib
 from mtl_jax import metric_writers
+from mtl_jax import statistics
 from mtl_jax import train as train_lib
 from mtl_jax.data import registry as data_registry
 
@@ -84,7 +86,14 @@ def _epoch_mean(records, pair_type, measure, statistic) -> float:
   return float(values.mean()) if values.size else float("nan")
 
 
-def findings(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, Any]:
+def _epoch_interval(differences: np.ndarray, settings: statistics.Settings) -> statistics.Interval:
+  """The interval over epochs of per-epoch differences (epochs without a value left out)."""
+  return settings.interval(differences[np.isfinite(differences)])
+
+
+def findings(
+  runs: Mapping[str, Sequence[Mapping[str, Any]]], settings: statistics.Settings
+) -> dict[str, Any]:
   """The paper's findings checked per architecture from per-epoch records.
 
   Args:
@@ -94,7 +103,9 @@ def findings(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, Any]:
     {architecture: {'cosine_spread': ..., 'magnitude': ...}, 'heads': ... (when both
     'small_heads' and 'large_heads' ran)}. Spread is the 2.5-97.5 percentile band width of the
     cosine per epoch (std reported too); every comparison gives the epoch-averaged values,
-    the verdict on those averages, and in how many epochs it held.
+    the verdict on those averages, and in how many epochs it held; 'interval' is the interval
+    over epochs of the per-epoch difference (positive: the finding holds) and 'verdict' what it
+    allows ('holds', 'reversed', 'inconclusive').
   """
   result: dict[str, Any] = {}
   for architecture, records in runs.items():
@@ -126,17 +137,30 @@ def findings(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, Any]:
     }
     spread = result[architecture]["cosine_spread"]
     spread["holds"] = bool(spread["inter_sample_width"] >= spread["inter_task_width"])
+    spread["interval"] = _epoch_interval(widths["inter_sample"] - widths["inter_task"], settings)
     magnitude = result[architecture]["magnitude"]
     magnitude["holds"] = bool(magnitude["inter_task_mean"] < magnitude["inter_sample_mean"])
+    magnitude["interval"] = _epoch_interval(
+      magnitudes["inter_sample"] - magnitudes["inter_task"], settings
+    )
+    for entry in (spread, magnitude):
+      entry["verdict"] = statistics.verdict(entry["interval"])
   if "small_heads" in result and "large_heads" in result:
     heads = {}
     for pair in conflicts_lib.ROW_PAIR_TYPES:
       small = _epoch_mean(runs["small_heads"], pair, "cosine", "std")
       large = _epoch_mean(runs["large_heads"], pair, "cosine", "std")
+      # Paired by epoch: the two architectures share the data order and the epoch count.
+      small_series = _series(runs["small_heads"], pair, "cosine", "std")
+      large_series = _series(runs["large_heads"], pair, "cosine", "std")
+      epochs = min(small_series.size, large_series.size)
+      interval = _epoch_interval(small_series[:epochs] - large_series[:epochs], settings)
       heads[pair] = {
         "small_heads_std": small,
         "large_heads_std": large,
         "holds": bool(large < small),
+        "interval": interval,
+        "verdict": statistics.verdict(interval),
       }
     result["heads"] = heads
   return result
@@ -275,13 +299,11 @@ def _table(records: Sequence[Mapping[str, Any]]) -> list[str]:
   return lines
 
 
-def _verdict(holds: bool, epochs_holding: int | None = None, epochs: int | None = None) -> str:
-  """'holds' / 'does not hold' on the epoch averages, qualified when epochs disagree."""
-  if not holds:
-    return "**does not hold**"
-  if epochs_holding is not None and epochs_holding < epochs:
-    return f"**holds on average only** ({epochs_holding}/{epochs} epochs)"
-  return "**holds**"
+def _verdict(entry: Mapping[str, Any], epochs: int | None = None) -> str:
+  """The verdict from the interval over epochs, with the per-epoch difference's interval and
+  the count of epochs in which the finding held."""
+  held = f"; held in {entry['epochs_holding']}/{epochs} epochs" if epochs else ""
+  return f"{statistics.described(entry['interval'], digits=3)}{held}"
 
 
 def summary_markdown(
@@ -360,23 +382,23 @@ def _finding_lines(runs, found) -> list[str]:
     spread, magnitude = found[architecture]["cosine_spread"], found[architecture]["magnitude"]
     epochs = found[architecture]["epochs"]
     lines.append(
-      f"- {architecture}: inter-sample cosine spread >= inter-task spread "
-      f"{_verdict(spread['holds'], spread['epochs_holding'], epochs)} (2.5-97.5 band width "
-      f"{_format(spread['inter_sample_width'])} vs {_format(spread['inter_task_width'])}; std "
-      f"{_format(spread['inter_sample_std'])} vs {_format(spread['inter_task_std'])}; in "
-      f"{spread['epochs_holding']}/{epochs} epochs)."
+      f"- {architecture}: inter-sample cosine spread > inter-task spread; per-epoch difference "
+      f"of the 2.5-97.5 band widths (inter-sample − inter-task) {_verdict(spread, epochs)} "
+      f"(widths {_format(spread['inter_sample_width'])} vs "
+      f"{_format(spread['inter_task_width'])}; std {_format(spread['inter_sample_std'])} vs "
+      f"{_format(spread['inter_task_std'])})."
     )
     lines.append(
-      f"- {architecture}: inter-task magnitude similarity < inter-sample "
-      f"{_verdict(magnitude['holds'], magnitude['epochs_holding'], epochs)} (mean "
-      f"{_format(magnitude['inter_task_mean'])} vs {_format(magnitude['inter_sample_mean'])}; in "
-      f"{magnitude['epochs_holding']}/{epochs} epochs)."
+      f"- {architecture}: inter-task magnitude similarity < inter-sample; per-epoch difference "
+      f"(inter-sample − inter-task) {_verdict(magnitude, epochs)} (means "
+      f"{_format(magnitude['inter_task_mean'])} vs {_format(magnitude['inter_sample_mean'])})."
     )
   if "heads" in found:
     for pair, entry in found["heads"].items():
       lines.append(
-        f"- Larger heads shrink the {PAIR_LABELS[pair]} cosine spread {_verdict(entry['holds'])} "
-        f"(std {_format(entry['large_heads_std'])} with large heads vs "
+        f"- Larger heads shrink the {PAIR_LABELS[pair]} cosine spread; per-epoch difference of "
+        f"the cosine std (small − large heads) {_verdict(entry)} (std "
+        f"{_format(entry['large_heads_std'])} with large heads vs "
         f"{_format(entry['small_heads_std'])} with small heads)."
       )
   return lines
@@ -464,7 +486,7 @@ def run_setting(
       measures=("cosine", "magnitude"),
     ),
   ]
-  found = findings(runs)
+  found = findings(runs, statistics.Settings.from_config(config.findings))
   summary = summary_markdown(config, runs, found, figures, title)
   results = {
     "summary": summary,
@@ -549,7 +571,10 @@ def _write(workdir: str, results: Mapping[str, Any]) -> None:
 
 
 def _without_configs(value: Any) -> Any:
-  """A results dict with ConfigDicts dropped (each run directory has its config.json)."""
+  """A results dict with ConfigDicts dropped (each run directory has its config.json) and
+  intervals as dicts."""
+  if isinstance(value, statistics.Interval):
+    return dataclasses.asdict(value)
   if isinstance(value, Mapping) and not isinstance(value, ml_collections.ConfigDict):
     return {
       key: _without_configs(item)

@@ -39,11 +39,14 @@ from mtl_jax import metric_writers
 from mtl_jax import metrics as metrics_lib
 from mtl_jax import optim
 from mtl_jax import parallel
+from mtl_jax import statistics
 from mtl_jax import tasks as tasks_lib
 from mtl_jax import train
+from mtl_jax.train import evaluation
 from mtl_jax import weighting as weighting_lib
 from mtl_jax.data import registry as data_registry
 from mtl_jax.report import figures
+from mtl_jax.report import markdown
 
 STL_OPTIMIZER = "adam"
 
@@ -62,6 +65,7 @@ class RunSpec:
     optimizer: optimizer name.
     learning_rate: the base learning rate.
     seed: the run's seed (initialisation and data order).
+    level: the rows of a Gramian method's Gramian ('task', 'sample', 'sample_task').
   """
 
   kind: str
@@ -69,11 +73,17 @@ class RunSpec:
   optimizer: str
   learning_rate: float
   seed: int
+  level: str = "task"
+
+  @property
+  def label(self) -> str:
+    """The method (or task) as tables name it: 'pcgrad', or 'pcgrad@sample' at a finer level."""
+    return self.name if self.level == "task" else f"{self.name}@{self.level}"
 
   @property
   def path(self) -> str:
     """The run's directory relative to the sweep workdir, named from its settings."""
-    return f"{self.kind}/{self.name}-{self.optimizer}-lr{self.learning_rate:g}-seed{self.seed}"
+    return f"{self.kind}/{self.label}-{self.optimizer}-lr{self.learning_rate:g}-seed{self.seed}"
 
 
 def _floats(values: Iterable[Any], key: str) -> list[float]:
@@ -155,6 +165,7 @@ def run_config(
     run.delta_m.baseline = ()
   else:
     run.method.name = spec.name
+    run.method.level = spec.level
     run.delta_m.baseline = tuple(baseline)
   return run.lock()
 
@@ -247,6 +258,136 @@ def baseline_for(baselines: Mapping[int, list[str]], seed: int) -> list[str]:
 
 
 @dataclasses.dataclass
+class GridSearch:
+  """How the lr grid of one (method or STL task, optimizer) grew before its lr was chosen.
+
+  Attributes:
+    name, optimizer: the pair (name: a method label such as 'pcgrad@sample', or an STL task).
+    coarse: the coarse grid's rates.
+    refined: rates added inside the tried range, next to the best.
+    extended: rates added beyond the tried range because the best sat on its edge.
+    scores: lr -> the selection score, mean over seeds (+inf where a seed diverged or is missing).
+  """
+
+  name: str
+  optimizer: str
+  coarse: list[float]
+  refined: list[float] = dataclasses.field(default_factory=list)
+  extended: list[float] = dataclasses.field(default_factory=list)
+  scores: dict[float, float] = dataclasses.field(default_factory=dict)
+
+  @property
+  def best(self) -> float | None:
+    finite = {rate: score for rate, score in self.scores.items() if math.isfinite(score)}
+    return min(finite, key=finite.get) if finite else None
+
+  @property
+  def at_edge(self) -> bool:
+    """Whether the chosen lr is still the smallest or largest tried (its optimum may lie
+    outside)."""
+    best = self.best
+    return (
+      best is not None and len(self.scores) > 1 and best in (min(self.scores), max(self.scores))
+    )
+
+
+def next_rates(
+  scores: Mapping[float, float], factor: float, budget_left: int
+) -> list[tuple[float, str]]:
+  """The learning rates to try next around the best: best x factor and best / factor, each
+  where no tried rate lies within 0.1%.
+
+  Args:
+    scores: tried lr -> mean score over seeds, lower is better (+inf: diverged).
+    factor: the refinement step (> 1), e.g. √10 for a grid a decade apart.
+    budget_left: at most this many rates are returned.
+
+  Returns:
+    (rate, 'extended' beyond the tried range | 'refined' inside it), extensions first; empty
+    when the budget is spent, nothing is new, or every tried rate diverged. Rates are rounded to
+    4 significant digits (they name run directories).
+  """
+  finite = {rate: score for rate, score in scores.items() if math.isfinite(score)}
+  if not finite or budget_left <= 0:
+    return []
+  best = min(finite, key=finite.get)
+  low, high = min(scores), max(scores)
+  candidates = []
+  for rate in (best * factor, best / factor):
+    rate = float(f"{rate:.4g}")
+    if any(math.isclose(rate, tried, rel_tol=1e-3) for tried in scores):
+      continue
+    candidates.append((rate, "extended" if rate > high or rate < low else "refined"))
+  candidates.sort(key=lambda candidate: candidate[1] != "extended")
+  return candidates[:budget_left]
+
+
+def _scores(workdir, specs, score_of) -> dict[tuple[str, str], dict[float, float]]:
+  """(label, optimizer) -> lr -> mean score over the seeds of `specs` (+inf if one is missing)."""
+  values: dict[tuple[str, str], dict[float, list]] = {}
+  for spec in specs:
+    results = read_results(os.path.join(workdir, spec.path))
+    value = None if results is None else score_of(spec, results)
+    values.setdefault((spec.label, spec.optimizer), {}).setdefault(spec.learning_rate, []).append(
+      value
+    )
+  return {
+    key: {rate: _mean_or_inf(runs) for rate, runs in per_rate.items()}
+    for key, per_rate in values.items()
+  }
+
+
+def search_grid(
+  config, workdir, coarse, dataset, progress, score_of, configure, budget: int, factor: float
+) -> tuple[list[RunSpec], dict[tuple[str, str], GridSearch]]:
+  """Trains the coarse grid, then refines (and extends) each pair's grid round after round.
+
+  Args:
+    config: the sweep config (`sweep.seeds`, `sweep.group_runs`, `sweep.lane_mode`).
+    workdir: where the runs live.
+    coarse: the coarse grid's runs.
+    dataset: the loaded dataset.
+    progress: the job's JobProgress (its total grows with the added runs).
+    score_of: (spec, results) -> the selection score of a finished run, lower is better.
+    configure: spec -> the run's config.
+    budget: extra learning rates per (label, optimizer) at most.
+    factor: the refinement step, > 1.
+
+  Returns:
+    (every run: coarse then added, (label, optimizer) -> GridSearch).
+  """
+  group_runs = grouped_runs(config)
+  specs = list(coarse)
+  searches: dict[tuple[str, str], GridSearch] = {}
+  templates: dict[tuple[str, str], RunSpec] = {}
+  for spec in coarse:
+    key = (spec.label, spec.optimizer)
+    templates.setdefault(key, spec)
+    search = searches.setdefault(key, GridSearch(spec.label, spec.optimizer, []))
+    if spec.learning_rate not in search.coarse:
+      search.coarse.append(spec.learning_rate)
+  pending = list(coarse)
+  while pending:
+    _train_runs(
+      config, workdir, [(spec, configure(spec)) for spec in pending], dataset, progress, group_runs
+    )
+    pending = []
+    for key, scores in _scores(workdir, specs, score_of).items():
+      search = searches[key]
+      search.scores = scores
+      used = len(search.refined) + len(search.extended)
+      for rate, kind in next_rates(scores, factor, budget - used):
+        getattr(search, kind).append(rate)
+        pending += [
+          dataclasses.replace(templates[key], learning_rate=rate, seed=int(seed))
+          for seed in config.sweep.seeds
+        ]
+    progress.total += len(pending)
+    specs += pending
+  return specs, searches
+
+
+@dataclasses.dataclass
 class Selection:
   """One (method, optimizer) at its best lr.
 
@@ -294,7 +435,7 @@ def select_best(records: Mapping[RunSpec, dict | None]) -> list[Selection]:
         f"Run {spec.path} has no Δm: it was trained without STL baselines "
         "(config.delta_m.baseline)."
       )
-    groups.setdefault((spec.name, spec.optimizer), {}).setdefault(spec.learning_rate, []).append(
+    groups.setdefault((spec.label, spec.optimizer), {}).setdefault(spec.learning_rate, []).append(
       (spec, results)
     )
   selections = []
@@ -577,7 +718,16 @@ def _train_runs(config, workdir, items, dataset, progress: JobProgress, group_ru
 
 @dataclasses.dataclass
 class SweepResult:
-  """Everything the tables and the report need."""
+  """Everything the tables, findings and the report need.
+
+  Attributes:
+    stl_workdir: where the STL baselines live (the sweep's workdir unless shared).
+    stl_searches, mtl_searches: (task or method label, optimizer) -> how its lr grid grew.
+    stl_test: task -> the test metrics of its STL model at the chosen lr, mean over seeds.
+    trivial: the trivial predictors' test metrics ('task/metric').
+    pareto_spread: optimizer -> {'po_full', 'po_other'} -> bootstrap interval over seeds of the
+      count; plus 'difference' -> interval of the first two optimizers' PO-full share difference.
+  """
 
   workdir: str
   stl_choices: dict[str, StlChoice]
@@ -588,74 +738,235 @@ class SweepResult:
   points: list[ParetoPoint]
   pareto_counts: dict[str, dict[str, int]]
   files: dict[str, str]
+  stl_workdir: str = ""
+  stl_searches: dict = dataclasses.field(default_factory=dict)
+  mtl_searches: dict = dataclasses.field(default_factory=dict)
+  stl_test: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+  trivial: dict[str, float] = dataclasses.field(default_factory=dict)
+  pareto_spread: dict = dataclasses.field(default_factory=dict)
 
 
-def run_sweep(config: ml_collections.ConfigDict, workdir: str, dataset=None) -> SweepResult:
-  """Runs (or resumes) the whole study and writes its index, tables and figure.
+def _stl_score(spec: RunSpec, results: Mapping) -> float | None:
+  return results["validation"].get(f"{spec.name}/loss")
 
-  Args:
-    config: an experiment config with a `sweep` section (methods, optimizers, lr_grid,
-      stl_lr_grid, seeds, group_runs, lane_mode).
-    workdir: the sweep directory.
-    dataset: an already loaded dataset to reuse (loaded from config.dataset otherwise).
 
-  Returns:
-    The SweepResult; files written: sweep.json, sweep.csv, delta_m.md/.csv, metrics.md/.csv,
-    pareto.md, parallel_coordinates.png under workdir.
-  """
-  config_validation.validate_config(config)
-  if dataset is None:
-    dataset = data_registry.load_dataset(config.dataset)
-  stl_specs = stl_grid(config)
-  mtl_specs, notes = mtl_grid(config)
-  for note in notes:
-    metric_writers.status(f"note: {note}")
-  group_runs = bool(config.sweep.group_runs)
-  if group_runs and jax.process_count() > 1:
-    # A group is one program on one process's devices; one by one, each run's batch is split
-    # over every device of every process.
-    group_runs = False
-    metric_writers.status(f"note: {jax.process_count()} processes: runs train one by one.")
-  progress = JobProgress(len(stl_specs) + len(mtl_specs))
-  metric_writers.status(
-    f"Sweep in {workdir}: {len(stl_specs)} STL + {len(mtl_specs)} MTL runs "
-    f"({'grouped runs' if group_runs else 'one by one'})."
-  )
-  _train_runs(
+def _mtl_score(spec: RunSpec, results: Mapping) -> float | None:
+  del spec
+  return results.get("delta_m", {}).get("validation")
+
+
+def train_stl(config, stl_workdir, dataset, progress) -> tuple[list[RunSpec], dict, dict, dict]:
+  """The STL baselines with their refined grids: (runs, searches, choices, seed -> baselines)."""
+  specs, searches = search_grid(
     config,
-    workdir,
-    [(spec, run_config(config, spec)) for spec in stl_specs],
+    stl_workdir,
+    stl_grid(config),
     dataset,
     progress,
-    group_runs,
+    _stl_score,
+    lambda spec: run_config(config, spec),
+    int(config.sweep.refine_budget),
+    float(config.sweep.refine_factor),
   )
-  choices, baselines = choose_stl(workdir, stl_specs)
+  choices, baselines = choose_stl(stl_workdir, specs)
   for task, choice in choices.items():
     metric_writers.status(
       f"STL {task}: best lr {choice.learning_rate:g} (mean validation loss "
       f"{choice.validation_loss[choice.learning_rate]:.4f})"
     )
-  items = [
-    (spec, run_config(config, spec, baseline_for(baselines, spec.seed))) for spec in mtl_specs
-  ]
-  _train_runs(config, workdir, items, dataset, progress, group_runs)
+  return specs, searches, choices, baselines
+
+
+def stl_test_metrics(stl_workdir, choices, seeds) -> dict[str, dict[str, float]]:
+  """task -> its STL model's test metrics at the chosen lr, mean over the seeds that finished."""
+  result = {}
+  for task, choice in choices.items():
+    runs = [
+      read_results(
+        os.path.join(
+          stl_workdir, RunSpec("stl", task, STL_OPTIMIZER, choice.learning_rate, int(seed)).path
+        )
+      )
+      for seed in seeds
+    ]
+    tests = [run["test"] for run in runs if run is not None]
+    result[task] = {key: float(np.mean([test[key] for test in tests])) for key in tests[0]}
+  return result
+
+
+def _announce(config, workdir: str, coarse_runs: int) -> JobProgress:
+  """The sweep's first status line, and its progress counter."""
+  metric_writers.status(
+    f"Sweep in {workdir}: {coarse_runs} coarse-grid runs, then up to "
+    f"{config.sweep.refine_budget} refined learning rates per pair "
+    f"({'grouped runs' if grouped_runs(config) else 'one by one'})."
+  )
+  return JobProgress(coarse_runs)
+
+
+def grouped_runs(config: ml_collections.ConfigDict) -> bool:
+  """Whether runs train in groups: `sweep.group_runs`, on one process only (a group is one
+  program on one process's devices; one by one, each run's batch is split over every device of
+  every process)."""
+  return bool(config.sweep.group_runs) and jax.process_count() == 1
+
+
+def run_sweep(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  dataset=None,
+  stl_workdir: str | None = None,
+  mtl_specs: Sequence[RunSpec] | None = None,
+  mtl_refine_budget: int | None = None,
+) -> SweepResult:
+  """Runs (or resumes) the whole study and writes its index, tables and figures.
+
+  Args:
+    config: an experiment config with a `sweep` section (methods, optimizers, lr_grid,
+      stl_lr_grid, seeds, group_runs, lane_mode, refine_budget, refine_factor) and `findings`.
+    workdir: the sweep directory.
+    dataset: an already loaded dataset to reuse (loaded from config.dataset otherwise).
+    stl_workdir: where the STL baselines live (default workdir); another study's sweep directory
+      shares its baselines (finished runs are reused).
+    mtl_specs: the coarse MTL grid (default `mtl_grid(config)`).
+    mtl_refine_budget: the MTL grids' refinement budget (default sweep.refine_budget, which
+      the STL grids always use, so that a shared baseline is chosen alike).
+
+  Returns:
+    The SweepResult; files written under workdir: sweep.json/.csv, delta_m.md/.csv,
+    metrics.md/.csv, pareto.md, parallel_coordinates.png, lr_curves.png.
+  """
+  config_validation.validate_config(config)
+  dataset = dataset or data_registry.load_dataset(config.dataset)
+  stl_workdir = stl_workdir or workdir
+  if bool(config.sweep.group_runs) and not grouped_runs(config):
+    metric_writers.status(f"note: {jax.process_count()} processes: runs train one by one.")
+  notes = []
+  if mtl_specs is None:
+    mtl_specs, notes = mtl_grid(config)
+  for note in notes:
+    metric_writers.status(f"note: {note}")
+  progress = _announce(config, workdir, len(stl_grid(config)) + len(mtl_specs))
+  stl_specs, stl_searches, choices, baselines = train_stl(config, stl_workdir, dataset, progress)
+  mtl_specs, mtl_searches = search_grid(
+    config,
+    workdir,
+    mtl_specs,
+    dataset,
+    progress,
+    _mtl_score,
+    lambda spec: run_config(config, spec, baseline_for(baselines, spec.seed)),
+    int(config.sweep.refine_budget if mtl_refine_budget is None else mtl_refine_budget),
+    float(config.sweep.refine_factor),
+  )
   records = {spec: read_results(os.path.join(workdir, spec.path)) for spec in mtl_specs}
   selections = select_best(records)
   tasks = dataset.select_tasks(list(config.tasks))
   directions = tasks_lib.flat_directions(tasks)
   points, counts = pareto_analysis(selections, directions)
-  files = write_outputs(workdir, stl_specs + mtl_specs, selections, directions, points, counts)
-  return SweepResult(
-    workdir, choices, baselines, selections, directions, notes, points, counts, files
+  settings = statistics.Settings.from_config(config.findings)
+  result = SweepResult(
+    workdir,
+    choices,
+    baselines,
+    selections,
+    directions,
+    notes,
+    points,
+    counts,
+    {},
+    stl_workdir=stl_workdir,
+    stl_searches=stl_searches,
+    mtl_searches=mtl_searches,
+    stl_test=stl_test_metrics(stl_workdir, choices, config.sweep.seeds),
+    trivial=evaluation.trivial_metrics(
+      tasks, dataset.splits["train"], dataset.splits["test"], int(config.training.eval_batch_size)
+    ),
+    pareto_spread=pareto_bootstrap(selections, directions, settings),
   )
+  runs = [(stl_workdir, spec) for spec in stl_specs] + [(workdir, spec) for spec in mtl_specs]
+  result.files = write_outputs(workdir, runs, selections, directions, points, counts)
+  result.files["lr_curves.png"] = os.path.join(workdir, "lr_curves.png")
+  if parallel.is_writer():
+    figures.lr_curves(
+      {key: search.scores for key, search in mtl_searches.items()},
+      {key: search.scores for key, search in stl_searches.items()},
+      result.files["lr_curves.png"],
+    )
+  return result
 
 
-def write_outputs(workdir, specs, selections, directions, points, counts) -> dict[str, str]:
+def findings_lines(result: SweepResult, config: ml_collections.ConfigDict) -> list[str]:
+  """The sweep's findings, each with its interval and verdict: Adam vs SGD per method (paired
+  by seed) and over methods, Pareto counts with their bootstrap spread, and how each lr grid
+  was refined or extended."""
+  settings = statistics.Settings.from_config(config.findings)
+  lines = markdown.optimizer_findings(
+    result.selections, result.pareto_counts, settings, result.pareto_spread
+  )
+  lines += markdown.grid_search_findings(result.mtl_searches, "method")
+  return lines + markdown.grid_search_findings(result.stl_searches, "STL task")
+
+
+def pareto_bootstrap(selections, directions, settings: statistics.Settings) -> dict[str, Any]:
+  """Bootstrap intervals over seeds of the Pareto counts, and of the first two optimizers'
+  difference in PO-full share (a resample draws seed positions with replacement; every
+  (method, optimizer) takes the same seeds, as the runs of one seed share data order and
+  initialisation)."""
+  chosen = [selection for selection in selections if selection.learning_rate is not None]
+  if not chosen:
+    return {}
+  count = min(len(selection.seeds) for selection in chosen)
+  draws: dict[str, dict[str, list[float]]] = {}
+  shares: list[float] = []
+  optimizers = _ordered(selection.optimizer for selection in chosen)
+  for indices in statistics.resample_indices(count, settings.resamples, settings.seed):
+    resampled = [
+      dataclasses.replace(
+        selection,
+        seeds=[selection.seeds[index] for index in indices],
+        test=[selection.test[index] for index in indices],
+        test_delta_m=[selection.test_delta_m[index] for index in indices],
+      )
+      for selection in chosen
+    ]
+    _, counts = pareto_analysis(resampled, directions)
+    for optimizer, values in counts.items():
+      for key in ("po_full", "po_other"):
+        draws.setdefault(optimizer, {}).setdefault(key, []).append(values[key])
+    if len(optimizers) >= 2:
+      first, second = (counts[name] for name in optimizers[:2])
+      shares.append(first["po_full"] / first["runs"] - second["po_full"] / second["runs"])
+  _, counts = pareto_analysis(chosen, directions)
+  spread: dict[str, Any] = {
+    optimizer: {
+      key: statistics.percentile_interval(
+        counts[optimizer][key], values, count, settings.confidence
+      )
+      for key, values in keys.items()
+    }
+    for optimizer, keys in draws.items()
+  }
+  if shares:
+    first, second = (counts[name] for name in optimizers[:2])
+    estimate = first["po_full"] / first["runs"] - second["po_full"] / second["runs"]
+    spread["difference"] = statistics.percentile_interval(
+      estimate, shares, count, settings.confidence
+    )
+    spread["difference_of"] = tuple(optimizers[:2])
+  return spread
+
+
+def write_outputs(workdir, runs, selections, directions, points, counts) -> dict[str, str]:
   """Writes the run index (sweep.json, sweep.csv), the tables and the parallel-coordinates
-  figure (the writing process only, `parallel.is_writer`; every process returns the paths)."""
+  figure (the writing process only, `parallel.is_writer`; every process returns the paths).
+
+  Args:
+    runs: (the directory the run lives under, its spec) per run.
+  """
   index = []
-  for spec in specs:
-    run_dir = os.path.join(workdir, spec.path)
+  for base, spec in runs:
+    run_dir = os.path.join(base, spec.path)
     results = read_results(run_dir)
     entry = {**dataclasses.asdict(spec), "path": spec.path, "status": run_status(run_dir)}
     if results is not None:
@@ -677,6 +988,7 @@ def write_outputs(workdir, specs, selections, directions, points, counts) -> dic
     "path",
     "kind",
     "name",
+    "level",
     "optimizer",
     "learning_rate",
     "seed",

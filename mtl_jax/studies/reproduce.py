@@ -21,6 +21,7 @@ from mtl_jax.studies import conflicts as conflicts_study
 from mtl_jax.studies import invariance
 from mtl_jax.studies import optimizers
 from mtl_jax.studies import robustness
+from mtl_jax.studies import sample_alignment
 from mtl_jax.studies import toy
 
 Study = Callable[[ml_collections.ConfigDict, str], markdown.StudyResult]
@@ -30,6 +31,7 @@ TITLES = {
   "invariance": "Adam's partial loss-scale invariance and the 2-D toy",
   "conflicts": "Gradient conflicts: inter-task vs inter-sample",
   "robustness": "Robustness of MTL vs STL features under corruptions",
+  "sample_alignment": "Gradient alignment across samples (the fifth study)",
 }
 
 
@@ -83,18 +85,7 @@ def robustness_study(config: ml_collections.ConfigDict, workdir: str) -> markdow
   """SPEC section 5: frozen-encoder head fine-tuning under corruptions, δ per task, linear
   probes."""
   results = robustness.run_robustness(config, workdir)
-  findings = []
-  for run, delta in results["delta"].items():
-    per_task = delta["per_task"]
-    better = [task for task, value in per_task.items() if value < 0]
-    findings.append(
-      f"- {run}: mean δ {delta['mean']:+.4f} "
-      f"({'MTL features degraded less' if delta['mean'] < 0 else 'MTL features degraded more'} "
-      f"than STL on average); δ < 0 on {len(better)} of {len(per_task)} "
-      f"tasks{' (' + ', '.join(better) + ')' if better else ''}."
-    )
-  body = robustness.report_markdown(results).split("\n", 1)[1].strip()
-  text = "**Findings (from the numbers below):**\n\n" + "\n".join(findings) + "\n\n" + body
+  text = robustness.report_markdown(results).split("\n", 1)[1].strip()
   figure = os.path.join(workdir, robustness.FIGURE_FILE)
   figures = [figure] if os.path.exists(figure) else []
   return markdown.StudyResult(TITLES["robustness"], text, figures)
@@ -105,11 +96,14 @@ def optimizer_study(config: ml_collections.ConfigDict, workdir: str) -> markdown
   result = optimizers.run_sweep(config, workdir)
   grid = config.sweep
   parts = [
-    f"Grid: methods {', '.join(grid.methods)} × optimizers {', '.join(grid.optimizers)} × lr "
-    f"{', '.join(f'{rate:g}' for rate in grid.lr_grid)} × seeds "
+    f"Coarse grid: methods {', '.join(grid.methods)} × optimizers {', '.join(grid.optimizers)} × "
+    f"lr {', '.join(f'{rate:g}' for rate in grid.lr_grid)} × seeds "
     f"{', '.join(str(seed) for seed in grid.seeds)}; STL baselines (Adam) per task over lr "
-    f"{', '.join(f'{rate:g}' for rate in grid.stl_lr_grid)}. Best lr per (method, optimizer) on "
-    "mean validation Δm; test values are mean ± std over seeds.",
+    f"{', '.join(f'{rate:g}' for rate in grid.stl_lr_grid)}. Each grid is then refined around its "
+    f"best lr (× and ÷ {grid.refine_factor:.3g}, up to {grid.refine_budget} extra rates, extended "
+    "beyond the grid when the best is on its edge) before the lr is chosen: per (method, "
+    "optimizer) on mean validation Δm, per STL task on mean validation loss. Test values are mean "
+    "± std over seeds; every finding carries its interval and verdict.",
   ]
   if result.notes:
     parts.append("\n".join(f"- Note: {note}" for note in result.notes))
@@ -117,9 +111,9 @@ def optimizer_study(config: ml_collections.ConfigDict, workdir: str) -> markdown
     f"{task} {choice.learning_rate:g}" for task, choice in result.stl_choices.items()
   )
   parts.append(f"STL lr chosen on validation loss: {chosen}.")
-  findings = markdown.optimizer_findings(result.selections, result.pareto_counts)
-  if findings:
-    parts.append("**Findings (from the numbers below):**\n\n" + "\n".join(findings))
+  findings = optimizers.findings_lines(result, config)
+  parts.append("**Findings (from the numbers below):**\n\n" + "\n".join(findings))
+  parts.append(model_rows_section(result, config))
   delta_markdown, _ = optimizers.delta_m_table(result.selections)
   metric_markdown, _ = optimizers.metric_table(result.selections, result.directions)
   parts += [
@@ -132,10 +126,25 @@ def optimizer_study(config: ml_collections.ConfigDict, workdir: str) -> markdown
     f"Tables as CSV: `{os.path.join(workdir, 'delta_m.csv')}`, "
     f"`{os.path.join(workdir, 'metrics.csv')}`; run index: `{os.path.join(workdir, 'sweep.csv')}`.",
   ]
-  figures = (
-    [result.files["parallel_coordinates.png"]] if "parallel_coordinates.png" in result.files else []
-  )
+  figures = [
+    result.files[name]
+    for name in ("lr_curves.png", "parallel_coordinates.png")
+    if name in result.files
+  ]
   return markdown.StudyResult(TITLES["optimizers"], "\n\n".join(parts), figures)
+
+
+def model_rows_section(result: optimizers.SweepResult, config: ml_collections.ConfigDict) -> str:
+  """Every model of a sweep (each STL baseline and each (method, optimizer) at its chosen lr,
+  mean test metrics over seeds) against the trivial predictors."""
+  rows = [(f"STL {task}", values) for task, values in result.stl_test.items()]
+  for selection in result.selections:
+    if selection.learning_rate is not None:
+      mean = {key: selection.mean_std(key)[0] for key in result.directions}
+      rows.append((f"{selection.method} / {selection.optimizer}", mean))
+  return markdown.trivial_section(
+    rows, result.trivial, result.directions, float(config.findings.trivial_margin_percent)
+  )
 
 
 def conflicts_study_result(config: ml_collections.ConfigDict, workdir: str) -> markdown.StudyResult:
@@ -146,11 +155,23 @@ def conflicts_study_result(config: ml_collections.ConfigDict, workdir: str) -> m
   )
 
 
+def sample_alignment_study(config: ml_collections.ConfigDict, workdir: str) -> markdown.StudyResult:
+  """PCGrad, UPGrad, MGDA and CAGrad at levels task, sample and sample_task against EW, with the
+  optimizer study's STL baselines (its finished runs are reused when it ran in this job)."""
+  stl_workdir = os.path.join(os.path.dirname(workdir), "optimizers")
+  result = sample_alignment.run_study(config, workdir, stl_workdir)
+  figures = [result.sweep.files["lr_curves.png"]] if "lr_curves.png" in result.sweep.files else []
+  return markdown.StudyResult(
+    TITLES["sample_alignment"], sample_alignment.report_markdown(result, config), figures
+  )
+
+
 STUDIES: dict[str, Study] = {
   "optimizers": optimizer_study,
   "invariance": invariance_study,
   "conflicts": conflicts_study_result,
   "robustness": robustness_study,
+  "sample_alignment": sample_alignment_study,
 }
 
 
@@ -208,7 +229,7 @@ def run(
   total = time.perf_counter() - start
   preamble = (
     'Small-scale reproduction of the four studies of "Examining Common Paradigms in Multi-Task '
-    'Learning" on the embedded scenes data '
+    'Learning", and a fifth (gradient alignment across samples), on the embedded scenes data '
     f"({config.dataset.height}x{config.dataset.width}, model {config.model.encoder}, "
     f"{config.training.num_epochs} epochs). Every statement below is computed from this job's "
     "runs; at this size the numbers are noisy and need not match the paper.\n\n"

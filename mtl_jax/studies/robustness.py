@@ -32,12 +32,15 @@ import optax
 from mtl_jax import checkpoint as checkpoint_lib
 from mtl_jax import config_validation
 from mtl_jax import metric_writers
+from mtl_jax import statistics
 from mtl_jax import tasks as tasks_lib
 from mtl_jax import train as train_lib
 from mtl_jax.models import apply as apply_lib
 from mtl_jax.data import corruptions as corruptions_lib
 from mtl_jax.data import pipeline
 from mtl_jax.data import registry as data_registry
+from mtl_jax.report import markdown
+from mtl_jax.train import evaluation
 
 RESULTS_FILE = "robustness.json"
 REPORT_FILE = "robustness.md"
@@ -640,6 +643,54 @@ def _deltas(mtl_runs, stl_by_task, evaluations) -> dict[str, Any]:
   return deltas
 
 
+def delta_findings(deltas: Mapping[str, Any], settings: statistics.Settings) -> list[str]:
+  """Per MTL run, its mean δ and per-task δ with an interval over the corrupted test sets, and
+  the verdict on the claim 'MTL features degraded less' (δ < 0).
+
+  The measurements are the corrupted sets (corruption × severity; several runs of a method are
+  separate rows, one per seed): per set, the mean over a task's metrics of the signed relative
+  difference, and for the mean δ the mean of that over tasks.
+  """
+  lines = []
+  for name, delta in deltas.items():
+    per_task: dict[str, list[float]] = {}
+    overall = []
+    for values in delta["per_condition"].values():
+      by_task: dict[str, list[float]] = {}
+      for key, value in values.items():
+        by_task.setdefault(key.rpartition("/")[0] or key, []).append(float(value))
+      for task, task_values in by_task.items():
+        per_task.setdefault(task, []).append(float(np.mean(task_values)))
+      overall.append(float(np.mean([np.mean(task_values) for task_values in by_task.values()])))
+    tasks = "; ".join(
+      f"{task} {statistics.described(settings.interval(values), -1, digits=4)}"
+      for task, values in per_task.items()
+    )
+    lines.append(
+      f"- {name}: claim 'MTL features degraded less than STL' (δ < 0); mean δ over "
+      f"{len(overall)} corrupted sets {statistics.described(settings.interval(overall), -1, 4)}. "
+      f"Per task: {tasks}."
+    )
+  return lines
+
+
+def trivial_check(config, dataset, runs_results: Mapping[str, Any]) -> str:
+  """The robustness runs' clean test metrics (after head fine-tuning) against the trivial
+  predictors, as markdown (`report.markdown.trivial_section`)."""
+  tasks = dataset.select_tasks(list(config.tasks))
+  trivial = evaluation.trivial_metrics(
+    tasks, dataset.splits["train"], dataset.splits["test"], int(config.training.eval_batch_size)
+  )
+  rows = [(name, run["clean"]) for name, run in runs_results.items()]
+  return markdown.trivial_section(
+    rows,
+    trivial,
+    tasks_lib.flat_directions(tasks),
+    float(config.findings.trivial_margin_percent),
+    split="clean test",
+  )
+
+
 def run_robustness(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs the robustness study of SPEC section 5 and writes its results, tables and figure.
 
@@ -683,6 +734,7 @@ def run_robustness(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
   )
 
   deltas = _deltas(mtl_runs, stl_by_task, evaluations)
+  settings_of_findings = statistics.Settings.from_config(config.findings)
   results = {
     "runs": {
       run.name: {
@@ -695,12 +747,14 @@ def run_robustness(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
       for run in runs
     },
     "delta": deltas,
+    "findings": delta_findings(deltas, settings_of_findings),
     "probe": probe,
     "corruptions": list(names),
     "severities": list(severities),
     "num_test_examples": int(len(test["image"])),
     "settings": settings.to_dict(),
   }
+  results["learned"] = trivial_check(config, dataset, results["runs"])
   with open(os.path.join(workdir, RESULTS_FILE), "w") as file:
     json.dump(results, file, indent=2, default=str)
   with open(os.path.join(workdir, REPORT_FILE), "w") as file:
@@ -725,8 +779,12 @@ def report_markdown(results: Mapping[str, Any]) -> str:
     "# Robustness under corruption\n",
     f"{len(results['corruptions'])} corruptions x severities {results['severities']}, "
     f"{results['num_test_examples']} test images. δ < 0: MTL features degrade less than STL.\n",
-    "## δ per task (mean over a task's metrics) and mean δ\n",
   ]
+  if results.get("findings"):
+    lines += ["## Findings, each with its interval and verdict\n"] + list(results["findings"])
+  if results.get("learned"):
+    lines += ["", results["learned"], ""]
+  lines.append("## δ per task (mean over a task's metrics) and mean δ\n")
   tasks = sorted({task for delta in results["delta"].values() for task in delta["per_task"]})
   lines.append("| run | " + " | ".join(f"δ {task}" for task in tasks) + " | mean δ |")
   lines.append("|---" * (len(tasks) + 2) + "|")

@@ -70,3 +70,70 @@ def selection_score(
       validation, baseline, directions, variant=variant
     )
   return "validation_loss", float(sum(validation[f"{name}/loss"] for name in experiment.task_names))
+
+
+# ------------------------------------------------------------------------------ trivial predictors
+
+
+def _target_sums(task: tasks_lib.Task, batch: Mapping[str, np.ndarray], mask: np.ndarray):
+  """(sum, count) over the real examples of one batch of what the task's trivial predictor
+  averages: class counts, depth, normal vectors, attribute or label counts."""
+  target = np.asarray(batch[task.target_key])
+  real = mask.astype(bool)
+  if isinstance(task, tasks_lib.Segmentation):
+    labels = target[real]
+    valid = (labels >= 0) & (labels < task.num_classes) & (labels != task.ignore_index)
+    return np.bincount(labels[valid], minlength=task.num_classes).astype(np.float64), 1.0
+  if isinstance(task, tasks_lib.Depth):
+    depth = target[real].astype(np.float64)
+    return np.array([depth[depth > 0].sum()]), float((depth > 0).sum())
+  if isinstance(task, tasks_lib.Normals):
+    normals = target[real].reshape(-1, 3).astype(np.float64)
+    valid = np.any(normals != 0, axis=-1)
+    return normals[valid].sum(axis=0), float(valid.sum())
+  if isinstance(task, tasks_lib.BinaryAttribute):
+    positive = float((target[real][:, task.index] > 0.5).sum())
+    return np.array([float(real.sum()) - positive, positive]), 1.0
+  if isinstance(task, tasks_lib.Classification):
+    return np.bincount(target[real], minlength=task.num_classes).astype(np.float64), 1.0
+  raise ValueError(f"No trivial predictor for task {task.name!r} ({type(task).__name__}).")
+
+
+def trivial_prediction(task: tasks_lib.Task, sums: np.ndarray, count: float) -> np.ndarray:
+  """The constant prediction (one example's, without the batch axis) of a task's trivial
+  predictor from the training sums of `_target_sums`: the majority class as a one-hot logit
+  (segmentation, attributes, labels), the training-mean depth, the training-mean normal."""
+  if isinstance(task, (tasks_lib.Segmentation, tasks_lib.Classification)):
+    return np.eye(task.num_classes, dtype=np.float32)[int(np.argmax(sums))]
+  if isinstance(task, tasks_lib.BinaryAttribute):
+    return np.array([1.0 if sums[1] >= sums[0] else -1.0], np.float32)
+  if isinstance(task, tasks_lib.Depth):
+    return (sums / max(count, 1.0)).astype(np.float32)
+  return (sums / max(np.linalg.norm(sums), 1e-12)).astype(np.float32)  # normals: the mean direction
+
+
+def trivial_metrics(
+  tasks: Sequence[tasks_lib.Task],
+  train_source: pipeline.Source,
+  eval_source: pipeline.Source,
+  batch_size: int,
+) -> dict[str, float]:
+  """Flat 'task/metric' values on `eval_source` of each task's trivial predictor, fitted on
+  `train_source`: what a model that ignores its input scores (the bar a model must clear)."""
+  fitted = {}
+  for task in tasks:
+    sums, count = 0.0, 0.0
+    for batch, mask in pipeline.eval_batches(train_source, batch_size):
+      batch_sums, batch_count = _target_sums(task, batch, mask)
+      sums, count = sums + batch_sums, count + batch_count
+    fitted[task.name] = trivial_prediction(task, np.asarray(sums), count)
+  totals = None
+  for batch, mask in pipeline.eval_batches(eval_source, batch_size):
+    size = len(mask)
+    predictions = {}
+    for task in tasks:
+      shape = (size,) + (batch[task.target_key].shape[1:3] if task.dense else ())
+      predictions[task.name] = np.broadcast_to(fitted[task.name], shape + fitted[task.name].shape)
+    statistics = tasks_lib.all_metric_statistics(tasks, predictions, batch, mask)
+    totals = tasks_lib.add_statistics(totals, statistics)
+  return tasks_lib.compute_metrics(tasks, totals)
