@@ -796,6 +796,8 @@ def stl_test_metrics(stl_workdir, choices, seeds) -> dict[str, dict[str, float]]
 
 def _announce(config, workdir: str, coarse_runs: int) -> JobProgress:
   """The sweep's first status line, and its progress counter."""
+  if bool(config.sweep.group_runs) and not grouped_runs(config):
+    metric_writers.status(f"note: {jax.process_count()} processes: runs train one by one.")
   metric_writers.status(
     f"Sweep in {workdir}: {coarse_runs} coarse-grid runs, then up to "
     f"{config.sweep.refine_budget} refined learning rates per pair "
@@ -809,6 +811,12 @@ def grouped_runs(config: ml_collections.ConfigDict) -> bool:
   program on one process's devices; one by one, each run's batch is split over every device of
   every process)."""
   return bool(config.sweep.group_runs) and jax.process_count() == 1
+
+
+def validated_dataset(config: ml_collections.ConfigDict, dataset=None):
+  """The dataset a study runs on (loaded unless given), once its config is known to be valid."""
+  config_validation.validate_config(config)
+  return dataset or data_registry.load_dataset(config.dataset)
 
 
 def run_sweep(
@@ -836,11 +844,8 @@ def run_sweep(
     The SweepResult; files written under workdir: sweep.json/.csv, delta_m.md/.csv,
     metrics.md/.csv, pareto.md, parallel_coordinates.png, lr_curves.png.
   """
-  config_validation.validate_config(config)
-  dataset = dataset or data_registry.load_dataset(config.dataset)
+  dataset = validated_dataset(config, dataset)
   stl_workdir = stl_workdir or workdir
-  if bool(config.sweep.group_runs) and not grouped_runs(config):
-    metric_writers.status(f"note: {jax.process_count()} processes: runs train one by one.")
   notes = []
   if mtl_specs is None:
     mtl_specs, notes = mtl_grid(config)
