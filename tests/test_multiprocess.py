@@ -422,3 +422,23 @@ def test_sweep_splits_each_run_across_two_processes(directory):
   for name in ("sweep.csv", "delta_m.md", "metrics.md", "pareto.md"):
     assert os.path.exists(os.path.join(workdir, name)), name
   assert "|" not in _without_noise(job.output(1)), "process 1 printed the tables too"
+
+
+# Every library module an entry point imports before `runtime.setup` connects the processes.
+_IMPORTED_BEFORE_SETUP = "mtl_jax.runtime, mtl_jax.train, mtl_jax.studies.reproduce"
+
+
+def test_importing_the_library_starts_no_jax_backend():
+  # jax.distributed.initialize must come before any backend starts; a JAX array made at import
+  # (a module-level jnp constant) would start one and break every multi-process run.
+  program = (
+    "import jax._src.xla_bridge as bridge\n"
+    "def started(*arguments, **keywords):\n"
+    "  raise SystemExit('a JAX backend started while importing the library')\n"
+    "bridge.backends = started\n"
+    f"import {_IMPORTED_BEFORE_SETUP}\n"
+  )
+  process = subprocess.run(
+    [sys.executable, "-c", program], capture_output=True, text=True, timeout=120
+  )
+  assert process.returncode == 0, process.stderr[-4000:]

@@ -24,6 +24,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Added to squared norms before dividing; the Gramians here are normalised to unit mean
 # diagonal first, so this is far below any real gradient's squared norm.
@@ -546,8 +547,9 @@ def nash_bargaining(gramian: jax.Array, iterations: int, ridge: float = 0.0) -> 
 # ----------------------------------------------------------------------------------------------
 # FairGrad's α-fair allocation.
 
-# Step lengths tried by each Newton step's backtracking (1, 1/2, ..., 2^-29), all at once.
-_BACKTRACKING_STEPS = 0.5 ** jnp.arange(30, dtype=jnp.float32)
+# Step lengths tried by each Newton step's backtracking (1, 1/2, ..., 2^-29), all at once. NumPy,
+# not jnp: a JAX array made at import would start a backend before jax.distributed.initialize.
+_BACKTRACKING_STEPS = 0.5 ** np.arange(30, dtype=np.float32)
 
 
 def alpha_fair_allocation(gramian: jax.Array, alpha: float, iterations: int) -> jax.Array:
@@ -573,7 +575,7 @@ def alpha_fair_allocation(gramian: jax.Array, alpha: float, iterations: int) -> 
   """
   exponent = -1.0 / alpha
   start = jnp.maximum(jnp.diag(gramian), EPSILON) ** (-alpha / (alpha + 1.0))
-  steps = _BACKTRACKING_STEPS.astype(gramian.dtype)
+  steps = jnp.asarray(_BACKTRACKING_STEPS, gramian.dtype)
 
   def objective(weights):
     if alpha == 1.0:
