@@ -545,13 +545,14 @@ def _key_named_in(error: Exception, default: str) -> str:
   return default
 
 
-def _check_method(checker: _Checker) -> None:
+def _check_method(checker: _Checker):
   """The method as built from config.method: its factory's own checks, the levels it is defined
-  at, the norms a per-sample level needs, and the optimizers a Jacobian method allows."""
+  at, the norms a per-sample level needs, and the optimizers a Jacobian method allows. Returns
+  the built method (None when its keys are bad), for the checks that depend on it."""
   method_keys = [key for key in RULES if key.startswith(("method.", "optimizer."))]
   present, name = checker.value("method.name")
   if not present or checker.failed(*method_keys, "model.norm"):
-    return
+    return None
   config = checker.config
   try:
     method = weighting_lib.get(name, weighting_lib.method_options(config, 1))
@@ -559,9 +560,9 @@ def _check_method(checker: _Checker) -> None:
       weighting_lib.make_optimizer(method, config.optimizer, 1, ["first", "second"])
   except (ValueError, KeyError, AttributeError) as error:
     checker.fail(_key_named_in(error, "method.name"), str(error))
-    return
+    return None
   if isinstance(method, weighting_lib.LossWeighting):
-    return  # Loss weightings take no Gramian: the level is unused.
+    return method  # Loss weightings take no Gramian: the level is unused.
   level, norm = config.method.level, config.model.get("norm")
   if level not in method.levels:
     checker.fail(
@@ -575,6 +576,7 @@ def _check_method(checker: _Checker) -> None:
       "(its statistics couple the samples of a batch); use config.model.norm = 'group', "
       "'layer' or 'none', or level 'task'.",
     )
+  return method
 
 
 def _check_batches(
@@ -677,22 +679,16 @@ def _check_robustness(checker: _Checker, dataset: data_registry.Dataset | None) 
       )
 
 
-def _check_batch_parts(checker: _Checker, device_count: int) -> None:
+def _check_batch_parts(checker: _Checker, method, device_count: int) -> None:
   """A method that splits each batch into parts needs at least that many samples per device."""
-  present, name = checker.value("method.name")
-  keys = [key for key in RULES if key.startswith("method.")]
-  if not present or checker.failed(*keys, "training.batch_size"):
-    return
-  try:
-    method = weighting_lib.get(name, weighting_lib.method_options(checker.config, 1))
-  except (ValueError, KeyError, AttributeError):
-    return  # `_check_method` reports it.
-  parts = weighting_lib.batch_parts(method)
   present, batch_size = checker.value("training.batch_size")
-  if present and batch_size // max(device_count, 1) < parts:
+  if method is None or not present or checker.failed("training.batch_size"):
+    return
+  parts = weighting_lib.batch_parts(method)
+  if batch_size // max(device_count, 1) < parts:
     checker.fail(
       "training.batch_size",
-      f"method {name!r} splits each batch into {parts} parts; it needs at least "
+      f"method {method.name!r} splits each batch into {parts} parts; it needs at least "
       f"{parts} samples per device, got {batch_size} on {device_count} device(s).",
     )
 
@@ -770,8 +766,7 @@ def validate_config(
   _check_tasks(checker, dataset)
   _check_image_size(checker)
   _check_paths(checker)
-  _check_method(checker)
-  _check_batch_parts(checker, device_count)
+  _check_batch_parts(checker, _check_method(checker), device_count)
   _check_batches(checker, dataset, device_count)
   _check_connection(checker)
   _check_peer_timeout(checker)

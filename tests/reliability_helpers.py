@@ -148,3 +148,13 @@ def preempted_run(destination):
 def preempted_output():
   """What the run behind preempted_run() printed while it was stopped."""
   return _preempted_workdir()[1]
+
+
+def garble(path):
+  """Flips 16 bytes in the middle of a file (a damaged checkpoint whose size is unchanged)."""
+  with open(path, "r+b") as file:
+    content = bytearray(file.read())
+    middle = len(content) // 2
+    content[middle : middle + 16] = bytes(byte ^ 0xFF for byte in content[middle : middle + 16])
+    file.seek(0)
+    file.write(content)

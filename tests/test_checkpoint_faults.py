@@ -44,15 +44,6 @@ def _truncate(path):
     file.truncate(os.path.getsize(path) // 2)
 
 
-def _garble(path):
-  with open(path, "r+b") as file:
-    content = bytearray(file.read())
-    middle = len(content) // 2
-    content[middle : middle + 16] = bytes(byte ^ 0xFF for byte in content[middle : middle + 16])
-    file.seek(0)
-    file.write(content)
-
-
 def _restore(workdir):
   return checkpoint_lib.Checkpointer(str(workdir), max_to_keep=3, asynchronous=False).restore(
     _state(0)
@@ -84,7 +75,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caps
   if damage == "truncate_data":
     _truncate(_largest_data_file(tmp_path, 3))
   elif damage == "garble_data":
-    _garble(_largest_data_file(tmp_path, 3))
+    helpers.garble(_largest_data_file(tmp_path, 3))
   elif damage == "delete_data":
     os.remove(_largest_data_file(tmp_path, 3))
   elif damage == "truncate_array_metadata":
@@ -173,7 +164,7 @@ def test_resume_after_corrupting_the_latest_checkpoint_falls_back_and_equals_uni
     int(name) for name in os.listdir(os.path.join(workdir, checkpoint_lib.LATEST)) if name.isdigit()
   )
   assert steps[-1] == helpers.STOP_STEP and len(steps) >= 2
-  _garble(_largest_data_file(workdir, steps[-1]))
+  helpers.garble(_largest_data_file(workdir, steps[-1]))
   config = helpers.fault_config()
   train.train_and_evaluate(config, workdir, helpers.dataset())
   output = capsys.readouterr().out

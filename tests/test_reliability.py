@@ -49,15 +49,6 @@ def _results(workdir):
     return json.load(file)
 
 
-def _garble(path):
-  with open(path, "r+b") as file:
-    content = bytearray(file.read())
-    middle = len(content) // 2
-    content[middle : middle + 16] = bytes(byte ^ 0xFF for byte in content[middle : middle + 16])
-    file.seek(0)
-    file.write(content)
-
-
 def _largest_file(directory):
   files = [os.path.join(folder, name) for folder, _, names in os.walk(directory) for name in names]
   return max(files, key=os.path.getsize)
@@ -78,7 +69,9 @@ def test_damaged_final_checkpoint_is_moved_aside_and_the_rerun_writes_results(
   final = os.path.join(workdir, checkpoint_lib.LATEST, str(FINAL_STEP))
   os.truncate(os.path.join(final, "progress", "metadata"), 100)
   if "best" in damaged:
-    _garble(_largest_file(os.path.join(workdir, checkpoint_lib.BEST, str(FINAL_STEP), "state")))
+    helpers.garble(
+      _largest_file(os.path.join(workdir, checkpoint_lib.BEST, str(FINAL_STEP), "state"))
+    )
   os.remove(os.path.join(workdir, train.RESULTS_FILE))
   results = train.train_and_evaluate(_config(), workdir, helpers.dataset())
   output = capsys.readouterr().out
@@ -112,7 +105,7 @@ def test_settle_best_keeps_the_recorded_best_and_drops_the_abandoned_one(tmp_pat
 
 def test_settle_best_resaves_a_damaged_best_of_the_resumed_step(tmp_path):
   checkpointer = _save_best(tmp_path, (4, 6))
-  _garble(_largest_file(os.path.join(tmp_path, checkpoint_lib.BEST, "6", "state")))
+  helpers.garble(_largest_file(os.path.join(tmp_path, checkpoint_lib.BEST, "6", "state")))
   assert checkpointer.settle_best((6, _state(6)), {"best_step": 6}, _state(0))
   assert checkpointer.best_steps() == [4, 6]
   assert os.path.isdir(os.path.join(tmp_path, checkpoint_lib.BEST, "6.damaged"))
@@ -122,7 +115,7 @@ def test_settle_best_resaves_a_damaged_best_of_the_resumed_step(tmp_path):
 
 def test_settle_best_reports_a_lost_best_and_empties_the_slot(tmp_path):
   checkpointer = _save_best(tmp_path, (2, 4))
-  _garble(_largest_file(os.path.join(tmp_path, checkpoint_lib.BEST, "4", "state")))
+  helpers.garble(_largest_file(os.path.join(tmp_path, checkpoint_lib.BEST, "4", "state")))
   assert not checkpointer.settle_best((6, _state(6)), {"best_step": 4}, _state(0))
   assert checkpointer.best_steps() == []
 
