@@ -168,10 +168,10 @@ def _client():
   return jax_distributed.global_state.client
 
 
-def _absent(client, key: str) -> list[int]:
-  """The processes that have not set their arrival mark `key/<index>`."""
+def _absent(client, key: str, count: int) -> list[int]:
+  """The processes (of `count`) that have not set their arrival mark `key/<index>`."""
   absent = []
-  for index in range(jax.process_count()):
+  for index in range(count):
     try:
       client.key_value_try_get(f"{key}/{index}")
     except Exception:  # NOT_FOUND, or UNAVAILABLE when the coordinator is gone.
@@ -179,32 +179,39 @@ def _absent(client, key: str) -> list[int]:
   return absent
 
 
-def _lost_message(lost: Sequence[int], timeout_seconds: float, where: str) -> str:
-  count = jax.process_count()
+def _lost_message(
+  lost: Sequence[int], timeout_seconds: float, where: str, index: int, count: int
+) -> str:
   names = ", ".join(str(index) for index in lost)
   coordinator = " (the coordinator)" if 0 in lost else ""
   return (
     f"lost process {names}{coordinator} of {count}: it did not reach {where} within "
-    f"{timeout_seconds:g} s (killed, crashed or hung); process {jax.process_index()} stops too. "
+    f"{timeout_seconds:g} s (killed, crashed or hung); process {index} stops too. "
     "Rerun every process with the same command to resume from the last complete checkpoint."
   )
 
 
-def _wait(client, key: str, timeout_seconds: float, where: str) -> None:
-  """Marks this process's arrival at barrier `key` and waits for every process.
+def _wait(client, key: str, timeout_seconds: float, where: str, index: int, count: int) -> None:
+  """Marks the arrival of process `index` (of `count`) at barrier `key` and waits for every
+  process.
+
+  It takes the process index and count rather than asking JAX: the liveness check calls it from
+  its own thread, which may still be running while JAX's exit handler tears the backend down, and
+  asking JAX then would start a new backend against a coordinator that is gone (an abort).
 
   Raises:
     LostPeerError: naming the processes that did not arrive in time.
   """
-  own = f"{key}/{jax.process_index()}"
+  own = f"{key}/{index}"
   try:
     client.key_value_set(own, "arrived")
     client.wait_at_barrier(key, int(timeout_seconds * 1000))
   except Exception as error:  # JaxRuntimeError: DEADLINE_EXCEEDED, or UNAVAILABLE.
-    lost = _absent(client, key)
-    if jax.process_index() in lost:  # Even our own mark is gone: the coordinator is.
+    lost = _absent(client, key, count)
+    if index in lost:  # Even our own mark is gone: the coordinator is.
       lost = [0]
-    raise LostPeerError(_lost_message(lost, timeout_seconds, where), lost) from error
+    message = _lost_message(lost, timeout_seconds, where, index, count)
+    raise LostPeerError(message, lost) from error
   # Past the barrier every process has arrived; nobody reads the mark again.
   client.key_value_delete(own)
 
@@ -229,7 +236,8 @@ def barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
     return
   key = f"{_KEY_PREFIX}/barrier/{next(_BARRIER_COUNT)}"
-  _wait(client, key, _WATCHDOG.timeout_seconds, f"the barrier '{name}'")
+  where = f"the barrier '{name}'"
+  _wait(client, key, _WATCHDOG.timeout_seconds, where, jax.process_index(), jax.process_count())
 
 
 class _PeerWatchdog(threading.Thread):
@@ -245,6 +253,9 @@ class _PeerWatchdog(threading.Thread):
   def __init__(self, timeout_seconds: float):
     super().__init__(name="mtl_jax-peer-watchdog", daemon=True)
     self.timeout_seconds = timeout_seconds
+    # Read once here, in the main thread: see `_wait`.
+    self.index = jax.process_index()
+    self.count = jax.process_count()
     self.stopped = threading.Event()
     # Checks passed so far (every process answered); notified after each and when the thread ends.
     self.passed = 0
@@ -262,17 +273,21 @@ class _PeerWatchdog(threading.Thread):
     for round_index in itertools.count():
       if self.stopped.wait(PEER_CHECK_INTERVAL_SECONDS):
         return
+      key = f"{_KEY_PREFIX}/alive/{round_index}"
       try:
-        _wait(client, f"{_KEY_PREFIX}/alive/{round_index}", self.timeout_seconds, "the check")
+        _wait(client, key, self.timeout_seconds, "the check", self.index, self.count)
         with self.progress:
           self.passed += 1
           self.progress.notify_all()
       except LostPeerError as error:
-        still_expected = set(_absent(client, f"{_KEY_PREFIX}/departed"))
+        if self.stopped.is_set():
+          return  # This process is exiting; the client may be shut down already.
+        still_expected = set(_absent(client, f"{_KEY_PREFIX}/departed", self.count))
         lost = [index for index in error.lost if index in still_expected]
         if self.stopped.is_set() or not lost:
           return  # This process is exiting, or every missing peer finished normally.
-        message = _lost_message(lost, self.timeout_seconds, "a liveness check")
+        where = "a liveness check"
+        message = _lost_message(lost, self.timeout_seconds, where, self.index, self.count)
         print(f"error: {message}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         # The main thread may be blocked in a collective for good: leave without Python's exit
@@ -283,7 +298,7 @@ class _PeerWatchdog(threading.Thread):
     """Marks this process as finished (peers stop expecting it) and stops the check."""
     self.stopped.set()
     try:
-      _client().key_value_set(f"{_KEY_PREFIX}/departed/{jax.process_index()}", "departed")
+      _client().key_value_set(f"{_KEY_PREFIX}/departed/{self.index}", "departed")
     except Exception:  # The coordinator is gone already; nobody is left to tell.
       pass
 

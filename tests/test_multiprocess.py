@@ -442,3 +442,48 @@ def test_importing_the_library_starts_no_jax_backend():
     [sys.executable, "-c", program], capture_output=True, text=True, timeout=120
   )
   assert process.returncode == 0, process.stderr[-4000:]
+
+
+# Both processes connect and run a few liveness checks; process 0 stays a little longer, so its
+# check is blocked in a barrier that process 1 will never reach when JAX's exit handler shuts the
+# distributed client down under it. From then on JAX must not be asked anything from the check's
+# thread (it would start a new backend against a stopped coordinator and abort the process), so
+# here any such call from another thread ends the process with status 3.
+_LEAVE_WHILE_CHECKING = """
+import sys, threading, time
+sys.path.insert(0, {root!r})
+import jax
+from mtl_jax import parallel, config_validation
+from configs import test as test_config
+from tests import multiprocess_worker as worker
+process_id, port = int(sys.argv[1]), int(sys.argv[2])
+config = config_validation.with_overrides(
+  test_config.get_config(), **worker.connection(2, process_id, port)
+)
+parallel.initialize_distributed(config)
+
+def main_thread_only(function):
+  def guarded(*arguments, **keywords):
+    if threading.current_thread() is not threading.main_thread():
+      print(f"{{function.__name__}} called from {{threading.current_thread().name}}", flush=True)
+      import os; os._exit(3)
+    return function(*arguments, **keywords)
+  return guarded
+
+jax.process_count = main_thread_only(jax.process_count)
+jax.process_index = main_thread_only(jax.process_index)
+time.sleep((3 + 2 * (process_id == 0)) * parallel.PEER_CHECK_INTERVAL_SECONDS)
+print("leaving", flush=True)
+"""
+
+
+def test_the_liveness_check_never_asks_jax_so_a_normal_exit_is_clean(directory):
+  program = _LEAVE_WHILE_CHECKING.format(root=worker.ROOT)
+
+  def commands(port):
+    return [["-c", program, str(index), str(port)] for index in range(PROCESSES)]
+
+  job = Job("leave", directory, commands, LOCAL_DEVICES)
+  codes = job.wait(seconds=120)
+  assert codes == [0, 0], job.tail()
+  assert "leaving" in job.output(0) and "leaving" in job.output(1)
