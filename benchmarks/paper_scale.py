@@ -30,7 +30,8 @@ the plain NumPy reference `pipeline.train_batch` against the pipeline.
     [--step-batch 0] [--smoke]
 
 --smoke is the CI-sized run of the same path: each config shrunk (small images, batch 4, narrow
-networks), one timed step, workers 0 and 1.
+networks), two of the four compiled steps (EW float32, PCGrad bfloat16), one timed step, workers
+0 and 1.
 """
 
 from __future__ import annotations
@@ -72,6 +73,10 @@ SMOKE_SIZES = {
   "celeba_resnet18": (16, 16),
 }
 SMOKE_BATCH, SMOKE_WIDTH = 4, 0.0625
+# The compiled steps measured per config: each (method, dtype); --smoke compiles two of them, so
+# each method and each dtype still goes through the path once (the other cells read n/a).
+VARIANTS = (("ew", "float32"), ("ew", "bfloat16"), ("pcgrad", "float32"), ("pcgrad", "bfloat16"))
+SMOKE_VARIANTS = (("ew", "float32"), ("pcgrad", "bfloat16"))
 # Host-time batches timed per setting (after the first, which starts the pipeline).
 HOST_BATCHES = 6
 # Workers of the host-placement rows.
@@ -205,17 +210,18 @@ def measure(name: str, smoke: bool, timing: dict, worker_counts) -> dict:
   step_batch = min(timing["step_batch"] or batch_size, batch_size)
   row["step_batch"] = step_batch
   whole = step_batch == batch_size
-  for method in ("ew", "pcgrad"):
-    for dtype in layers.DTYPES:
-      print(f"[{name}: compiling {method} {dtype} ...]", file=sys.stderr, flush=True)
-      config = paper_config(name, smoke, method, dtype)
-      timed = whole and method == "ew" and dtype == "float32"
-      compiled = compiled_step(config, dataset, batch, timed)
-      row[f"{method}_{dtype}"] = compiled[2]
-      if method == "ew" and dtype == "float32":
-        row["parameters"] = layers.count_parameters(compiled[1].params)
-        executable, state = compiled[:2]
-      del compiled
+  for method, dtype in VARIANTS:
+    row[f"{method}_{dtype}"] = None
+  for method, dtype in SMOKE_VARIANTS if smoke else VARIANTS:
+    print(f"[{name}: compiling {method} {dtype} ...]", file=sys.stderr, flush=True)
+    config = paper_config(name, smoke, method, dtype)
+    timed = whole and method == "ew" and dtype == "float32"
+    compiled = compiled_step(config, dataset, batch, timed)
+    row[f"{method}_{dtype}"] = compiled[2]
+    if method == "ew" and dtype == "float32":
+      row["parameters"] = layers.count_parameters(compiled[1].params)
+      executable, state = compiled[:2]
+    del compiled
   print(f"[{name}: timing the EW step at batch {step_batch} ...]", file=sys.stderr, flush=True)
   timed_batch = {key: value[:step_batch] for key, value in batch.items()}
   if not whole:
