@@ -122,9 +122,11 @@ def trivial_metrics(
   """Flat 'task/metric' values on `eval_source` of each task's trivial predictor, fitted on
   `train_source`: what a model that ignores its input scores (the bar a model must clear)."""
   fitted = {}
-  for task in tasks:
+  for index, task in enumerate(tasks):
     sums, count = 0.0, 0.0
     for batch, mask in pipeline.eval_batches(train_source, batch_size):
+      if tasks_lib.LABEL_MASK_KEY in batch:  # fitted on the labelled examples only
+        mask = mask & np.asarray(batch[tasks_lib.LABEL_MASK_KEY])[:, index]
       batch_sums, batch_count = _target_sums(task, batch, mask)
       sums, count = sums + batch_sums, count + batch_count
     fitted[task.name] = trivial_prediction(task, np.asarray(sums), count)
