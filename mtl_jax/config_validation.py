@@ -230,7 +230,7 @@ RULES: dict[str, Rule] = {
   "dataset.augment": boolean,
   "dataset.scales": real_sequence(lambda value: 1 <= value < math.inf, ">= 1", False),
   "dataset.label_fraction": real(lambda value: 0 < value <= 1, "in (0, 1]"),
-  "dataset.label_fraction_tasks": _sequence_or_text(text_sequence(True)),
+  "dataset.label_fraction_tasks": text_sequence(True),
   "model.encoder": choice(multitask.ENCODERS, "encoders"),
   "model.norm": choice(layers_lib.NORM_KINDS, "norms"),
   "model.dtype": choice(layers_lib.DTYPES, "dtypes"),
@@ -490,7 +490,6 @@ def _check_label_fraction_tasks(checker: _Checker, dataset: data_registry.Datase
     tasks = tuple(task.name for task in dataset.select_tasks(list(tasks)))
   elif data_registry.ALL_ATTRIBUTES in tasks:
     return  # the alias's task names depend on the dataset
-  chosen = (chosen,) if isinstance(chosen, str) else tuple(chosen)
   unknown = [name for name in chosen if name not in tasks]
   if unknown:
     checker.fail(

@@ -236,6 +236,10 @@ SPECS: dict[str, Spec] = {
   "dataset.validation_seed": ints(0),
   "dataset.augment": BOOL,
   "dataset.scales": real_tuples(lambda value: 1 <= value < math.inf),
+  "dataset.label_fraction": reals(lambda value: 0 < value <= 1),
+  "dataset.label_fraction_tasks": text_tuples(
+    ("segmentation", "depth", "normals"), related=("tasks",)
+  ),
   "model.encoder": choices(multitask.ENCODERS, related=_IMAGE),
   "model.norm": choices(layers_lib.NORM_KINDS, related=_METHOD + _PROBE),
   # Parameters stay float32 either way; activations may be bfloat16.
