@@ -361,6 +361,11 @@ RULES: dict[str, Rule] = {
   "sample_alignment.refine_budget": integer(0),
   "sample_alignment.timing_repeats": integer(1),
   "sample_alignment.probe_every_steps": integer(0),
+  # configs/sections/label_scarcity.py (the study checks the task against config.tasks)
+  "label_scarcity.task": text,
+  "label_scarcity.fractions": real_sequence(lambda value: 0 < value <= 1, "in (0, 1]", False),
+  "label_scarcity.methods": text_sequence(False, weighting_lib.method_names(), "methods"),
+  "label_scarcity.seeds": int_sequence(allow_empty=False, minimum=0),
   # configs/sections/robustness.py
   "robustness.mode": choice(ROBUSTNESS_MODES, "modes"),
   "robustness.mtl_runs": text_sequence(allow_empty=True),
