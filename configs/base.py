@@ -26,6 +26,10 @@ def get_config() -> ml_collections.ConfigDict:
       validation_seed=0,
       augment=True,
       scales=(1.0, 1.2, 1.5),
+      # Partial labels (mtl_jax/data/labels.py): the fraction of training examples that keep
+      # their label for each task of label_fraction_tasks (empty: every task); 1.0 keeps all.
+      label_fraction=1.0,
+      label_fraction_tasks=(),
     )
   )
   # The training input pipeline (mtl_jax/data/loader.py); the batches never depend on it.

@@ -229,6 +229,8 @@ RULES: dict[str, Rule] = {
   "dataset.validation_seed": integer(0),
   "dataset.augment": boolean,
   "dataset.scales": real_sequence(lambda value: 1 <= value < math.inf, ">= 1", False),
+  "dataset.label_fraction": real(lambda value: 0 < value <= 1, "in (0, 1]"),
+  "dataset.label_fraction_tasks": text_sequence(True),
   "model.encoder": choice(multitask.ENCODERS, "encoders"),
   "model.norm": choice(layers_lib.NORM_KINDS, "norms"),
   "model.dtype": choice(layers_lib.DTYPES, "dtypes"),
@@ -359,6 +361,11 @@ RULES: dict[str, Rule] = {
   "sample_alignment.refine_budget": integer(0),
   "sample_alignment.timing_repeats": integer(1),
   "sample_alignment.probe_every_steps": integer(0),
+  # configs/sections/label_scarcity.py (the study checks the task against config.tasks)
+  "label_scarcity.task": text,
+  "label_scarcity.fractions": real_sequence(lambda value: 0 < value <= 1, "in (0, 1]", False),
+  "label_scarcity.methods": text_sequence(False, weighting_lib.method_names(), "methods"),
+  "label_scarcity.seeds": int_sequence(allow_empty=False, minimum=0),
   # configs/sections/robustness.py
   "robustness.mode": choice(ROBUSTNESS_MODES, "modes"),
   "robustness.mtl_runs": text_sequence(allow_empty=True),
@@ -473,6 +480,27 @@ def _check_tasks(checker: _Checker, dataset: data_registry.Dataset | None) -> No
       )
     else:
       _check_dense_encoder(checker, dataset.select_tasks(list(tasks)))
+
+
+def _check_label_fraction_tasks(checker: _Checker, dataset: data_registry.Dataset | None) -> None:
+  """dataset.label_fraction_tasks names tasks of the run (config.tasks, aliases expanded)."""
+  present, chosen = checker.value("dataset.label_fraction_tasks")
+  if not present or checker.failed("dataset.label_fraction_tasks", "tasks"):
+    return
+  tasks_present, tasks = checker.value("tasks")
+  if not tasks_present:
+    return
+  tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
+  if dataset is not None:
+    tasks = tuple(task.name for task in dataset.select_tasks(list(tasks)))
+  elif data_registry.ALL_ATTRIBUTES in tasks:
+    return  # the alias's task names depend on the dataset
+  unknown = [name for name in chosen if name not in tasks]
+  if unknown:
+    checker.fail(
+      "dataset.label_fraction_tasks",
+      f"{unknown} not among the run's tasks; valid: {', '.join(tasks)} (empty: every task).",
+    )
 
 
 def _check_dense_encoder(checker: _Checker, tasks) -> None:
@@ -764,6 +792,7 @@ def validate_config(
   for key, rule in RULES.items():
     checker.apply(key, rule)
   _check_tasks(checker, dataset)
+  _check_label_fraction_tasks(checker, dataset)
   _check_image_size(checker)
   _check_paths(checker)
   _check_batch_parts(checker, _check_method(checker), device_count)

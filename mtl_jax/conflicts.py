@@ -66,13 +66,16 @@ class PairMeasures(NamedTuple):
     cosine: S_cos (0 where invalid).
     magnitude: S_mag (0 where invalid).
     dot: the raw inner products (defined for every pair).
-    valid: bool, False where either gradient is (numerically) zero.
+    valid: bool, False where either gradient is (numerically) zero or unlabelled.
+    labelled: bool, False where either row lacks its label (partial labels): such pairs are
+      left out of every statistic and count; None when every row is labelled.
   """
 
   cosine: jax.Array
   magnitude: jax.Array
   dot: jax.Array
   valid: jax.Array
+  labelled: Any = None
 
 
 # ---------------------------------------------------------------------------------------- pairs
@@ -108,6 +111,7 @@ def pair_measures(
   first: np.ndarray,
   second: np.ndarray,
   zero_tolerance: float = DEFAULT_ZERO_TOLERANCE,
+  row_labelled: jax.Array | None = None,
 ) -> PairMeasures:
   """Cosine, magnitude similarity and dot products of chosen pairs of rows of a Gramian.
 
@@ -115,6 +119,7 @@ def pair_measures(
     rows_gramian: [R, R] Gramian of R gradients.
     first, second: [P] row indices of the pairs (static numpy arrays).
     zero_tolerance: a row is zero when its squared norm is <= zero_tolerance · max squared norm.
+    row_labelled: bool [R], the rows with a label (partial labels); None: all of them.
 
   Returns:
     `PairMeasures` of shape [P].
@@ -133,7 +138,10 @@ def pair_measures(
   # Rounding can push |cos| a hair past 1 for (nearly) parallel gradients.
   cosine = jnp.where(valid, jnp.clip(dot / norm_product, -1.0, 1.0), 0.0)
   magnitude = jnp.where(valid, 2.0 * norm_product / (safe_first + safe_second), 0.0)
-  return PairMeasures(cosine, magnitude, dot, valid)
+  if row_labelled is None:
+    return PairMeasures(cosine, magnitude, dot, valid)
+  labelled = row_labelled[first] & row_labelled[second]
+  return PairMeasures(cosine, magnitude, dot, valid & labelled, labelled)
 
 
 def sample_average_gramian(gramian: jax.Array) -> jax.Array:
@@ -143,13 +151,17 @@ def sample_average_gramian(gramian: jax.Array) -> jax.Array:
 
 
 def conflict_measures(
-  gramian: jax.Array, zero_tolerance: float = DEFAULT_ZERO_TOLERANCE
+  gramian: jax.Array,
+  zero_tolerance: float = DEFAULT_ZERO_TOLERANCE,
+  label_mask: jax.Array | None = None,
 ) -> dict[str, PairMeasures]:
   """Every pair type's measures from the [B, T, B, T] Gramian (fixed shapes, jit-able).
 
   Args:
     gramian: G[i, t, j, s] = <g_{i,t}, g_{j,s}>.
     zero_tolerance: see `pair_measures`.
+    label_mask: bool [B, T] under partial labels: only labelled rows are paired, and the
+      averaged gradients average labelled rows only; None: every row is labelled.
 
   Returns:
     {pair type: PairMeasures}, with B·T(T-1)/2, T·B(B-1)/2, T(T-1)/2 and B(B-1)/2 pairs for
@@ -157,16 +169,33 @@ def conflict_measures(
   """
   num_samples, num_tasks = gramian.shape[:2]
   rows = gramian.reshape(num_samples * num_tasks, num_samples * num_tasks)
+  if label_mask is None:
+    labelled = task_labelled = sample_labelled = None
+    task_averaged = gramian_lib.task_gramian(gramian)
+    sample_averaged = sample_average_gramian(gramian)
+  else:
+    mask = jnp.asarray(label_mask) > 0
+    labelled, task_labelled, sample_labelled = mask.reshape(-1), mask.any(0), mask.any(1)
+    weights = mask.astype(jnp.float32)
+    # Means over the labelled samples of a task, and over the labelled tasks of a sample.
+    task_averaged = gramian_lib.at_level(
+      gramian, "task", weights / jnp.maximum(weights.sum(0, keepdims=True), 1.0)
+    )
+    sample_averaged = gramian_lib.at_level(
+      gramian, "sample", weights / jnp.maximum(weights.sum(1, keepdims=True), 1.0)
+    )
   return {
-    "inter_task": pair_measures(rows, *inter_task_pairs(num_samples, num_tasks), zero_tolerance),
+    "inter_task": pair_measures(
+      rows, *inter_task_pairs(num_samples, num_tasks), zero_tolerance, labelled
+    ),
     "inter_sample": pair_measures(
-      rows, *inter_sample_pairs(num_samples, num_tasks), zero_tolerance
+      rows, *inter_sample_pairs(num_samples, num_tasks), zero_tolerance, labelled
     ),
     "inter_task_averaged": pair_measures(
-      gramian_lib.task_gramian(gramian), *upper_pairs(num_tasks), zero_tolerance
+      task_averaged, *upper_pairs(num_tasks), zero_tolerance, task_labelled
     ),
     "inter_sample_averaged": pair_measures(
-      sample_average_gramian(gramian), *upper_pairs(num_samples), zero_tolerance
+      sample_averaged, *upper_pairs(num_samples), zero_tolerance, sample_labelled
     ),
   }
 
@@ -265,15 +294,19 @@ class ConflictAccumulator:
   ) -> None:
     """Adds one probe: `conflict_measures` output and optionally `conflicting_parameter_ratios`."""
     measures = jax.device_get(measures)
+    labelled = {}
     for pair_type, pair in measures.items():
       valid = np.asarray(pair.valid, bool)
+      kept = np.ones_like(valid) if pair.labelled is None else np.asarray(pair.labelled, bool)
+      labelled[pair_type] = kept
       self._append(pair_type, "cosine", np.asarray(pair.cosine)[valid])
       self._append(pair_type, "magnitude", np.asarray(pair.magnitude)[valid])
-      self._append(pair_type, "dot", np.asarray(pair.dot))
-      self._excluded[pair_type] += int(valid.size - valid.sum())
-      self._pairs[pair_type] += int(valid.size)
+      self._append(pair_type, "dot", np.asarray(pair.dot)[kept])
+      self._excluded[pair_type] += int(kept.sum() - valid.sum())
+      self._pairs[pair_type] += int(kept.sum())
     for pair_type, (ratio, valid) in jax.device_get(dict(ratios or {})).items():
-      self._append(pair_type, PARAMETER_RATIO, np.asarray(ratio)[np.asarray(valid, bool)])
+      valid = np.asarray(valid, bool) & labelled.get(pair_type, True)
+      self._append(pair_type, PARAMETER_RATIO, np.asarray(ratio)[valid])
     self.probes += 1
 
   def summary(self) -> dict[str, Any]:
@@ -530,7 +563,8 @@ class ConflictProbe:
         if split:
           # [n, T, n, T] is tiny: the measures run replicated rather than on row blocks.
           gramian = jax.lax.with_sharding_constraint(gramian, parallel.replicated(mesh))
-        outputs = {"measures": conflict_measures(gramian, tolerance)}
+        mask = tasks_lib.label_mask(batch)  # already the probed tasks' columns (`measure`)
+        outputs = {"measures": conflict_measures(gramian, tolerance, mask)}
         if with_ratio:
           gradients = functools.partial(
             gramian_lib.per_sample_gradients,
@@ -567,6 +601,10 @@ class ConflictProbe:
     batch_size = int(np.shape(batch["image"])[0])
     indices = self.sample_indices(step, batch_size)
     sub_batch = {key: np.asarray(value)[indices] for key, value in batch.items()}
+    if tasks_lib.LABEL_MASK_KEY in sub_batch:  # the probed tasks' columns, in their order
+      sub_batch[tasks_lib.LABEL_MASK_KEY] = sub_batch[tasks_lib.LABEL_MASK_KEY][
+        :, np.asarray(self.task_indices)
+      ]
     if self.fast_path_check is not None:
       self.fast_path_check.maybe_verify(step, params, batch_stats, sub_batch)
     if self.mesh is not None:

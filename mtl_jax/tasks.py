@@ -11,8 +11,13 @@ A `Task` turns a model head's prediction and a batch into
 
 Batch contract (dict of arrays): 'image' float32 [B,H,W,3]; 'segmentation' int32 [B,H,W]
 (-1 = ignore); 'depth' float32 [B,H,W] (0 = invalid pixel); 'normals' float32 [B,H,W,3]
-(all-zero vector = invalid pixel); 'attributes' float32 [B,A] in {0,1}; 'label' int32 [B].
+(all-zero vector = invalid pixel); 'attributes' float32 [B,A] in {0,1}; 'label' int32 [B];
+optionally 'label_mask' bool [B,T] (`LABEL_MASK_KEY`): False where example i has no label for the
+run's task t (partial labels). Without it every example is labelled for every task.
 Predictions: per-pixel tasks [B,H,W,C], global tasks [B,C], float32.
+
+Partial labels: a task's batch loss is the mean of its per-sample losses over its labelled
+examples only (`task_mean_losses`); with none it is 0, and so is its gradient (never NaN).
 
 Every jnp function here is pure, jit-able and vmap-able; tasks are frozen (hashable) dataclasses
 so they can be static arguments of `jax.jit`.
@@ -41,6 +46,9 @@ NORMALS_THRESHOLDS_DEGREES = (11.25, 22.5, 30.0)
 
 # Guards a division by a squared norm; far below any real prediction's squared norm.
 _NORM_SQ_EPS = 1e-12
+
+# The batch key of the per-(example, task) label mask, bool [B, T] in the run's task order.
+LABEL_MASK_KEY = "label_mask"
 
 
 def _as_example_mask(example_mask: jax.Array | None, batch_size: int) -> jax.Array:
@@ -581,3 +589,56 @@ def compute_metrics(
     for metric, value in task.metrics(statistics[task.name]).items():
       result[f"{task.name}/{metric}"] = value
   return result
+
+
+def label_mask(batch: Batch) -> jax.Array | None:
+  """The batch's bool [B, T] label mask, or None when every example is labelled for every task."""
+  mask = batch.get(LABEL_MASK_KEY)
+  return None if mask is None else jnp.asarray(mask) > 0
+
+
+def label_scales(batch: Batch) -> jax.Array | None:
+  """[B, T] coefficients c_it = m_it / max(n_t, 1) with n_t task t's labelled examples, so that
+  Σ_i c_it L_it is task t's batch loss; None without a label mask (then c_it = 1 / B)."""
+  mask = label_mask(batch)
+  if mask is None:
+    return None
+  weights = mask.astype(jnp.float32)
+  return weights / jnp.maximum(jnp.sum(weights, axis=0), 1.0)
+
+
+def task_mean_losses(losses: jax.Array, batch: Batch) -> jax.Array:
+  """[T] batch losses from per-sample losses [B, T]: each task's mean over its labelled examples.
+
+  Without a label mask this is the plain mean over the batch. With one, unlabelled entries are
+  replaced by 0 (`where`, so even a non-finite loss of an unlabelled example stays out of the
+  value and the gradient) and each column is divided by max(labelled count, 1): a task without
+  a labelled example has loss 0 and gradient 0.
+  """
+  mask = label_mask(batch)
+  if mask is None:
+    return jnp.mean(losses, axis=0)
+  total = jnp.sum(jnp.where(mask, losses, 0.0), axis=0)
+  return total / jnp.maximum(jnp.sum(mask.astype(losses.dtype), axis=0), 1.0)
+
+
+def task_mean_loss(losses: jax.Array, batch: Batch, index: int) -> jax.Array:
+  """Task `index`'s batch loss from its per-sample losses [B] (see `task_mean_losses`)."""
+  mask = label_mask(batch)
+  if mask is None:
+    return jnp.mean(losses)
+  labelled = mask[:, index]
+  total = jnp.sum(jnp.where(labelled, losses, 0.0))
+  return total / jnp.maximum(jnp.sum(labelled.astype(losses.dtype)), 1.0)
+
+
+def task_present(batch: Batch, num_tasks: int) -> jax.Array | None:
+  """bool [T]: whether each task has a labelled example in the batch; None without a mask."""
+  mask = label_mask(batch)
+  if mask is None:
+    return None
+  if mask.shape[-1] != num_tasks:
+    raise ValueError(
+      f"batch['{LABEL_MASK_KEY}'] has {mask.shape[-1]} task columns, the run has {num_tasks}."
+    )
+  return jnp.any(mask, axis=0)

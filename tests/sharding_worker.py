@@ -462,6 +462,17 @@ def sharded_checks(directory: str) -> dict:
   results["rows_gramian_sharding"] = sorted(
     {str(leaf.sharding.spec) for leaf in jax.tree_util.tree_leaves(rows_sharded)}
   )
+  # Partial labels: the same levels and masked task losses with a label mask in the batch.
+  labelled = np.random.default_rng(0).random((len(batch["image"]), len(tasks))) < 0.6
+  masked = {**batch, tasks_lib.LABEL_MASK_KEY: labelled}
+
+  def masked_rows(p, b, mesh):
+    return [gramian.compute(model, p, stats, b, tasks, level, mesh=mesh)[:2] for level in levels]
+
+  results["masked_rows_gramian"] = relative_error(
+    jax.jit(lambda p, b: masked_rows(p, b, mesh))(params, sharding.shard_batch(masked, mesh)),
+    jax.jit(lambda p, b: masked_rows(p, b, None))(params, masked),
+  )
   results.update(ghost_form_checks(mesh))
   progress("gramians")
 

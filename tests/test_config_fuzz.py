@@ -23,6 +23,7 @@ from configs import test as test_config
 from configs.sections import conflicts as conflicts_section
 from configs.sections import optimizers as optimizers_section
 from configs.sections import findings as findings_section
+from configs.sections import label_scarcity as label_scarcity_section
 from configs.sections import robustness as robustness_section
 from configs.sections import sample_alignment as sample_alignment_section
 from mtl_jax import config_validation
@@ -236,6 +237,10 @@ SPECS: dict[str, Spec] = {
   "dataset.validation_seed": ints(0),
   "dataset.augment": BOOL,
   "dataset.scales": real_tuples(lambda value: 1 <= value < math.inf),
+  "dataset.label_fraction": reals(lambda value: 0 < value <= 1),
+  "dataset.label_fraction_tasks": text_tuples(
+    ("segmentation", "depth", "normals"), related=("tasks",)
+  ),
   "model.encoder": choices(multitask.ENCODERS, related=_IMAGE),
   "model.norm": choices(layers_lib.NORM_KINDS, related=_METHOD + _PROBE),
   # Parameters stay float32 either way; activations may be bfloat16.
@@ -366,6 +371,10 @@ SPECS: dict[str, Spec] = {
   "findings.bootstrap_resamples": ints(1),
   "findings.bootstrap_seed": ints(0),
   "findings.trivial_margin_percent": reals(_non_negative),
+  "label_scarcity.task": TEXT,
+  "label_scarcity.fractions": real_tuples(lambda value: 0 < value <= 1),
+  "label_scarcity.methods": text_tuples(weighting_lib.method_names(), allow_empty=False),
+  "label_scarcity.seeds": int_tuples(0, allow_empty=False),
   "sample_alignment.methods": text_tuples(weighting_lib.method_names(), allow_empty=False),
   "sample_alignment.levels": text_tuples(("task", "sample", "sample_task"), allow_empty=False),
   "sample_alignment.optimizers": text_tuples(optim.OPTIMIZERS, allow_empty=False),
@@ -400,6 +409,7 @@ def _full_config() -> ml_collections.ConfigDict:
     optimizers_section,
     robustness_section,
     sample_alignment_section,
+    label_scarcity_section,
     findings_section,
   )
   for section in sections:

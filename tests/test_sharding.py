@@ -132,6 +132,7 @@ def test_conflict_probe_matches_one_device(results, key):
     "task_gramian",
     "conflicts",
     "rows_gramian",
+    "masked_rows_gramian",
     "ghost_gramian_mlp",
     "ghost_gramian_small_cnn",
   ],

@@ -119,12 +119,17 @@ def _task_level(model, params, batch_stats, batch, tasks) -> Gramian:
   return Gramian(gramian, result.losses, result.batch_stats, gradient)
 
 
-def _row_weights(weights: jax.Array, level: str, batch_size: int, num_tasks: int) -> jax.Array:
-  """[B, T] weights of the per-sample losses L_t(x_i) equivalent to a level's row weights."""
+def _row_weights(
+  weights: jax.Array, level: str, batch_size: int, num_tasks: int, scales: jax.Array | None
+) -> jax.Array:
+  """[B, T] weights of the per-sample losses L_t(x_i) equivalent to a level's row weights;
+  `scales`: the rows' coefficients under partial labels (`tasks.label_scales`), None for 1/B."""
   if level == levels.FULL:
     return weights.reshape(batch_size, num_tasks)
   if level == "sample":
     weights = jnp.broadcast_to(weights[:, None], (batch_size, num_tasks))
+  if scales is not None:
+    return weights.reshape(batch_size, num_tasks) * scales
   return weights.reshape(batch_size, num_tasks) / batch_size
 
 
@@ -133,18 +138,25 @@ def _fast(model, params, batch_stats, batch, tasks, level, train) -> Gramian:
   materialised = blocks.materialised_rows(captured)
   full = blocks.fast_gramian_from_capture(captured, materialised)
   batch_size, num_tasks = captured.losses.shape
+  scales = tasks_lib.label_scales(batch)
 
   def gradient(weights):
-    row_weights = _row_weights(weights, level, batch_size, num_tasks)
+    row_weights = _row_weights(weights, level, batch_size, num_tasks, scales)
     encoder = blocks.weighted_gradients(captured, params, row_weights, materialised)["encoder"]
-    heads = {
-      name: jax.tree_util.tree_map(lambda leaf: leaf / batch_size, head_gradient)
-      for name, head_gradient in captured.head_gradients.items()
-    }
+    if scales is None:
+      heads = {
+        name: jax.tree_util.tree_map(lambda leaf: leaf / batch_size, head_gradient)
+        for name, head_gradient in captured.head_gradients.items()
+      }
+    else:
+      heads = {
+        name: captured.head_vjps[name](scales[:, index])[0]
+        for index, name in enumerate(captured.head_gradients)
+      }
     return {"encoder": encoder, "heads": heads}
 
-  task_losses = jnp.mean(captured.losses, axis=0)
-  return Gramian(levels.at_level(full, level), task_losses, batch_stats, gradient)
+  task_losses = tasks_lib.task_mean_losses(captured.losses, batch)
+  return Gramian(levels.at_level(full, level, scales), task_losses, batch_stats, gradient)
 
 
 def _reference(model, params, batch_stats, batch, tasks, level, train, coupled) -> Gramian:
@@ -156,12 +168,14 @@ def _reference(model, params, batch_stats, batch, tasks, level, train, coupled) 
     return reference.per_sample_losses(model, all_params, batch_stats, batch, tasks, train)
 
   losses, losses_vjp = jax.vjp(losses_of, params)
+  scales = tasks_lib.label_scales(batch)
 
   def gradient(weights):
-    row_weights = _row_weights(weights, level, batch_size, num_tasks)
+    row_weights = _row_weights(weights, level, batch_size, num_tasks, scales)
     (weighted,) = losses_vjp(row_weights)
-    (plain,) = losses_vjp(jnp.full_like(losses, 1.0 / batch_size))
+    head_scales = jnp.full_like(losses, 1.0 / batch_size) if scales is None else scales
+    (plain,) = losses_vjp(head_scales.astype(losses.dtype))
     return {"encoder": weighted["encoder"], "heads": plain["heads"]}
 
-  task_losses = jnp.mean(losses, axis=0)
-  return Gramian(levels.at_level(full, level), task_losses, batch_stats, gradient)
+  task_losses = tasks_lib.task_mean_losses(losses, batch)
+  return Gramian(levels.at_level(full, level, scales), task_losses, batch_stats, gradient)

@@ -10,6 +10,10 @@ batch-mean loss):
 * 'sample_task': one row per (sample, task), L_t(x_i) / B, row index i·T + t; G is BT×BT.
 
 So a sum-convention method without conflicts reproduces EW's step at every level.
+
+With partial labels (a label mask in the batch) the coefficient 1/B of L_t(x_i) becomes
+c_it = m_it / max(n_t, 1) (`tasks.label_scales`): rows still sum to the EW objective, now of the
+means over labelled examples, and an unlabelled pair's row is zero.
 """
 
 from __future__ import annotations
@@ -65,13 +69,20 @@ def row_norms(gramian: jax.Array) -> jax.Array:
   return jnp.sqrt(jnp.maximum(diagonal, 0.0)).reshape(batch, num_tasks)
 
 
-def at_level(gramian: jax.Array, level: str) -> jax.Array:
+def at_level(gramian: jax.Array, level: str, scales: jax.Array | None = None) -> jax.Array:
   """The [R, R] Gramian of a level's rows (see the module docstring) from the full [B, T, B, T]
-  one."""
+  one; `scales` [B, T] are the rows' coefficients c_it under partial labels (None: 1/B)."""
   check_level(level, allow_full=True)
   batch, num_tasks = gramian.shape[:2]
   if level == FULL:
     return gramian
+  if scales is not None:
+    scaled = gramian * scales[:, :, None, None] * scales[None, None, :, :]
+    if level == "task":
+      return jnp.sum(scaled, axis=(0, 2))
+    if level == "sample":
+      return jnp.sum(scaled, axis=(1, 3))
+    return scaled.reshape(batch * num_tasks, batch * num_tasks)
   if level == "task":
     return task_gramian(gramian)
   if level == "sample":

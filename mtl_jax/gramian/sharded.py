@@ -7,7 +7,8 @@ captured layer inputs [B, ...] and output gradients [T, B, ...] (ghost form; raw
 times smaller than their patches), or the per-row layer gradients [T, B, K·N] (materialised
 form). No [B·T, P] Jacobian is formed or sent for ghost-form layers. Then each device reduces
 its block rows to the level asked for before the gather: B² numbers at 'sample', B²T² at
-'sample_task' and 'full', plus a psum of the T losses.
+'sample_task' and 'full', plus a psum of the T losses. Under partial labels the rows' coefficients
+c_it = m_it / n_t need the global labelled counts n_t: one more psum of T numbers.
 
 Honestly: only the weights computed from the Gramian are "small Gramian only"; forming the
 exact Gramian needs the other devices' layer activations and output gradients (or per-row
@@ -99,7 +100,19 @@ def gramian_at_level(
   def per_device(params, batch_stats, batch):
     captured = capture_lib.capture(model, params, batch_stats, batch, tasks, train)
     rows = _block_rows(captured, total_batch)
-    task_losses = jax.lax.psum(jnp.sum(captured.losses, axis=0), parallel.DATA_AXIS) / total_batch
+    mask = tasks_lib.label_mask(batch)
+    if mask is None:
+      task_losses = jax.lax.psum(jnp.sum(captured.losses, axis=0), parallel.DATA_AXIS)
+      task_losses, divisor = task_losses / total_batch, total_batch * total_batch
+    else:
+      # Partial labels: coefficients c_it = m_it / n_t with the global labelled counts n_t.
+      counts = jnp.maximum(jax.lax.psum(jnp.sum(mask, axis=0), parallel.DATA_AXIS), 1)
+      local_scales = mask.astype(jnp.float32) / counts
+      labelled_losses = jnp.sum(jnp.where(mask, captured.losses, 0.0), axis=0)
+      task_losses = jax.lax.psum(labelled_losses, parallel.DATA_AXIS) / counts
+      divisor = 1.0
+      if level != levels.FULL:  # 'full' stays the Gramian of the unscaled L_t(x_i)
+        rows = rows * local_scales[:, :, None, None] * _gather(local_scales, 0)[None, None]
     if level == levels.FULL:
       return rows, task_losses
     local_batch, num_tasks = rows.shape[:2]
@@ -107,7 +120,7 @@ def gramian_at_level(
       local = jnp.sum(rows, axis=(1, 3))
     else:
       local = rows.reshape(local_batch * num_tasks, total_batch * num_tasks)
-    return _gather(local, 0) / (total_batch * total_batch), task_losses
+    return _gather(local, 0) / divisor, task_losses
 
   data = PartitionSpec(parallel.DATA_AXIS)
   gramian_spec = data if level == levels.FULL else PartitionSpec()
@@ -151,6 +164,9 @@ def weighted_backward(model, tasks, params, batch, level: str, weights: jax.Arra
     ]
     predictions, _ = apply_lib.apply_heads(model, names, params["heads"], {}, per_task, True)
     losses = tasks_lib.losses_matrix(tasks, predictions, batch)
-    return jnp.sum(jnp.mean(losses, axis=0))
+    if level == levels.FULL:  # rows L_it whatever the labels
+      return jnp.sum(jnp.mean(losses, axis=0))
+    # Under partial labels the rows are c_it L_it: the masked means supply c_it.
+    return jnp.sum(tasks_lib.task_mean_losses(losses, batch))
 
   return jax.grad(objective)(params)

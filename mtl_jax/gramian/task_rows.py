@@ -1,5 +1,8 @@
 """Task rows: every task's gradient of its batch-mean loss, from one forward and T backward passes.
 
+With a label mask in the batch a task's batch loss is the mean over its labelled examples
+(`tasks.task_mean_losses`), so an absent task's row is exactly zero.
+
 Exact under every normalisation, training-mode batch norm included: batch-mean losses are what
 training minimises. The encoder pullback is applied to the T feature cotangents one at a time
 (`reference.stacked_vjp`: XLA:CPU miscompiled a vmapped VJP, docs/xla_cpu_faults.md).
@@ -67,13 +70,13 @@ def task_gradients(
 
   features, pullback, new_stats = jax.vjp(encode, params["encoder"], has_aux=True)
   losses, heads, feature_gradients, head_stats = [], {}, [], {}
-  for task in tasks:
+  for index, task in enumerate(tasks):
 
-    def task_loss(head_params, features, task=task):
+    def task_loss(head_params, features, task=task, index=index):
       prediction, stats = apply_lib.apply_head(
         model, task.name, head_params, batch_stats, features, True
       )
-      return jnp.mean(task.loss(prediction, batch)), stats
+      return tasks_lib.task_mean_loss(task.loss(prediction, batch), batch, index), stats
 
     loss, head_vjp, head_stats[task.name] = jax.vjp(
       task_loss, params["heads"][task.name], features, has_aux=True

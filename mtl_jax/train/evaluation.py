@@ -31,16 +31,17 @@ def summed_statistics(
 
 
 def flat_metrics(tasks: Sequence[tasks_lib.Task], totals: Mapping[str, Any]) -> dict[str, float]:
-  """Flat 'task/metric' values plus 'task/loss' from one run's summed statistics (with '_count')."""
-  count = float(totals["_count"])
+  """Flat 'task/metric' values plus 'task/loss' from one run's summed statistics: each task's
+  loss is its mean over its labelled examples ('loss_count'; NaN when it had none)."""
   per_task = {name: stats for name, stats in totals.items() if name != "_count"}
   without_losses = {
-    name: {key: value for key, value in stats.items() if key != "loss_sum"}
+    name: {key: value for key, value in stats.items() if key not in ("loss_sum", "loss_count")}
     for name, stats in per_task.items()
   }
   flat = tasks_lib.compute_metrics(tasks, without_losses)
   for name, stats in per_task.items():
-    flat[f"{name}/loss"] = float(stats["loss_sum"]) / count
+    count = float(stats["loss_count"])
+    flat[f"{name}/loss"] = float(stats["loss_sum"]) / count if count else float("nan")
   return flat
 
 
@@ -121,9 +122,11 @@ def trivial_metrics(
   """Flat 'task/metric' values on `eval_source` of each task's trivial predictor, fitted on
   `train_source`: what a model that ignores its input scores (the bar a model must clear)."""
   fitted = {}
-  for task in tasks:
+  for index, task in enumerate(tasks):
     sums, count = 0.0, 0.0
     for batch, mask in pipeline.eval_batches(train_source, batch_size):
+      if tasks_lib.LABEL_MASK_KEY in batch:  # fitted on the labelled examples only
+        mask = mask & np.asarray(batch[tasks_lib.LABEL_MASK_KEY])[:, index]
       batch_sums, batch_count = _target_sums(task, batch, mask)
       sums, count = sums + batch_sums, count + batch_count
     fitted[task.name] = trivial_prediction(task, np.asarray(sums), count)

@@ -27,6 +27,7 @@ from mtl_jax import parallel
 from mtl_jax import tasks as tasks_lib
 from mtl_jax import weighting as weighting_lib
 from mtl_jax.models import apply as apply_lib
+from mtl_jax.weighting import present as present_lib
 
 BATCH_NORM_LEVEL_ERROR = (
   "config.method.level={level!r} needs per-sample gradients, which train-mode batch norm does not "
@@ -59,17 +60,19 @@ def _finish(
   return new_state, metrics
 
 
-def _weigh_with_gradient(method: weighting_lib.GramianWeighting) -> Callable:
-  """`(gramian, task_losses, params, state, rng, step) -> ((weights, state, aux), params gradient)`.
+def _weigh_with_gradient(method: weighting_lib.GramianWeighting, level: str) -> Callable:
+  """`(gramian, task_losses, params, state, rng, step, present) -> ((weights, state, aux), params
+  gradient)`.
 
   The gradient is that of the weighting's own objective (aux['weighting_loss'], e.g. GradNorm's
   or IMTL-L's), which the optimizer descends for the weighting's parameters; zero without one.
+  `present` (bool [R] or None) restricts the method to the rows present (`weighting.present`).
   """
 
-  def weigh(gramian, task_losses, weighting_params, weighting_state, rng, step):
+  def weigh(gramian, task_losses, weighting_params, weighting_state, rng, step, present):
     def weighting_objective(weighting_params):
-      weights, new_state, aux = method.weigh(
-        gramian, task_losses, weighting_params, weighting_state, rng, step
+      weights, new_state, aux = present_lib.weigh(
+        method, level, present, gramian, task_losses, weighting_params, weighting_state, rng, step
       )
       return aux.get("weighting_loss", jnp.zeros(())), (weights, new_state, aux)
 
@@ -91,7 +94,7 @@ def make_gramian_step(
   """
   level = weighting_lib.check_level(level)
   weighting_lib.check_method_level(method, level)
-  weigh = _weigh_with_gradient(method)
+  weigh = _weigh_with_gradient(method, level)
   if mesh is not None:
     weigh = parallel.replicated_program(weigh, mesh)
 
@@ -103,8 +106,15 @@ def make_gramian_step(
       model, state.params, state.batch_stats, batch, tasks, level, mesh=mesh
     )
     gramian, task_losses = jax.lax.stop_gradient((rows.gramian, rows.task_losses))
+    present = present_lib.present_rows(tasks_lib.label_mask(batch), level)
     (weights, weighting_state, aux), weighting_grads = weigh(
-      gramian, task_losses, state.weighting_params, state.weighting_state, step_rng, state.step
+      gramian,
+      task_losses,
+      state.weighting_params,
+      state.weighting_state,
+      step_rng,
+      state.step,
+      present,
     )
     model_grads = rows.gradient(jax.lax.stop_gradient(weights).astype(jnp.float32))
     grads = {"model": model_grads, "weighting": weighting_grads}
@@ -134,7 +144,7 @@ def per_task_feature_gradients(model, tasks, state, batch):
 
   def task_losses(features, heads):
     losses, stats = head_losses(model, tasks, heads, [features] * num_tasks, batch, batch_stats)
-    return jnp.mean(losses, axis=0), stats
+    return tasks_lib.task_mean_losses(losses, batch), stats
 
   losses, head_pullback, batch_stats = jax.vjp(task_losses, features, params["heads"], has_aux=True)
   basis = jnp.eye(num_tasks, dtype=losses.dtype)
@@ -212,7 +222,7 @@ def make_sequential_step(model, tasks, method, optimizer) -> Callable:
     task_losses, new_stats = head_losses(
       model, tasks, trainable["model"]["heads"], [features] * num_tasks, batch, new_stats
     )
-    task_losses = jnp.mean(task_losses, axis=0)
+    task_losses = tasks_lib.task_mean_losses(task_losses, batch)
     return task_losses[index], (task_losses[index], new_stats)
 
   def train_step(state, batch):
@@ -326,7 +336,7 @@ def with_bilevel(train_step: Callable, model, tasks, method) -> Callable:
   def losses_on(part, batch_stats):
     def task_losses(model_params):
       predictions, _ = apply_lib.predict(model, model_params, batch_stats, part["image"], True)
-      return jnp.mean(tasks_lib.losses_matrix(tasks, predictions, part), axis=0)
+      return tasks_lib.task_mean_losses(tasks_lib.losses_matrix(tasks, predictions, part), part)
 
     return task_losses
 
@@ -360,8 +370,9 @@ def with_after_update(train_step: Callable, model, tasks, method) -> Callable:
       batch,
       new_state.batch_stats,
     )
-    losses = jax.lax.stop_gradient(jnp.mean(losses, axis=0))
-    weighting_state = method.after_update(losses, new_state.weighting_state)
+    losses = jax.lax.stop_gradient(tasks_lib.task_mean_losses(losses, batch))
+    present = tasks_lib.task_present(batch, len(tasks))
+    weighting_state = present_lib.after_update(method, present, losses, new_state.weighting_state)
     return new_state.replace(weighting_state=weighting_state), metrics
 
   return step

@@ -15,6 +15,7 @@ from mtl_jax import weighting as weighting_lib
 from mtl_jax.models import apply as apply_lib
 from mtl_jax.train.state import Experiment
 from mtl_jax.train.state import TrainState
+from mtl_jax.weighting import present as present_lib
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -60,7 +61,7 @@ def make_gradient_locator(
 
   def task_losses_fn(params, state, batch):
     predictions, _ = apply_lib.predict(model, params, state.batch_stats, batch["image"], train=True)
-    return jnp.mean(tasks_lib.losses_matrix(tasks, predictions, batch), axis=0)
+    return tasks_lib.task_mean_losses(tasks_lib.losses_matrix(tasks, predictions, batch), batch)
 
   def total_fn(trainable, state, batch):
     task_losses = task_losses_fn(trainable["model"], state, batch)
@@ -68,8 +69,15 @@ def make_gradient_locator(
       # A gradient method's objective is implicit; the plain sum locates what its rows share.
       return jnp.sum(task_losses)
     _, step_rng = jax.random.split(state.rng)
-    total, _, _ = method.combine(
-      task_losses, trainable["weighting"], state.weighting_state, step_rng, state.step
+    present = tasks_lib.task_present(batch, len(tasks))
+    total, _, _ = present_lib.combine(
+      method,
+      present,
+      task_losses,
+      trainable["weighting"],
+      state.weighting_state,
+      step_rng,
+      state.step,
     )
     return total
 

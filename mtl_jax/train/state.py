@@ -19,6 +19,7 @@ from mtl_jax import config_validation
 from mtl_jax import models as models_lib
 from mtl_jax import tasks as tasks_lib
 from mtl_jax import weighting as weighting_lib
+from mtl_jax.data import labels
 from mtl_jax.data import pipeline
 from mtl_jax.data import registry as data_registry
 from mtl_jax.data import validation as data_validation
@@ -115,6 +116,7 @@ def build_experiment(
     config_validation.validate_config(config, dataset)
   tasks = dataset.select_tasks(list(config.tasks))
   data_validation.check_dataset(dataset, tasks)
+  dataset = labels.with_label_masks(dataset, tasks, config.dataset)
   head_specs = {
     task.name: models_lib.HeadSpec(output_channels=task.output_channels, dense=task.dense)
     for task in tasks
@@ -199,11 +201,16 @@ def config_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
   # float32 is what every run did before the key existed: left out, older runs still resume.
   if model.get("dtype") == "float32":
     del model["dtype"]
+  # Likewise every label kept: older runs, which had no partial labels, still resume.
+  dataset = config.dataset.to_dict()
+  if dataset.get("label_fraction") == 1.0:
+    dataset.pop("label_fraction")
+    dataset.pop("label_fraction_tasks", None)
   return json.loads(
     json.dumps(
       {
         "seed": config.seed,
-        "dataset": config.dataset.to_dict(),
+        "dataset": dataset,
         "tasks": list(config.tasks),
         "model": model,
         "method": config.method.to_dict(),

@@ -21,6 +21,7 @@ from mtl_jax import weighting as weighting_lib
 from mtl_jax.models import apply as apply_lib
 from mtl_jax.train import gradient_steps
 from mtl_jax.train.state import TrainState
+from mtl_jax.weighting import present as present_lib
 
 Step = Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]
 
@@ -61,9 +62,12 @@ def _loss_weighting_step(model, tasks, method: weighting_lib.LossWeighting, opti
     predictions, batch_stats = apply_lib.predict(
       model, trainable["model"], state.batch_stats, batch["image"], train=True
     )
-    task_losses = jnp.mean(tasks_lib.losses_matrix(tasks, predictions, batch), axis=0)
-    total, weighting_state, aux = method.combine(
-      task_losses, trainable["weighting"], state.weighting_state, rng, state.step
+    task_losses = tasks_lib.task_mean_losses(
+      tasks_lib.losses_matrix(tasks, predictions, batch), batch
+    )
+    present = tasks_lib.task_present(batch, len(tasks))
+    total, weighting_state, aux = present_lib.combine(
+      method, present, task_losses, trainable["weighting"], state.weighting_state, rng, state.step
     )
     return total, (task_losses, batch_stats, weighting_state, aux)
 
@@ -123,16 +127,24 @@ def is_finite(step_metrics: Mapping[str, jax.Array]) -> jax.Array:
 
 
 def make_eval_step(model, tasks: Sequence[tasks_lib.Task]):
-  """Returns `(params, batch_stats, batch, mask) -> statistics`, additive across batches."""
+  """Returns `(params, batch_stats, batch, mask) -> statistics`, additive across batches.
+
+  `mask` marks the real (non-padding) examples; a batch's label mask further restricts each
+  task's metrics and loss to its labelled examples ('loss_count' counts them).
+  """
 
   def eval_step(params, batch_stats, batch, mask):
     predictions, _ = apply_lib.predict(model, params, batch_stats, batch["image"], train=False)
     losses = tasks_lib.losses_matrix(tasks, predictions, batch)
+    labelled = tasks_lib.label_mask(batch)
     weights = mask.astype(jnp.float32)
     statistics = {}
     for index, task in enumerate(tasks):
-      task_statistics = dict(task.metric_statistics(predictions[task.name], batch, mask))
-      task_statistics["loss_sum"] = jnp.sum(losses[:, index] * weights)
+      task_mask = mask if labelled is None else (mask > 0) & labelled[:, index]
+      task_weights = task_mask.astype(jnp.float32)
+      task_statistics = dict(task.metric_statistics(predictions[task.name], batch, task_mask))
+      task_statistics["loss_sum"] = jnp.sum(jnp.where(task_mask, losses[:, index], 0.0))
+      task_statistics["loss_count"] = jnp.sum(task_weights)
       statistics[task.name] = task_statistics
     statistics["_count"] = jnp.sum(weights)
     return statistics

@@ -23,6 +23,27 @@ Two extensions serve methods whose step needs more than one set of losses or gra
 * `LossWeighting.bilevel`: the step splits the batch in two halves, lets the method update its
   state from the task losses of both (Auto-Lambda's virtual step on the first half, meta-loss
   on the held-out second half), then descends the method's scalar on the first half only.
+
+Partial labels (a batch whose label mask leaves a task without any labelled example, or a
+(sample, task) pair unlabelled): a loss weighting's `combine` (and FAMO's `after_update`) and a
+Gramian weighting's `weigh` run on the present tasks / rows only (`present.py`): the method sees
+a smaller problem, exactly as if the absent rows did not exist, and gives them weight 0; their
+entries of per-row parameters and state are left untouched. What that means per method:
+* EW, UW, UW-O, RLW, IMTL-L, GLS, STCH, GO4Align, Auto-Lambda's combine, FAMO: sums, softmaxes,
+  logs and normalisations run over the present tasks (no log or division of an absent task's
+  zero loss); UW's and IMTL-L's scales of an absent task get no gradient that step.
+* DWA and STCH keep one step counter for all tasks: a task absent from some batches of an
+  epoch has an epoch mean that also counts those batches (biased low in proportion), and at an
+  epoch's first batch only the present tasks close their epoch (STCH: only the tasks present at
+  the first batch after warm-up get their nadir; an absent one keeps 1). GradNorm takes L_t(0)
+  at step 0 only for the tasks present then (an absent one keeps 0, and its ratio is then L_t
+  itself). CR-MOGM's moving average and GradVac's targets advance only for present rows.
+* Gramian solvers (MGDA, UPGrad, DualProj, CAGrad, Nash-MTL, FairGrad, IMTL-G, Aligned-MTL,
+  ConFIG, PCGrad, ...): solved on the present rows' Gramian, so means run over present rows and
+  no zero row attracts a min-norm point or breaks a bargaining condition.
+* Auto-Lambda's bilevel update and the Jacobian methods (GradDrop, AdaTask, MTL-IO, DB-MTL,
+  MoCo, ExcessMTL, SDMGrad, MoDo) see an absent task as a zero loss with a zero gradient (their
+  step stays finite: tests/test_partial_labels.py); their per-task state is updated with it.
 """
 
 from __future__ import annotations

@@ -1,0 +1,33 @@
+"""The label-scarcity study: MTL (EW, PCGrad, UPGrad) vs STL as the depth labels of the scenes
+become scarce (1.0, 0.5, 0.2, 0.05 of the training examples), 3 seeds. It runs outside the main
+job (configs/reproduce.py): 3 methods x 4 fractions x 3 seeds MTL runs, plus the STL runs.
+
+Launch:
+  python experiments/label_scarcity.py --config=configs/label_scarcity.py \
+    --workdir=runs/label_scarcity
+The model and training keys are the main job's (a small CNN with group norm on 16x32 scenes).
+"""
+
+import ml_collections
+
+from configs import base
+from configs.sections import label_scarcity
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = base.get_config()
+  config.tasks = ("segmentation", "depth", "normals")
+  config.dataset.height, config.dataset.width = 16, 32
+  config.dataset.num_train, config.dataset.num_validation, config.dataset.num_test = 192, 48, 48
+  config.model.encoder = "small_cnn"
+  config.model.features = (8, 16)
+  config.model.norm = "group"
+  config.model.head_hidden_channels = 8
+  config.training.num_epochs = 4
+  config.training.batch_size = 16
+  config.training.eval_batch_size = 32
+  config.training.log_every_steps = 8
+  config.training.checkpoint_every_steps = 0
+  config.optimizer.learning_rate = 0.005
+  label_scarcity.add(config)
+  return config
