@@ -53,6 +53,12 @@ def get_config() -> ml_collections.ConfigDict:
       head_hidden_channels=16,
       head_hidden=(),
       resnet_stem="cifar",
+      # How the tasks share the network (mtl_jax/models/architectures.py): 'hps' (hard
+      # sharing), 'mtan', 'mmoe', 'cgc', 'ple' or 'cross_stitch'.
+      architecture="hps",
+      num_experts=3,  # mmoe: experts; cgc / ple: shared experts per level.
+      num_task_experts=1,  # cgc / ple: each task's own experts per level.
+      num_levels=2,  # ple: extraction levels (1 is cgc).
       # A local .npz / .msgpack of encoder variables to start from ('' = random init).
       pretrained_backbone="",
       # Activations and matmuls: 'float32' or 'bfloat16' (parameters, optimizer state, losses,

@@ -32,6 +32,7 @@ from mtl_jax.data import augment as augment_lib
 from mtl_jax.data import registry as data_registry
 from mtl_jax.data import scenes as scenes_lib
 from mtl_jax.gramian import modes as gramian_modes
+from mtl_jax.models import architectures as architectures_lib
 from mtl_jax.models import encoders as encoders_lib
 from mtl_jax.models import layers as layers_lib
 from mtl_jax.models import multitask
@@ -241,6 +242,10 @@ RULES: dict[str, Rule] = {
   "model.head_hidden": int_sequence(allow_empty=True),
   "model.resnet_stem": choice(encoders_lib.RESNET_STEMS, "stems"),
   "model.pretrained_backbone": text,
+  "model.architecture": choice(architectures_lib.ARCHITECTURES, "architectures"),
+  "model.num_experts": integer(1),
+  "model.num_task_experts": integer(1),
+  "model.num_levels": integer(1),
   "method.name": choice(weighting_lib.method_names(), "methods"),
   "method.uw_initial_log_variance": real(math.isfinite, "finite"),
   "method.uw_o_epsilon": real(positive, "> 0"),
@@ -534,6 +539,21 @@ def _check_image_size(checker: _Checker) -> None:
       )
 
 
+def _check_architecture(checker: _Checker) -> None:
+  """MTAN and Cross-stitch are built on some encoders only (`architectures.SUPPORTED_ENCODERS`)."""
+  _, architecture = checker.value("model.architecture")
+  _, encoder = checker.value("model.encoder")
+  if checker.failed("model.architecture"):
+    return
+  supported = architectures_lib.SUPPORTED_ENCODERS.get(architecture)
+  if supported and encoder not in supported and not checker.failed("model.encoder"):
+    checker.fail(
+      "model.architecture",
+      f"{architecture!r} is built on the encoders {', '.join(supported)}; got model.encoder "
+      f"{encoder!r}.",
+    )
+
+
 def _check_paths(checker: _Checker) -> None:
   """Directories and files the config names must exist ('' = none)."""
   present, data_dir = checker.value("dataset.data_dir")
@@ -794,6 +814,7 @@ def validate_config(
   _check_tasks(checker, dataset)
   _check_label_fraction_tasks(checker, dataset)
   _check_image_size(checker)
+  _check_architecture(checker)
   _check_paths(checker)
   _check_batch_parts(checker, _check_method(checker), device_count)
   _check_batches(checker, dataset, device_count)

@@ -33,6 +33,7 @@ from mtl_jax import weighting as weighting_lib
 from mtl_jax.data import corruptions
 from mtl_jax.data import registry as data_registry
 from mtl_jax.gramian import modes as gramian_modes
+from mtl_jax.models import architectures as architectures_lib
 from mtl_jax.models import encoders as encoders_lib
 from mtl_jax.models import layers as layers_lib
 from mtl_jax.models import multitask
@@ -205,6 +206,8 @@ def _non_negative(value: float) -> bool:
 # encoder needs image sides that are multiples of 32; MTL-IO and AdaTask take only their own
 # optimizers; a per-sample level needs a norm without batch statistics).
 _IMAGE = ("model.encoder", "dataset.height", "dataset.width")
+# MTAN and Cross-stitch are built on some encoders only.
+_ARCHITECTURE = ("model.architecture", "model.encoder")
 # The method is built from these together; a method that splits batches needs enough samples.
 _METHOD = ("method.name", "method.level", "model.norm", "optimizer.name", "training.batch_size")
 _PROBE = ("conflicts.probe_every_steps", "conflicts.batch_norm", "conflicts.path", "model.norm")
@@ -241,7 +244,7 @@ SPECS: dict[str, Spec] = {
   "dataset.label_fraction_tasks": text_tuples(
     ("segmentation", "depth", "normals"), related=("tasks",)
   ),
-  "model.encoder": choices(multitask.ENCODERS, related=_IMAGE),
+  "model.encoder": choices(multitask.ENCODERS, related=_IMAGE + _ARCHITECTURE),
   "model.norm": choices(layers_lib.NORM_KINDS, related=_METHOD + _PROBE),
   # Parameters stay float32 either way; activations may be bfloat16.
   "model.dtype": choices(("float32", "bfloat16")),
@@ -252,6 +255,10 @@ SPECS: dict[str, Spec] = {
   "model.head_hidden": int_tuples(1),
   "model.resnet_stem": choices(encoders_lib.RESNET_STEMS),
   "model.pretrained_backbone": paths("file"),
+  "model.architecture": choices(architectures_lib.ARCHITECTURES, related=_ARCHITECTURE),
+  "model.num_experts": ints(1),
+  "model.num_task_experts": ints(1),
+  "model.num_levels": ints(1),
   "method.name": choices(weighting_lib.method_names(), related=_METHOD),
   "method.uw_initial_log_variance": reals(math.isfinite),
   "method.uw_o_epsilon": reals(_positive),

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mtl_jax.gramian.reference import stack_trees
 from mtl_jax.gramian.reference import stacked_vjp
 from mtl_jax.models import apply as apply_lib
 from mtl_jax.models import layers
@@ -158,7 +159,7 @@ def capture(model, params, batch_stats, batch, tasks, train: bool = True) -> Cap
     head_vjps[task.name] = head_vjp
     feature_gradients.append(feature_gradient)
 
-  (perturbation_gradients,) = stacked_vjp(encoder_vjp, jnp.stack(feature_gradients))
+  (perturbation_gradients,) = stacked_vjp(encoder_vjp, stack_trees(feature_gradients))
   # A bfloat16 model captures bfloat16 activations and output gradients; every product the
   # blocks form from them is accumulated in float32.
   inputs = {path: value[0].astype(jnp.float32) for path, value in by_path(sown, "inputs").items()}

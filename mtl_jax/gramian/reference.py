@@ -21,6 +21,15 @@ from mtl_jax.models import apply as apply_lib
 Batch = dict[str, jax.Array]
 
 
+def stack_trees(trees: Sequence[Any]) -> Any:
+  """Pytrees of one structure stacked leaf by leaf along a new leading axis (arrays: jnp.stack).
+
+  Features are one array under hard sharing and a pytree under the other architectures
+  (`models.architectures`); per-task feature cotangents are stacked with this either way.
+  """
+  return jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *trees)
+
+
 def stacked_vjp(pullback: Callable, cotangents: Any, unroll_limit: int = 16) -> Any:
   """`pullback` applied to each cotangent along the leading axis, results stacked.
 

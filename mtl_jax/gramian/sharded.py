@@ -158,10 +158,17 @@ def weighted_backward(model, tasks, params, batch, level: str, weights: jax.Arra
 
   def objective(params):
     features, _ = apply_lib.encode(model, params, {}, batch["image"], True)
-    shape = (batch_size,) + (1,) * (features.ndim - 1)
-    per_task = [
-      scale_gradient(features, scales[:, index].reshape(shape)) for index in range(num_tasks)
-    ]
+
+    def scaled(index):
+      # Features are an array (hard sharing) or a pytree of [B, ...] leaves (architectures).
+      return jax.tree_util.tree_map(
+        lambda leaf: scale_gradient(
+          leaf, scales[:, index].reshape((batch_size,) + (1,) * (leaf.ndim - 1))
+        ),
+        features,
+      )
+
+    per_task = [scaled(index) for index in range(num_tasks)]
     predictions, _ = apply_lib.apply_heads(model, names, params["heads"], {}, per_task, True)
     losses = tasks_lib.losses_matrix(tasks, predictions, batch)
     if level == levels.FULL:  # rows L_it whatever the labels

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from mtl_jax import tasks as tasks_lib
 from mtl_jax.gramian import modes
+from mtl_jax.gramian.reference import stack_trees
 from mtl_jax.gramian.reference import stacked_vjp
 from mtl_jax.models import apply as apply_lib
 
@@ -84,7 +85,7 @@ def task_gradients(
     heads[task.name], feature_gradient = head_vjp(jnp.ones_like(loss))
     losses.append(loss)
     feature_gradients.append(feature_gradient)
-  (encoder_rows,) = stacked_vjp(pullback, jnp.stack(feature_gradients))
+  (encoder_rows,) = stacked_vjp(pullback, stack_trees(feature_gradients))
   new_stats = apply_lib.with_head_statistics(new_stats, head_stats)
   return TaskGradients(jnp.stack(losses), encoder_rows, heads, new_stats)
 

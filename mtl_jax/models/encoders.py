@@ -145,14 +145,19 @@ class SmallCNN(nn.Module):
   features: Sequence[int] = (16, 32, 32)
   norm: str = "batch"
   dense_output: bool = False
+  stage_outputs: bool = False  # True: return every block's output (MTAN's attention taps).
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array | tuple[jax.Array, ...]:
     layers.check_norm(self.norm)
+    stages = []
     for index, features in enumerate(self.features):
       x = ConvNormReLU(features, norm=self.norm, name=f"block_{index}")(x, train)
+      stages.append(x)
       if not self.dense_output and index < len(self.features) - 1:
         x = max_pool_2x2(x)
+    if self.stage_outputs:
+      return tuple(stages)
     if self.dense_output:
       return x
     return global_average_pool(x)
@@ -171,17 +176,20 @@ class SegNet(nn.Module):
 
   The output has f[0] = 64 * width_multiplier channels at the input resolution. Kernels are
   Xavier-normal and convs keep their bias, as in MTAN. H and W must be divisible by 32.
+  With `stage_outputs` it returns the ten stages' outputs instead (each encoder stage's before
+  its max-pool, then each decoder stage's; the last is the usual output).
   """
 
   width_multiplier: float = 1.0
   norm: str = "batch"
+  stage_outputs: bool = False
 
   @property
   def filters(self) -> tuple[int, ...]:
     return tuple(scaled_width(width, self.width_multiplier) for width in (64, 128, 256, 512, 512))
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array | tuple[jax.Array, ...]:
     layers.check_norm(self.norm)
     check_segnet_input_size(x.shape[1], x.shape[2])
     filters = self.filters
@@ -190,11 +198,12 @@ class SegNet(nn.Module):
     def block(features: int, name: str) -> ConvNormReLU:
       return ConvNormReLU(features, norm=self.norm, kernel_init=kernel_init, name=name)
 
-    masks = []
+    masks, stages = [], []
     for level, features in enumerate(filters):
       extra_convs = 1 if level < 2 else 2
       for index in range(1 + extra_convs):
         x = block(features, f"encoder_{level}_{index}")(x, train)
+      stages.append(x)
       x, mask = max_pool_with_mask(x)
       masks.append(mask)
 
@@ -204,7 +213,8 @@ class SegNet(nn.Module):
       extra_convs = 1 if level < 2 else 2
       for index in range(1 + extra_convs):
         x = block(features, f"decoder_{level}_{index}")(x, train)
-    return x
+      stages.append(x)
+    return tuple(stages) if self.stage_outputs else x
 
 
 def check_segnet_input_size(height: int, width: int) -> None:
@@ -270,15 +280,17 @@ class ResNet18(nn.Module):
 
   Widths are [64, 128, 256, 512] times `width_multiplier` (rounded, at least 4); He-normal
   kernels. The 'imagenet' stem is conv7x7/2 + norm + ReLU + maxpool3x3/2; the 'cifar' stem is a
-  conv3x3/1 + norm + ReLU without max-pool, for 32x32 or 64x64 images.
+  conv3x3/1 + norm + ReLU without max-pool, for 32x32 or 64x64 images. With `stage_outputs`
+  it returns the outputs of the stem (after its max-pool) and of the four stages, unpooled.
   """
 
   width_multiplier: float = 1.0
   norm: str = "batch"
   stem: str = "imagenet"
+  stage_outputs: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array | tuple[jax.Array, ...]:
     layers.check_norm(self.norm)
     if self.stem not in RESNET_STEMS:
       raise ValueError(
@@ -302,6 +314,7 @@ class ResNet18(nn.Module):
       x = ConvNormReLU(
         widths[0], norm=self.norm, use_bias=use_bias, kernel_init=kernel_init, name="stem"
       )(x, train)
+    stages = [x]
     for stage, features in enumerate(widths):
       for index in range(2):
         strides = 2 if stage > 0 and index == 0 else 1
@@ -309,4 +322,5 @@ class ResNet18(nn.Module):
           features, strides=strides, norm=self.norm, name=f"stage_{stage}_block_{index}"
         )
         x = block(x, train)
-    return global_average_pool(x)
+      stages.append(x)
+    return tuple(stages) if self.stage_outputs else global_average_pool(x)

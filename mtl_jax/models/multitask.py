@@ -3,7 +3,9 @@
 The variables tree is always `{'params': {'encoder': ..., 'heads': {task: ...}}}` (plus
 `batch_stats` with the same layout for batch norm), so the shared parameters are exactly
 `params['encoder']` and each task's own parameters are `params['heads'][task]`. A single-task
-model is the same thing with one head.
+model is the same thing with one head. Under hard sharing (architecture 'hps') the encoder's
+output is one array that every head reads; the other architectures (`architectures`) make it a
+pytree and each task's head a tower that takes its part of it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mtl_jax.models import architectures
 from mtl_jax.models import deeplab
 from mtl_jax.models import encoders
 from mtl_jax.models import heads as heads_lib
@@ -116,7 +119,8 @@ def build_model(config: Any, head_specs: Mapping[str, HeadSpec]) -> MultiTaskMod
   width_multiplier (1.0; segnet, resnet18, deeplabv3_resnet50),
   hidden ((256, 256); mlp), features ((16, 32, 32); small_cnn), head_hidden_channels (64; dense
   heads other than deeplabv3_resnet50's ASPP heads, which have 256 x width_multiplier channels),
-  head_hidden ((); global heads, () = linear), resnet_stem ('imagenet'; resnet18).
+  head_hidden ((); global heads, () = linear), resnet_stem ('imagenet'; resnet18),
+  architecture ('hps'; see `architectures`, with num_experts, num_task_experts and num_levels).
   """
   if not head_specs:
     raise ValueError("build_model needs at least one head spec.")
@@ -158,6 +162,9 @@ def build_model(config: Any, head_specs: Mapping[str, HeadSpec]) -> MultiTaskMod
         int(spec.output_channels), hidden=head_hidden, kernel_init=head_kernel_init
       )
   dtype = layers.check_dtype(config.get("dtype", "float32"))
+  encoder, task_heads = architectures.build(
+    config.get("architecture", "hps"), name, encoder, task_heads, config
+  )
   return MultiTaskModel(encoder=encoder, heads=task_heads, dtype=dtype)
 
 

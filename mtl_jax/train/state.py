@@ -201,6 +201,11 @@ def config_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
   # float32 is what every run did before the key existed: left out, older runs still resume.
   if model.get("dtype") == "float32":
     del model["dtype"]
+  # Likewise hard sharing, which every run was before architectures existed; the expert and
+  # level counts only shape the other architectures.
+  if model.get("architecture") == "hps":
+    for key in ("architecture", "num_experts", "num_task_experts", "num_levels"):
+      model.pop(key, None)
   # Likewise every label kept: older runs, which had no partial labels, still resume.
   dataset = config.dataset.to_dict()
   if dataset.get("label_fraction") == 1.0:

@@ -58,7 +58,18 @@ def graddrop(options: ml_collections.ConfigDict) -> JacobianMethod:
 
   def combine(feature_gradients, features, params, state, rng, step):
     del params, step
-    return graddrop_cotangent(feature_gradients, features, rng, leak), state, {}
+    if isinstance(features, jax.Array):
+      return graddrop_cotangent(feature_gradients, features, rng, leak), state, {}
+    # Architectures other than hard sharing give a pytree of features: each leaf is dropped
+    # with its own draw.
+    leaves, treedef = jax.tree_util.tree_flatten(features)
+    keys = jax.random.split(rng, len(leaves))
+    gradients = treedef.flatten_up_to(feature_gradients)
+    cotangents = [
+      graddrop_cotangent(gradient, leaf, key, leak)
+      for gradient, leaf, key in zip(gradients, leaves, keys)
+    ]
+    return jax.tree_util.tree_unflatten(treedef, cotangents), state, {}
 
   description = "gradient sign dropout on shared features"
   return JacobianMethod("graddrop", "features", combine=combine, description=description)
