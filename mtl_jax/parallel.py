@@ -182,7 +182,7 @@ def _absent(client, key: str, count: int) -> list[int]:
 def _lost_message(
   lost: Sequence[int], timeout_seconds: float, where: str, index: int, count: int
 ) -> str:
-  names = ", ".join(str(index) for index in lost)
+  names = ", ".join(str(lost_index) for lost_index in lost)
   coordinator = " (the coordinator)" if 0 in lost else ""
   return (
     f"lost process {names}{coordinator} of {count}: it did not reach {where} within "
