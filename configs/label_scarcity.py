@@ -11,23 +11,14 @@ The model and training keys are the main job's (a small CNN with group norm on 1
 import ml_collections
 
 from configs import base
+from configs import reproduce
 from configs.sections import label_scarcity
 
 
 def get_config() -> ml_collections.ConfigDict:
   config = base.get_config()
   config.tasks = ("segmentation", "depth", "normals")
-  config.dataset.height, config.dataset.width = 16, 32
-  config.dataset.num_train, config.dataset.num_validation, config.dataset.num_test = 192, 48, 48
-  config.model.encoder = "small_cnn"
-  config.model.features = (8, 16)
-  config.model.norm = "group"
-  config.model.head_hidden_channels = 8
-  config.training.num_epochs = 4
-  config.training.batch_size = 16
-  config.training.eval_batch_size = 32
-  config.training.log_every_steps = 8
-  config.training.checkpoint_every_steps = 0
+  reproduce.apply_small_scenes(config)
   config.optimizer.learning_rate = 0.005
   label_scarcity.add(config)
   return config

@@ -23,10 +23,9 @@ from configs.sections import robustness
 from configs.sections import sample_alignment
 
 
-def get_config() -> ml_collections.ConfigDict:
-  config = base.get_config()
-  for section in (optimizers, conflicts, robustness, sample_alignment):
-    section.add(config)
+def apply_small_scenes(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The main job's data, model and training size (a small CNN with group norm on 16x32 scenes,
+  4 epochs of 12 steps); studies run beside it (configs/label_scarcity.py) share it."""
   config.dataset.height, config.dataset.width = 16, 32
   config.dataset.num_train, config.dataset.num_validation, config.dataset.num_test = 192, 48, 48
   config.model.encoder = "small_cnn"
@@ -38,6 +37,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.training.eval_batch_size = 32
   config.training.log_every_steps = 8
   config.training.checkpoint_every_steps = 0
+  return config
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = base.get_config()
+  for section in (optimizers, conflicts, robustness, sample_alignment):
+    section.add(config)
+  apply_small_scenes(config)
   # The six methods whose features the robustness study compares (the paper's set there); the
   # paper-sized sweep (configs/sweep_paper.py) adds Aligned-MTL, AdaTask and MTL-IO.
   config.sweep.methods = ("ew", "uw", "rlw", "imtl", "pcgrad", "cagrad")
