@@ -435,9 +435,11 @@ def _nash_mtl(gramian: jax.Array, options: ml_collections.ConfigDict) -> jax.Arr
 
 
 class GradNormState(NamedTuple):
-  """GradNorm's reference losses L_t(0), taken at the first step."""
+  """GradNorm's reference losses L_t(0) [T], each taken at the first step whose batch labels
+  task t (`initial_set` [T] says which are taken)."""
 
   initial_losses: jax.Array
+  initial_set: jax.Array
 
 
 @register("gradnorm")
@@ -447,7 +449,8 @@ def gradient_normalization(options: ml_collections.ConfigDict) -> GramianWeighti
   The weights w = T softmax(s) (LibMTL) have trainable logits s, trained by the model's optimizer
   on Σ_t |w_t ‖g_t‖ - mean_k(w_k ‖g_k‖) r_t^α| with r_t = (L_t / L_t(0)) / mean(L / L(0)) held
   constant. L_t(0) is the loss at the first step (the paper's choice; LibMTL uses the first
-  epoch's mean). The model descends Σ_t sg(w_t) L_t.
+  epoch's mean); with partial labels, at the first step whose batch labels task t. The model
+  descends Σ_t sg(w_t) L_t.
   """
   alpha = float(options.gradnorm_alpha)
   if options.level != "task":
@@ -458,13 +461,13 @@ def gradient_normalization(options: ml_collections.ConfigDict) -> GramianWeighti
 
   def init(num_rows: int):
     zeros = jnp.zeros((num_rows,), jnp.float32)
-    return {"logits": zeros}, GradNormState(zeros)
+    return {"logits": zeros}, GradNormState(zeros, jnp.zeros((num_rows,), jnp.bool_))
 
   def weigh(gramian, task_losses, params, state: GradNormState, rng, step):
-    del rng
+    del rng, step
     num_tasks = task_losses.shape[0]
     losses = jax.lax.stop_gradient(task_losses)
-    initial = jnp.where(step == 0, losses, state.initial_losses)
+    initial = jnp.where(state.initial_set, state.initial_losses, losses)
     weights = num_tasks * jax.nn.softmax(params["logits"])
     norms = jnp.sqrt(jnp.maximum(jnp.diag(jax.lax.stop_gradient(gramian)), 0.0))
     weighted_norms = weights * norms
@@ -473,7 +476,8 @@ def gradient_normalization(options: ml_collections.ConfigDict) -> GramianWeighti
     target = jax.lax.stop_gradient(jnp.mean(weighted_norms) * relative**alpha)
     weighting_loss = jnp.sum(jnp.abs(weighted_norms - target))
     fixed = jax.lax.stop_gradient(weights)
-    return fixed, GradNormState(initial), {"weights": fixed, "weighting_loss": weighting_loss}
+    new_state = GradNormState(initial, jnp.ones_like(state.initial_set))
+    return fixed, new_state, {"weights": fixed, "weighting_loss": weighting_loss}
 
   description = f"gradient normalisation (alpha {alpha:g})"
   return GramianWeighting("gradnorm", init, weigh, description, levels=("task",))

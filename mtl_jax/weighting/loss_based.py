@@ -72,13 +72,18 @@ def random_loss_weighting(options: ml_collections.ConfigDict) -> LossWeighting:
 
 
 class DWAState(NamedTuple):
-  """DWA's running record of the epoch-mean task losses."""
+  """DWA's running record of each task's epoch-mean losses.
 
-  sum: jax.Array  # [T] this epoch's summed losses so far
+  Every field is per task [T]: a task's record only advances on the steps whose batch labels it
+  (`weighting.present`), so a task absent from some batches averages its own steps only.
+  """
+
+  sum: jax.Array  # this epoch's summed losses so far
   count: jax.Array  # steps summed this epoch
-  last: jax.Array  # [T] the last finished epoch's mean
-  before_last: jax.Array  # [T] the one before it
-  epochs_done: jax.Array
+  last: jax.Array  # the last finished epoch's mean
+  before_last: jax.Array  # the one before it
+  epochs_done: jax.Array  # epochs closed
+  epoch: jax.Array  # the epoch `sum` belongs to
 
 
 @register("dwa")
@@ -86,8 +91,9 @@ def dynamic_weight_average(options: ml_collections.ConfigDict) -> LossWeighting:
   """DWA (Liu et al. 2019): w_t = T softmax(r_t / temperature), r_t = L̄_t(e-1) / L̄_t(e-2).
 
   L̄_t(e) is task t's mean training loss over epoch e (LibMTL's convention; weights sum to T,
-  and are 1 during the first two epochs). The state accumulates the current epoch's losses and
-  keeps the last two epochs' means; `steps_per_epoch` is filled in by the trainer.
+  and are 1 until every task has closed two epochs). The state accumulates the current epoch's
+  losses and keeps the last two epochs' means; a task closes its epoch at its first step in a
+  later epoch. `steps_per_epoch` is filled in by the trainer.
   """
   temperature = float(options.dwa_temperature)
   steps_per_epoch = int(options.get("steps_per_epoch", 0) or 0)
@@ -98,13 +104,14 @@ def dynamic_weight_average(options: ml_collections.ConfigDict) -> LossWeighting:
 
   def init(num_tasks: int):
     zeros = jnp.zeros((num_tasks,), jnp.float32)
-    count = jnp.zeros((), jnp.float32)
-    return {}, DWAState(zeros, count, zeros, zeros, jnp.zeros((), jnp.int32))
+    integers = jnp.zeros((num_tasks,), jnp.int32)
+    return {}, DWAState(zeros, zeros, zeros, zeros, integers, integers)
 
   def combine(task_losses, params, state: DWAState, rng, step):
     del params, rng
-    # At an epoch's first step, close the previous epoch (its mean becomes 'last').
-    new_epoch = (step % steps_per_epoch == 0) & (state.count > 0)
+    # At a task's first step of a later epoch, close its epoch (the mean becomes 'last').
+    epoch = (jnp.asarray(step) // steps_per_epoch).astype(jnp.int32)
+    new_epoch = (epoch > state.epoch) & (state.count > 0)
     closed_mean = state.sum / jnp.maximum(state.count, 1.0)
     last = jnp.where(new_epoch, closed_mean, state.last)
     before_last = jnp.where(new_epoch, state.last, state.before_last)
@@ -114,9 +121,14 @@ def dynamic_weight_average(options: ml_collections.ConfigDict) -> LossWeighting:
     num_tasks = task_losses.shape[0]
     ratios = last / jnp.where(before_last > 0, before_last, 1.0)
     softmax_weights = num_tasks * jax.nn.softmax(ratios / temperature)
-    weights = jnp.where(epochs_done >= 2, softmax_weights, jnp.ones((num_tasks,)))
+    weights = jnp.where(jnp.all(epochs_done >= 2), softmax_weights, jnp.ones((num_tasks,)))
     new_state = DWAState(
-      running_sum + jax.lax.stop_gradient(task_losses), count + 1.0, last, before_last, epochs_done
+      running_sum + jax.lax.stop_gradient(task_losses),
+      count + 1.0,
+      last,
+      before_last,
+      epochs_done,
+      jnp.broadcast_to(epoch, state.epoch.shape),
     )
     return jnp.sum(task_losses * weights), new_state, {"weights": weights}
 
@@ -236,7 +248,8 @@ def smooth_tchebycheff(
 
 
 class STCHState(NamedTuple):
-  """STCH's nadir point: the losses summed over the last warm-up epoch, then their mean."""
+  """STCH's nadir point, per task [T]: the losses summed over the last warm-up epoch (on the
+  steps whose batch labels the task), then their mean."""
 
   loss_sum: jax.Array
   count: jax.Array
@@ -254,7 +267,8 @@ def smooth_tchebycheff_scalarization(options: ml_collections.ConfigDict) -> Loss
     total = T · smooth_tchebycheff(ℓ, μ, 1, 0) with μ = `stch_mu`: the weights
     w_t = T softmax(ℓ/μ)_t / L_t go to the task furthest above its nadir as μ → 0, and to
     1/L_t (the log-loss objective) as μ → ∞.
-  1e-20 is added inside the logarithms, as in the authors' code.
+  A task sets its nadir at its first step after epoch W; one that no batch of epoch W labelled
+  takes its loss of that step. 1e-20 is added inside the logarithms, as in the authors' code.
   """
   mu = float(options.stch_mu)
   warmup_epochs = int(options.stch_warmup_epochs)
@@ -264,7 +278,7 @@ def smooth_tchebycheff_scalarization(options: ml_collections.ConfigDict) -> Loss
   def init(num_tasks: int):
     zeros = jnp.zeros((num_tasks,), jnp.float32)
     ones = jnp.ones((num_tasks,), jnp.float32)
-    return {}, STCHState(zeros, jnp.zeros((), jnp.float32), ones, jnp.zeros((), jnp.bool_))
+    return {}, STCHState(zeros, zeros, ones, jnp.zeros((num_tasks,), jnp.bool_))
 
   def combine(task_losses, params, state: STCHState, rng, step):
     del params, rng
@@ -276,7 +290,8 @@ def smooth_tchebycheff_scalarization(options: ml_collections.ConfigDict) -> Loss
     count = state.count + accumulate.astype(state.count.dtype)
     after = epoch > warmup_epochs
     set_now = after & ~state.nadir_set
-    nadir = jnp.where(set_now, loss_sum / jnp.maximum(count, 1.0), state.nadir)
+    mean = jnp.where(count > 0, loss_sum / jnp.maximum(count, 1.0), fixed)
+    nadir = jnp.where(set_now, mean, state.nadir)
     log_losses = jnp.log(task_losses / nadir + epsilon)
     smooth = num_tasks * smooth_tchebycheff(log_losses, mu, 1.0, 0.0)
     warmup = jnp.sum(jnp.log(task_losses + epsilon))

@@ -1,0 +1,254 @@
+"""Partial labels inside the stateful methods: per-task records (DWA, STCH) and references (STCH's
+nadir, GradNorm's L(0)) advance only on the steps whose batch labels the task, and nothing
+changes when every label is present."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mtl_jax import weighting
+from mtl_jax.weighting import loss_based
+from mtl_jax.weighting import present as present_lib
+from tests.options import method_options
+
+STEPS_PER_EPOCH = 2
+# Three tasks over eight steps (four epochs): task 1 misses an epoch's first step and the whole of
+# epoch 2; task 2 misses one step of each of the first two epochs.
+PRESENT = np.array(
+  [
+    [1, 1, 1],
+    [1, 1, 0],
+    [1, 0, 1],
+    [1, 1, 0],
+    [1, 0, 1],
+    [1, 0, 1],
+    [1, 1, 1],
+    [1, 1, 1],
+  ],
+  bool,
+)
+LOSSES = np.random.default_rng(0).uniform(0.5, 2.0, size=PRESENT.shape).astype(np.float32)
+
+
+def _combine_fn(method):
+  """The jitted `present.combine` (a mask) and plain `combine` (none) of a loss weighting."""
+
+  def masked(losses, state, step, present):
+    total, state, aux = present_lib.combine(method, present, losses, {}, state, None, step)
+    return total, state, aux["weights"]
+
+  def plain(losses, state, step):
+    total, state, aux = method.combine(losses, {}, state, None, step)
+    return total, state, aux["weights"]
+
+  return jax.jit(masked), jax.jit(plain)
+
+
+# ---------------------------------------------------------------------- DWA: per-task epoch means
+
+
+def _dwa_with_one_counter(losses, state, step, temperature):
+  """DWA as it was with one step counter for all tasks (the reference for full batches)."""
+  total_sum, count, last, before_last, epochs_done = state
+  new_epoch = (step % STEPS_PER_EPOCH == 0) & (count > 0)
+  closed_mean = total_sum / jnp.maximum(count, 1.0)
+  last, before_last = (
+    jnp.where(new_epoch, closed_mean, last),
+    jnp.where(new_epoch, last, before_last),
+  )
+  epochs_done = epochs_done + new_epoch.astype(jnp.int32)
+  total_sum, count = jnp.where(new_epoch, 0.0, total_sum), jnp.where(new_epoch, 0.0, count)
+  ratios = last / jnp.where(before_last > 0, before_last, 1.0)
+  size = losses.shape[0]
+  softmax_weights = size * jax.nn.softmax(ratios / temperature)
+  weights = jnp.where(epochs_done >= 2, softmax_weights, jnp.ones((size,)))
+  state = (total_sum + losses, count + 1.0, last, before_last, epochs_done)
+  return jnp.sum(losses * weights), state, weights
+
+
+def _dwa(temperature=2.0):
+  options = method_options(steps_per_epoch=STEPS_PER_EPOCH, dwa_temperature=temperature)
+  return weighting.get("dwa", options)
+
+
+def test_dwa_with_every_label_present_is_bitwise_the_one_counter_dwa():
+  method = _dwa()
+  masked, plain = _combine_fn(method)
+  reference = jax.jit(_dwa_with_one_counter, static_argnums=3)
+  _, state = method.init(3)
+  masked_state, zeros = state, jnp.zeros((3,), jnp.float32)
+  old_state = (zeros, jnp.zeros(()), zeros, zeros, jnp.zeros((), jnp.int32))
+  everything = jnp.ones((3,), bool)
+  for step in range(4 * STEPS_PER_EPOCH):
+    losses = jnp.asarray(LOSSES[step])
+    total, state, weights = plain(losses, state, step)
+    masked_total, masked_state, masked_weights = masked(losses, masked_state, step, everything)
+    old_total, old_state, old_weights = reference(losses, old_state, step, 2.0)
+    for got in ((total, weights), (masked_total, masked_weights)):
+      np.testing.assert_array_equal(got[0], old_total)
+      np.testing.assert_array_equal(got[1], old_weights)
+  assert not np.allclose(weights, 1.0)  # the softmax branch was reached
+
+
+def _dwa_reference(temperature=2.0):
+  """DWA's weights per step from each task's own epoch means (numpy, float64)."""
+  size = PRESENT.shape[1]
+  weights = np.zeros(PRESENT.shape)
+  for step, present in enumerate(PRESENT):
+    epoch = step // STEPS_PER_EPOCH
+    closed = []  # per present task: the means of its epochs before this one, oldest first
+    for task in np.flatnonzero(present):
+      seen = [s for s in range(step) if PRESENT[s, task]]
+      epochs = sorted({s // STEPS_PER_EPOCH for s in seen if s // STEPS_PER_EPOCH < epoch})
+      closed.append(
+        [np.mean([LOSSES[s, task] for s in seen if s // STEPS_PER_EPOCH == e]) for e in epochs]
+      )
+    if all(len(means) >= 2 for means in closed):
+      ratios = np.array([means[-1] / means[-2] for means in closed]) / temperature
+      weights[step, present] = present.sum() * np.exp(ratios) / np.exp(ratios).sum()
+    else:
+      weights[step, present] = 1.0
+    assert size == 3
+  return weights
+
+
+def test_dwa_averages_each_task_over_the_steps_that_label_it():
+  method = _dwa()
+  masked, _ = _combine_fn(method)
+  _, state = method.init(3)
+  expected = _dwa_reference()
+  for step in range(len(PRESENT)):
+    total, state, weights = masked(jnp.asarray(LOSSES[step]), state, step, PRESENT[step])
+    np.testing.assert_allclose(weights, expected[step], rtol=1e-6, err_msg=f"step {step}")
+    want_total = np.sum(expected[step] * LOSSES[step] * PRESENT[step])
+    np.testing.assert_allclose(total, want_total, rtol=1e-6)
+  assert not np.allclose(expected[-1][PRESENT[-1]], 1.0)  # the softmax branch was reached
+  # Task 1 closed epochs 0, 1 and 3 only (it had no step in epoch 2).
+  np.testing.assert_array_equal(state.epochs_done, [3, 2, 3])
+
+
+# -------------------------------------------------------------------------- STCH: per-task nadir
+
+
+def _stch(warmup_epochs=1):
+  options = method_options(
+    steps_per_epoch=STEPS_PER_EPOCH, stch_warmup_epochs=warmup_epochs, stch_mu=0.5
+  )
+  return weighting.get("stch", options)
+
+
+def _stch_with_one_counter(losses, state, step, warmup_epochs, mu):
+  """STCH as it was with one counter and one 'nadir set' flag (the reference for full batches)."""
+  loss_sum, count, nadir, nadir_set = state
+  epoch = step // STEPS_PER_EPOCH
+  accumulate = epoch == warmup_epochs
+  loss_sum = loss_sum + jnp.where(accumulate, losses, 0.0)
+  count = count + accumulate.astype(count.dtype)
+  after = epoch > warmup_epochs
+  nadir = jnp.where(after & ~nadir_set, loss_sum / jnp.maximum(count, 1.0), nadir)
+  log_losses = jnp.log(losses / nadir + 1e-20)
+  smooth = losses.shape[0] * loss_based.smooth_tchebycheff(log_losses, mu, 1.0, 0.0)
+  total = jnp.where(after, smooth, jnp.sum(jnp.log(losses + 1e-20)))
+  softmax = jax.nn.softmax(log_losses / mu)
+  size = losses.shape[0]
+  weights = jnp.where(after, size * softmax / (losses + 1e-20 * nadir), 1.0 / (losses + 1e-20))
+  return total, (loss_sum, count, nadir, nadir_set | after), weights
+
+
+def test_stch_with_every_label_present_is_bitwise_the_one_counter_stch():
+  method = _stch()
+  masked, plain = _combine_fn(method)
+  reference = jax.jit(_stch_with_one_counter, static_argnums=(3, 4))
+  _, state = method.init(3)
+  masked_state = state
+  old_state = (jnp.zeros((3,)), jnp.zeros(()), jnp.ones((3,)), jnp.zeros((), bool))
+  everything = jnp.ones((3,), bool)
+  for step in range(4 * STEPS_PER_EPOCH):
+    losses = jnp.asarray(LOSSES[step])
+    total, state, weights = plain(losses, state, step)
+    masked_total, masked_state, masked_weights = masked(losses, masked_state, step, everything)
+    old_total, old_state, old_weights = reference(losses, old_state, step, 1, 0.5)
+    for got in ((total, weights), (masked_total, masked_weights)):
+      np.testing.assert_array_equal(got[0], old_total)
+      np.testing.assert_array_equal(got[1], old_weights)
+  np.testing.assert_array_equal(state.nadir, old_state[2])
+
+
+def test_stch_sets_each_nadir_from_the_steps_that_label_the_task():
+  # Warm-up epoch 1 (steps 2, 3): task 0 labelled twice, task 1 once (step 3), task 2 once (2).
+  # Task 1 is absent at step 4, the first step after warm-up: it takes its nadir at step 6.
+  method = _stch()
+  masked, _ = _combine_fn(method)
+  _, state = method.init(3)
+  nadirs = {}
+  for step in range(len(PRESENT)):
+    _, state, weights = masked(jnp.asarray(LOSSES[step]), state, step, PRESENT[step])
+    if step == 4:
+      nadirs[4] = np.asarray(state.nadir).copy()
+      assert not bool(state.nadir_set[1])
+    assert np.all(np.isfinite(weights)) and np.all(np.asarray(weights)[~PRESENT[step]] == 0)
+  want = [LOSSES[2:4, 0].mean(), LOSSES[3, 1], LOSSES[2, 2]]
+  np.testing.assert_allclose(state.nadir, want, rtol=1e-6)
+  assert nadirs[4][1] == 1.0  # not yet set when absent at the first step after warm-up
+
+
+def test_stch_takes_the_loss_of_its_first_step_as_nadir_for_a_task_unlabelled_in_warm_up():
+  method = _stch(warmup_epochs=2)  # epoch 2 (steps 4, 5) never labels task 1
+  masked, _ = _combine_fn(method)
+  _, state = method.init(3)
+  for step in range(len(PRESENT)):
+    _, state, weights = masked(jnp.asarray(LOSSES[step]), state, step, PRESENT[step])
+    assert np.all(np.isfinite(weights))
+  want = [LOSSES[4:6, 0].mean(), LOSSES[6, 1], LOSSES[4:6, 2].mean()]
+  np.testing.assert_allclose(state.nadir, want, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------ GradNorm: per-task L(0)
+
+
+def _gradnorm_loss(gramian, losses, initial, logits, alpha):
+  """GradNorm's objective for the logits (numpy float64), from the paper's formula."""
+  weights = len(losses) * np.exp(logits) / np.exp(logits).sum()
+  weighted_norms = weights * np.sqrt(np.diag(gramian))
+  ratios = losses / initial
+  target = weighted_norms.mean() * (ratios / ratios.mean()) ** alpha
+  return np.abs(weighted_norms - target).sum()
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_gradnorm_takes_each_tasks_initial_loss_at_its_first_labelled_step(masked):
+  method = weighting.get("gradnorm", method_options(gradnorm_alpha=1.5))
+  params, state = method.init(3)
+  params = {"logits": jnp.asarray([0.1, -0.2, 0.3])}
+  vectors = np.random.default_rng(1).normal(size=(3, 5))
+  gramian = vectors @ vectors.T
+  presence = PRESENT[[2, 1, 0]] if masked else np.ones((3, 3), bool)
+
+  def weigh(gramian, losses, state, step, present):
+    _, state, aux = present_lib.weigh(
+      method, "task", present, gramian, losses, params, state, None, step
+    )
+    return state, aux["weighting_loss"]
+
+  weigh = jax.jit(weigh)
+  first = {}
+  for step, present in enumerate(presence):
+    losses = LOSSES[step] * present
+    rows = np.flatnonzero(present)
+    for task in rows:
+      first.setdefault(task, LOSSES[step, task])
+    masked_gramian = gramian * np.outer(present, present)
+    state, loss = weigh(
+      jnp.asarray(masked_gramian, jnp.float32), jnp.asarray(losses), state, step, present
+    )
+    initial = np.array([first[task] for task in rows], np.float64)
+    want = _gradnorm_loss(
+      gramian[np.ix_(rows, rows)],
+      LOSSES[step, rows],
+      initial,
+      np.asarray(params["logits"])[rows],
+      1.5,
+    )
+    np.testing.assert_allclose(loss, want, rtol=1e-5, err_msg=f"step {step}")
+  np.testing.assert_array_equal(state.initial_losses, [first[task] for task in range(3)])
