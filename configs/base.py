@@ -26,10 +26,15 @@ def get_config() -> ml_collections.ConfigDict:
       validation_seed=0,
       augment=True,
       scales=(1.0, 1.2, 1.5),
-      # Partial labels (mtl_jax/data/labels.py): the fraction of training examples that keep
-      # their label for each task of label_fraction_tasks (empty: every task); 1.0 keeps all.
+      # Partial labels (mtl_jax/data/labels.py): the fraction of examples that keep their
+      # label for each task of label_fraction_tasks (empty: every task); 1.0 keeps all.
       label_fraction=1.0,
       label_fraction_tasks=(),
+      # One fraction per task, "depth=0.2,normals=0.5"; it overrides label_fraction for the
+      # tasks it names ("": none).
+      label_fractions="",
+      # The splits whose labels the fractions hide; validation and test keep all by default.
+      label_fraction_splits=("train",),
     )
   )
   # The training input pipeline (mtl_jax/data/loader.py); the batches never depend on it.

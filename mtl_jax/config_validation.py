@@ -29,6 +29,7 @@ from mtl_jax import optim
 from mtl_jax import statistics
 from mtl_jax import weighting as weighting_lib
 from mtl_jax.data import augment as augment_lib
+from mtl_jax.data import labels as labels_lib
 from mtl_jax.data import registry as data_registry
 from mtl_jax.data import scenes as scenes_lib
 from mtl_jax.gramian import modes as gramian_modes
@@ -232,6 +233,8 @@ RULES: dict[str, Rule] = {
   "dataset.scales": real_sequence(lambda value: 1 <= value < math.inf, ">= 1", False),
   "dataset.label_fraction": real(lambda value: 0 < value <= 1, "in (0, 1]"),
   "dataset.label_fraction_tasks": text_sequence(True),
+  "dataset.label_fractions": lambda value: _label_fractions_rule(value),
+  "dataset.label_fraction_splits": text_sequence(False, labels_lib.SPLITS, "splits"),
   "model.encoder": choice(multitask.ENCODERS, "encoders"),
   "model.norm": choice(layers_lib.NORM_KINDS, "norms"),
   "model.dtype": choice(layers_lib.DTYPES, "dtypes"),
@@ -487,25 +490,38 @@ def _check_tasks(checker: _Checker, dataset: data_registry.Dataset | None) -> No
       _check_dense_encoder(checker, dataset.select_tasks(list(tasks)))
 
 
+def _label_fractions_rule(value: Any) -> str | None:
+  """dataset.label_fractions: 'task=fraction' entries separated by commas."""
+  if not isinstance(value, str):
+    return f"expected a string like 'depth=0.2,normals=0.5', got {_got(value)}."
+  try:
+    labels_lib.parse_label_fractions(value)
+  except ValueError as error:
+    return str(error)
+  return None
+
+
 def _check_label_fraction_tasks(checker: _Checker, dataset: data_registry.Dataset | None) -> None:
-  """dataset.label_fraction_tasks names tasks of the run (config.tasks, aliases expanded)."""
-  present, chosen = checker.value("dataset.label_fraction_tasks")
-  if not present or checker.failed("dataset.label_fraction_tasks", "tasks"):
-    return
+  """dataset.label_fraction_tasks and dataset.label_fractions name tasks of the run
+  (config.tasks, aliases expanded)."""
   tasks_present, tasks = checker.value("tasks")
-  if not tasks_present:
+  if not tasks_present or checker.failed("tasks"):
     return
   tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
   if dataset is not None:
     tasks = tuple(task.name for task in dataset.select_tasks(list(tasks)))
   elif data_registry.ALL_ATTRIBUTES in tasks:
     return  # the alias's task names depend on the dataset
-  unknown = [name for name in chosen if name not in tasks]
-  if unknown:
-    checker.fail(
-      "dataset.label_fraction_tasks",
-      f"{unknown} not among the run's tasks; valid: {', '.join(tasks)} (empty: every task).",
-    )
+  for key in ("dataset.label_fraction_tasks", "dataset.label_fractions"):
+    present, chosen = checker.value(key)
+    if not present or checker.failed(key):
+      continue
+    if isinstance(chosen, str):
+      chosen = tuple(labels_lib.parse_label_fractions(chosen))
+    unknown = [name for name in chosen if name not in tasks]
+    if unknown:
+      empty = " (empty: every task)" if key.endswith("_tasks") else ""
+      checker.fail(key, f"{unknown} not among the run's tasks; valid: {', '.join(tasks)}{empty}.")
 
 
 def _check_dense_encoder(checker: _Checker, tasks) -> None:

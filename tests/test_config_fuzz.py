@@ -159,6 +159,40 @@ def text_tuples(options=None, allow_empty=True, related=()) -> Spec:
   return Spec(valid, values, related)
 
 
+# Entries of dataset.label_fractions, good and bad ('task=fraction', fraction in (0, 1]).
+_FRACTION_ENTRIES = (
+  "depth=0.2",
+  " normals = 1",
+  "segmentation=0.05",
+  "depth=0",
+  "depth=1.5",
+  "depth",
+  "=0.5",
+  "depth=x",
+  "unknown_task=0.5",
+  "",
+)
+
+
+def _label_fractions_valid(value) -> bool:
+  """'task=fraction' entries of the default tasks, separated by commas; each task once."""
+  if not isinstance(value, str):
+    return False
+  names = []
+  for entry in [part.strip() for part in value.split(",") if part.strip()]:
+    name, separator, number = (piece.strip() for piece in entry.partition("="))
+    try:
+      fraction = float(number)
+    except ValueError:
+      return False
+    if not separator or name not in ("segmentation", "depth", "normals"):
+      return False
+    if not 0 < fraction <= 1 or name in names:
+      return False
+    names.append(name)
+  return True
+
+
 def paths(kind: str, related=()) -> Spec:
   """A path key: '' (none) or an existing directory/file; 'paths' also takes a tuple of paths."""
   exists = {"dir": os.path.isdir, "file": os.path.isfile, "paths": os.path.exists}[kind]
@@ -244,6 +278,15 @@ SPECS: dict[str, Spec] = {
   "dataset.label_fraction_tasks": text_tuples(
     ("segmentation", "depth", "normals"), related=("tasks",)
   ),
+  "dataset.label_fractions": Spec(
+    _label_fractions_valid,
+    st.one_of(
+      st.lists(st.sampled_from(_FRACTION_ENTRIES), max_size=3).map(",".join),
+      _ANY_TYPE,
+    ),
+    related=("tasks",),
+  ),
+  "dataset.label_fraction_splits": text_tuples(("train", "validation", "test"), allow_empty=False),
   "model.encoder": choices(multitask.ENCODERS, related=_IMAGE + _ARCHITECTURE),
   "model.norm": choices(layers_lib.NORM_KINDS, related=_METHOD + _PROBE),
   # Parameters stay float32 either way; activations may be bfloat16.

@@ -18,6 +18,7 @@ from mtl_jax.data import loader
 from mtl_jax.data import pipeline
 from mtl_jax.data import registry
 from mtl_jax.models import apply as apply_lib
+from mtl_jax.train import evaluation
 from mtl_jax.weighting import present as present_lib
 
 BATCH = 4
@@ -110,12 +111,82 @@ def test_a_source_may_mark_its_own_missing_labels():
     ("dataset.label_fraction", 0.0, "config.dataset.label_fraction: must be in (0, 1]"),
     ("dataset.label_fraction", 1.5, "config.dataset.label_fraction: must be in (0, 1]"),
     ("dataset.label_fraction_tasks", ("segmentation",), "config.dataset.label_fraction_tasks:"),
+    ("dataset.label_fractions", "depth=0.2,segmentation=0.5", "config.dataset.label_fractions:"),
+    ("dataset.label_fractions", "depth=0", "config.dataset.label_fractions: the fraction of"),
+    ("dataset.label_fractions", "depth:0.2", "config.dataset.label_fractions: expected 'task="),
+    ("dataset.label_fractions", "depth=1,depth=0.5", "config.dataset.label_fractions: names"),
+    ("dataset.label_fraction_splits", ("train", "dev"), "config.dataset.label_fraction_splits:"),
+    ("dataset.label_fraction_splits", (), "config.dataset.label_fraction_splits: must not"),
   ],
 )
 def test_bad_label_fractions_are_named(dataset, key, value, message):
   with pytest.raises(config_validation.ConfigError) as error:
     config_validation.validate_config(_config(**{key: value}), dataset)
   assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
+def test_one_fraction_per_task_overrides_the_shared_fraction(dataset):
+  config = _config(
+    **{
+      "dataset.label_fraction": 0.5,
+      "dataset.label_fraction_tasks": ("depth",),
+      "dataset.label_fractions": " normals=0.25 ",
+    }
+  )
+  source = train.build_experiment(config, dataset).dataset.splits["train"]
+  size, seed = len(source), config.dataset.seed
+  want = np.stack(
+    [
+      labels.hidden_label_mask(size, "depth", 0.5, seed),
+      labels.hidden_label_mask(size, "normals", 0.25, seed),
+    ],
+    axis=1,
+  )
+  np.testing.assert_array_equal(source.batch(np.arange(size))[MASK], want)
+  assert want[:, 1].sum() == round(0.25 * size)
+  config = _config(**{"dataset.label_fractions": "depth=0.5,normals=0.5"})
+  both = train.build_experiment(config, dataset).dataset.splits["train"]
+  np.testing.assert_array_equal(both.batch(np.arange(size))[MASK][:, 0], want[:, 0])
+
+
+def test_the_fractions_hide_labels_of_the_splits_named(dataset):
+  config = _config(
+    **{"dataset.label_fraction": 0.5, "dataset.label_fraction_splits": ("train", "validation")}
+  )
+  masked = train.build_experiment(config, dataset).dataset
+  assert masked.splits["test"] is dataset.splits["test"]
+  validation = masked.splits["validation"]
+  size = len(validation)
+  mask = validation.batch(np.arange(size))[MASK]
+  assert mask.sum(0).tolist() == [round(0.5 * size)] * 2
+  # Its draws are not the training split's: the split's name is part of the stream.
+  train_draws = labels.hidden_label_mask(size, "depth", 0.5, config.dataset.seed)
+  np.testing.assert_array_equal(
+    mask[:, 0], labels.hidden_label_mask(size, "depth", 0.5, config.dataset.seed, "validation")
+  )
+  assert not np.array_equal(mask[:, 0], train_draws)
+
+
+def test_evaluation_on_a_split_with_hidden_labels_counts_labelled_examples_only(
+  dataset, base_state
+):
+  config = _config(
+    **{"dataset.label_fraction": 0.5, "dataset.label_fraction_splits": ("validation",)}
+  )
+  masked = train.build_experiment(config, dataset)
+  eval_step = _jit(train.make_eval_step(masked.model, masked.tasks))
+  totals = evaluation.summed_statistics(eval_step, masked, base_state.params, {}, "validation")
+  got = evaluation.flat_metrics(masked.tasks, totals)
+  plain = dataset.splits["validation"]
+  batch = pipeline.unit_float_images(plain.batch(np.arange(len(plain))))
+  for task in masked.tasks:
+    kept = labels.hidden_label_mask(len(plain), task.name, 0.5, config.dataset.seed, "validation")
+    alone = jax.device_get(eval_step(base_state.params, {}, batch, kept))
+    want = evaluation.flat_metrics(masked.tasks, alone)
+    assert int(totals[task.name]["loss_count"]) == kept.sum() < len(plain)
+    for key, value in want.items():
+      if key.startswith(task.name + "/"):
+        np.testing.assert_allclose(got[key], value, rtol=1e-5, err_msg=key)
 
 
 # ----------------------------------------------------------------------------- losses, gradients

@@ -211,6 +211,10 @@ def config_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
   if dataset.get("label_fraction") == 1.0:
     dataset.pop("label_fraction")
     dataset.pop("label_fraction_tasks", None)
+  if dataset.get("label_fractions") == "":
+    dataset.pop("label_fractions")
+  if tuple(dataset.get("label_fraction_splits", ())) == ("train",):
+    dataset.pop("label_fraction_splits")
   return json.loads(
     json.dumps(
       {
