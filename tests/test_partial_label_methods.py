@@ -5,9 +5,12 @@ changes when every label is present."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+from configs import test as test_config
 from mtl_jax import weighting
+from mtl_jax.weighting import jacobian_based
 from mtl_jax.weighting import loss_based
 from mtl_jax.weighting import present as present_lib
 from tests.options import method_options
@@ -252,3 +255,150 @@ def test_gradnorm_takes_each_tasks_initial_loss_at_its_first_labelled_step(maske
     )
     np.testing.assert_allclose(loss, want, rtol=1e-5, err_msg=f"step {step}")
   np.testing.assert_array_equal(state.initial_losses, [first[task] for task in range(3)])
+
+
+# --------------------------------------------- Auto-Lambda and the Jacobian methods: present only
+
+KEPT = np.array([0, 2])  # task 1 is absent: zero loss, zero gradient
+ABSENT = np.array([True, False, True])
+
+
+def _options():
+  config = test_config.get_config()
+  return weighting.method_options(config, 1)
+
+
+def _assert_tree_close(got, want, **tolerances):
+  for got_leaf, want_leaf in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+    np.testing.assert_allclose(got_leaf, want_leaf, **tolerances)
+
+
+def _rows(tree, rows):
+  return jax.tree_util.tree_map(lambda leaf: leaf[rows], tree)
+
+
+def test_auto_lambda_updates_the_weights_of_the_present_tasks_as_the_smaller_problem():
+  method = weighting.get("auto_lambda", _options())
+  directions = jnp.asarray(np.random.default_rng(2).normal(size=(3, 5)), jnp.float32)
+  directions = directions.at[1].set(0.0)
+
+  def losses_of(offset):
+    def losses(params):
+      values = (directions @ params["w"] - offset) ** 2
+      return values * jnp.asarray(ABSENT, jnp.float32)  # task 1 unlabelled: a constant 0
+
+    return losses
+
+  params = {"w": jnp.linspace(-1.0, 1.0, 5)}
+  _, state = method.init(3)
+  _, small_state = method.init(2)
+  update = jax.jit(
+    lambda state, step: present_lib.bilevel(
+      method, jnp.asarray(ABSENT), losses_of(0.5), losses_of(-0.3), params, state, step
+    )
+  )
+  small_update = jax.jit(
+    lambda state, step: method.bilevel(
+      lambda p: losses_of(0.5)(p)[KEPT], lambda p: losses_of(-0.3)(p)[KEPT], params, state, step
+    )
+  )
+  for step in range(3):
+    state, small_state = update(state, step), small_update(small_state, step)
+  _assert_tree_close(_rows(state.weights, KEPT), small_state.weights, rtol=1e-6)
+  adam, small_adam = state.optimizer[0], small_state.optimizer[0]
+  _assert_tree_close((adam.mu[KEPT], adam.nu[KEPT]), (small_adam.mu, small_adam.nu), rtol=1e-6)
+  initial = method.init(3)[1]
+  assert float(state.weights[1]) == float(initial.weights[1]) and float(adam.mu[1]) == 0.0
+  assert not np.allclose(state.weights[KEPT], initial.weights[KEPT])
+
+
+TASK_GRADIENT_METHODS = ["db_mtl", "moco", "excess_mtl", "sdmgrad", "modo"]
+
+
+@pytest.mark.parametrize("name", TASK_GRADIENT_METHODS)
+def test_task_gradient_methods_see_the_present_tasks_as_the_smaller_problem(name):
+  method = weighting.get(name, _options())
+  # Encoder leaves whose axes equal the task count (3): only the task axis is per task.
+  encoder = {"bias": jnp.zeros((3,)), "kernel": jnp.zeros((3, 3))}
+  _, state = method.init(3, encoder)
+  # The smaller problem starts from the present tasks' rows of the state (MoCo's and MoDo's
+  # simplex weights start at 1/3 each: no 2-task init gives that).
+  small_state = jax.tree_util.tree_map(
+    lambda leaf: leaf[KEPT] if jnp.ndim(leaf) and leaf.shape[0] == 3 else leaf, state
+  )
+  rng = np.random.default_rng(3)
+
+  def parts_at(step):
+    parts = []
+    for _ in range(method.batch_parts):
+      gradients = {key: rng.normal(size=(3, *leaf.shape)) for key, leaf in encoder.items()}
+      losses = rng.uniform(0.5, 2.0, size=3) * ABSENT
+      gradients = {
+        key: value * ABSENT.reshape((3,) + (1,) * (value.ndim - 1))
+        for key, value in gradients.items()
+      }
+      gradients = jax.tree_util.tree_map(lambda leaf: jnp.asarray(leaf, jnp.float32), gradients)
+      parts.append(weighting.TaskGradients(jnp.asarray(losses, jnp.float32), gradients))
+    return tuple(parts)
+
+  combine = jax.jit(
+    lambda parts, state, step: present_lib.task_gradients_combine(
+      method, jnp.asarray(ABSENT), parts, {}, state, jax.random.PRNGKey(0), step
+    )
+  )
+  small_combine = jax.jit(
+    lambda parts, state, step: method.combine(parts, {}, state, jax.random.PRNGKey(0), step)
+  )
+  for step in range(3):
+    parts = parts_at(step)
+    direction, scales, state, aux = combine(parts, state, step)
+    small = small_combine(_rows(parts, KEPT), small_state, step)
+    small_direction, small_scales, small_state, small_aux = small
+    _assert_tree_close(direction, small_direction, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(scales[KEPT], small_scales, rtol=1e-5)
+    assert float(scales[1]) == 0.0 and float(aux["weights"][1]) == 0.0
+    np.testing.assert_allclose(aux["weights"][KEPT], small_aux["weights"], rtol=1e-5, atol=1e-7)
+  initial = method.init(3, encoder)[1]
+  for leaf, small_leaf, start in zip(
+    jax.tree_util.tree_leaves(state),
+    jax.tree_util.tree_leaves(small_state),
+    jax.tree_util.tree_leaves(initial),
+  ):
+    if jnp.ndim(start) >= 1 and start.shape[0] == 3:  # per task: the absent row is untouched
+      np.testing.assert_allclose(leaf[KEPT], small_leaf, rtol=1e-5, atol=1e-7)
+      np.testing.assert_array_equal(leaf[1], start[1])
+    else:
+      np.testing.assert_array_equal(leaf, small_leaf)
+
+
+def test_graddrop_ignores_a_zero_row_as_if_the_task_did_not_exist():
+  method = weighting.get("graddrop", _options())
+  rng = np.random.default_rng(4)
+  gradients = rng.normal(size=(3, 4, 5)).astype(np.float32) * ABSENT.reshape(3, 1, 1)
+  features = jnp.asarray(rng.normal(size=(4, 5)), jnp.float32)
+  key = jax.random.PRNGKey(1)
+  full, _, _ = method.combine(jnp.asarray(gradients), features, {}, (), key, 0)
+  small, _, _ = method.combine(jnp.asarray(gradients[KEPT]), features, {}, (), key, 0)
+  np.testing.assert_allclose(full, small, rtol=1e-6, atol=1e-7)
+
+
+def test_adatask_leaves_an_absent_tasks_moments_and_update_out():
+  base = optax.adam(0.1)
+  transform = jacobian_based.per_task_transform(base, 3)
+  params = {"w": jnp.ones((4,))}
+  rng = np.random.default_rng(5)
+  state = transform.init(params)
+  for _ in range(2):  # the second step also exercises the momentum of earlier steps
+    gradients = rng.normal(size=(3, 4)).astype(np.float32) * ABSENT[:, None]
+    updates, new_state = jax.jit(transform.update)(
+      {"w": jnp.asarray(gradients)}, state, params, task_present=jnp.asarray(ABSENT)
+    )
+    want = 0.0
+    for task in KEPT:  # each present task's own Adam, one task at a time
+      one_state = jax.tree_util.tree_map(lambda leaf, task=task: leaf[task], state)
+      one_update, _ = base.update({"w": jnp.asarray(gradients[task])}, one_state, params)
+      want = want + one_update["w"]
+    np.testing.assert_allclose(updates["w"], want, rtol=1e-6)
+    for old, new in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(new_state)):
+      np.testing.assert_array_equal(new[1], old[1])
+    state = new_state

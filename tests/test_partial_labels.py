@@ -1,9 +1,12 @@
 """Partial labels: the label mask from the data, masked losses and gradients, every method on a
 batch missing a task, metrics and conflict pairs of labelled examples only."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import test as test_config
@@ -353,7 +356,18 @@ STEP_KINDS = [
 ]
 
 
-@pytest.mark.parametrize("name, level", STEP_KINDS)
+SLOW = os.environ.get("MTL_JAX_SLOW_TESTS") == "1"
+_SLOW_MARK = pytest.mark.skipif(not SLOW, reason="slow: set MTL_JAX_SLOW_TESTS=1")
+# Every registered method's full step compiles on its own (1-3 s on 2 CPU cores): the default run
+# takes one method per kind of step; MTL_JAX_SLOW_TESTS=1 runs every method (at level 'task').
+EVERY_STEP = STEP_KINDS + [
+  pytest.param(name, "task", marks=_SLOW_MARK)
+  for name in weighting.method_names()
+  if (name, "task") not in STEP_KINDS
+]
+
+
+@pytest.mark.parametrize("name, level", EVERY_STEP)
 def test_every_kind_of_step_trains_on_a_batch_where_a_task_has_no_label(
   dataset, base_state, batch, name, level
 ):
@@ -363,6 +377,34 @@ def test_every_kind_of_step_trains_on_a_batch_where_a_task_has_no_label(
     state, metrics = step(state, absent)
     assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves((state, metrics)))
     assert float(metrics["task_losses"][1]) == 0.0
+    if "task_weights" in metrics:
+      assert float(metrics["task_weights"][1]) == 0.0
+
+
+def test_mtl_io_takes_no_step_for_a_task_without_labels(dataset, base_state, batch):
+  state, step = _method_run(dataset, base_state, "mtl_io")
+  experiment = train.build_experiment(
+    _config(**{"method.name": "mtl_io", "optimizer.name": "sgd"}), dataset
+  )
+  mask = np.array([[1, 0], [0, 0], [1, 0], [1, 0]], bool)
+  absent = {**batch, MASK: mask}
+  scales = _reference_scales(mask)
+  initial, first = state, experiment.optimizer.transforms[0]
+  trainable, opt_state = state.trainable, state.opt_state[0]
+  for _ in range(2):  # the second step has momentum: an absent task's optimizer would move
+    state, _ = step(state, absent)
+    # The reference: task 0's own SGD step on its loss over its labelled examples, alone.
+    grads = jax.grad(
+      lambda trainable: _masked_objective(experiment, batch, scales * np.array([1.0, 0.0]))(
+        trainable["model"]
+      )
+    )(trainable)
+    updates, opt_state = first.update(grads, opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+  for got, want in zip(*(jax.tree_util.tree_leaves(s) for s in (state.trainable, trainable))):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+  for got, want in zip(*(jax.tree_util.tree_leaves(s.opt_state[1]) for s in (state, initial))):
+    np.testing.assert_array_equal(got, want)
 
 
 def _synthetic_problem(rng_seed=0):

@@ -46,10 +46,24 @@ def head_losses(model, tasks, head_params, features_per_task, batch, batch_stats
 
 
 def _finish(
-  state, optimizer, grads, batch_stats, weighting_state, rng, task_losses, aux, norm_of=None
+  state,
+  optimizer,
+  grads,
+  batch_stats,
+  weighting_state,
+  rng,
+  task_losses,
+  aux,
+  norm_of=None,
+  update_args=None,
 ):
-  """Applies one optimizer update and assembles the new state and the step's metrics."""
-  new_state = state.apply_gradients(optimizer, grads, batch_stats, weighting_state, rng)
+  """Applies one optimizer update and assembles the new state and the step's metrics.
+
+  `update_args`: extra keyword arguments of the optimizer's update (AdaTask's task_present).
+  """
+  new_state = state.apply_gradients(
+    optimizer, grads, batch_stats, weighting_state, rng, **(update_args or {})
+  )
   metrics = {
     "loss": jnp.sum(task_losses),
     "task_losses": task_losses,
@@ -186,7 +200,7 @@ def make_feature_jacobian_step(model, tasks, method, optimizer) -> Callable:
 
 def make_per_task_optimizer_step(model, tasks, method, optimizer) -> Callable:
   """Jacobian method with per-task optimizer moments (AdaTask): stacked encoder gradients
-  [T, ...]."""
+  [T, ...]; with a label mask the optimizer also gets the tasks present (`task_present`)."""
   del method
 
   def train_step(state, batch):
@@ -203,8 +217,18 @@ def make_per_task_optimizer_step(model, tasks, method, optimizer) -> Callable:
       "encoder": jax.tree_util.tree_map(lambda leaf: jnp.sum(leaf, axis=0), encoder_gradients),
       "heads": head_gradients,
     }
+    present = tasks_lib.task_present(batch, len(tasks))
     return _finish(
-      state, optimizer, grads, batch_stats, state.weighting_state, rng, losses, {}, norm_of=summed
+      state,
+      optimizer,
+      grads,
+      batch_stats,
+      state.weighting_state,
+      rng,
+      losses,
+      {},
+      norm_of=summed,
+      update_args=None if present is None else {"task_present": present},
     )
 
   return train_step
@@ -230,11 +254,22 @@ def make_sequential_step(model, tasks, method, optimizer) -> Callable:
     trainable, batch_stats = state.trainable, state.batch_stats
     opt_states, losses, norms = list(state.opt_state), [], []
     gradient_fn = jax.value_and_grad(task_objective, has_aux=True)
+    present = tasks_lib.task_present(batch, num_tasks)
     for index in range(num_tasks):
       (_, (loss, batch_stats)), grads = gradient_fn(trainable, batch_stats, batch, index)
       transform = optimizer.transforms[index]
-      updates, opt_states[index] = transform.update(grads, opt_states[index], trainable)
-      trainable = optax.apply_updates(trainable, updates)
+      updates, opt_state = transform.update(grads, opt_states[index], trainable)
+      updated = optax.apply_updates(trainable, updates)
+      if present is None:
+        trainable, opt_states[index] = updated, opt_state
+      else:
+        # A task without labels takes no step: its optimizer's momentum would still move the
+        # parameters, and its state would age.
+        trainable, opt_states[index] = jax.tree_util.tree_map(
+          lambda new, old, index=index: jnp.where(present[index], new, old),
+          (updated, opt_state),
+          (trainable, opt_states[index]),
+        )
       losses.append(loss)
       norms.append(optax.global_norm(grads))
     new_state = state.replace(
@@ -303,7 +338,9 @@ def make_task_gradient_step(model, tasks, method, optimizer) -> Callable:
     rng, step_rng = jax.random.split(state.rng)
     parts, shares = split_batch(batch, method.batch_parts)
     results = [_task_gradient_part(model, tasks, state, part) for part in parts]
-    direction, head_scales, weighting_state, aux = method.combine(
+    direction, head_scales, weighting_state, aux = present_lib.task_gradients_combine(
+      method,
+      tasks_lib.task_present(batch, len(tasks)),
       tuple(result[0] for result in results),
       state.weighting_params,
       state.weighting_state,
@@ -342,7 +379,9 @@ def with_bilevel(train_step: Callable, model, tasks, method) -> Callable:
 
   def step(state, batch):
     (train_part, meta_part), _ = split_batch(batch, 2)
-    weighting_state = method.bilevel(
+    weighting_state = present_lib.bilevel(
+      method,
+      tasks_lib.task_present(train_part, len(tasks)),
       losses_on(train_part, state.batch_stats),
       losses_on(meta_part, state.batch_stats),
       state.params,

@@ -49,9 +49,11 @@ class TrainState:
     batch_stats: Any,
     weighting_state: Any,
     rng: jax.Array,
+    **update_args: Any,
   ) -> "TrainState":
-    """The state after one optimizer update of `trainable` with `grads` (same tree)."""
-    updates, opt_state = optimizer.update(grads, self.opt_state, self.trainable)
+    """The state after one optimizer update of `trainable` with `grads` (same tree);
+    `update_args` go to the optimizer's update (an optax GradientTransformationExtraArgs)."""
+    updates, opt_state = optimizer.update(grads, self.opt_state, self.trainable, **update_args)
     trainable = optax.apply_updates(self.trainable, updates)
     return self.replace(
       step=self.step + 1,

@@ -25,25 +25,31 @@ Two extensions serve methods whose step needs more than one set of losses or gra
   on the held-out second half), then descends the method's scalar on the first half only.
 
 Partial labels (a batch whose label mask leaves a task without any labelled example, or a
-(sample, task) pair unlabelled): a loss weighting's `combine` (and FAMO's `after_update`) and a
-Gramian weighting's `weigh` run on the present tasks / rows only (`present.py`): the method sees
-a smaller problem, exactly as if the absent rows did not exist, and gives them weight 0; their
-entries of per-row parameters and state are left untouched. What that means per method:
+(sample, task) pair unlabelled): every method runs on the present tasks / rows only
+(`present.py`): it sees a smaller problem, exactly as if the absent rows did not exist, gives
+them weight 0, and leaves their entries of per-row parameters and state untouched. Per method:
 * EW, UW, UW-O, RLW, IMTL-L, GLS, STCH, GO4Align, Auto-Lambda's combine, FAMO: sums, softmaxes,
   logs and normalisations run over the present tasks (no log or division of an absent task's
   zero loss); UW's and IMTL-L's scales of an absent task get no gradient that step.
-* DWA and STCH keep one step counter for all tasks: a task absent from some batches of an
-  epoch has an epoch mean that also counts those batches (biased low in proportion), and at an
-  epoch's first batch only the present tasks close their epoch (STCH: only the tasks present at
-  the first batch after warm-up get their nadir; an absent one keeps 1). GradNorm takes L_t(0)
-  at step 0 only for the tasks present then (an absent one keeps 0, and its ratio is then L_t
-  itself). CR-MOGM's moving average and GradVac's targets advance only for present rows.
+* DWA's and STCH's records are per task: a task's epoch means average its own labelled steps
+  and it closes an epoch at its first labelled step of a later one (DWA's softmax waits until
+  every present task has closed two). STCH's nadir, GradNorm's L_t(0) and ExcessMTL's baseline
+  are taken at each task's first labelled step (STCH: its first after warm-up, from its own
+  warm-up steps, or its loss then when warm-up never labelled it). CR-MOGM's moving average and
+  GradVac's targets advance only for present rows.
 * Gramian solvers (MGDA, UPGrad, DualProj, CAGrad, Nash-MTL, FairGrad, IMTL-G, Aligned-MTL,
   ConFIG, PCGrad, ...): solved on the present rows' Gramian, so means run over present rows and
   no zero row attracts a min-norm point or breaks a bargaining condition.
-* Auto-Lambda's bilevel update and the Jacobian methods (GradDrop, AdaTask, MTL-IO, DB-MTL,
-  MoCo, ExcessMTL, SDMGrad, MoDo) see an absent task as a zero loss with a zero gradient (their
-  step stays finite: tests/test_partial_labels.py); their per-task state is updated with it.
+* Auto-Lambda's bilevel update: the virtual step and λ's Adam moments cover the tasks present
+  in the first half; the meta loss sums every task's held-out loss.
+* 'task_gradients' methods (DB-MTL, MoCo, ExcessMTL, SDMGrad, MoDo): run on the present tasks'
+  gradients, losses and state rows (presence in the whole batch: with `batch_parts` > 1 a task
+  labelled in the batch but not in one part still shows a zero gradient in that part).
+* AdaTask: an absent task's Adam moments do not move and it adds no update; MTL-IO: an absent
+  task takes no optimizer step. GradDrop needs nothing: a zero row changes neither the sign
+  purity nor the cotangent.
+* Shared counters (Adam's step count inside Auto-Lambda, DB-MTL's and MoCo's step counts) count
+  every step, labelled or not.
 """
 
 from __future__ import annotations

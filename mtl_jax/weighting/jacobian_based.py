@@ -91,10 +91,13 @@ def _labels(trainable: Any, encoder_label: str, head_label) -> Any:
 
 def per_task_transform(
   inner: optax.GradientTransformation, num_tasks: int
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   """Runs `inner` separately on each of T stacked gradients [T, ...] and sums the T updates.
 
   The state is inner's state with a leading task axis: per-task moments on the same parameters.
+  `update` takes `task_present` (bool [T], optional): a task absent from the batch (partial
+  labels) neither updates its state nor adds its update (its moments would still move the
+  parameters).
   """
 
   def init(params):
@@ -103,11 +106,22 @@ def per_task_transform(
       lambda leaf: jnp.broadcast_to(leaf, (num_tasks, *jnp.shape(leaf))), state
     )
 
-  def update(updates, state, params=None):
-    per_task, state = jax.vmap(inner.update, in_axes=(0, 0, None))(updates, state, params)
-    return jax.tree_util.tree_map(lambda leaf: jnp.sum(leaf, axis=0), per_task), state
+  def update(updates, state, params=None, task_present=None, **extra_args):
+    del extra_args  # the other transforms' arguments
+    per_task, new_state = jax.vmap(inner.update, in_axes=(0, 0, None))(updates, state, params)
+    if task_present is not None:
 
-  return optax.GradientTransformation(init, update)
+      def keep_present(new, old):
+        present = jnp.reshape(task_present, (-1,) + (1,) * (jnp.ndim(new) - 1))
+        return jnp.where(present, new, old)
+
+      new_state = jax.tree_util.tree_map(keep_present, new_state, state)
+      per_task = jax.tree_util.tree_map(
+        lambda leaf: keep_present(leaf, jnp.zeros_like(leaf)), per_task
+      )
+    return jax.tree_util.tree_map(lambda leaf: jnp.sum(leaf, axis=0), per_task), new_state
+
+  return optax.GradientTransformationExtraArgs(init, update)
 
 
 def _check_optimizer(method: str, name: str, allowed: Sequence[str]) -> None:

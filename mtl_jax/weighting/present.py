@@ -18,7 +18,10 @@ advances on batches that label it), everything else (the weights) into zeros. Le
 shapes (counters, epoch indices, scalars) are shared and pass through; the random key and the
 step are never gathered. With every row present the method runs unchanged on its full input.
 
-Per-method consequences: `weighting/base.py` lists them with the three protocols.
+Auto-Lambda's bilevel update (`bilevel`) and the 'task_gradients' Jacobian methods
+(`task_gradients_combine`, whose [T, ...] coordinates are taken along the task axis only, and
+whose encoder direction is never per row) run the same way. Per-method consequences:
+`weighting/base.py` lists them with the three protocols.
 """
 
 from __future__ import annotations
@@ -152,3 +155,76 @@ def weigh(method, level, present, gramian, task_losses, params, state, rng, step
 
   rows, shared = (gramian, params, state), (task_losses, rng, step)
   return call_on_present(per_sample, present, rows, shared, {1: 2})
+
+
+def bilevel(method, present, train_losses, meta_losses, model_params, state, step) -> Any:
+  """A loss weighting's `bilevel` update (Auto-Lambda) on the tasks present in the first half.
+
+  The method sees the first half's losses of those tasks only, so its virtual step and its
+  per-task state (λ_t and their Adam moments) leave the absent tasks alone; the meta loss keeps
+  every task's held-out loss (a task unlabelled there adds a constant 0). Shared leaves (Adam's
+  step count) advance on every step.
+  """
+  if present is None:
+    return method.bilevel(train_losses, meta_losses, model_params, state, step)
+
+  def update(state, rows, model_params, step):
+    def present_train_losses(params):
+      return train_losses(params)[rows]
+
+    return (method.bilevel(present_train_losses, meta_losses, model_params, state, step),)
+
+  rows = jnp.arange(present.shape[0])
+  return call_on_present(update, present, (state, rows), (model_params, step), {0: 0})[0]
+
+
+def _rows_flattened(tree: Any, like: Any, size: int) -> Any:
+  """Leaves whose counterpart in `like` leads with `size`, reshaped to [rows, 1, n]: per row along
+  their first axis only, whatever their other axes (a [T, ...] stack of encoder coordinates)."""
+
+  def flatten(leaf, spec):
+    if jnp.ndim(spec) >= 1 and jnp.shape(spec)[0] == size:
+      return jnp.reshape(leaf, (jnp.shape(leaf)[0], 1, -1))
+    return leaf
+
+  return jax.tree_util.tree_map(flatten, tree, like)
+
+
+def _rows_restored(tree: Any, like: Any, size: int) -> Any:
+  """The inverse of `_rows_flattened`: each flattened leaf back to its rows and `like`'s axes."""
+
+  def restore(leaf, spec):
+    if jnp.ndim(spec) >= 1 and jnp.shape(spec)[0] == size:
+      return jnp.reshape(leaf, (jnp.shape(leaf)[0], *jnp.shape(spec)[1:]))
+    return leaf
+
+  return jax.tree_util.tree_map(restore, tree, like)
+
+
+def task_gradients_combine(method, present, parts, params, state, rng, step) -> tuple:
+  """A 'task_gradients' Jacobian method's `combine` on the tasks present in the batch.
+
+  The parts' losses and encoder gradients, and the method's per-task state ([T, ...] leaves),
+  are taken along their task axis only; the encoder direction is never per task. Absent tasks
+  get head scale 0 and keep their state.
+  """
+  if present is None:
+    return method.combine(parts, params, state, rng, step)
+  size = int(present.shape[0])
+
+  def combine(flat_parts, params, flat_state, rng, step):
+    parts_rows = _rows_restored(flat_parts, parts, size)
+    state_rows = _rows_restored(flat_state, state, size)
+    direction, head_scales, new_state, aux = method.combine(
+      parts_rows, params, state_rows, rng, step
+    )
+    # A leading axis of 1 keeps the direction from being taken for per-task rows.
+    direction = jax.tree_util.tree_map(lambda leaf: leaf[None], direction)
+    return direction, head_scales, _rows_flattened(new_state, state, size), aux
+
+  row_args = (_rows_flattened(parts, parts, size), params, _rows_flattened(state, state, size))
+  direction, head_scales, flat_state, aux = call_on_present(
+    combine, present, row_args, (rng, step), {2: 2}
+  )
+  direction = jax.tree_util.tree_map(lambda leaf: leaf[0], direction)
+  return direction, head_scales, _rows_restored(flat_state, state, size), aux

@@ -199,7 +199,8 @@ def moco(options: ml_collections.ConfigDict) -> JacobianMethod:
 
 class ExcessMTLState(NamedTuple):
   """ExcessMTL's AdaGrad sums of squared task gradients ([T, ...] leaves), its weights α [T]
-  (summing to T), the first step's excess risks (the baseline) and whether it is set."""
+  (summing to T), each task's first step's excess risk (the baseline) and whether it is set
+  ([T]: with partial labels, a task sets it at its first labelled step)."""
 
   squared_sums: Any
   weights: jax.Array
@@ -231,7 +232,7 @@ def excess_mtl_weights(
   num_tasks = ratio.shape[0]
   moved = num_tasks * jax.nn.softmax(jnp.log(state.weights) + step_size * ratio)
   weights = jnp.where(state.started, moved, state.weights)
-  return weights, ExcessMTLState(squared_sums, weights, baseline, jnp.ones((), jnp.bool_))
+  return weights, ExcessMTLState(squared_sums, weights, baseline, jnp.ones_like(state.started))
 
 
 @register("excess_mtl")
@@ -245,7 +246,7 @@ def excess_risk(options: ml_collections.ConfigDict) -> JacobianMethod:
   def init(num_tasks, encoder):
     ones = jnp.ones((num_tasks,), jnp.float32)
     state = ExcessMTLState(
-      _stacked_zeros(num_tasks, encoder), ones, jnp.zeros_like(ones), jnp.zeros((), jnp.bool_)
+      _stacked_zeros(num_tasks, encoder), ones, jnp.zeros_like(ones), jnp.zeros_like(ones, bool)
     )
     return {}, state
 
