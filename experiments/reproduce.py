@@ -23,13 +23,23 @@ _WORKDIR = flags.DEFINE_string(
 _STUDIES = flags.DEFINE_list(
   "studies", None, f"Studies to run (default all): {', '.join(reproduce.STUDIES)}."
 )
+_LABEL_SCARCITY_WORKDIR = flags.DEFINE_string(
+  "label_scarcity_workdir",
+  "runs/label_scarcity",
+  "Where experiments/label_scarcity.py (run separately) wrote; the report quotes its findings.",
+)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   runtime.setup(_CONFIG.value)
-  path = reproduce.run(_CONFIG.value, _WORKDIR.value, _STUDIES.value)
+  path = reproduce.run(
+    _CONFIG.value,
+    _WORKDIR.value,
+    _STUDIES.value,
+    label_scarcity_workdir=_LABEL_SCARCITY_WORKDIR.value,
+  )
   print(f"Report: {path}")
 
 

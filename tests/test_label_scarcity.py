@@ -8,7 +8,9 @@ from configs import test as test_config
 from configs.sections import label_scarcity as section
 from mtl_jax import config_validation
 from mtl_jax import statistics
+from mtl_jax.report import markdown
 from mtl_jax.studies import label_scarcity
+from mtl_jax.studies import reproduce
 
 
 def _config():
@@ -52,3 +54,26 @@ def test_the_study_compares_mtl_with_stl_as_labels_become_scarce(tmp_path):
   _, verdicts = label_scarcity.finding_lines(result)
   assert len(verdicts) == 1 and set(verdicts) <= set(statistics.VERDICTS)
   assert "ew, depth labels 0.25" in text
+  # The main job's report quotes the study, which runs separately, with its findings and figure.
+  report = _report_with_label_scarcity(config, tmp_path / "job", str(tmp_path))
+  assert label_scarcity.COMMAND.format(workdir=tmp_path) in report
+  (finding,) = [line for line in text.splitlines() if "ew, depth labels 0.25" in line]
+  assert finding in report and "# MTL as labels become scarce" not in report
+  assert "](../label_scarcity.png)" in report
+
+
+def _report_with_label_scarcity(config, job_dir, scarcity_dir):
+  def other_study(config, workdir):
+    return markdown.StudyResult("Other", "another study's body")
+
+  path = reproduce.run(
+    config, str(job_dir), registry={"other": other_study}, label_scarcity_workdir=scarcity_dir
+  )
+  return open(path).read()
+
+
+def test_the_main_report_says_how_to_run_the_study_before_it_ran(tmp_path):
+  missing = str(tmp_path / "label_scarcity")
+  report = _report_with_label_scarcity(_config(), tmp_path / "job", missing)
+  assert "## " + reproduce.TITLES["label_scarcity"] in report
+  assert label_scarcity.COMMAND.format(workdir=missing) in report and "No results yet" in report

@@ -209,3 +209,33 @@ def summarise(result: ScarcityResult, workdir: str) -> tuple[str, str]:
   with open(os.path.join(workdir, "summary.md"), "w") as file:
     file.write("# MTL as labels become scarce\n\n" + text + "\n")
   return text, path
+
+
+# How to run the study (outside the main job, for its budget): the main report quotes it.
+COMMAND = (
+  "python experiments/label_scarcity.py --config=configs/label_scarcity.py --workdir={workdir}"
+)
+
+
+def report_section(workdir: str) -> tuple[str, list[str]]:
+  """The main job's report section on this study, which runs separately: the command, and the
+  study's findings (intervals and verdicts) and figure when `workdir` holds its summary.
+
+  Returns:
+    (markdown, figure paths).
+  """
+  command = COMMAND.format(workdir=workdir)
+  text = (
+    "This study runs outside the main job (it would not fit the job's time budget):\n\n"
+    f"```\n{command}\n```"
+  )
+  summary = os.path.join(workdir, "summary.md")
+  if not os.path.isfile(summary):
+    return f"{text}\n\nNo results yet: `{summary}` does not exist.", []
+  with open(summary) as file:
+    lines = file.read().splitlines()
+  # The summary's own title and figure link (relative to its directory) are the report's to set.
+  body = [line for line in lines if not line.startswith(("# ", "!["))]
+  figure = os.path.join(workdir, "label_scarcity.png")
+  figures = [os.path.abspath(figure)] if os.path.isfile(figure) else []
+  return f"{text}\n\nResults from `{summary}`:\n\n" + "\n".join(body).strip(), figures

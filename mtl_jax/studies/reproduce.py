@@ -19,6 +19,7 @@ from mtl_jax import metric_writers
 from mtl_jax.report import markdown
 from mtl_jax.studies import conflicts as conflicts_study
 from mtl_jax.studies import invariance
+from mtl_jax.studies import label_scarcity
 from mtl_jax.studies import optimizers
 from mtl_jax.studies import robustness
 from mtl_jax.studies import sample_alignment
@@ -32,6 +33,7 @@ TITLES = {
   "conflicts": "Gradient conflicts: inter-task vs inter-sample",
   "robustness": "Robustness of MTL vs STL features under corruptions",
   "sample_alignment": "Gradient alignment across samples (the fifth study)",
+  "label_scarcity": "Label scarcity: MTL vs STL as one task's labels become scarce",
 }
 
 
@@ -180,6 +182,7 @@ def run(
   workdir: str,
   studies: Sequence[str] | None = None,
   registry: Mapping[str, Study] | None = None,
+  label_scarcity_workdir: str | None = None,
 ) -> str:
   """Runs the studies in order (each in `workdir/<study>`) and writes `workdir/report.md`.
 
@@ -191,6 +194,8 @@ def run(
     workdir: the job directory.
     studies: names to run, default all of the registry in order.
     registry: study name -> function, default STUDIES.
+    label_scarcity_workdir: where the label-scarcity study (run separately) writes; the report
+      quotes its command and, once it has run, its findings. None leaves the section out.
 
   Returns:
     The report path.
@@ -227,6 +232,9 @@ def run(
     sections.append(section)
     metric_writers.status(f"[reproduce] {name} done in {metric_writers.format_duration(seconds)}")
   total = time.perf_counter() - start
+  if label_scarcity_workdir is not None:
+    text, figures = label_scarcity.report_section(label_scarcity_workdir)
+    sections.append(markdown.StudyResult(TITLES["label_scarcity"], text, figures))
   preamble = (
     'Small-scale reproduction of the four studies of "Examining Common Paradigms in Multi-Task '
     'Learning", and a fifth (gradient alignment across samples), on the embedded scenes data '
