@@ -461,15 +461,22 @@ def test_every_method_weighs_only_the_present_tasks(name):
     parts = tuple(
       weighting.TaskGradients(losses, {"kernel": vectors}) for _ in range(method.batch_parts)
     )
-    outputs = _jit(lambda parts: method.combine(parts, params, state, key, 0))(parts)
+    combine = _jit(
+      lambda parts: present_lib.task_gradients_combine(
+        method, present, parts, params, state, key, 0
+      )
+    )
+    outputs = combine(parts)
     assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(outputs))
+    assert float(outputs[1][1]) == 0.0  # no head scale for the absent task
   elif method.mode == "features":
     params, state = method.init(3)
     gradients = vectors.reshape(3, 2, 3)
     outputs = method.combine(gradients, jnp.ones((2, 3)), params, state, key, 0)
     assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(outputs))
-  # The optimizer modes (AdaTask, MTL-IO) run in STEP_KINDS: an absent task's zero gradient is
-  # all their optimizers see of it.
+  # The task-gradient methods are compared with the smaller problem in
+  # tests/test_partial_label_methods.py, as are AdaTask's per-task moments; MTL-IO's step in
+  # test_mtl_io_takes_no_step_for_a_task_without_labels.
 
 
 # ------------------------------------------------------------------------- metrics and conflicts
