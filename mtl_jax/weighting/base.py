@@ -49,7 +49,7 @@ them weight 0, and leaves their entries of per-row parameters and state untouche
   task takes no optimizer step. GradDrop needs nothing: a zero row changes neither the sign
   purity nor the cotangent.
 * Shared counters (Adam's step count inside Auto-Lambda, DB-MTL's and MoCo's step counts) count
-  every step, labelled or not.
+  every step that labels some task, not each task's own steps.
 """
 
 from __future__ import annotations

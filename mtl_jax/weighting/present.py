@@ -163,7 +163,7 @@ def bilevel(method, present, train_losses, meta_losses, model_params, state, ste
   The method sees the first half's losses of those tasks only, so its virtual step and its
   per-task state (λ_t and their Adam moments) leave the absent tasks alone; the meta loss keeps
   every task's held-out loss (a task unlabelled there adds a constant 0). Shared leaves (Adam's
-  step count) advance on every step.
+  step count) advance on every step that labels some task.
   """
   if present is None:
     return method.bilevel(train_losses, meta_losses, model_params, state, step)
