@@ -1,5 +1,9 @@
 """Test session set-up: the persistent XLA compilation cache, shared with the experiments, and
-reproducible property tests.
+reproducible property tests, and the slow tier.
+
+Tests marked `slow` are wider or larger variants of cases the default run already covers (every
+method on every architecture, every encoder and norm, the paper-size steps compiled); they run with
+MTL_JAX_SLOW_TESTS=1 and are skipped otherwise, so the default run stays within CI's budget.
 
 Hypothesis draws its examples from a fixed seed, so a CI run is reproducible and never fails by
 chance; set MTL_JAX_HYPOTHESIS=explore to draw fresh random examples when hunting for
@@ -9,6 +13,7 @@ counterexamples (a failing one found that way belongs in an @example).
 import os
 
 import hypothesis
+import pytest
 
 from mtl_jax import runtime
 
@@ -18,3 +23,16 @@ hypothesis.settings.register_profile("explore", derandomize=False)
 hypothesis.settings.load_profile(
   "explore" if os.environ.get("MTL_JAX_HYPOTHESIS") == "explore" else "reproducible"
 )
+
+
+SLOW_TESTS = os.environ.get("MTL_JAX_SLOW_TESTS") == "1"
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  if SLOW_TESTS:
+    return
+  skip = pytest.mark.skip(reason="slow: set MTL_JAX_SLOW_TESTS=1")
+  for item in items:
+    if "slow" in item.keywords:
+      item.add_marker(skip)

@@ -104,7 +104,9 @@ def _alive(pid):
     return False
 
 
-@pytest.mark.parametrize("workers", [0, 1])
+# With worker processes (the harder case: the pipeline's processes die with the run); the slow tier
+# also runs it with the reader thread, whose resume the preemption and checkpoint-fault tests cover.
+@pytest.mark.parametrize("workers", [pytest.param(0, marks=pytest.mark.slow), 1])
 def test_sigkill_then_resume_equals_uninterrupted_run(
   tmp_path, dataset, uninterrupted_kill_run, workers
 ):

@@ -84,29 +84,28 @@ def step_costs(
 ) -> dict[str, float]:
   """Median seconds of one compiled train step per (method, level), keyed by label.
 
-  Every step runs on the same batch of the training split; rounds interleave the steps (one call
-  of each per round), so load from other processes falls on all of them alike.
+  Each step is the one-run program the study's runs trained with (`train.lane_programs`: the
+  sweep compiled it already), with the first optimizer, lr and seed of the study, on the first
+  training batch of that seed. Rounds interleave the steps (one call of each per round), so load
+  from other processes falls on all of them alike.
   """
-  batch = dataset.splits["train"].batch(np.arange(int(config.training.batch_size)))
+  options = config.sample_alignment
+  optimizer, rate, seed = options.optimizers[0], float(options.lr_grid[0]), int(options.seeds[0])
   executables = {}
   for method, level in pairs:
-    label = method if level == "task" else f"{method}@{level}"
-    run = config_validation.with_overrides(
-      config, **{"method.name": method, "method.level": level, "delta_m.baseline": ()}
-    )
-    experiment = train.build_experiment(run, dataset)
-    state = train.init_state(experiment, int(config.seed))
-    step = train.make_train_step(
-      experiment.model, experiment.tasks, experiment.weighting, experiment.optimizer, level=level
-    )
-    compiled = jax.jit(step).lower(state, batch).compile()
-    jax.block_until_ready(compiled(state, batch))  # Warm-up.
-    executables[label] = (compiled, state)
+    spec = optimizers.RunSpec("mtl", method, optimizer, rate, seed, level)
+    experiment = train.build_experiment(optimizers.run_config(config, spec), dataset)
+    state = train.init_state(experiment, seed)
+    batch = train.first_training_batch(experiment, seed)
+    program = train.lane_programs(experiment, config.training.on_non_finite == "skip").step
+    arguments = (state, batch, np.float32(rate))
+    jax.block_until_ready(program(*arguments))  # Warm-up (compiles unless the sweep did).
+    executables[spec.label] = (program, arguments)
   times: dict[str, list[float]] = {label: [] for label in executables}
   for _ in range(repeats):
-    for label, (compiled, state) in executables.items():
+    for label, (program, arguments) in executables.items():
       start = time.perf_counter()
-      jax.block_until_ready(compiled(state, batch))
+      jax.block_until_ready(program(*arguments))
       times[label].append(time.perf_counter() - start)
   return {label: python_statistics.median(values) for label, values in times.items()}
 

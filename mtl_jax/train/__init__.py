@@ -7,7 +7,10 @@ loop (`loop.train_lanes`) over a lane strategy (`lanes`).
 
 from mtl_jax.train.guards import NonFiniteLossError
 from mtl_jax.train.lanes import LANE_MODES
+from mtl_jax.train.lanes import LanePrograms
 from mtl_jax.train.lanes import default_lane_mode
+from mtl_jax.train.lanes import first_training_batch
+from mtl_jax.train.lanes import lane_programs
 from mtl_jax.train.lanes import make_multi_train_step
 from mtl_jax.train.lanes import stack_states
 from mtl_jax.train.lanes import unstack_state
@@ -19,7 +22,7 @@ from mtl_jax.train.preemption import PreemptionGuard
 from mtl_jax.train.results import FAILED_FILE
 from mtl_jax.train.results import RESULTS_FILE
 from mtl_jax.train.results import write_failure
-from mtl_jax.train.session import group_key
+from mtl_jax.train.state import group_key
 from mtl_jax.train.state import Experiment
 from mtl_jax.train.state import TrainState
 from mtl_jax.train.state import build_experiment
@@ -37,12 +40,15 @@ __all__ = [
   "PreemptionGuard",
   "RESULTS_FILE",
   "Experiment",
+  "LanePrograms",
   "TrainState",
   "build_experiment",
   "config_fingerprint",
   "default_lane_mode",
+  "first_training_batch",
   "group_key",
   "init_state",
+  "lane_programs",
   "make_eval_step",
   "make_multi_train_step",
   "make_train_step",

@@ -26,7 +26,10 @@ a lane's own state, and `close()` (stops the pipeline's reader thread or worker 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import collections
+import functools
+import threading
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +45,7 @@ from mtl_jax.train import evaluation
 from mtl_jax.train import steps
 from mtl_jax.train.state import Experiment
 from mtl_jax.train.state import TrainState
+from mtl_jax.train.state import group_key
 from mtl_jax.train.state import init_state
 
 LANE_MODES = ("vmap", "map", "loop")
@@ -76,6 +80,25 @@ def batch_preparation(experiment: Experiment):
   return augment_device.preparation(experiment.dataset.augment if _on_device(experiment) else None)
 
 
+def step_reader(experiment: Experiment, seeds: Sequence[int], stacked: bool) -> loader.StepReader:
+  """The reader of the training batches of runs with these seeds, as their steps take them."""
+  return loader.StepReader(
+    experiment.dataset.splits["train"],
+    int(experiment.config.training.batch_size),
+    tuple(int(seed) for seed in seeds),
+    experiment.dataset.augment,
+    _on_device(experiment),
+    jax.process_index(),
+    jax.process_count(),
+    stacked,
+  )
+
+
+def first_training_batch(experiment: Experiment, seed: int) -> dict[str, np.ndarray]:
+  """A run's batch of step 0 as its step takes it (the whole global batch)."""
+  return step_reader(experiment, [seed], stacked=False).lane_batch(seed, 0, whole=True)
+
+
 class TrainingBatches:
   """The training batches of K runs (stacked, or one shared), read through `data.loader`."""
 
@@ -83,16 +106,7 @@ class TrainingBatches:
     config = experiment.config
     self.stacked = stacked
     self.on_device = _on_device(experiment)
-    self.reader = loader.StepReader(
-      experiment.dataset.splits["train"],
-      int(config.training.batch_size),
-      tuple(int(seed) for seed in seeds),
-      experiment.dataset.augment,
-      self.on_device,
-      jax.process_index(),
-      jax.process_count(),
-      stacked,
-    )
+    self.reader = step_reader(experiment, seeds, stacked)
     self.stream = loader.BatchStream(
       self.reader, experiment.total_steps, int(config.data.workers), int(config.data.prefetch)
     )
@@ -240,16 +254,16 @@ def make_multi_train_step(
     lane_mode: one of LANE_MODES; all compute the same per-run steps.
 
   Returns:
-    The un-jitted step for 'vmap' and 'map'; for 'loop' a Python function that calls its own
-    jitted, buffer-donating lane step K times (do not jit it again).
+    The un-jitted step for 'vmap' and 'map'; for 'loop' a Python function that calls compiled
+    programs K times (do not jit it).
   """
   if lane_mode not in LANE_MODES:
     raise ValueError(f"Unknown lane_mode {lane_mode!r}; valid modes: {', '.join(LANE_MODES)}.")
+  if lane_mode == "loop":
+    return _looped(lane_programs(experiment, skip_non_finite).step, shared_batch)
   lane_step = make_lane_step(experiment, skip_non_finite)
   if lane_mode == "vmap":
     return jax.vmap(lane_step, in_axes=(0, None if shared_batch else 0, 0))
-  if lane_mode == "loop":
-    return _looped(lane_step, shared_batch)
 
   def mapped_step(states, batch, learning_rates):
     if shared_batch:
@@ -259,33 +273,84 @@ def make_multi_train_step(
   return mapped_step
 
 
-def _index_lane(tree: Any, index) -> Any:
+class LanePrograms(NamedTuple):
+  """One run's compiled programs with a traced learning rate, shared by every group (and every
+  group size) of one experiment in this process.
+
+  Attributes:
+    step: `(state, batch, learning_rate) -> (state, metrics)`, jitted (`make_lane_step`).
+    evaluate: `(params, batch_stats, batch, mask) -> statistics`, jitted (`steps.make_eval_step`).
+  """
+
+  step: Callable
+  evaluate: Callable
+
+
+# Programs per (group_key of the config, dataset, skip_non_finite), most recently used last; the
+# dataset is held beside them, so its id is not reused while the entry lives.
+_PROGRAMS: collections.OrderedDict = collections.OrderedDict()
+_PROGRAMS_KEPT = 32
+_PROGRAMS_LOCK = threading.Lock()
+
+
+def lane_programs(experiment: Experiment, skip_non_finite: bool) -> LanePrograms:
+  """The compiled one-run programs of `experiment`, built once per process.
+
+  A sweep trains many groups of one experiment (a coarse grid, its refinement, a study reusing
+  runs): they differ only in seeds, learning rates and group size, so one trace and compilation
+  serves them all.
+  """
+  key = (group_key(experiment.config), id(experiment.dataset), skip_non_finite)
+  with _PROGRAMS_LOCK:
+    if key in _PROGRAMS:
+      _PROGRAMS.move_to_end(key)
+      return _PROGRAMS[key][1]
+    programs = LanePrograms(
+      jax.jit(make_lane_step(experiment, skip_non_finite)),
+      jax.jit(steps.make_eval_step(experiment.model, experiment.tasks)),
+    )
+    _PROGRAMS[key] = (experiment.dataset, programs)
+    while len(_PROGRAMS) > _PROGRAMS_KEPT:
+      _PROGRAMS.popitem(last=False)
+    return programs
+
+
+@jax.jit
+def _take_lane(tree: Any, index) -> Any:
   return jax.tree_util.tree_map(lambda leaf: leaf[index], tree)
 
 
+@functools.partial(jax.jit, donate_argnums=0)
+def _put_lane(stacked: Any, lane: Any, index) -> Any:
+  return jax.tree_util.tree_map(lambda whole, leaf: whole.at[index].set(leaf), stacked, lane)
+
+
+@jax.jit
+def _select_lanes(mask, new: Any, old: Any) -> Any:
+  return jax.tree_util.tree_map(
+    lambda a, b: jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old
+  )
+
+
+def _lane_of(batch: Any, index: int) -> Any:
+  return jax.tree_util.tree_map(lambda leaf: leaf[index], batch)
+
+
 def _looped(lane_step, shared_batch: bool):
-  """Steps the lanes of stacked states one after another with one compiled program.
+  """Steps the lanes of stacked states one after another through one compiled single-run step.
 
-  The lane index is an argument, so K runs share one compilation; the stacked states are
-  donated and lane k is updated in place (`.at[k].set`), so no copy of all K states is made.
+  The step sees one lane's state, so groups of any size share its compilation; lane k is taken
+  out of the stacked states and written back in place (the stacked states are donated).
   """
-
-  def one_lane(states, batch, learning_rates, index):
-    lane_batch = batch if shared_batch else _index_lane(batch, index)
-    new_state, step_metrics = lane_step(
-      _index_lane(states, index), lane_batch, learning_rates[index]
-    )
-    states = jax.tree_util.tree_map(
-      lambda stacked, leaf: stacked.at[index].set(leaf), states, new_state
-    )
-    return states, step_metrics
-
-  compiled = jax.jit(one_lane, donate_argnums=0)
 
   def step(states, batch, learning_rates):
     per_lane = []
-    for index in range(int(np.shape(learning_rates)[0])):
-      states, step_metrics = compiled(states, batch, learning_rates, np.int32(index))
+    rates = np.asarray(learning_rates, np.float32)
+    for index in range(rates.shape[0]):
+      lane = np.int32(index)
+      lane_batch = batch if shared_batch else _lane_of(batch, index)
+      new_state, step_metrics = lane_step(_take_lane(states, lane), lane_batch, rates[index])
+      states = _put_lane(states, new_state, lane)
       per_lane.append(step_metrics)
     return states, jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *per_lane)
 
@@ -294,18 +359,17 @@ def _looped(lane_step, shared_batch: bool):
 
 def _stacked_eval_step(experiment: Experiment, lane_mode: str):
   """`(params [K], batch_stats [K], batch, mask) -> statistics [K]`: every lane on one batch."""
-  eval_step = steps.make_eval_step(experiment.model, experiment.tasks)
   if lane_mode != "loop":
+    eval_step = steps.make_eval_step(experiment.model, experiment.tasks)
     return jax.jit(jax.vmap(eval_step, in_axes=(0, 0, None, None)))
-  single = jax.jit(
-    lambda params, batch_stats, batch, mask, index: eval_step(
-      _index_lane(params, index), _index_lane(batch_stats, index), batch, mask
-    )
-  )
+  single = lane_programs(experiment, _skip_non_finite(experiment.config)).evaluate
 
   def lanes(params, batch_stats, batch, mask):
     runs = jax.tree_util.tree_leaves(params)[0].shape[0]
-    per_lane = [single(params, batch_stats, batch, mask, np.int32(index)) for index in range(runs)]
+    per_lane = []
+    for index in range(runs):
+      lane = np.int32(index)
+      per_lane.append(single(_take_lane(params, lane), _take_lane(batch_stats, lane), batch, mask))
     return jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *per_lane)
 
   return lanes
@@ -337,11 +401,6 @@ class StackedLanes:
     self.batches = TrainingBatches(
       experiment, self.seeds[:1] if self.shared_batch else self.seeds, not self.shared_batch
     )
-    self._select = jax.jit(
-      lambda mask, new, old: jax.tree_util.tree_map(
-        lambda a, b: jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old
-      )
-    )
 
   def initial_states(self) -> TrainState:
     return stack_states([init_state(self.experiment, seed) for seed in self.seeds])
@@ -371,4 +430,4 @@ class StackedLanes:
 
   def select(self, improved: np.ndarray, new: TrainState, old: TrainState) -> TrainState:
     """Lanes where `improved` is True from `new`, the others from `old`."""
-    return self._select(jnp.asarray(improved), new, old)
+    return _select_lanes(jnp.asarray(improved), new, old)

@@ -10,7 +10,6 @@ running sums that logging averages.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Sequence
 
@@ -31,22 +30,12 @@ from mtl_jax.train import guards
 from mtl_jax.train import preemption as preemption_lib
 from mtl_jax.train import results as results_lib
 from mtl_jax.train.state import Experiment
+from mtl_jax.train.state import PER_RUN_KEYS
 from mtl_jax.train.state import config_fingerprint
+from mtl_jax.train.state import group_key
+
 
 # Keys that may differ between the runs of one group; everything else must agree.
-PER_RUN_KEYS = ("seed", "optimizer.learning_rate", "delta_m.baseline")
-
-
-def group_key(config: ml_collections.ConfigDict) -> str:
-  """A string equal for configs that can be trained together (all but PER_RUN_KEYS)."""
-  settings = json.loads(config.to_json_best_effort())
-  settings.pop("seed", None)
-  settings.get("optimizer", {}).pop("learning_rate", None)
-  settings.get("delta_m", {}).pop("baseline", None)
-  settings.pop("sweep", None)
-  return json.dumps(settings, sort_keys=True)
-
-
 def check_group(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str]) -> None:
   """Raises a ValueError unless the configs can be trained as one group in these workdirs."""
   if len(configs) != len(workdirs) or not configs:

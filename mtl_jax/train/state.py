@@ -191,6 +191,19 @@ def init_state(experiment: Experiment, seed: int) -> TrainState:
   )
 
 
+PER_RUN_KEYS = ("seed", "optimizer.learning_rate", "delta_m.baseline")
+
+
+def group_key(config: ml_collections.ConfigDict) -> str:
+  """A string equal for configs that can be trained together (all but PER_RUN_KEYS)."""
+  settings = json.loads(config.to_json_best_effort())
+  settings.pop("seed", None)
+  settings.get("optimizer", {}).pop("learning_rate", None)
+  settings.get("delta_m", {}).pop("baseline", None)
+  settings.pop("sweep", None)
+  return json.dumps(settings, sort_keys=True)
+
+
 def config_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The settings a checkpoint must agree with to be resumed (JSON-able).
 
