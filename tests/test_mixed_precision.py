@@ -2,6 +2,7 @@
 losses and Gramians in float32; training works and lands near float32."""
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -129,12 +130,12 @@ def test_bfloat16_backward_keeps_no_float32_activation(dataset):
   saved, predictions = {}, set()
   for dtype in ("float32", "bfloat16"):
     experiment = train.build_experiment(_config(dtype), dataset)
-    state = jax.eval_shape(lambda: train.init_state(experiment, 0))  # noqa: B023  (used at once)
+    state = jax.eval_shape(functools.partial(train.init_state, experiment, 0))
     saved[dtype] = _saved_model_residuals(experiment, state, batch)
-    outputs = jax.eval_shape(
-      lambda params: apply_lib.predict(experiment.model, params, {}, batch["image"], False)[0],  # noqa: B023  (used at once)
-      state.params,
+    predict = functools.partial(
+      apply_lib.predict, experiment.model, batch_stats={}, images=batch["image"], train=False
     )
+    outputs, _ = jax.eval_shape(predict, state.params)
     predictions |= {",".join(map(str, output.shape)) for output in outputs.values()}
   # Activation-sized values are kept (4 examples of 16 x 32 pixels), float32 in a float32 model.
   for dtype, kind in (("float32", "f32"), ("bfloat16", "bf16")):
