@@ -13,7 +13,8 @@ batch 512, 40 heads). Per config:
   of the traced step, parameters and batch excluded; `residual_mib`), float32 and bfloat16: the
   part of the memory that the model's dtype decides, whichever backend compiles it. XLA:CPU
   computes every bfloat16 convolution in float32 (with float32 copies of its operands and
-  result), so its peak says little about bfloat16 on an accelerator; this column does;
+  result), so its peak says little about bfloat16 on an accelerator; this column is the model's
+  share of that memory;
 * step ms: the float32 EW step as training runs it (uint8 image and augmentation draws in,
   augmentation inside the step), median of --steps calls after --warmup untimed ones (the
   program is compiled ahead, so on a CPU, where a paper-size step takes a minute or more,
