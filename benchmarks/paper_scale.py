@@ -9,6 +9,12 @@ batch 512, 40 heads). Per config:
 * peak MiB: XLA's memory analysis of the compiled train step (`jit(...).lower(...).compile()`,
   temporaries plus outputs; the incoming state and batch excluded), for the EW step and for a
   Gramian method's step (PCGrad at level 'task'), each with model.dtype float32 and bfloat16;
+* saved MiB: what the EW loss's backward pass keeps from its forward pass (jax's saved residuals
+  of the traced step, parameters and batch excluded; `residual_mib`), float32 and bfloat16: the
+  part of the memory that the model's dtype decides, whichever backend compiles it. XLA:CPU
+  computes every bfloat16 convolution in float32 (with float32 copies of its operands and
+  result), so its peak says little about bfloat16 on an accelerator; this column is the model's
+  share of that memory;
 * step ms: the float32 EW step as training runs it (uint8 image and augmentation draws in,
   augmentation inside the step), median of --steps calls after --warmup untimed ones (the
   program is compiled ahead, so on a CPU, where a paper-size step takes a minute or more,
@@ -30,17 +36,20 @@ the plain NumPy reference `pipeline.train_batch` against the pipeline.
     [--step-batch 0] [--smoke]
 
 --smoke is the CI-sized run of the same path: each config shrunk (small images, batch 4, narrow
-networks), two of the four compiled steps (EW float32, PCGrad bfloat16), one timed step, workers
-0 and 1.
+networks), one of the four compiled steps (EW float32, the timed one; the bfloat16 model is still
+traced, forward and backward, for its saved residuals), one timed step, workers 0 and 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib
+import io
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -48,6 +57,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
+from jax import ad_checkpoint  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mtl_jax import tasks as tasks_lib  # noqa: E402
@@ -60,6 +70,7 @@ from mtl_jax.data import registry  # noqa: E402
 from mtl_jax.data import tfds_datasets  # noqa: E402
 from mtl_jax.data.builders import cityscapes_mtl  # noqa: E402
 from mtl_jax.data.builders import nyuv2_mtl  # noqa: E402
+from mtl_jax.models import apply as apply_lib  # noqa: E402
 from mtl_jax.models import layers  # noqa: E402
 from mtl_jax.train import lanes  # noqa: E402
 from mtl_jax.train import steps as steps_lib  # noqa: E402
@@ -73,14 +84,16 @@ SMOKE_SIZES = {
   "celeba_resnet18": (16, 16),
 }
 SMOKE_BATCH, SMOKE_WIDTH = 4, 0.0625
-# The compiled steps measured per config: each (method, dtype); --smoke compiles two of them, so
-# each method and each dtype still goes through the path once (the other cells read n/a).
+# The compiled steps measured per config: each (method, dtype). --smoke compiles only the timed
+# one: each compile of a SegNet step costs 10 to 15 s here, most of the smoke run's time, and
+# `compiled_step` is the same function for all four (the other cells read n/a).
 VARIANTS = (("ew", "float32"), ("ew", "bfloat16"), ("pcgrad", "float32"), ("pcgrad", "bfloat16"))
-SMOKE_VARIANTS = (("ew", "float32"), ("pcgrad", "bfloat16"))
+SMOKE_VARIANTS = (("ew", "float32"),)
 # Host-time batches timed per setting (after the first, which starts the pipeline).
 HOST_BATCHES = 6
 # Workers of the host-placement rows.
 WORKER_COUNTS = (0, 1, 2)
+_STARTED = time.perf_counter()
 
 
 class SyntheticSource:
@@ -173,6 +186,41 @@ def compiled_step(config, dataset, batch, initialise: bool):
   return executable, state, peak
 
 
+# A saved residual as `ad_checkpoint.print_saved_residuals` prints it: 'bf16[64,128,256,64] ...'.
+_RESIDUAL = re.compile(r"^(?P<kind>[a-z]+)(?P<bits>\d*)\[(?P<shape>[\d,]*)\] (?P<source>.*)$")
+
+
+def residual_mib(config, dataset, batch) -> float:
+  """MiB that the EW loss's backward pass keeps from its forward pass, parameters and batch
+  excluded: jax's saved residuals of the traced program, before any backend compiles it.
+
+  This is the part of a step's memory that the model's dtype decides; the compiled peak adds what
+  the backend makes of it (XLA:CPU, for one, computes every bfloat16 convolution in float32).
+  """
+  experiment = train.build_experiment(config, dataset)
+  state = jax.eval_shape(lambda: train.init_state(experiment, 0))
+  prepared = jax.eval_shape(lanes.batch_preparation(experiment), batch)
+
+  def loss(params, batch_stats, batch):
+    predictions, _ = apply_lib.predict(experiment.model, params, batch_stats, batch["image"], True)
+    losses = tasks_lib.losses_matrix(experiment.tasks, predictions, batch)
+    return tasks_lib.task_mean_losses(losses, batch).sum()
+
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    ad_checkpoint.print_saved_residuals(loss, state.params, state.batch_stats, prepared)
+  total = 0
+  for line in printed.getvalue().splitlines():
+    match = _RESIDUAL.match(line)
+    if match is None or "from the argument" in match["source"]:
+      continue
+    size = 1
+    for extent in filter(None, match["shape"].split(",")):
+      size *= int(extent)
+    total += size * max(1, int(match["bits"] or 8) // 8)
+  return total / 2**20
+
+
 def step_milliseconds(executable, state, batch, steps: int, warmup: int) -> float:
   for _ in range(warmup):
     jax.block_until_ready(executable(state, batch))
@@ -197,6 +245,11 @@ def host_milliseconds(reader: loader.StepReader, workers: int, prefetch: int) ->
     stream.close()
 
 
+def progress(message: str) -> None:
+  """A progress line on stderr, with the seconds since the script started."""
+  print(f"[{time.perf_counter() - _STARTED:.0f} s] {message} ...", file=sys.stderr, flush=True)
+
+
 def measure(name: str, smoke: bool, timing: dict, worker_counts) -> dict:
   """Every figure of one config's row; `timing`: steps, warmup and step_batch (0: the config's)."""
   base = paper_config(name, smoke)
@@ -212,8 +265,11 @@ def measure(name: str, smoke: bool, timing: dict, worker_counts) -> dict:
   whole = step_batch == batch_size
   for method, dtype in VARIANTS:
     row[f"{method}_{dtype}"] = None
+  progress(f"{name}: saved residuals")
+  for dtype in ("float32", "bfloat16"):
+    row[f"saved_{dtype}"] = residual_mib(paper_config(name, smoke, "ew", dtype), dataset, batch)
   for method, dtype in SMOKE_VARIANTS if smoke else VARIANTS:
-    print(f"[{name}: compiling {method} {dtype} ...]", file=sys.stderr, flush=True)
+    progress(f"{name}: compiling {method} {dtype}")
     config = paper_config(name, smoke, method, dtype)
     timed = whole and method == "ew" and dtype == "float32"
     compiled = compiled_step(config, dataset, batch, timed)
@@ -222,7 +278,7 @@ def measure(name: str, smoke: bool, timing: dict, worker_counts) -> dict:
       row["parameters"] = layers.count_parameters(compiled[1].params)
       executable, state = compiled[:2]
     del compiled
-  print(f"[{name}: timing the EW step at batch {step_batch} ...]", file=sys.stderr, flush=True)
+  progress(f"{name}: timing the EW step at batch {step_batch}")
   timed_batch = {key: value[:step_batch] for key, value in batch.items()}
   if not whole:
     executable, state, _ = compiled_step(paper_config(name, smoke), dataset, timed_batch, True)
@@ -232,7 +288,7 @@ def measure(name: str, smoke: bool, timing: dict, worker_counts) -> dict:
   # A convolutional step's work grows linearly with the batch.
   row["step_ms"] = milliseconds * batch_size / step_batch
   del executable, state
-  print(f"[{name}: host time per batch ...]", file=sys.stderr, flush=True)
+  progress(f"{name}: host time per batch")
   row["host_device"] = host_milliseconds(reader, 0, 0)
   host_reader = loader.StepReader(dataset.splits["train"], batch_size, (0,), dataset.augment)
   row["host"] = {
@@ -259,11 +315,12 @@ def _ratio(numerator, denominator) -> str:
 def print_header(worker_counts) -> None:
   workers_header = " | ".join(f"host aug {count}w" for count in worker_counts)
   print(
-    "| config | B × H × W | params | EW f32 MiB | EW bf16 MiB | bf16 ÷ f32 | PCGrad f32 MiB | "
+    "| config | B × H × W | params | EW f32 MiB | EW bf16 MiB | bf16 ÷ f32 | EW saved f32 MiB | "
+    "EW saved bf16 MiB | saved bf16 ÷ f32 | PCGrad f32 MiB | "
     f"PCGrad bf16 MiB | step ms (EW f32) | host ms: device aug | {workers_header} | "
     "host ÷ step (device aug) | host ÷ step (best host aug) |"
   )
-  print("|---" * (12 + len(worker_counts)) + "|", flush=True)
+  print("|---" * (15 + len(worker_counts)) + "|", flush=True)
 
 
 def print_row(row, worker_counts) -> None:
@@ -273,7 +330,9 @@ def print_row(row, worker_counts) -> None:
   print(
     f"| {row['name']} | {row['batch']} × {height} × {width} | {row['parameters']:,} | "
     f"{_mib(row['ew_float32'])} | {_mib(row['ew_bfloat16'])} | "
-    f"{_ratio(row['ew_bfloat16'], row['ew_float32'])} | {_mib(row['pcgrad_float32'])} | "
+    f"{_ratio(row['ew_bfloat16'], row['ew_float32'])} | {_mib(row['saved_float32'])} | "
+    f"{_mib(row['saved_bfloat16'])} | {_ratio(row['saved_bfloat16'], row['saved_float32'])} | "
+    f"{_mib(row['pcgrad_float32'])} | "
     f"{_mib(row['pcgrad_bfloat16'])} | {_step_cell(row)} | {row['host_device']:.1f} | "
     f"{host} | {_ratio(row['host_device'], row['step_ms'])} | "
     f"{_ratio(best_host, row['step_ms'])} |",
@@ -343,6 +402,7 @@ def main() -> None:
   print_header(worker_counts)
   for name in names:
     print_row(measure(name, arguments.smoke, timing, worker_counts), worker_counts)
+  progress("main job host times")
   reference, piped = main_job_host_times()
   print(
     f"\nMain job (configs/reproduce.py, grouped seeds) host ms per step: stacked "

@@ -34,6 +34,10 @@ def test_smoke_runs_every_part_and_writes_its_table(tmp_path):
   cells = [cell.strip() for cell in row.strip("|").split("|")]
   # Every figure measured: the two host ÷ step ratios are numbers, not 'n/a'.
   assert all(re.fullmatch(r"\d+\.\d\d", cell) for cell in cells[-2:]), row
+  # What the backward pass keeps: a bfloat16 model keeps less than a float32 one.
+  header = next(line for line in paper_scale.splitlines() if line.startswith("| config |"))
+  header = [cell.strip() for cell in header.strip("|").split("|")]
+  assert 0 < float(cells[header.index("saved bf16 ÷ f32")]) < 1, row
   assert "Main job (configs/reproduce.py" in paper_scale
   assert re.search(r"\| mlp \| 4 \| \d\.\d\de-\d\d \|", (tmp_path / "gramian.md").read_text())
   assert "| EW |" in (tmp_path / "methods.md").read_text()

@@ -1,16 +1,22 @@
 """Tests of config.model.dtype = 'bfloat16': activations in bfloat16; parameters, optimizer state,
 losses and Gramians in float32; training works and lands near float32."""
 
+import contextlib
+import functools
+import io
 import json
 import os
+import re
 
 import jax
+from jax import ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import test as test_config
 from mtl_jax import gramian
+from mtl_jax import tasks as tasks_lib
 from mtl_jax import train
 from mtl_jax.data import registry
 from mtl_jax.gramian import capture as capture_lib
@@ -99,3 +105,46 @@ def test_bfloat16_model_keeps_float32_state_losses_and_gramians(dataset):
     )(state.params)
   )
   assert discrepancy < gramian_check.BFLOAT16_TOLERANCE
+
+
+def _saved_model_residuals(experiment, state, batch):
+  """(dtype, shape) of every value the loss's backward keeps that the model (its layers or
+  Flax's normalisation) computed: the printout of `jax.ad_checkpoint.print_saved_residuals`."""
+
+  def loss(params, batch_stats):
+    predictions, _ = apply_lib.predict(experiment.model, params, batch_stats, batch["image"], True)
+    return tasks_lib.losses_matrix(experiment.tasks, predictions, batch).sum()
+
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    ad_checkpoint.print_saved_residuals(loss, state.params, state.batch_stats)
+  residuals = []
+  for line in printed.getvalue().splitlines():
+    if re.search(r"(mtl_jax/models/|flax/linen/normalization)", line):
+      residuals.append(tuple(re.match(r"(\w+)\[([\d,]*)\]", line).groups()))
+  return residuals
+
+
+def test_bfloat16_backward_keeps_no_float32_activation(dataset):
+  batch = dataset.splits["train"].batch(np.arange(4))
+  saved, predictions = {}, set()
+  for dtype in ("float32", "bfloat16"):
+    experiment = train.build_experiment(_config(dtype), dataset)
+    state = jax.eval_shape(functools.partial(train.init_state, experiment, 0))
+    saved[dtype] = _saved_model_residuals(experiment, state, batch)
+    predict = functools.partial(
+      apply_lib.predict, experiment.model, batch_stats={}, images=batch["image"], train=False
+    )
+    outputs, _ = jax.eval_shape(predict, state.params)
+    predictions |= {",".join(map(str, output.shape)) for output in outputs.values()}
+  # Activation-sized values are kept (4 examples of 16 x 32 pixels), float32 in a float32 model.
+  for dtype, kind in (("float32", "f32"), ("bfloat16", "bf16")):
+    assert any(
+      saved_kind == kind and shape.startswith("4,16,32,") for saved_kind, shape in saved[dtype]
+    )
+  # In bfloat16 only the float32 predictions may be float32 (a float32 copy kept for the backward
+  # pass, e.g. normalisation statistics upcast over the whole activation, would show here).
+  float32 = [
+    shape for kind, shape in saved["bfloat16"] if kind == "f32" and shape not in predictions
+  ]
+  assert not float32, float32
