@@ -25,9 +25,9 @@ from configs.sections import sample_alignment
 
 def apply_small_scenes(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The main job's data, model and training size (a small CNN with group norm on 16x32 scenes,
-  4 epochs of 10 steps); studies run beside it (configs/label_scarcity.py) share it."""
+  4 epochs of 8 steps); studies run beside it (configs/label_scarcity.py) share it."""
   config.dataset.height, config.dataset.width = 16, 32
-  config.dataset.num_train, config.dataset.num_validation, config.dataset.num_test = 160, 48, 48
+  config.dataset.num_train, config.dataset.num_validation, config.dataset.num_test = 128, 48, 48
   config.model.encoder = "small_cnn"
   config.model.features = (8, 16)
   config.model.norm = "group"

@@ -16,6 +16,7 @@ import ml_collections
 
 from mtl_jax import config_validation
 from mtl_jax import metric_writers
+from mtl_jax.data import registry as data_registry
 from mtl_jax.report import markdown
 from mtl_jax.studies import conflicts as conflicts_study
 from mtl_jax.studies import invariance
@@ -93,9 +94,24 @@ def robustness_study(config: ml_collections.ConfigDict, workdir: str) -> markdow
   return markdown.StudyResult(TITLES["robustness"], text, figures)
 
 
+# The last dataset loaded by `shared_dataset`, keyed by its config's JSON.
+_SHARED: dict[str, object] = {}
+
+
+def shared_dataset(config: ml_collections.ConfigDict):
+  """The dataset of `config.dataset`, loaded once: the optimizer and sample-alignment studies
+  train on one dataset object, so the second reuses the first's compiled steps
+  (`train.lane_programs` keys them by dataset)."""
+  key = config.dataset.to_json()
+  if key not in _SHARED:
+    _SHARED.clear()
+    _SHARED[key] = data_registry.load_dataset(config.dataset)
+  return _SHARED[key]
+
+
 def optimizer_study(config: ml_collections.ConfigDict, workdir: str) -> markdown.StudyResult:
   """The optimizer × method sweep with STL baselines, Δm tables and Pareto counts."""
-  result = optimizers.run_sweep(config, workdir)
+  result = optimizers.run_sweep(config, workdir, shared_dataset(config))
   grid = config.sweep
   parts = [
     f"Coarse grid: methods {', '.join(grid.methods)} × optimizers {', '.join(grid.optimizers)} × "
@@ -161,7 +177,7 @@ def sample_alignment_study(config: ml_collections.ConfigDict, workdir: str) -> m
   """PCGrad, UPGrad, MGDA and CAGrad at levels task, sample and sample_task against EW, with the
   optimizer study's STL baselines (its finished runs are reused when it ran in this job)."""
   stl_workdir = os.path.join(os.path.dirname(workdir), "optimizers")
-  result = sample_alignment.run_study(config, workdir, stl_workdir)
+  result = sample_alignment.run_study(config, workdir, stl_workdir, shared_dataset(config))
   figures = [result.sweep.files["lr_curves.png"]] if "lr_curves.png" in result.sweep.files else []
   return markdown.StudyResult(
     TITLES["sample_alignment"], sample_alignment.report_markdown(result, config), figures
