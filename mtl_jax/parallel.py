@@ -35,6 +35,7 @@ import itertools
 import os
 import sys
 import threading
+import time
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -162,7 +163,7 @@ def _client():
   """The JAX distributed runtime's client (None before `jax.distributed.initialize`).
 
   jax 0.10.2 has no public barrier with a timeout; `jax.experimental.multihost_utils` and Orbax
-  reach the same client this way. Its barriers fail with a catchable error after their timeout,
+  reach the same client this way. Its waits fail with a catchable error after their timeout,
   while a collective with a dead peer blocks until the heartbeat timeout aborts the process.
   """
   return jax_distributed.global_state.client
@@ -191,29 +192,53 @@ def _lost_message(
   )
 
 
-def _wait(client, key: str, timeout_seconds: float, where: str, index: int, count: int) -> None:
+# The longest one call of `_wait` blocks in the coordination client. The liveness check's
+# thread sees within this that its process is exiting, so no thread is still inside the client
+# when the interpreter finalizes (a daemon thread stopped there aborts the process).
+_WAIT_SLICE_SECONDS = 0.25
+
+
+def _wait(
+  client,
+  key: str,
+  timeout_seconds: float,
+  where: str,
+  index: int,
+  count: int,
+  stopped: threading.Event | None = None,
+) -> bool:
   """Marks the arrival of process `index` (of `count`) at barrier `key` and waits for every
-  process.
+  process, in slices of _WAIT_SLICE_SECONDS; False if `stopped` is set first (the caller exits).
 
   It takes the process index and count rather than asking JAX: the liveness check calls it from
   its own thread, which may still be running while JAX's exit handler tears the backend down, and
-  asking JAX then would start a new backend against a coordinator that is gone (an abort).
+  asking JAX then would start a new backend against a coordinator that is gone (an abort). The
+  marks stay: a peer may still be reading them (the liveness check deletes its old rounds').
 
   Raises:
     LostPeerError: naming the processes that did not arrive in time.
   """
-  own = f"{key}/{index}"
-  try:
-    client.key_value_set(own, "arrived")
-    client.wait_at_barrier(key, int(timeout_seconds * 1000))
-  except Exception as error:  # JaxRuntimeError: DEADLINE_EXCEEDED, or UNAVAILABLE.
-    lost = _absent(client, key, count)
-    if index in lost:  # Even our own mark is gone: the coordinator is.
-      lost = [0]
-    message = _lost_message(lost, timeout_seconds, where, index, count)
-    raise LostPeerError(message, lost) from error
-  # Past the barrier every process has arrived; nobody reads the mark again.
-  client.key_value_delete(own)
+  client.key_value_set(f"{key}/{index}", "arrived")
+  deadline = time.monotonic() + timeout_seconds
+  waiting = [peer for peer in range(count) if peer != index]
+  while waiting:
+    if stopped is not None and stopped.is_set():
+      return False
+    left = deadline - time.monotonic()
+    if left <= 0:
+      lost = _absent(client, key, count)
+      if index in lost:  # Even our own mark is gone: the coordinator is.
+        lost = [0]
+      raise LostPeerError(_lost_message(lost, timeout_seconds, where, index, count), lost)
+    wait = min(left, _WAIT_SLICE_SECONDS)
+    started = time.monotonic()
+    try:
+      client.blocking_key_value_get(f"{key}/{waiting[0]}", max(1, int(1000 * wait)))
+      waiting.pop(0)
+    except Exception:  # DEADLINE_EXCEEDED for this slice, or UNAVAILABLE: the coordinator is gone.
+      # An error that came at once is not a wait: sleep the slice's rest rather than spin.
+      time.sleep(max(0.0, wait - (time.monotonic() - started)))
+  return True
 
 
 _BARRIER_COUNT = itertools.count()
@@ -241,9 +266,9 @@ def barrier(name: str) -> None:
 
 
 class _PeerWatchdog(threading.Thread):
-  """Every PEER_CHECK_INTERVAL_SECONDS, meets the other processes at a coordination-service
-  barrier; when one does not arrive within the timeout, prints an `error:` line naming it and
-  ends this process with LOST_PEER_EXIT_CODE.
+  """Every PEER_CHECK_INTERVAL_SECONDS, meets the other processes at a barrier of marks in the
+  coordination service (`_wait`); when one does not arrive within the timeout, prints an `error:`
+  line naming it and ends this process with LOST_PEER_EXIT_CODE.
 
   It runs beside the main thread because a lost peer usually leaves the main thread blocked in a
   collective, which only the JAX heartbeat (an abort, minutes later by default) would end. A
@@ -275,7 +300,12 @@ class _PeerWatchdog(threading.Thread):
         return
       key = f"{_KEY_PREFIX}/alive/{round_index}"
       try:
-        _wait(client, key, self.timeout_seconds, "the check", self.index, self.count)
+        if not _wait(
+          client, key, self.timeout_seconds, "the check", self.index, self.count, self.stopped
+        ):
+          return
+        if round_index >= 2:  # Every peer passed round - 1, so none reads round - 2's marks.
+          client.key_value_delete(f"{_KEY_PREFIX}/alive/{round_index - 2}/{self.index}")
         with self.progress:
           self.passed += 1
           self.progress.notify_all()
@@ -295,12 +325,15 @@ class _PeerWatchdog(threading.Thread):
         os._exit(LOST_PEER_EXIT_CODE)
 
   def depart(self) -> None:
-    """Marks this process as finished (peers stop expecting it) and stops the check."""
+    """Marks this process as finished (peers stop expecting it) and stops the check, waiting
+    for its thread to leave the coordination client (see _WAIT_SLICE_SECONDS)."""
     self.stopped.set()
     try:
       _client().key_value_set(f"{_KEY_PREFIX}/departed/{self.index}", "departed")
     except Exception:  # The coordinator is gone already; nobody is left to tell.
       pass
+    if self.is_alive() and threading.current_thread() is not self:
+      self.join(timeout=10 * _WAIT_SLICE_SECONDS)
 
 
 _WATCHDOG: _PeerWatchdog | None = None
