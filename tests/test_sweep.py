@@ -208,6 +208,19 @@ def test_train_group_writes_the_same_results_as_sequential_runs(tmp_path, datase
     assert reused["test"] == grouped[index]["test"]
 
 
+def test_loop_groups_of_any_size_share_one_compiled_step(tmp_path, dataset):
+  # A refinement round trains groups of another size than the coarse grid's: the loop lanes'
+  # one-run step must not compile again for them.
+  first, second = _group_configs([(2e-3, 0), (4e-3, 1)]), _group_configs([(5e-3, 2)] * 3)
+  train.train_group(first, [str(tmp_path / f"a{i}") for i in range(2)], dataset, lane_mode="loop")
+  experiment = train.build_experiment(first[0], dataset)
+  programs = train.lane_programs(experiment, skip_non_finite=False)
+  assert programs.step._cache_size() == 1
+  train.train_group(second, [str(tmp_path / f"b{i}") for i in range(3)], dataset, lane_mode="loop")
+  assert train.lane_programs(experiment, skip_non_finite=False) is programs
+  assert programs.step._cache_size() == 1 and programs.evaluate._cache_size() >= 1
+
+
 def test_tiny_end_to_end_sweep_and_resume(tmp_path, dataset, monkeypatch):
   config = _sweep_config(
     methods=("ew",),
