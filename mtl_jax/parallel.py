@@ -241,6 +241,14 @@ def _wait(
   return True
 
 
+def _forget(client, key: str) -> None:
+  """Deletes a mark nobody reads any more; when the coordinator is gone there is none to delete."""
+  try:
+    client.key_value_delete(key)
+  except Exception:  # UNAVAILABLE: the coordinator has shut down (this process is exiting).
+    pass
+
+
 _BARRIER_COUNT = itertools.count()
 
 
@@ -305,7 +313,7 @@ class _PeerWatchdog(threading.Thread):
         ):
           return
         if round_index >= 2:  # Every peer passed round - 1, so none reads round - 2's marks.
-          client.key_value_delete(f"{_KEY_PREFIX}/alive/{round_index - 2}/{self.index}")
+          _forget(client, f"{_KEY_PREFIX}/alive/{round_index - 2}/{self.index}")
         with self.progress:
           self.passed += 1
           self.progress.notify_all()
