@@ -16,11 +16,10 @@ default expert counts (configs/base.py). The parameter counts of the shared part
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import platform
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -67,12 +66,7 @@ def compile_all(dataset, batch) -> tuple[dict, dict]:
     for method, level in runs():
       print(f"[compiling {architecture} {method}@{level} ...]", file=sys.stderr, flush=True)
       experiment = train.build_experiment(case_config(architecture, method, level), dataset)
-      state = train.init_state(experiment, 0)
-      step = train.make_train_step(
-        experiment.model, experiment.tasks, experiment.weighting, experiment.optimizer, level=level
-      )
-      compiled = jax.jit(step).lower(state, batch).compile()
-      jax.block_until_ready(compiled(state, batch))  # Warm-up.
+      compiled, state = train.compiled_train_step(experiment, batch)
       executables[architecture, method, level] = (compiled, state)
       counts[architecture] = (
         layers.count_parameters(state.params["encoder"]),
@@ -89,13 +83,10 @@ def main(argv):
   dataset = registry.load_dataset(config.dataset)
   batch = dataset.splits["train"].batch(np.arange(config.training.batch_size))
   executables, counts = compile_all(dataset, batch)
-  times = {key: [] for key in executables}
-  for _ in range(_REPEATS.value):
-    for key, (compiled, state) in executables.items():
-      start = time.perf_counter()
-      jax.block_until_ready(compiled(state, batch))
-      times[key].append(time.perf_counter() - start)
-  medians = {key: statistics.median(values) for key, values in times.items()}
+  calls = {
+    key: functools.partial(compiled, state, batch) for key, (compiled, state) in executables.items()
+  }
+  medians = train.interleaved_medians(calls, _REPEATS.value)
   print(
     f"\n{datetime.date.today()}, {platform.processor() or platform.machine()}, {os.cpu_count()} "
     f"CPU cores, jax {jax.__version__} on {jax.default_backend()}; load average "

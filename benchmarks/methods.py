@@ -20,11 +20,10 @@ optional `--sample_level_methods` rows run in the tiny case only.
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import platform
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -95,25 +94,14 @@ def time_case(case: str, methods, sample_level_methods, repeats: int) -> dict[st
   batch = dataset.splits["train"].batch(np.arange(batch_size))
   runs = [("ew", "task")] + [(method, "task") for method in methods]
   runs += [(method, "sample_task") for method in sample_level_methods]
-  executables = {}
+  calls = {}
   for method, level in runs:
     key = method if level == "task" else f"{method}@{level}"
     print(f"[{case}: compiling {key} ...]", file=sys.stderr, flush=True)
     experiment = train.build_experiment(case_config(case, method, level), dataset)
-    state = train.init_state(experiment, 0)
-    step = train.make_train_step(
-      experiment.model, experiment.tasks, experiment.weighting, experiment.optimizer, level=level
-    )
-    compiled = jax.jit(step).lower(state, batch).compile()
-    jax.block_until_ready(compiled(state, batch))  # Warm-up.
-    executables[key] = (compiled, state)
-  times = {key: [] for key in executables}
-  for _ in range(repeats):
-    for key, (compiled, state) in executables.items():
-      start = time.perf_counter()
-      jax.block_until_ready(compiled(state, batch))
-      times[key].append(time.perf_counter() - start)
-  return {key: statistics.median(values) for key, values in times.items()}
+    compiled, state = train.compiled_train_step(experiment, batch)
+    calls[key] = functools.partial(compiled, state, batch)
+  return train.interleaved_medians(calls, repeats)
 
 
 def main(argv):

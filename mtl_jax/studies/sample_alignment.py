@@ -19,10 +19,9 @@ The study then states, each with its interval over seeds and its verdict:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import shutil
-import statistics as python_statistics
-import time
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -91,23 +90,16 @@ def step_costs(
   """
   options = config.sample_alignment
   optimizer, rate, seed = options.optimizers[0], float(options.lr_grid[0]), int(options.seeds[0])
-  executables = {}
+  calls = {}
   for method, level in pairs:
     spec = optimizers.RunSpec("mtl", method, optimizer, rate, seed, level)
     experiment = train.build_experiment(optimizers.run_config(config, spec), dataset)
     state = train.init_state(experiment, seed)
     batch = train.first_training_batch(experiment, seed)
     program = train.lane_programs(experiment, config.training.on_non_finite == "skip").step
-    arguments = (state, batch, np.float32(rate))
-    jax.block_until_ready(program(*arguments))  # Warm-up (compiles unless the sweep did).
-    executables[spec.label] = (program, arguments)
-  times: dict[str, list[float]] = {label: [] for label in executables}
-  for _ in range(repeats):
-    for label, (program, arguments) in executables.items():
-      start = time.perf_counter()
-      jax.block_until_ready(program(*arguments))
-      times[label].append(time.perf_counter() - start)
-  return {label: python_statistics.median(values) for label, values in times.items()}
+    jax.block_until_ready(program(state, batch, np.float32(rate)))  # Compiles unless the sweep did.
+    calls[spec.label] = functools.partial(program, state, batch, np.float32(rate))
+  return train.interleaved_medians(calls, repeats)
 
 
 def probe_run(config, workdir, dataset, result: optimizers.SweepResult) -> list[dict[str, Any]]:

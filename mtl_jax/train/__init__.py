@@ -30,6 +30,8 @@ from mtl_jax.train.state import config_fingerprint
 from mtl_jax.train.state import init_state
 from mtl_jax.train.steps import make_eval_step
 from mtl_jax.train.steps import make_train_step
+from mtl_jax.train.timing import compiled_train_step
+from mtl_jax.train.timing import interleaved_medians
 
 __all__ = [
   "FAILED_FILE",
@@ -43,11 +45,13 @@ __all__ = [
   "LanePrograms",
   "TrainState",
   "build_experiment",
+  "compiled_train_step",
   "config_fingerprint",
   "default_lane_mode",
   "first_training_batch",
   "group_key",
   "init_state",
+  "interleaved_medians",
   "lane_programs",
   "make_eval_step",
   "make_multi_train_step",

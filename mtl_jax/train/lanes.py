@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import threading
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -290,7 +289,6 @@ class LanePrograms(NamedTuple):
 # dataset is held beside them, so its id is not reused while the entry lives.
 _PROGRAMS: collections.OrderedDict = collections.OrderedDict()
 _PROGRAMS_KEPT = 32
-_PROGRAMS_LOCK = threading.Lock()
 
 
 def lane_programs(experiment: Experiment, skip_non_finite: bool) -> LanePrograms:
@@ -301,18 +299,17 @@ def lane_programs(experiment: Experiment, skip_non_finite: bool) -> LanePrograms
   serves them all.
   """
   key = (group_key(experiment.config), id(experiment.dataset), skip_non_finite)
-  with _PROGRAMS_LOCK:
-    if key in _PROGRAMS:
-      _PROGRAMS.move_to_end(key)
-      return _PROGRAMS[key][1]
-    programs = LanePrograms(
-      jax.jit(make_lane_step(experiment, skip_non_finite)),
-      jax.jit(steps.make_eval_step(experiment.model, experiment.tasks)),
-    )
-    _PROGRAMS[key] = (experiment.dataset, programs)
-    while len(_PROGRAMS) > _PROGRAMS_KEPT:
-      _PROGRAMS.popitem(last=False)
-    return programs
+  if key in _PROGRAMS:
+    _PROGRAMS.move_to_end(key)
+    return _PROGRAMS[key][1]
+  programs = LanePrograms(
+    jax.jit(make_lane_step(experiment, skip_non_finite)),
+    jax.jit(steps.make_eval_step(experiment.model, experiment.tasks)),
+  )
+  _PROGRAMS[key] = (experiment.dataset, programs)
+  while len(_PROGRAMS) > _PROGRAMS_KEPT:
+    _PROGRAMS.popitem(last=False)
+  return programs
 
 
 @jax.jit
