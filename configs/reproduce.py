@@ -25,17 +25,20 @@ from configs.sections import sample_alignment
 
 def apply_small_scenes(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The main job's data, model and training size (a small CNN with group norm on 16x32 scenes,
-  4 epochs of 8 steps); studies run beside it (configs/label_scarcity.py) share it."""
+  4 epochs of 14 steps); studies run beside it (configs/label_scarcity.py) share it."""
   config.dataset.height, config.dataset.width = 16, 32
-  config.dataset.num_train, config.dataset.num_validation, config.dataset.num_test = 128, 48, 48
+  config.dataset.num_train, config.dataset.num_validation, config.dataset.num_test = 112, 48, 48
   config.model.encoder = "small_cnn"
   config.model.features = (8, 16)
   config.model.norm = "group"
   config.model.head_hidden_channels = 8
   config.training.num_epochs = 4
-  config.training.batch_size = 16
+  # Batches of 8 rather than 16: twice the steps at about the same cost on CPU. With 32 steps of
+  # 16 SGD had not yet learned normals in every method (PCGrad's median angle 3.8% above the
+  # trivial predictor's); with 56 steps of 8 it has.
+  config.training.batch_size = 8
   config.training.eval_batch_size = 32
-  config.training.log_every_steps = 8
+  config.training.log_every_steps = 14
   config.training.checkpoint_every_steps = 0
   return config
 

@@ -80,11 +80,17 @@ def _ratio(numerator: Any, denominator: Any) -> float:
 
 
 def _normalise(vectors: jax.Array) -> jax.Array:
-  """Unit vectors along the last axis; a zero vector stays zero (value and gradient finite)."""
+  """Unit vectors along the last axis; a (near-)zero vector maps to zero with zero gradient.
+
+  A zero vector has no direction, so it must not steer training: clamping the norm instead
+  (v / max(|v|, eps)) gives it the gradient 1/eps, and a ReLU head whose hidden features are all
+  zero at a pixel outputs exactly its bias, 0 at initialisation. The inner where keeps the
+  unused rsqrt branch finite, so its gradient is 0 rather than NaN.
+  """
   squared_norm = jnp.sum(vectors * vectors, axis=-1, keepdims=True)
-  # max() rather than adding eps: exact unit length for real vectors, and the gradient through
-  # the clamped branch is 0 instead of the inf of 1/sqrt(0).
-  return vectors * jax.lax.rsqrt(jnp.maximum(squared_norm, _NORM_SQ_EPS))
+  has_direction = squared_norm > _NORM_SQ_EPS
+  safe_squared_norm = jnp.where(has_direction, squared_norm, 1.0)
+  return vectors * jnp.where(has_direction, jax.lax.rsqrt(safe_squared_norm), 0.0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -180,6 +180,37 @@ def test_normals_known_angles():
   assert task.metric_directions["within_30"] is True
 
 
+def test_normals_loss_gradient_is_analytic_and_zero_for_a_zero_prediction():
+  """d/dv (1 - v.t / |v|) = -(t - (v.t) v / |v|^2) / |v| per valid pixel, over the valid count.
+
+  A ReLU head outputs exactly 0 at a pixel whose hidden features are all 0; such a pixel has no
+  direction and must give no gradient (a clamped norm gave it 1/eps, 1e6 here).
+  """
+  rng = np.random.default_rng(3)
+  prediction = rng.normal(size=(2, 3, 4, 3)).astype(np.float32)
+  target = rng.normal(size=(2, 3, 4, 3)).astype(np.float32)
+  prediction[0, 1, 2] = 0.0
+  prediction[1, 0, 0] = 1e-8  # below the direction threshold too
+  target[1, 2, 3] = 0.0  # an invalid pixel
+  batch = {"normals": target}
+  grad = jax.jit(jax.grad(lambda p: jnp.sum(Normals().loss(p, batch))))(jnp.asarray(prediction))
+  grad = np.asarray(grad, np.float64)
+
+  v, t = prediction.astype(np.float64), target.astype(np.float64)
+  norm_v = np.linalg.norm(v, axis=-1, keepdims=True)
+  norm_t = np.linalg.norm(t, axis=-1, keepdims=True)
+  valid = norm_t[..., 0] > 0
+  has_direction = norm_v[..., 0] > 1e-6
+  unit_t = t / np.where(norm_t > 0, norm_t, 1.0)
+  safe_v = np.where(norm_v > 1e-6, norm_v, 1.0)
+  cosine_term = np.sum(v * unit_t, axis=-1, keepdims=True) * v / safe_v**2
+  expected = -(unit_t - cosine_term) / safe_v
+  expected *= (valid & has_direction)[..., None]
+  expected /= valid.reshape(2, -1).sum(axis=1)[:, None, None, None]
+  np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-7)
+  assert np.all(grad[0, 1, 2] == 0.0) and np.all(grad[1, 0, 0] == 0.0)
+
+
 def test_normals_median_matches_numpy_within_one_bin():
   rng = np.random.default_rng(1)
   for shape in [(2, 7, 9), (3, 8, 8)]:  # odd and even valid-pixel counts
