@@ -52,7 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
   # paper-sized sweep (configs/sweep_paper.py) adds Aligned-MTL, AdaTask and MTL-IO.
   config.sweep.methods = ("ew", "uw", "rlw", "imtl", "pcgrad", "cagrad")
   config.sweep.optimizers = ("adam", "sgd")
-  # The top of the paper's MTL grid down by decades: 48 steps favour large rates, and SGD
+  # The top of the paper's MTL grid down by decades: 56 steps favour large rates, and SGD
   # needs 0.5 where Adam diverges; the report flags a best lr at either end of the grid.
   config.sweep.lr_grid = (0.5, 0.05, 0.005)
   config.sweep.stl_lr_grid = (0.05, 0.005)
