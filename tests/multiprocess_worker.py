@@ -20,11 +20,14 @@ from mtl_jax import parallel  # noqa: E402
 from mtl_jax import runtime  # noqa: E402
 from mtl_jax import train  # noqa: E402
 
-# 4 epochs of 4 steps: long enough that a signal sent after step 2 lands mid-run. SGD, not Adam:
+# 2 epochs of 4 steps (configs/test.py: 64 examples in batches of 16): a signal sent once step 2
+# is logged stops the run at step 3 (the first steps, which load the programs, take seconds
+# each), so the relaunch that gets SIGKILL still has steps to log. SGD, not Adam:
 # Adam turns the round-off (different on 8 devices than on one) of the conv biases before group
 # norm, whose exact gradient is zero, into updates of up to its learning rate, and its
 # normalisation would hide a gradient counted once per process.
-COMMON = {"training.num_epochs": 4, "optimizer.name": "sgd", "optimizer.learning_rate": 0.1}
+COMMON = {"training.num_epochs": 2, "optimizer.name": "sgd", "optimizer.learning_rate": 0.1}
+STEPS = 8
 # A Gramian method at level 'sample_task' with the conflict probe on: one run covers both (the
 # shard_map Gramian in the step and the probe's full Gramian on the mesh).
 CASES = {
