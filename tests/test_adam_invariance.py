@@ -62,6 +62,16 @@ def classification():
   }
 
 
+def test_methods_with_their_own_optimizer_are_listed_as_skipped_with_the_reason():
+  config = invariance_config.get_config("classify")
+  config.classify.methods = ("adatask", "mtl_io")
+  config.classify.include_per_task_adam = False
+  result = invariance.classify_methods(config, progress=lambda _: None)
+  assert result["rows"] == []
+  assert sorted(result["skipped"]) == ["adatask", "mtl_io"]
+  assert all("brings its own optimizer" in reason for reason in result["skipped"].values())
+
+
 def test_ew_is_invariant_on_heads_under_adam_only(classification):
   assert classification["ew"]["class"] == "invariant on heads under Adam only"
 

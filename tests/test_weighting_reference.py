@@ -218,6 +218,22 @@ def test_gradvac_matches_torchjd_with_its_recorded_orders():
 # Stateful Gramian-space methods on the 5-step sequences (and first calls on J Jᵀ).
 
 
+def test_sdmgrad_runs_in_the_gramians_precision_and_keeps_its_states_dtype():
+  # The loss-scale classification (studies/invariance.py) trains in float64 from float32 method
+  # states: the inner loop must run in float64 and the kept weights stay float32.
+  with jax.enable_x64(True):
+    sdmgrad = jax.jit(lambda a, w: tg.sdmgrad_weights(a, w, 0.3, 10.0, 0.5, 20))
+    for case in _cases_below(1e4):
+      jacobian = np.asarray(_jacobian(case), np.float64)
+      size = jacobian.shape[0]
+      start = jnp.full((size,), 1.0 / size, jnp.float32)
+      step_weights, kept = sdmgrad(jnp.asarray(jacobian @ jacobian.T), start)
+      assert step_weights.dtype == jnp.float64 and kept.dtype == jnp.float32
+      np.testing.assert_allclose(
+        step_weights, REFERENCE[f"torchjd/SDMGradWeighting/weights/{case}"], atol=2e-4
+      )
+
+
 def test_modo_and_sdmgrad_weights_match_torchjd_on_first_calls_and_sequences():
   # SDMGrad's weights are 20 heavy-ball steps of learning rate 10 on Â (‖Â‖ ~ 1), warm-started
   # across the sequence: float32 round-off is amplified by the iteration (3e-4 observed on the

@@ -532,6 +532,12 @@ class _Classifier:
       # One Adam per task has no SGD counterpart.
       return jax.jit(step_fn), state, [("adam", True), ("adam", False)]
     weighting = weighting_lib.get(name, self.options)
+    if getattr(weighting, "make_optimizer", None) is not None:
+      # Caught by classify_methods, which lists the method as skipped with this reason.
+      raise ValueError(
+        f"it brings its own optimizer (mode {weighting.mode!r}), and the classification "
+        "compares Adam with SGD on one step function; one Adam per task is 'per_task_adam'"
+      )
     optimizer = _switchable(self.adam, self.sgd_learning_rate)
     state = self._initial_state(weighting, optimizer)
     state = state.replace(opt_state=optimizer.init(state.trainable))

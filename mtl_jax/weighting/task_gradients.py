@@ -287,6 +287,10 @@ def sdmgrad_weights(
   direction towards the mean gradient.
   """
   size = cross.shape[0]
+  # The inner loop runs in the Gramian's precision (float64 under jax.enable_x64); the kept
+  # weights return in the state's, so the state's type does not change from step to step.
+  state_dtype = weights.dtype
+  weights = weights.astype(cross.dtype)
   scale = jnp.mean(jnp.sqrt(jnp.maximum(jnp.diag(cross), 0.0)))
   scaled = cross / (scale**2 + 1e-8)
   preference = jnp.full((size,), 1.0 / size, cross.dtype)
@@ -298,7 +302,8 @@ def sdmgrad_weights(
     return solvers.project_to_simplex(weights - learning_rate * velocity), velocity
 
   weights, _ = jax.lax.fori_loop(0, iterations, body, (weights, jnp.zeros_like(weights)))
-  return (weights + regularisation * preference) / (1.0 + regularisation), weights
+  step_weights = (weights + regularisation * preference) / (1.0 + regularisation)
+  return step_weights, weights.astype(state_dtype)
 
 
 def modo_weights(cross: jax.Array, weights: jax.Array, step_size: float, rho: float) -> jax.Array:
