@@ -270,6 +270,26 @@ def test_famo_shifts_weight_towards_the_task_whose_loss_decreased_less():
   assert probabilities[1] > probabilities[0]
 
 
+def test_famo_state_keeps_its_dtype_and_values_under_float64_losses():
+  # The loss-scale classification (studies/invariance.py) trains in float64 from float32 states.
+  method = weighting.get("famo", _options())
+  losses, after = [1.0, 2.0, 0.5], [0.7, 1.9, 0.45]
+
+  def run():
+    _, state = method.init(3)
+    for _ in range(3):
+      _, state, _ = method.combine(jnp.asarray(losses), {}, state, None, 0)
+      state = method.after_update(jnp.asarray(after), state)
+    return state
+
+  float32_state = jax.jit(run)()
+  with jax.enable_x64(True):
+    float64_state = jax.jit(run)()
+  for kept, reference in zip(float64_state, float32_state):
+    assert kept.dtype == reference.dtype
+    np.testing.assert_allclose(kept, reference, rtol=1e-5)
+
+
 def test_gradnorm_weights_move_towards_the_slower_task(dataset):
   method = weighting.get("gradnorm", _options(gradnorm_alpha=1.5))
   params, state = method.init(2)

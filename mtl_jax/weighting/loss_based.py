@@ -171,20 +171,24 @@ def fast_adaptive_multitask_optimization(options: ml_collections.ConfigDict) -> 
     probabilities = jax.nn.softmax(state.logits)
     normaliser = jax.lax.stop_gradient(jnp.sum(probabilities / shifted))
     total = jnp.sum(jnp.log(shifted) * probabilities / normaliser)
-    new_state = state._replace(previous_losses=jax.lax.stop_gradient(task_losses))
+    # The state keeps its own dtype (float32) when the losses are float64 (jax.enable_x64).
+    previous = jax.lax.stop_gradient(task_losses).astype(state.previous_losses.dtype)
+    new_state = state._replace(previous_losses=previous)
     weights = probabilities / (normaliser * jax.lax.stop_gradient(shifted))
     return total, new_state, {"weights": weights}
 
   def after_update(losses_after, state: FAMOState) -> FAMOState:
     decrease = jnp.log(state.previous_losses + epsilon) - jnp.log(losses_after + epsilon)
+    decrease = decrease.astype(state.logits.dtype)
     _, pullback = jax.vjp(jax.nn.softmax, state.logits)
     (gradient,) = pullback(decrease)
     gradient = gradient + weight_decay * state.logits
     count = state.adam_count + 1
     m = 0.9 * state.adam_m + 0.1 * gradient
     v = 0.999 * state.adam_v + 0.001 * gradient**2
-    corrected_m = m / (1.0 - 0.9**count)
-    corrected_v = v / (1.0 - 0.999**count)
+    steps = count.astype(state.logits.dtype)
+    corrected_m = m / (1.0 - 0.9**steps)
+    corrected_v = v / (1.0 - 0.999**steps)
     logits = state.logits - learning_rate * corrected_m / (jnp.sqrt(corrected_v) + 1e-8)
     return state._replace(logits=logits, adam_m=m, adam_v=v, adam_count=count)
 
