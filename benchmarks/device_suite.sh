@@ -95,14 +95,16 @@ if [[ $SMOKE -eq 1 ]]; then
   GRAMIAN=(benchmarks/gramian.py --rounds 1 --batch-sizes 4 --encoders mlp)
   METHODS=(benchmarks/methods.py --cases=tiny --methods=pcgrad --sample_level_methods= --repeats=1)
   SWEEP=(benchmarks/sweep.py --config=configs/test.py --runs=2 --steps=2 --rounds=1 --modes=vmap)
-  BF16=(-m pytest -q -p no:cacheprovider tests/test_mixed_precision.py -k keeps_float32)
+  # -n 0: one process, not pyproject's two xdist workers, which would each start JAX (and on a
+  # GPU each preallocate most of its memory).
+  BF16=(-m pytest -q -n 0 -p no:cacheprovider tests/test_mixed_precision.py -k keeps_float32)
   BUDGETS=(240 120 120 120 120)
 else
   PAPER_SCALE=(benchmarks/paper_scale.py --steps 10)
   GRAMIAN=(benchmarks/gramian.py --rounds 10)
   METHODS=(benchmarks/methods.py --repeats=10)
   SWEEP=(benchmarks/sweep.py --runs=4,8 --modes=vmap,loop)
-  BF16=(-m pytest -q -p no:cacheprovider tests/test_mixed_precision.py)
+  BF16=(-m pytest -q -n 0 -p no:cacheprovider tests/test_mixed_precision.py)
   BUDGETS=(270 60 60 60 50)
 fi
 

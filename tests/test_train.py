@@ -70,7 +70,7 @@ def test_same_seed_gives_identical_metrics(tmp_path, dataset):
   assert third["test"] != first["test"]
 
 
-_KILL_EPOCHS = 6
+_KILL_EPOCHS = 4
 
 
 @pytest.fixture(scope="module")
