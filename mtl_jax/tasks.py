@@ -79,6 +79,11 @@ def _ratio(numerator: Any, denominator: Any) -> float:
   return float(np.asarray(numerator, dtype=np.float64)) / denominator
 
 
+def _at_least_float32(x: jax.Array) -> jax.Array:
+  """Predictions as float32 (bfloat16 models), or float64 in float64 runs (jax.enable_x64)."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def _normalise(vectors: jax.Array) -> jax.Array:
   """Unit vectors along the last axis; a (near-)zero vector maps to zero with zero gradient.
 
@@ -207,7 +212,7 @@ class Segmentation(Task):
   def loss(self, prediction: jax.Array, batch: Batch) -> jax.Array:
     """Per-sample mean over valid pixels of the pixel cross-entropy; 0 without valid pixels."""
     target, valid = self._targets(batch)
-    log_probs = jax.nn.log_softmax(prediction.astype(jnp.float32), axis=-1)
+    log_probs = jax.nn.log_softmax(_at_least_float32(prediction), axis=-1)
     nll = -jnp.take_along_axis(log_probs, target[..., None], axis=-1)[..., 0]
     return _masked_mean_per_sample(nll, valid)
 
@@ -253,7 +258,7 @@ class Depth(Task):
   def _errors(self, prediction: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(|pred - target|, target, valid), each [B,H,W]."""
     target = jnp.asarray(batch[self.target_key]).astype(jnp.float32)
-    abs_error = jnp.abs(prediction[..., 0].astype(jnp.float32) - target)
+    abs_error = jnp.abs(_at_least_float32(prediction[..., 0]) - target)
     return abs_error, target, target > 0
 
   def loss(self, prediction: jax.Array, batch: Batch) -> jax.Array:
@@ -319,7 +324,7 @@ class Normals(Task):
     target = jnp.asarray(batch[self.target_key]).astype(jnp.float32)
     valid = jnp.any(target != 0, axis=-1)
     # The target is normalised too, so slightly denormalised ground truth does not bias the loss.
-    return _normalise(prediction.astype(jnp.float32)), _normalise(target), valid
+    return _normalise(_at_least_float32(prediction)), _normalise(target), valid
 
   def loss(self, prediction: jax.Array, batch: Batch) -> jax.Array:
     """Per-sample mean over valid pixels of 1 - cos(pred, target); 0 without valid pixels."""
@@ -417,7 +422,7 @@ class BinaryAttribute(Task):
 
   def loss(self, prediction: jax.Array, batch: Batch) -> jax.Array:
     """Per-sample binary cross-entropy with logits, stable for large |logit|."""
-    logit = prediction[:, 0].astype(jnp.float32)
+    logit = _at_least_float32(prediction[:, 0])
     target = self._target(batch)
     # log(1 + e^x) - x y, with logaddexp avoiding overflow of e^x and log(0) for e^-x.
     return jnp.logaddexp(0.0, logit) - logit * target
@@ -456,7 +461,7 @@ class Classification(Task):
   def loss(self, prediction: jax.Array, batch: Batch) -> jax.Array:
     """Per-sample cross-entropy of the integer label."""
     label = jnp.asarray(batch[self.target_key]).astype(jnp.int32)
-    log_probs = jax.nn.log_softmax(prediction.astype(jnp.float32), axis=-1)
+    log_probs = jax.nn.log_softmax(_at_least_float32(prediction), axis=-1)
     return -jnp.take_along_axis(log_probs, label[:, None], axis=-1)[:, 0]
 
   def metric_statistics(

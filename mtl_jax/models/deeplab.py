@@ -164,4 +164,4 @@ class ASPPHead(nn.Module):
     x = jax.image.resize(
       x, (batch, height * self.upsample, width * self.upsample, self.out_channels), "bilinear"
     )
-    return x.astype(jnp.float32)
+    return layers.at_least_float32(x)

@@ -159,6 +159,19 @@ def check_norm(kind: str) -> str:
   return kind
 
 
+def activation_dtype(model_dtype: str, input_dtype: Any) -> Any:
+  """The dtype a model computes in: its own, except that a float32 model keeps float64 inputs
+  float64 (runs under jax.enable_x64, such as the loss-scale classification, stay exact)."""
+  if model_dtype == "float32" and jnp.dtype(input_dtype) == jnp.float64:
+    return jnp.float64
+  return jnp.dtype(model_dtype)
+
+
+def at_least_float32(x: jax.Array) -> jax.Array:
+  """x as float32 (from bfloat16 or float32), or as float64 when it is float64."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def check_dtype(name: str) -> str:
   """Returns name, or raises a ValueError listing the valid model dtypes."""
   if name not in DTYPES:

@@ -76,7 +76,7 @@ class MultiTaskModel(nn.Module):
 
   def encode(self, x: jax.Array, train: bool) -> jax.Array:
     """The shared features of a batch of images."""
-    return self.encoder(x.astype(self.dtype), train)
+    return self.encoder(x.astype(layers.activation_dtype(self.dtype, x.dtype)), train)
 
   def predict_heads(self, features: jax.Array, train: bool) -> dict[str, jax.Array]:
     """Every task's prediction from shared features."""
