@@ -59,7 +59,8 @@ class MultiTaskModel(nn.Module):
     encoder: maps images `[B, H, W, 3]` to features; called as `encoder(x, train)`.
     heads: task name -> head module; each is called as `head(features, train)`.
     dtype: the activations' dtype, 'float32' or 'bfloat16' (`layers.DTYPES`): images are cast to
-      it on entry, and every layer computes in its input's dtype; predictions are float32.
+      it on entry (float64 images stay float64 in a float32 model, `layers.activation_dtype`),
+      and every layer computes in its input's dtype; predictions are float32 (float64 then).
   """
 
   encoder: nn.Module
