@@ -79,23 +79,25 @@ def _ratio(numerator: Any, denominator: Any) -> float:
   return float(np.asarray(numerator, dtype=np.float64)) / denominator
 
 
-def _at_least_float32(x: jax.Array) -> jax.Array:
-  """Predictions as float32 (bfloat16 models), or float64 in float64 runs (jax.enable_x64)."""
+def at_least_float32(x: jax.Array) -> jax.Array:
+  """Predictions as float32 (from a bfloat16 or float32 model), or as float64 in float64 runs
+  (jax.enable_x64): the dtype heads hand to the losses and metrics."""
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def _normalise(vectors: jax.Array) -> jax.Array:
   """Unit vectors along the last axis; a (near-)zero vector maps to zero with zero gradient.
 
-  A zero vector has no direction, so it must not steer training: clamping the norm instead
+  A zero vector has no direction, so it must not steer training: a clamped norm alone
   (v / max(|v|, eps)) gives it the gradient 1/eps, and a ReLU head whose hidden features are all
-  zero at a pixel outputs exactly its bias, 0 at initialisation. The inner where keeps the
-  unused rsqrt branch finite, so its gradient is 0 rather than NaN.
+  zero at a pixel outputs exactly its bias, 0 at initialisation. The 0/1 factor zeroes value and
+  gradient there; through the clamp, the rest of the gradient is finite (a factor of the form
+  1/sqrt(0) would give NaN even multiplied by 0). It costs about what the clamp alone did
+  (BENCHMARKS.md, "Normals loss").
   """
   squared_norm = jnp.sum(vectors * vectors, axis=-1, keepdims=True)
-  has_direction = squared_norm > _NORM_SQ_EPS
-  safe_squared_norm = jnp.where(has_direction, squared_norm, 1.0)
-  return vectors * jnp.where(has_direction, jax.lax.rsqrt(safe_squared_norm), 0.0)
+  has_direction = (squared_norm > _NORM_SQ_EPS).astype(vectors.dtype)
+  return vectors * (jax.lax.rsqrt(jnp.maximum(squared_norm, _NORM_SQ_EPS)) * has_direction)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,7 +214,7 @@ class Segmentation(Task):
   def loss(self, prediction: jax.Array, batch: Batch) -> jax.Array:
     """Per-sample mean over valid pixels of the pixel cross-entropy; 0 without valid pixels."""
     target, valid = self._targets(batch)
-    log_probs = jax.nn.log_softmax(_at_least_float32(prediction), axis=-1)
+    log_probs = jax.nn.log_softmax(at_least_float32(prediction), axis=-1)
     nll = -jnp.take_along_axis(log_probs, target[..., None], axis=-1)[..., 0]
     return _masked_mean_per_sample(nll, valid)
 
@@ -258,7 +260,7 @@ class Depth(Task):
   def _errors(self, prediction: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(|pred - target|, target, valid), each [B,H,W]."""
     target = jnp.asarray(batch[self.target_key]).astype(jnp.float32)
-    abs_error = jnp.abs(_at_least_float32(prediction[..., 0]) - target)
+    abs_error = jnp.abs(at_least_float32(prediction[..., 0]) - target)
     return abs_error, target, target > 0
 
   def loss(self, prediction: jax.Array, batch: Batch) -> jax.Array:
@@ -324,7 +326,7 @@ class Normals(Task):
     target = jnp.asarray(batch[self.target_key]).astype(jnp.float32)
     valid = jnp.any(target != 0, axis=-1)
     # The target is normalised too, so slightly denormalised ground truth does not bias the loss.
-    return _normalise(_at_least_float32(prediction)), _normalise(target), valid
+    return _normalise(at_least_float32(prediction)), _normalise(target), valid
 
   def loss(self, prediction: jax.Array, batch: Batch) -> jax.Array:
     """Per-sample mean over valid pixels of 1 - cos(pred, target); 0 without valid pixels."""
@@ -422,7 +424,7 @@ class BinaryAttribute(Task):
 
   def loss(self, prediction: jax.Array, batch: Batch) -> jax.Array:
     """Per-sample binary cross-entropy with logits, stable for large |logit|."""
-    logit = _at_least_float32(prediction[:, 0])
+    logit = at_least_float32(prediction[:, 0])
     target = self._target(batch)
     # log(1 + e^x) - x y, with logaddexp avoiding overflow of e^x and log(0) for e^-x.
     return jnp.logaddexp(0.0, logit) - logit * target
@@ -461,7 +463,7 @@ class Classification(Task):
   def loss(self, prediction: jax.Array, batch: Batch) -> jax.Array:
     """Per-sample cross-entropy of the integer label."""
     label = jnp.asarray(batch[self.target_key]).astype(jnp.int32)
-    log_probs = jax.nn.log_softmax(_at_least_float32(prediction), axis=-1)
+    log_probs = jax.nn.log_softmax(at_least_float32(prediction), axis=-1)
     return -jnp.take_along_axis(log_probs, label[:, None], axis=-1)[:, 0]
 
   def metric_statistics(

@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mtl_jax import tasks as tasks_lib
 from mtl_jax.models import layers
 from mtl_jax.models.encoders import scaled_width
 
@@ -164,4 +165,4 @@ class ASPPHead(nn.Module):
     x = jax.image.resize(
       x, (batch, height * self.upsample, width * self.upsample, self.out_channels), "bilinear"
     )
-    return layers.at_least_float32(x)
+    return tasks_lib.at_least_float32(x)

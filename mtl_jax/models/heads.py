@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mtl_jax import tasks as tasks_lib
 from mtl_jax.models import layers
 
 
@@ -40,7 +41,7 @@ class DenseHead(nn.Module):
     x = layers.Conv(
       self.out_channels, kernel_size=(1, 1), kernel_init=self.kernel_init, name="conv_output"
     )(x)
-    return layers.at_least_float32(x)
+    return tasks_lib.at_least_float32(x)
 
 
 class GlobalHead(nn.Module):
@@ -66,4 +67,4 @@ class GlobalHead(nn.Module):
     for index, size in enumerate(self.hidden):
       x = nn.relu(layers.Dense(size, kernel_init=self.kernel_init, name=f"dense_{index}")(x))
     x = layers.Dense(self.out_channels, kernel_init=self.kernel_init, name="dense_output")(x)
-    return layers.at_least_float32(x)
+    return tasks_lib.at_least_float32(x)

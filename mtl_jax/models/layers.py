@@ -167,11 +167,6 @@ def activation_dtype(model_dtype: str, input_dtype: Any) -> Any:
   return jnp.dtype(model_dtype)
 
 
-def at_least_float32(x: jax.Array) -> jax.Array:
-  """x as float32 (from bfloat16 or float32), or as float64 when it is float64."""
-  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
-
-
 def check_dtype(name: str) -> str:
   """Returns name, or raises a ValueError listing the valid model dtypes."""
   if name not in DTYPES:

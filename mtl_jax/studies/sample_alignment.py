@@ -96,7 +96,7 @@ def step_costs(
     experiment = train.build_experiment(optimizers.run_config(config, spec), dataset)
     state = train.init_state(experiment, seed)
     batch = train.first_training_batch(experiment, seed)
-    program = train.lane_programs(experiment, config.training.on_non_finite == "skip").step
+    program = train.lane_programs(experiment).step
     jax.block_until_ready(program(state, batch, np.float32(rate)))  # Compiles unless the sweep did.
     calls[spec.label] = functools.partial(program, state, batch, np.float32(rate))
   return train.interleaved_medians(calls, repeats)

@@ -145,15 +145,9 @@ class SingleLane:
     self.experiment = experiment
     self.mesh = mesh
     self.seed = int(experiment.config.seed)
-    step = steps.make_train_step(
-      experiment.model,
-      experiment.tasks,
-      experiment.weighting,
-      experiment.optimizer,
-      level=experiment.level,
-      mesh=mesh,
+    step = steps.with_prepared_batch(
+      steps.experiment_train_step(experiment, mesh=mesh), batch_preparation(experiment)
     )
-    step = steps.with_prepared_batch(step, batch_preparation(experiment))
     self._step_function = steps.with_skipping(step) if _skip_non_finite(experiment.config) else step
     self._step = None
     self._eval_step = jax.jit(steps.make_eval_step(experiment.model, experiment.tasks))
@@ -229,10 +223,7 @@ def make_lane_step(experiment: Experiment, skip_non_finite: bool):
       experiment.steps_per_epoch,
       learning_rate=lambda count: learning_rate * unit_schedule(count),
     )
-    step = steps.make_train_step(
-      experiment.model, experiment.tasks, experiment.weighting, optimizer, level=experiment.level
-    )
-    step = steps.with_prepared_batch(step, prepare)
+    step = steps.with_prepared_batch(steps.experiment_train_step(experiment, optimizer), prepare)
     step = steps.with_skipping(step) if skip_non_finite else step
     return step(state, batch)
 
@@ -291,13 +282,15 @@ _PROGRAMS: collections.OrderedDict = collections.OrderedDict()
 _PROGRAMS_KEPT = 32
 
 
-def lane_programs(experiment: Experiment, skip_non_finite: bool) -> LanePrograms:
+def lane_programs(experiment: Experiment, skip_non_finite: bool | None = None) -> LanePrograms:
   """The compiled one-run programs of `experiment`, built once per process.
 
   A sweep trains many groups of one experiment (a coarse grid, its refinement, a study reusing
   runs): they differ only in seeds, learning rates and group size, so one trace and compilation
-  serves them all.
+  serves them all. `skip_non_finite` defaults to the config's `training.on_non_finite`.
   """
+  if skip_non_finite is None:
+    skip_non_finite = _skip_non_finite(experiment.config)
   key = (group_key(experiment.config), id(experiment.dataset), skip_non_finite)
   if key in _PROGRAMS:
     _PROGRAMS.move_to_end(key)
@@ -330,6 +323,8 @@ def _select_lanes(mask, new: Any, old: Any) -> Any:
 
 
 def _lane_of(batch: Any, index: int) -> Any:
+  """Lane `index` of a stacked host batch, sliced on the host (not `_take_lane`, which would
+  send every lane's rows to the device K times)."""
   return jax.tree_util.tree_map(lambda leaf: leaf[index], batch)
 
 
@@ -359,7 +354,7 @@ def _stacked_eval_step(experiment: Experiment, lane_mode: str):
   if lane_mode != "loop":
     eval_step = steps.make_eval_step(experiment.model, experiment.tasks)
     return jax.jit(jax.vmap(eval_step, in_axes=(0, 0, None, None)))
-  single = lane_programs(experiment, _skip_non_finite(experiment.config)).evaluate
+  single = lane_programs(experiment).evaluate
 
   def lanes(params, batch_stats, batch, mask):
     runs = jax.tree_util.tree_leaves(params)[0].shape[0]

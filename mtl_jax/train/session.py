@@ -35,7 +35,6 @@ from mtl_jax.train.state import config_fingerprint
 from mtl_jax.train.state import group_key
 
 
-# Keys that may differ between the runs of one group; everything else must agree.
 def check_group(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str]) -> None:
   """Raises a ValueError unless the configs can be trained as one group in these workdirs."""
   if len(configs) != len(workdirs) or not configs:

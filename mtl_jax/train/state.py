@@ -191,16 +191,20 @@ def init_state(experiment: Experiment, seed: int) -> TrainState:
   )
 
 
+# Keys that may differ between the runs of one group; everything else must agree.
 PER_RUN_KEYS = ("seed", "optimizer.learning_rate", "delta_m.baseline")
 
 
 def group_key(config: ml_collections.ConfigDict) -> str:
-  """A string equal for configs that can be trained together (all but PER_RUN_KEYS)."""
+  """A string equal for configs that can be trained together (all but PER_RUN_KEYS and the
+  sweep section)."""
   settings = json.loads(config.to_json_best_effort())
-  settings.pop("seed", None)
-  settings.get("optimizer", {}).pop("learning_rate", None)
-  settings.get("delta_m", {}).pop("baseline", None)
-  settings.pop("sweep", None)
+  for key in PER_RUN_KEYS + ("sweep",):
+    *parents, name = key.split(".")
+    section = settings
+    for parent in parents:
+      section = section.get(parent, {})
+    section.pop(name, None)
   return json.dumps(settings, sort_keys=True)
 
 

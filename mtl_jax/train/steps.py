@@ -20,6 +20,7 @@ from mtl_jax import tasks as tasks_lib
 from mtl_jax import weighting as weighting_lib
 from mtl_jax.models import apply as apply_lib
 from mtl_jax.train import gradient_steps
+from mtl_jax.train.state import Experiment
 from mtl_jax.train.state import TrainState
 from mtl_jax.weighting import present as present_lib
 
@@ -53,6 +54,23 @@ def make_train_step(
   if method.bilevel is not None:
     step = gradient_steps.with_bilevel(step, model, tasks, method)
   return step
+
+
+def experiment_train_step(
+  experiment: Experiment,
+  optimizer: optax.GradientTransformation | None = None,
+  mesh: jax.sharding.Mesh | None = None,
+) -> Step:
+  """`make_train_step` of the experiment's model, tasks, method and level, with its optimizer
+  unless another is given."""
+  return make_train_step(
+    experiment.model,
+    experiment.tasks,
+    experiment.weighting,
+    experiment.optimizer if optimizer is None else optimizer,
+    level=experiment.level,
+    mesh=mesh,
+  )
 
 
 def _loss_weighting_step(model, tasks, method: weighting_lib.LossWeighting, optimizer) -> Step:

@@ -20,14 +20,7 @@ def compiled_train_step(experiment: Experiment, batch) -> tuple[Any, TrainState]
   """The experiment's train step compiled for `batch` and run once (its warm-up), with the
   initial state (seed 0) it is timed on."""
   state = init_state(experiment, 0)
-  step = steps.make_train_step(
-    experiment.model,
-    experiment.tasks,
-    experiment.weighting,
-    experiment.optimizer,
-    level=experiment.level,
-  )
-  compiled = jax.jit(step).lower(state, batch).compile()
+  compiled = jax.jit(steps.experiment_train_step(experiment)).lower(state, batch).compile()
   jax.block_until_ready(compiled(state, batch))
   return compiled, state
 

@@ -181,24 +181,24 @@ def bilevel(method, present, train_losses, meta_losses, model_params, state, ste
 def _rows_flattened(tree: Any, like: Any, size: int) -> Any:
   """Leaves whose counterpart in `like` leads with `size`, reshaped to [rows, 1, n]: per row along
   their first axis only, whatever their other axes (a [T, ...] stack of encoder coordinates)."""
-
-  def flatten(leaf, spec):
-    if jnp.ndim(spec) >= 1 and jnp.shape(spec)[0] == size:
-      return jnp.reshape(leaf, (jnp.shape(leaf)[0], 1, -1))
-    return leaf
-
-  return jax.tree_util.tree_map(flatten, tree, like)
+  return _per_row_leaves(tree, like, size, lambda spec: (1, -1))
 
 
 def _rows_restored(tree: Any, like: Any, size: int) -> Any:
   """The inverse of `_rows_flattened`: each flattened leaf back to its rows and `like`'s axes."""
+  return _per_row_leaves(tree, like, size, lambda spec: jnp.shape(spec)[1:])
 
-  def restore(leaf, spec):
+
+def _per_row_leaves(tree: Any, like: Any, size: int, trailing_shape) -> Any:
+  """Reshapes the leaves of `tree` whose counterpart in `like` leads with `size` to
+  (their rows, *trailing_shape(counterpart)); other leaves pass through."""
+
+  def reshape(leaf, spec):
     if jnp.ndim(spec) >= 1 and jnp.shape(spec)[0] == size:
-      return jnp.reshape(leaf, (jnp.shape(leaf)[0], *jnp.shape(spec)[1:]))
+      return jnp.reshape(leaf, (jnp.shape(leaf)[0], *trailing_shape(spec)))
     return leaf
 
-  return jax.tree_util.tree_map(restore, tree, like)
+  return jax.tree_util.tree_map(reshape, tree, like)
 
 
 def task_gradients_combine(method, present, parts, params, state, rng, step) -> tuple:
