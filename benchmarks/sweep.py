@@ -111,7 +111,8 @@ class Grouped:
       experiment, shared_batch=False, skip_non_finite=False, lane_mode=lane_mode
     )
     self.step_fn = step_fn if lane_mode == "loop" else jax.jit(step_fn)
-    self.states = train.stack_states([train.init_state(experiment, seed) for seed in seeds])
+    states = [train.init_state(experiment, seed) for seed in seeds]
+    self.states = states if lane_mode == "loop" else train.stack_states(states)
     self.rates = jnp.asarray(rates, jnp.float32)
 
   def _batch(self, step):

@@ -33,6 +33,7 @@ from typing import Any, Callable, Mapping
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -382,7 +383,19 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, target: Any) -> tup
   expected = progress.pop(DIGEST_KEY, None)
   if expected is not None and expected != state_digest(restored.state):
     raise ValueError("the restored arrays do not match the digest recorded at save time")
-  return restored.state, progress
+  return jax.tree_util.tree_map(_placed_like, target, restored.state), progress
+
+
+def _placed_like(target: Any, restored: Any) -> Any:
+  """`restored` uncommitted where `target` is (an array on the default device that no sharding
+  pinned): Orbax returns committed arrays, and a jitted program called with a committed argument
+  compiles again, so a restored single-device state would recompile every step it meets."""
+  movable = isinstance(restored, jax.Array) and not jax.dtypes.issubdtype(
+    restored.dtype, jax.dtypes.extended
+  )
+  if movable and isinstance(target, jax.Array) and not target.committed:
+    return jnp.asarray(np.asarray(restored))
+  return restored
 
 
 def fingerprint_mismatches(

@@ -7,6 +7,9 @@ import math
 import os
 import tempfile
 
+import chex
+import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -219,6 +222,22 @@ def test_loop_groups_of_any_size_share_one_compiled_step(tmp_path, dataset):
   train.train_group(second, [str(tmp_path / f"b{i}") for i in range(3)], dataset, lane_mode="loop")
   assert train.lane_programs(experiment, skip_non_finite=False) is programs
   assert programs.step._cache_size() == 1 and programs.evaluate._cache_size() >= 1
+
+
+def test_every_method_and_optimizer_of_one_model_shares_its_compiled_initialisation(dataset):
+  # A sweep initialises runs of many (method, optimizer) pairs: the model's variables compile
+  # once, and a seed gives every pair the same initial parameters.
+  config = _group_configs([(1e-3, 0)])[0]
+  other = ml_collections.ConfigDict(config.to_dict())
+  other.method.name, other.optimizer.name = "pcgrad", "sgd"
+  first, second = (train.build_experiment(each, dataset) for each in (config, other))
+  assert train.model_initializer(first) is train.model_initializer(second)
+  states = [train.init_state(experiment, 3) for experiment in (first, second)]
+  assert train.model_initializer(first)._cache_size() == 1
+  chex.assert_trees_all_equal(states[0].params, states[1].params)
+  assert jax.tree_util.tree_structure(states[0].opt_state) != jax.tree_util.tree_structure(
+    states[1].opt_state
+  )
 
 
 def test_tiny_end_to_end_sweep_and_resume(tmp_path, dataset, monkeypatch):

@@ -28,6 +28,7 @@ from mtl_jax.train.state import TrainState
 from mtl_jax.train.state import build_experiment
 from mtl_jax.train.state import config_fingerprint
 from mtl_jax.train.state import init_state
+from mtl_jax.train.state import model_initializer
 from mtl_jax.train.steps import make_eval_step
 from mtl_jax.train.steps import make_train_step
 from mtl_jax.train.timing import compiled_train_step
@@ -51,6 +52,7 @@ __all__ = [
   "first_training_batch",
   "group_key",
   "init_state",
+  "model_initializer",
   "interleaved_medians",
   "lane_programs",
   "make_eval_step",

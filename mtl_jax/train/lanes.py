@@ -2,15 +2,14 @@
 
 A lane is one run. `SingleLane` is an ordinary run (K = 1): one jitted step, on one device or
 split over a mesh. The grouped strategies train K runs that share dataset, tasks, model, method
-and optimizer but differ in seed and/or learning rate with one compiled program, their states
-stacked along a leading run axis:
+and optimizer but differ in seed and/or learning rate with one compiled program:
 
-* 'vmap' batches the runs into every op (for accelerators, where one small run leaves the
-  device idle);
-* 'map' is `lax.map` over the runs inside one program;
-* 'loop' steps the lanes one after another through one compiled single-run step, updating the
-  stacked states in place (for CPU, where a vmapped convolution whose kernel carries the run
-  axis becomes a grouped convolution that XLA:CPU runs slower than K separate ones).
+* 'vmap' batches the runs, their states stacked along a leading run axis, into every op (for
+  accelerators, where one small run leaves the device idle);
+* 'map' is `lax.map` over the stacked runs inside one program;
+* 'loop' keeps the runs' states as a list and steps them one after another through one compiled
+  single-run step (for CPU, where a vmapped convolution whose kernel carries the run axis
+  becomes a grouped convolution that XLA:CPU runs slower than K separate ones).
 
 Because `optim.make_optimizer` applies the learning rate last and every update is exactly
 proportional to it, each grouped lane builds the same optimizer with the schedule
@@ -21,13 +20,13 @@ Every strategy offers the same interface to the loop: initial states, the batch 
 through the grain pipeline of `data.loader`), the host's copy of the first run's batch as the
 step trains on it (for the conflict probe, the Gramian self-check and the finite guard),
 `step(states, batch) -> (states, metrics with a leading [K] axis)`, evaluation of every lane,
-a lane's own state, and `close()` (stops the pipeline's reader thread or worker processes).
+a lane's own state, the steps done, the selection of improved lanes, and `close()` (stops the
+pipeline's reader thread or worker processes).
 """
 
 from __future__ import annotations
 
 import collections
-import functools
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -139,7 +138,7 @@ class SingleLane:
   """One run: the step jitted as is, or for the mesh (GSPMD, batch split over 'data')."""
 
   size = 1
-  stacked = False
+  grouped = False
 
   def __init__(self, experiment: Experiment, mesh: jax.sharding.Mesh | None = None):
     self.experiment = experiment
@@ -188,6 +187,9 @@ class SingleLane:
     )
     return [evaluation.flat_metrics(self.experiment.tasks, totals)]
 
+  def steps_done(self, states: TrainState) -> int:
+    return int(jax.device_get(states.step))
+
   def run_state(self, states: TrainState, index: int) -> TrainState:
     del index
     return states
@@ -233,7 +235,8 @@ def make_lane_step(experiment: Experiment, skip_non_finite: bool):
 def make_multi_train_step(
   experiment: Experiment, shared_batch: bool, skip_non_finite: bool, lane_mode: str = "vmap"
 ):
-  """The step of K stacked runs: `(states [K], batch, learning_rates [K]) -> (states, metrics [K])`.
+  """The step of K runs: `(states, batch, learning_rates [K]) -> (states, metrics [K])`, the states
+  stacked along a leading [K] axis ('vmap', 'map') or a list of K states ('loop').
 
   Args:
     experiment: built from any config of the group (its optimizer is not used).
@@ -244,8 +247,8 @@ def make_multi_train_step(
     lane_mode: one of LANE_MODES; all compute the same per-run steps.
 
   Returns:
-    The un-jitted step for 'vmap' and 'map'; for 'loop' a Python function that calls compiled
-    programs K times (do not jit it).
+    The un-jitted step for 'vmap' and 'map'; for 'loop' a Python function that calls one
+    compiled program K times and returns host metrics (do not jit it).
   """
   if lane_mode not in LANE_MODES:
     raise ValueError(f"Unknown lane_mode {lane_mode!r}; valid modes: {', '.join(LANE_MODES)}.")
@@ -305,97 +308,53 @@ def lane_programs(experiment: Experiment, skip_non_finite: bool | None = None) -
   return programs
 
 
-@jax.jit
-def _take_lane(tree: Any, index) -> Any:
-  return jax.tree_util.tree_map(lambda leaf: leaf[index], tree)
-
-
-@functools.partial(jax.jit, donate_argnums=0)
-def _put_lane(stacked: Any, lane: Any, index) -> Any:
-  return jax.tree_util.tree_map(lambda whole, leaf: whole.at[index].set(leaf), stacked, lane)
-
-
-@jax.jit
-def _select_lanes(mask, new: Any, old: Any) -> Any:
-  return jax.tree_util.tree_map(
-    lambda a, b: jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old
-  )
-
-
 def _lane_of(batch: Any, index: int) -> Any:
-  """Lane `index` of a stacked host batch, sliced on the host (not `_take_lane`, which would
-  send every lane's rows to the device K times)."""
+  """Lane `index` of a stacked host batch, sliced on the host."""
   return jax.tree_util.tree_map(lambda leaf: leaf[index], batch)
 
 
-def _looped(lane_step, shared_batch: bool):
-  """Steps the lanes of stacked states one after another through one compiled single-run step.
+def _stack_on_host(per_lane: Sequence[Any]) -> Any:
+  """Per-lane device outputs fetched in one transfer and stacked on the host: [K, ...] numpy."""
+  per_lane = jax.device_get(list(per_lane))
+  return jax.tree_util.tree_map(lambda *leaves: np.stack(leaves), *per_lane)
 
-  The step sees one lane's state, so groups of any size share its compilation; lane k is taken
-  out of the stacked states and written back in place (the stacked states are donated).
+
+def _looped(lane_step, shared_batch: bool):
+  """Steps a list of lane states one after another through one compiled single-run step.
+
+  The step sees one lane's state, so groups of any size share its compilation, and the lanes'
+  states stay separate arrays: nothing is stacked, sliced or written back, which would compile a
+  program of its own for every state structure.
   """
 
   def step(states, batch, learning_rates):
-    per_lane = []
     rates = np.asarray(learning_rates, np.float32)
-    for index in range(rates.shape[0]):
-      lane = np.int32(index)
+    new_states, per_lane = [], []
+    for index, state in enumerate(states):
       lane_batch = batch if shared_batch else _lane_of(batch, index)
-      new_state, step_metrics = lane_step(_take_lane(states, lane), lane_batch, rates[index])
-      states = _put_lane(states, new_state, lane)
+      new_state, step_metrics = lane_step(state, lane_batch, rates[index])
+      new_states.append(new_state)
       per_lane.append(step_metrics)
-    return states, jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *per_lane)
+    return new_states, _stack_on_host(per_lane)
 
   return step
 
 
-def _stacked_eval_step(experiment: Experiment, lane_mode: str):
-  """`(params [K], batch_stats [K], batch, mask) -> statistics [K]`: every lane on one batch."""
-  if lane_mode != "loop":
-    eval_step = steps.make_eval_step(experiment.model, experiment.tasks)
-    return jax.jit(jax.vmap(eval_step, in_axes=(0, 0, None, None)))
-  single = lane_programs(experiment).evaluate
+class _GroupLanes:
+  """What every group strategy shares: the runs' seeds and learning rates, and their batches."""
 
-  def lanes(params, batch_stats, batch, mask):
-    runs = jax.tree_util.tree_leaves(params)[0].shape[0]
-    per_lane = []
-    for index in range(runs):
-      lane = np.int32(index)
-      per_lane.append(single(_take_lane(params, lane), _take_lane(batch_stats, lane), batch, mask))
-    return jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *per_lane)
+  grouped = True
 
-  return lanes
-
-
-class StackedLanes:
-  """K runs with stacked states, advanced by one compiled program (see `make_multi_train_step`)."""
-
-  stacked = True
-
-  def __init__(
-    self,
-    experiment: Experiment,
-    configs: Sequence[ml_collections.ConfigDict],
-    lane_mode: str = "auto",
-  ):
+  def __init__(self, experiment: Experiment, configs: Sequence[ml_collections.ConfigDict]):
     self.experiment = experiment
     self.size = len(configs)
     self.seeds = [int(config.seed) for config in configs]
     self.shared_batch = len(set(self.seeds)) == 1
-    self.mode = default_lane_mode(lane_mode)
     rates = [float(config.optimizer.learning_rate) for config in configs]
     self.learning_rates = jnp.asarray(rates, jnp.float32)
-    step = make_multi_train_step(
-      experiment, self.shared_batch, _skip_non_finite(experiment.config), self.mode
-    )
-    self._step = step if self.mode == "loop" else jax.jit(step)
-    self._eval_step = _stacked_eval_step(experiment, self.mode)
     self.batches = TrainingBatches(
       experiment, self.seeds[:1] if self.shared_batch else self.seeds, not self.shared_batch
     )
-
-  def initial_states(self) -> TrainState:
-    return stack_states([init_state(self.experiment, seed) for seed in self.seeds])
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
     """The stacked batch [K, B, ...], or the one batch all runs share."""
@@ -406,6 +365,30 @@ class StackedLanes:
 
   def close(self) -> None:
     self.batches.close()
+
+
+class StackedLanes(_GroupLanes):
+  """K runs with states stacked along a leading axis, advanced by one compiled program ('vmap'
+  or 'map', see `make_multi_train_step`)."""
+
+  def __init__(
+    self, experiment: Experiment, configs: Sequence[ml_collections.ConfigDict], lane_mode: str
+  ):
+    super().__init__(experiment, configs)
+    self.mode = lane_mode
+    self._step = jax.jit(
+      make_multi_train_step(
+        experiment, self.shared_batch, _skip_non_finite(experiment.config), self.mode
+      )
+    )
+    eval_step = steps.make_eval_step(experiment.model, experiment.tasks)
+    self._eval_step = jax.jit(jax.vmap(eval_step, in_axes=(0, 0, None, None)))
+
+  def initial_states(self) -> TrainState:
+    return stack_states([init_state(self.experiment, seed) for seed in self.seeds])
+
+  def steps_done(self, states: TrainState) -> int:
+    return int(np.max(jax.device_get(states.step)))
 
   def step(self, states: TrainState, batch) -> tuple[TrainState, dict[str, np.ndarray]]:
     states, step_metrics = self._step(states, batch, self.learning_rates)
@@ -423,3 +406,61 @@ class StackedLanes:
   def select(self, improved: np.ndarray, new: TrainState, old: TrainState) -> TrainState:
     """Lanes where `improved` is True from `new`, the others from `old`."""
     return _select_lanes(jnp.asarray(improved), new, old)
+
+
+@jax.jit
+def _select_lanes(mask, new: Any, old: Any) -> Any:
+  return jax.tree_util.tree_map(
+    lambda a, b: jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old
+  )
+
+
+class LoopedLanes(_GroupLanes):
+  """K runs whose states are a list, stepped one after another through the experiment's one
+  compiled single-run step (`lane_programs`; 'loop', for CPU)."""
+
+  mode = "loop"
+
+  def __init__(self, experiment: Experiment, configs: Sequence[ml_collections.ConfigDict]):
+    super().__init__(experiment, configs)
+    self._programs = lane_programs(experiment)
+    self._step = _looped(self._programs.step, self.shared_batch)
+
+  def initial_states(self) -> list[TrainState]:
+    return [init_state(self.experiment, seed) for seed in self.seeds]
+
+  def steps_done(self, states: list[TrainState]) -> int:
+    return max(int(step) for step in jax.device_get([state.step for state in states]))
+
+  def step(self, states: list[TrainState], batch) -> tuple[list[TrainState], dict]:
+    return self._step(states, batch, self.learning_rates)
+
+  def evaluate(self, states: list[TrainState], split: str) -> list[dict[str, float]]:
+    single = self._programs.evaluate
+
+    def every_lane(params, batch_stats, batch, mask):
+      return _stack_on_host(
+        [single(each, stats, batch, mask) for each, stats in zip(params, batch_stats)]
+      )
+
+    params = [state.params for state in states]
+    batch_stats = [state.batch_stats for state in states]
+    totals = evaluation.summed_statistics(every_lane, self.experiment, params, batch_stats, split)
+    return evaluation.per_run_metrics(self.experiment.tasks, totals)
+
+  def run_state(self, states: list[TrainState], index: int) -> TrainState:
+    return states[index]
+
+  def select(self, improved: np.ndarray, new: list, old: list) -> list[TrainState]:
+    """Lanes where `improved` is True from `new`, the others from `old`."""
+    return [fresh if keep else kept for fresh, kept, keep in zip(new, old, improved)]
+
+
+def group_lanes(
+  experiment: Experiment, configs: Sequence[ml_collections.ConfigDict], lane_mode: str = "auto"
+) -> StackedLanes | LoopedLanes:
+  """The lanes of a group of runs in `lane_mode` ('auto' or one of LANE_MODES)."""
+  mode = default_lane_mode(lane_mode)
+  if mode == "loop":
+    return LoopedLanes(experiment, configs)
+  return StackedLanes(experiment, configs, mode)

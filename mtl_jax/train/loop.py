@@ -3,8 +3,9 @@
 A step is a pure function of (state, batch) compiled once; the loop around it is ordinary
 Python: data, the finite guard, logging, evaluation and best-state selection, checkpoints,
 preemption and the conflict probe. How many runs advance together, and how, is a lane strategy
-(`lanes.SingleLane` for one run; `lanes.StackedLanes` for a group of runs differing in seed and
-learning rate), so a single run and a sweep's group share every line below.
+(`lanes.SingleLane` for one run; `lanes.group_lanes` for a group of runs differing in seed and
+learning rate: stacked states, or a list of them on CPU), so a single run and a sweep's group
+share every line below.
 
 A single run keeps Orbax checkpoints (the latest, to resume exactly: the data order is a
 function of seed and step, and the RNG, optimizer and weighting state are in the checkpoint;
@@ -103,7 +104,7 @@ def train_group(
   session_lib.check_group(configs, workdirs)
   with workdir_lock.hold(workdirs), _guard(None) as guard:
     experiment = build_experiment(configs[0], dataset)
-    lanes = lanes_lib.StackedLanes(experiment, configs, lane_mode)
+    lanes = lanes_lib.group_lanes(experiment, configs, lane_mode)
     session = session_lib.Session.group(experiment, lanes, configs, workdirs, label)
     return train_lanes(session, guard)
 

@@ -15,7 +15,6 @@ from typing import Any, Sequence
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -187,8 +186,8 @@ class MemoryStore:
 
   def restore(self, states: Any, runs: Sequence[Run]) -> None:
     del runs
-    # A copy: the 'loop' lane mode donates `states` to each step.
-    self.best_states = jax.tree_util.tree_map(jnp.copy, states)
+    # No copy: the lanes' steps never donate their states.
+    self.best_states = states
     return None
 
   def save(self, step: int, states: Any, runs: Sequence[Run]) -> None:
@@ -230,7 +229,7 @@ class Session:
     self.states = lanes.initial_states()
     restored = store.restore(self.states, runs)
     self.states = restored if restored is not None else self.states
-    self.start_step = int(np.max(np.asarray(jax.device_get(self.states.step))))
+    self.start_step = lanes.steps_done(self.states)
     if store.best_lost:
       # The resumed state is the selection's first candidate, so the best slot is never empty.
       self.evaluate(self.start_step, save_latest=False)
@@ -281,7 +280,7 @@ class Session:
       self.store.save(step, self.states, self.runs)
     self.close()
     total = self.experiment.total_steps
-    if self.lanes.stacked:
+    if self.lanes.grouped:
       where = "the group restarts from step 0 when re-run"
     else:
       where = f"checkpoint saved in {os.path.join(self.runs[0].workdir, checkpoint_lib.LATEST)}"
@@ -330,7 +329,7 @@ class Session:
   def _fail(self, step: int, finite: np.ndarray, step_metrics) -> None:
     """A single run raises NonFiniteLossError; a group marks the lanes failed and goes on."""
     task_names = self.experiment.task_names
-    if not self.lanes.stacked:
+    if not self.lanes.grouped:
       state = self.states
 
       def locate():
@@ -375,10 +374,10 @@ class Session:
       task_losses = self._sums["task_losses"][index] / counts[index]
       for name, value in zip(self.experiment.task_names, task_losses):
         scalars[f"train/{name}_loss"] = value
-      if not self.lanes.stacked:
+      if not self.lanes.grouped:
         scalars.update({f"progress/{key}": value for key, value in speed.items()})
       run.writer.write_scalars(done, scalars)
-    if self.lanes.stacked:
+    if self.lanes.grouped:
       metric_writers.status(self.report.line(done, speed) + f"  ({len(self.runs)} runs)")
     else:
       loss = self._sums["loss"][0] / counts[0]
@@ -412,13 +411,13 @@ class Session:
       progress.update(best_score=score, best_step=done, evals_since_best=0, criterion=criterion)
     else:
       progress["evals_since_best"] += 1
-    if not self.lanes.stacked:
+    if not self.lanes.grouped:
       epoch = done // self.experiment.steps_per_epoch
       mark = "  (best)" if improved else ""
       metric_writers.status(f"{self.label}epoch {epoch}: {criterion} {score:.4f}{mark}")
     if self.patience and progress["evals_since_best"] >= self.patience:
       progress["stopped_early"] = True
-      if not self.lanes.stacked:
+      if not self.lanes.grouped:
         metric_writers.status(
           f"{self.label}early stopping at step {done}: no improvement in {self.patience} "
           "evaluations."
@@ -441,7 +440,7 @@ class Session:
       results = results_lib.run_results(
         self.experiment, run.config, run.progress, validation, test, run.baselines
       )
-      if self.lanes.stacked:
+      if self.lanes.grouped:
         results["multirun"] = {
           "group_size": len(self.runs),
           "stopped_early": bool(run.progress.get("stopped_early", False)),

@@ -78,8 +78,9 @@ class Experiment:
   optimizer: optax.GradientTransformation
   steps_per_epoch: int
   total_steps: int
-  # The compiled `seed -> initial state` program, built on first use by `init_state`.
-  initializer: Callable[[jax.Array], "TrainState"] | None = None
+  # The compiled `(model variables, seed) -> initial state` program, built on first use by
+  # `init_state`.
+  initializer: Callable[[Any, jax.Array], "TrainState"] | None = None
 
   @property
   def task_names(self) -> list[str]:
@@ -135,18 +136,37 @@ def build_experiment(
   return Experiment(config, dataset, tasks, model, method, optimizer, per_epoch, total_steps)
 
 
-def _random_init(experiment: Experiment, seed: jax.Array) -> TrainState:
-  """The initial state as a pure function of the seed (compiled once per experiment).
+# Compiled `seed -> model variables` programs, one per model (its config, heads and input shape):
+# every method and optimizer of a sweep draws the same initial parameters from a seed, so they
+# share one program instead of compiling the model's initialisation each.
+_MODEL_INITIALIZERS: dict[str, Callable[[jax.Array], Any]] = {}
+
+
+def model_initializer(experiment: Experiment) -> Callable[[jax.Array], Any]:
+  """The compiled `seed -> variables` program of the experiment's model.
 
   Parameters are drawn with an 'rbg' key: XLA compiles its generator about 5x faster than
   threefry's on a CPU (4 s vs 22 s for a small CNN here). Its bits are deterministic for a given
-  seed and backend but may differ between CPU and accelerators. Training randomness (RLW draws,
-  PCGrad orders, ...) keeps the state's threefry key.
+  seed and backend but may differ between CPU and accelerators.
   """
+  heads = [(task.name, task.output_channels, task.dense) for task in experiment.tasks]
+  shape = experiment.input_shape
+  key = json.dumps([experiment.config.model.to_dict(), heads, shape], sort_keys=True, default=str)
+  if key not in _MODEL_INITIALIZERS:
+    model = experiment.model
+
+    def initialize(seed):
+      images = jnp.zeros((1, *shape), jnp.float32)
+      return model.init(jax.random.key(seed, impl="rbg"), images, train=False)
+
+    _MODEL_INITIALIZERS[key] = jax.jit(initialize)
+  return _MODEL_INITIALIZERS[key]
+
+
+def _training_state(experiment: Experiment, variables: Any, seed: jax.Array) -> TrainState:
+  """The initial state around the model's variables: weighting parameters and state, optimizer
+  state, and the training RNG (a threefry key: RLW draws, PCGrad orders, ...)."""
   train_rng = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
-  init_rng = jax.random.key(seed, impl="rbg")
-  images = jnp.zeros((1, *experiment.input_shape), jnp.float32)
-  variables = experiment.model.init(init_rng, images, train=False)
   weighting_params, weighting_state = weighting_lib.initial_state(
     experiment.weighting,
     experiment.level,
@@ -169,14 +189,16 @@ def _random_init(experiment: Experiment, seed: jax.Array) -> TrainState:
 def init_state(experiment: Experiment, seed: int) -> TrainState:
   """Initial train state: model and weighting parameters, optimizer state, RNG.
 
-  The whole initialisation is one compiled program with the seed as an argument: run eagerly,
-  every parameter shape and optimizer leaf compiles its own small kernel (tens of seconds on a
-  CPU), and every seed of a sweep reuses the one program. `config.model.pretrained_backbone`
+  The initialisation is two compiled programs with the seed as an argument (run eagerly, every
+  parameter shape and optimizer leaf would compile its own small kernel: tens of seconds on a
+  CPU): the model's variables, shared by every experiment of the same model, and the rest of the
+  state, per experiment. Every seed of a sweep reuses both. `config.model.pretrained_backbone`
   then replaces the encoder's random weights (and the optimizer state is rebuilt for them).
   """
   if experiment.initializer is None:
-    experiment.initializer = jax.jit(functools.partial(_random_init, experiment))
-  state = experiment.initializer(jnp.asarray(seed, jnp.uint32))
+    experiment.initializer = jax.jit(functools.partial(_training_state, experiment))
+  seed = jnp.asarray(seed, jnp.uint32)
+  state = experiment.initializer(model_initializer(experiment)(seed), seed)
   pretrained = experiment.config.model.get("pretrained_backbone", "")
   if not pretrained:
     return state
