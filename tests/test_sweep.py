@@ -211,6 +211,26 @@ def test_train_group_writes_the_same_results_as_sequential_runs(tmp_path, datase
     assert reused["test"] == grouped[index]["test"]
 
 
+@pytest.mark.parametrize("method, optimizer", [("adatask", "adam"), ("mtl_io", "sgd")])
+def test_methods_with_their_own_optimizer_train_in_groups_as_alone(
+  tmp_path, dataset, method, optimizer
+):
+  # AdaTask's and MTL-IO's optimizers replace the configured one; a group's step must build
+  # theirs too (it built the plain one, whose state did not fit: a crash).
+  configs = []
+  for config in _group_configs([(2e-3, 0), (1e-3, 1)]):
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.method.name, config.optimizer.name = method, optimizer
+    config.training.num_epochs = 1
+    configs.append(config)
+  grouped = train.train_group(
+    configs, [str(tmp_path / f"g{i}") for i in range(2)], dataset, lane_mode="loop"
+  )
+  alone = train.train_and_evaluate(configs[1], str(tmp_path / "alone"), dataset)
+  for key, value in alone["test"].items():
+    assert grouped[1]["test"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
 def test_loop_groups_of_any_size_share_one_compiled_step(tmp_path, dataset):
   # A refinement round trains groups of another size than the coarse grid's: the loop lanes'
   # one-run step must not compile again for them.

@@ -27,6 +27,7 @@ pipeline's reader thread or worker processes).
 from __future__ import annotations
 
 import collections
+import functools
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -36,6 +37,7 @@ import numpy as np
 
 from mtl_jax import optim
 from mtl_jax import parallel
+from mtl_jax import weighting as weighting_lib
 from mtl_jax.data import augment_device
 from mtl_jax.data import loader
 from mtl_jax.data import pipeline
@@ -134,8 +136,13 @@ class TrainingBatches:
     self.stream.close()
 
 
+def _with_rate(lane_step: Callable, learning_rate, state: TrainState, batch):
+  return lane_step(state, batch, learning_rate)
+
+
 class SingleLane:
-  """One run: the step jitted as is, or for the mesh (GSPMD, batch split over 'data')."""
+  """One run: on one device, the experiment's lane program (`lane_programs`) at the run's learning
+  rate; on a mesh, the step jitted for it (GSPMD, batch split over 'data')."""
 
   size = 1
   grouped = False
@@ -144,19 +151,28 @@ class SingleLane:
     self.experiment = experiment
     self.mesh = mesh
     self.seed = int(experiment.config.seed)
-    step = steps.with_prepared_batch(
-      steps.experiment_train_step(experiment, mesh=mesh), batch_preparation(experiment)
-    )
-    self._step_function = steps.with_skipping(step) if _skip_non_finite(experiment.config) else step
     self._step = None
-    self._eval_step = jax.jit(steps.make_eval_step(experiment.model, experiment.tasks))
+    if mesh is None:
+      # The experiment's programs with the learning rate as an argument, which every group of
+      # this experiment shares too (and, through the persistent cache, runs of another rate).
+      programs = lane_programs(experiment)
+      self._eval_step = programs.evaluate
+      rate = np.float32(experiment.config.optimizer.learning_rate)
+      self._step_function = functools.partial(_with_rate, programs.step, rate)
+    else:
+      step = steps.with_prepared_batch(
+        steps.experiment_train_step(experiment, mesh=mesh), batch_preparation(experiment)
+      )
+      skip = _skip_non_finite(experiment.config)
+      self._step_function = steps.with_skipping(step) if skip else step
+      self._eval_step = jax.jit(steps.make_eval_step(experiment.model, experiment.tasks))
     self.batches = TrainingBatches(experiment, [self.seed], stacked=False)
 
   def initial_states(self) -> TrainState:
     """The initial state, placed on the mesh's devices when there is one."""
     state = init_state(self.experiment, self.seed)
     if self.mesh is None:
-      self._step = jax.jit(self._step_function)
+      self._step = self._step_function
       return state
     self._step, state = parallel.shard_training(
       self.experiment.config, self.mesh, self._step_function, state
@@ -220,9 +236,11 @@ def make_lane_step(experiment: Experiment, skip_non_finite: bool):
 
   def lane_step(state, batch, learning_rate):
     # The optimizer is rebuilt per lane at trace time; only the scale of its schedule is traced.
-    optimizer = optim.make_optimizer(
+    optimizer = weighting_lib.make_optimizer(
+      experiment.weighting,
       unit_config,
       experiment.steps_per_epoch,
+      experiment.task_names,
       learning_rate=lambda count: learning_rate * unit_schedule(count),
     )
     step = steps.with_prepared_batch(steps.experiment_train_step(experiment, optimizer), prepare)

@@ -165,8 +165,9 @@ class JacobianMethod:
       direction (a pytree like the encoder's parameters), head scales [T], new state, aux):
       head t descends head_scales[t] times its plain gradient of L_t (averaged over the parts);
       None otherwise.
-    make_optimizer: for the optimizer modes, (optimizer config, steps_per_epoch, task names) ->
-      the optax transformation that replaces `optim.make_optimizer`.
+    make_optimizer: for the optimizer modes, (optimizer config, steps_per_epoch, task names,
+      learning_rate=None) -> the optax transformation that replaces `optim.make_optimizer`
+      (`learning_rate` overrides the config's schedule, as there).
     description: one line shown in listings and reports.
     levels: always ('task',): the rows are tasks.
     batch_parts: mode 'task_gradients': the number of disjoint parts the batch is split into
@@ -330,9 +331,16 @@ def method_options(
 
 
 def make_optimizer(
-  method: Method, optimizer_config: ml_collections.ConfigDict, steps_per_epoch: int, task_names
+  method: Method,
+  optimizer_config: ml_collections.ConfigDict,
+  steps_per_epoch: int,
+  task_names,
+  learning_rate: Any = None,
 ) -> optax.GradientTransformation:
-  """The optimizer of a run: the method's own (AdaTask, MTL-IO) or `optim.make_optimizer`'s."""
+  """The optimizer of a run: the method's own (AdaTask, MTL-IO) or `optim.make_optimizer`'s;
+  `learning_rate` (a float or an optax schedule) overrides the config's schedule when given."""
   if isinstance(method, JacobianMethod) and method.make_optimizer is not None:
-    return method.make_optimizer(optimizer_config, steps_per_epoch, list(task_names))
-  return optim.make_optimizer(optimizer_config, steps_per_epoch)
+    return method.make_optimizer(
+      optimizer_config, steps_per_epoch, list(task_names), learning_rate=learning_rate
+    )
+  return optim.make_optimizer(optimizer_config, steps_per_epoch, learning_rate)

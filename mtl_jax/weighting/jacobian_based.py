@@ -142,9 +142,9 @@ def adatask(options: ml_collections.ConfigDict) -> JacobianMethod:
   """
   del options
 
-  def make_optimizer(config, steps_per_epoch, task_names):
+  def make_optimizer(config, steps_per_epoch, task_names, learning_rate=None):
     _check_optimizer("adatask", config.name, ("adam", "adamw"))
-    base = optim.make_optimizer(config, steps_per_epoch)
+    base = optim.make_optimizer(config, steps_per_epoch, learning_rate)
     transforms = {"per_task": per_task_transform(base, len(task_names)), "base": base}
     return optax.multi_transform(
       transforms, lambda trainable: _labels(trainable, "per_task", lambda task: "base")
@@ -174,11 +174,11 @@ def mtl_io(options: ml_collections.ConfigDict) -> JacobianMethod:
   """
   del options
 
-  def make_optimizer(config, steps_per_epoch, task_names):
+  def make_optimizer(config, steps_per_epoch, task_names, learning_rate=None):
     _check_optimizer("mtl_io", config.name, ("sgd",))
     transforms = []
     for own in task_names:
-      base = optim.make_optimizer(config, steps_per_epoch)
+      base = optim.make_optimizer(config, steps_per_epoch, learning_rate)
       transforms.append(
         optax.multi_transform(
           {"base": base, "frozen": optax.set_to_zero()},
