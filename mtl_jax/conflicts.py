@@ -455,9 +455,11 @@ class ConflictProbe:
   the one-device computation runs whole on every device (`parallel.replicated_program`). Results
   come back replicated, so every host adds the same values.
 
-  On the 'fast' path the probe first checks its Gramian against the reference path
-  (`gramian.check`, when `verify_every_steps` says so) and raises
-  `gramian_check.FastPathMismatchError` rather than record wrong statistics.
+  On the 'fast' path the probe checks its Gramian against the reference path (`gramian.check`,
+  when `verify_every_steps` says so) and raises `gramian_check.FastPathMismatchError` rather than
+  record wrong statistics. With the parameter ratio the check is part of the probe's program
+  (the materialised rows' inner products are the reference); without, it is a program of its
+  own, run before the probe.
   """
 
   def __init__(
@@ -547,6 +549,7 @@ class ConflictProbe:
       )
       rows = (tuple(range(num_samples)), tuple(range(len(tasks))))
       split = self.splits_rows(num_samples)
+      self_check = self.checks_itself
 
       def compute(params, batch_stats, batch):
         gramian = gramian_lib.compute(
@@ -579,9 +582,14 @@ class ConflictProbe:
             # (rounding), but the sign counts are discontinuous and a coordinate at the
             # threshold flipped (ratio error 7e-4 measured); replicated they are bitwise equal.
             gradients = parallel.replicated_program(gradients, mesh)
-          outputs["ratios"] = conflicting_parameter_ratios(
-            gradients(params, batch_stats, batch), sign_tolerance
-          )
+          rows_gradients = gradients(params, batch_stats, batch)
+          outputs["ratios"] = conflicting_parameter_ratios(rows_gradients, sign_tolerance)
+          if self_check:
+            # The reference Gramian of the rows materialised anyway, against the fast one of
+            # this very program: the fast path's self-check at no extra compilation.
+            outputs["discrepancy"] = gramian_check.relative_distance(
+              gramian, gramian_check.rows_gramian(rows_gradients)
+            )
         return outputs
 
       if mesh is None:
@@ -605,14 +613,25 @@ class ConflictProbe:
       sub_batch[tasks_lib.LABEL_MASK_KEY] = sub_batch[tasks_lib.LABEL_MASK_KEY][
         :, np.asarray(self.task_indices)
       ]
-    if self.fast_path_check is not None:
+    if self.fast_path_check is not None and not self.checks_itself:
       self.fast_path_check.maybe_verify(step, params, batch_stats, sub_batch)
     if self.mesh is not None:
       if self.splits_rows(len(indices)):
         sub_batch = parallel.global_batch(sub_batch, self.mesh)
       else:
         sub_batch = parallel.place_state(sub_batch, parallel.state_shardings(sub_batch, self.mesh))
-    return self._function(len(indices))(params, batch_stats, sub_batch)
+    outputs = dict(self._function(len(indices))(params, batch_stats, sub_batch))
+    discrepancy = outputs.pop("discrepancy", None)
+    if discrepancy is not None and self.fast_path_check.due(step):
+      rows = f"all {len(indices)} probed samples x tasks {self.task_names}"
+      self.fast_path_check.judge(step, float(discrepancy), rows, len(indices))
+    return outputs
+
+  @property
+  def checks_itself(self) -> bool:
+    """Whether the probe's own program checks its fast Gramian: with the parameter ratio it
+    materialises the probed rows' gradients, whose inner products are the reference Gramian."""
+    return self.fast_path_check is not None and self.parameter_ratio
 
   def maybe_probe(self, step: int, state, batch: Mapping[str, Any]) -> bool:
     """Probes when `step` is a multiple of `probe_every_steps`; returns whether it did."""

@@ -286,9 +286,16 @@ def test_probe_equals_statistics_of_reference_per_sample_gradients(tiny, tmp_pat
   assert probe.end_epoch(2, 8, writer) is None
 
 
-def test_fast_probe_checks_its_gramian_against_the_reference_path_first(tiny, monkeypatch):
+@pytest.mark.parametrize("parameter_ratio", [False, True])
+def test_fast_probe_checks_its_gramian_against_the_reference_path(
+  tiny, monkeypatch, parameter_ratio
+):
+  # Without the ratio the check is a program of its own, run first; with it, the probe's own
+  # program compares its fast Gramian with the materialised rows' inner products.
   config, dataset, experiment, state = tiny
-  options = conflict_options(probe_every_steps=1, max_samples=4, max_tasks=3, parameter_ratio=False)
+  options = conflict_options(
+    probe_every_steps=1, max_samples=4, max_tasks=3, parameter_ratio=parameter_ratio
+  )
   assert (
     conflicts.ConflictProbe(
       experiment.model, experiment.tasks, conflict_options(**{**options, "path": "reference"})
@@ -314,11 +321,16 @@ def test_fast_probe_checks_its_gramian_against_the_reference_path_first(tiny, mo
     blocks, "fast_gramian_from_capture", lambda captured, rows=None: 1.01 * original(captured, rows)
   )
   probe = conflicts.ConflictProbe(experiment.model, experiment.tasks, options)
+  assert probe.checks_itself == parameter_ratio
   with pytest.raises(
     gramian_check.FastPathMismatchError, match=r"SmallCNN.*norm 'group'.*conflict probe, step 0"
   ):
     probe.maybe_probe(0, state, dataset.splits["train"].batch(np.arange(8)))
   assert probe.accumulator.probes == 0
+  monkeypatch.setattr(blocks, "fast_gramian_from_capture", original)
+  probe = conflicts.ConflictProbe(experiment.model, experiment.tasks, options)
+  assert probe.maybe_probe(0, state, dataset.splits["train"].batch(np.arange(8)))
+  assert probe.fast_path_check.last_step == 0 and probe.accumulator.probes == 1
 
 
 def test_probe_refuses_training_mode_batch_norm_by_default(tiny):

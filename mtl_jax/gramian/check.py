@@ -89,11 +89,20 @@ def discrepancy(
   rows = reference_lib.per_sample_gradients(
     model, params, batch_stats, batch, tasks, sample_indices, task_indices, batch_norm
   )
-  reference = jnp.einsum("itp,jsp->itjs", rows, rows, precision=jax.lax.Precision.HIGHEST)
+  return relative_distance(block, rows_gramian(rows))
+
+
+def rows_gramian(rows: jax.Array) -> jax.Array:
+  """[n_s, n_t, n_s, n_t] inner products of materialised rows [n_s, n_t, P] (the reference)."""
+  return jnp.einsum("itp,jsp->itjs", rows, rows, precision=jax.lax.Precision.HIGHEST)
+
+
+def relative_distance(fast: jax.Array, reference: jax.Array) -> jax.Array:
+  """||F - R|| / max(||F||, ||R||) in the Frobenius norm (0 when both are zero); jit-able."""
   scale = jnp.maximum(
-    jnp.maximum(jnp.linalg.norm(block), jnp.linalg.norm(reference)), jnp.finfo(jnp.float32).tiny
+    jnp.maximum(jnp.linalg.norm(fast), jnp.linalg.norm(reference)), jnp.finfo(jnp.float32).tiny
   )
-  return jnp.linalg.norm(block - reference) / scale
+  return jnp.linalg.norm(fast - reference) / scale
 
 
 def describe_encoder(model) -> tuple[str, str]:
@@ -184,12 +193,22 @@ class FastPathCheck:
     if self.mesh is not None:
       batch = parallel.place_state(batch, parallel.state_shardings(batch, self.mesh))
     value = float(self._function(batch_size)(params, batch_stats, batch))
+    task_names = [self.tasks[index].name for index in self.task_indices]
+    rows = f"samples {list(range(min(SAMPLES, batch_size)))} x tasks {task_names}"
+    return self.judge(step, value, rows, batch_size)
+
+  def judge(self, step: int, value: float, rows: str, batch_size: int) -> float:
+    """Records a check made at `step` (`value`: the relative discrepancy `rows` of a batch of
+    `batch_size` showed); returns it, or raises FastPathMismatchError above the tolerance.
+
+    A caller whose own compiled program already computes the fast Gramian and the reference
+    rows (the conflict probe, for its parameter ratio) measures the discrepancy there, in the
+    very program it runs, and hands it here.
+    """
     self.last_step = int(step)
     encoder, norm = describe_encoder(self.model)
     # A NaN comes from non-finite gradients, which the training loop reports by step and task.
     if np.isfinite(value) and value > self.tolerance:
-      task_names = [self.tasks[index].name for index in self.task_indices]
-      rows = f"samples {list(range(min(SAMPLES, batch_size)))} x tasks {task_names}"
       raise FastPathMismatchError(
         f"The fast Gramian path disagrees with the reference path for encoder {encoder} with norm "
         f"{norm!r}: relative discrepancy {value:.3g} > tolerance {self.tolerance:g} on rows {rows} "
