@@ -114,6 +114,7 @@ class Grouped:
     states = [train.init_state(experiment, seed) for seed in seeds]
     self.states = states if lane_mode == "loop" else train.stack_states(states)
     self.rates = jnp.asarray(rates, jnp.float32)
+    self.choices = np.zeros(len(seeds), np.int32)
 
   def _batch(self, step):
     batches = _batches(self.experiment, self.seeds, step)
@@ -121,14 +122,14 @@ class Grouped:
 
   def compile(self) -> float:
     start = time.perf_counter()
-    self.states, _ = self.step_fn(self.states, self._batch(0), self.rates)
+    self.states, _ = self.step_fn(self.states, self._batch(0), self.rates, self.choices)
     _block(self.states)
     return time.perf_counter() - start
 
   def run(self, first_step: int, steps: int) -> float:
     start = time.perf_counter()
     for step in range(first_step, first_step + steps):
-      self.states, metrics = self.step_fn(self.states, self._batch(step), self.rates)
+      self.states, metrics = self.step_fn(self.states, self._batch(step), self.rates, self.choices)
       jax.device_get(metrics)
     _block(self.states)
     return time.perf_counter() - start

@@ -12,7 +12,7 @@ rate applied last. Two facts follow that the rest of the project relies on:
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -107,6 +107,36 @@ def make_optimizer(
 
 # ---------------------------------------------------------------------------------------------
 # One Adam per task (AdaTask-style), used by the loss-scale invariance study.
+
+
+def switched(
+  optimizers: Sequence[optax.GradientTransformation], choice: Any
+) -> optax.GradientTransformation:
+  """The optimizer `optimizers[choice]`, with `choice` an int that may be traced.
+
+  The state holds every optimizer's state (a tuple, in order), so runs that differ in their
+  optimizer have states of one structure and share one compiled step; an update runs the chosen
+  optimizer alone (`lax.switch`: the other states pass through unchanged) and gives exactly its
+  update.
+  """
+  optimizers = tuple(optimizers)
+
+  def init(params):
+    return tuple(optimizer.init(params) for optimizer in optimizers)
+
+  def update(updates, state, params=None):
+    def branch(index):
+      def run(operand):
+        gradients, states = operand
+        new_updates, new_state = optimizers[index].update(gradients, states[index], params)
+        return new_updates, states[:index] + (new_state,) + states[index + 1 :]
+
+      return run
+
+    branches = [branch(index) for index in range(len(optimizers))]
+    return jax.lax.switch(choice, branches, (updates, tuple(state)))
+
+  return optax.GradientTransformation(init, update)
 
 
 class PerTaskAdamState(NamedTuple):

@@ -1,5 +1,7 @@
 """Tests of the optimizer recipes against hand-written update rules."""
 
+import chex
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -106,3 +108,26 @@ def test_non_positive_learning_rate_is_rejected(bad):
 def test_unknown_optimizer_lists_valid_ones():
   with pytest.raises(ValueError, match="valid optimizers: adam, sgd, signsgd, adamw"):
     optim.make_optimizer(_config(name="rmsprop"), steps_per_epoch=1)
+
+
+@pytest.mark.parametrize("choice", [0, 1])
+def test_switched_optimizer_runs_the_chosen_one_alone_under_jit(choice):
+  # A traced choice selects one optimizer per update; the other's state does not move.
+  optimizers = [optim.make_optimizer(_config(name=name), 10) for name in ("adam", "sgd")]
+  params = jnp.asarray([1.0, -2.0, 3.0])
+  gradients = [jnp.asarray([0.5, -1.0, 2.0]), jnp.asarray([-0.25, 0.5, 1.0])]
+
+  @jax.jit
+  def run(choice):
+    optimizer = optim.switched(optimizers, choice)
+    state, values = optimizer.init(params), params
+    for gradient in gradients:
+      updates, state = optimizer.update(gradient, state, values)
+      values = optax.apply_updates(values, updates)
+    return values, state
+
+  values, state = run(jnp.int32(choice))
+  alone = _run(_config(name=("adam", "sgd")[choice]), gradients, params)[-1]
+  np.testing.assert_allclose(values, alone, rtol=1e-6)
+  other = optimizers[1 - choice].init(params)
+  chex.assert_trees_all_equal(state[1 - choice], other)

@@ -231,6 +231,36 @@ def test_methods_with_their_own_optimizer_train_in_groups_as_alone(
     assert grouped[1]["test"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
 
 
+@pytest.mark.parametrize("lane_mode", ["loop", "vmap"])
+def test_a_group_of_adam_and_sgd_runs_trains_each_as_alone(tmp_path, dataset, lane_mode):
+  # Runs that differ in their optimizer share one program (each lane runs its own optimizer
+  # through `optim.switched`) and give what each run gives alone.
+  configs = []
+  for (rate, seed), name in zip([(2e-3, 0), (0.05, 1)], ["adam", "sgd"]):
+    config = ml_collections.ConfigDict(_group_configs([(rate, seed)])[0].to_dict())
+    config.optimizer.name, config.training.num_epochs = name, 1
+    configs.append(config)
+  assert train.group_key(configs[0]) == train.group_key(configs[1])
+  grouped = train.train_group(
+    configs, [str(tmp_path / f"g{i}") for i in range(2)], dataset, lane_mode=lane_mode
+  )
+  for index, config in enumerate(configs):
+    alone = _alone(config)
+    for key, value in alone["test"].items():
+      assert grouped[index]["test"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
+@functools.lru_cache(maxsize=None)
+def _alone_cached(config_json):
+  config = ml_collections.ConfigDict(json.loads(config_json))
+  dataset = registry.load_dataset(config.dataset)
+  return train.train_and_evaluate(config, tempfile.mkdtemp(prefix="mtl_alone_"), dataset)
+
+
+def _alone(config):
+  return _alone_cached(config.to_json())
+
+
 def test_loop_groups_of_any_size_share_one_compiled_step(tmp_path, dataset):
   # A refinement round trains groups of another size than the coarse grid's: the loop lanes'
   # one-run step must not compile again for them.

@@ -1,8 +1,9 @@
 """Lane strategies: how the one training loop advances K runs of one experiment together.
 
 A lane is one run. `SingleLane` is an ordinary run (K = 1): one jitted step, on one device or
-split over a mesh. The grouped strategies train K runs that share dataset, tasks, model, method
-and optimizer but differ in seed and/or learning rate with one compiled program:
+split over a mesh. The grouped strategies train K runs that share dataset, tasks, model and method
+but differ in seed, learning rate and/or optimizer with one compiled program (runs of several
+optimizers hold all their states and each lane runs its own: `optim.switched`):
 
 * 'vmap' batches the runs, their states stacked along a leading run axis, into every op (for
   accelerators, where one small run leaves the device idle);
@@ -47,6 +48,7 @@ from mtl_jax.train.state import Experiment
 from mtl_jax.train.state import TrainState
 from mtl_jax.train.state import group_key
 from mtl_jax.train.state import init_state
+from mtl_jax.train.state import optimizer_choice
 
 LANE_MODES = ("vmap", "map", "loop")
 
@@ -137,7 +139,7 @@ class TrainingBatches:
 
 
 def _with_rate(lane_step: Callable, learning_rate, state: TrainState, batch):
-  return lane_step(state, batch, learning_rate)
+  return lane_step(state, batch, learning_rate, np.int32(0))
 
 
 class SingleLane:
@@ -227,22 +229,43 @@ def _unit_optimizer_config(config: ml_collections.ConfigDict) -> ml_collections.
   return unit
 
 
+def named(optimizer_config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """A copy of an optimizer section with another optimizer's name."""
+  copy = ml_collections.ConfigDict(optimizer_config.to_dict())
+  copy.name = name
+  return copy
+
+
 def make_lane_step(experiment: Experiment, skip_non_finite: bool):
-  """`(state, batch, learning_rate) -> (state, metrics)`: one run's step with a traced learning
-  rate."""
+  """`(state, batch, learning_rate, choice) -> (state, metrics)`: one run's step with a traced
+  learning rate and, in a group of several optimizers (`state.build_group_experiment`), the
+  traced index of its optimizer (`optimizer_choice`; 0 otherwise)."""
   unit_config = _unit_optimizer_config(experiment.config)
   unit_schedule = optim.learning_rate_schedule(unit_config, experiment.steps_per_epoch)
   prepare = batch_preparation(experiment)
 
-  def lane_step(state, batch, learning_rate):
-    # The optimizer is rebuilt per lane at trace time; only the scale of its schedule is traced.
-    optimizer = weighting_lib.make_optimizer(
-      experiment.weighting,
-      unit_config,
-      experiment.steps_per_epoch,
-      experiment.task_names,
-      learning_rate=lambda count: learning_rate * unit_schedule(count),
-    )
+  def lane_step(state, batch, learning_rate, choice):
+    # The optimizer is rebuilt per lane at trace time; only the scale of its schedule (and the
+    # choice among a group's optimizers) is traced.
+    def schedule(count):
+      return learning_rate * unit_schedule(count)
+
+    if experiment.optimizer_names:
+      optimizer = optim.switched(
+        [
+          optim.make_optimizer(named(unit_config, name), experiment.steps_per_epoch, schedule)
+          for name in experiment.optimizer_names
+        ],
+        choice,
+      )
+    else:
+      optimizer = weighting_lib.make_optimizer(
+        experiment.weighting,
+        unit_config,
+        experiment.steps_per_epoch,
+        experiment.task_names,
+        learning_rate=schedule,
+      )
     step = steps.with_prepared_batch(steps.experiment_train_step(experiment, optimizer), prepare)
     step = steps.with_skipping(step) if skip_non_finite else step
     return step(state, batch)
@@ -253,8 +276,9 @@ def make_lane_step(experiment: Experiment, skip_non_finite: bool):
 def make_multi_train_step(
   experiment: Experiment, shared_batch: bool, skip_non_finite: bool, lane_mode: str = "vmap"
 ):
-  """The step of K runs: `(states, batch, learning_rates [K]) -> (states, metrics [K])`, the states
-  stacked along a leading [K] axis ('vmap', 'map') or a list of K states ('loop').
+  """The step of K runs: `(states, batch, learning_rates [K], choices [K]) -> (states, metrics
+  [K])`, the states stacked along a leading [K] axis ('vmap', 'map') or a list of K states
+  ('loop'); `choices` are the lanes' optimizer indices (`make_lane_step`).
 
   Args:
     experiment: built from any config of the group (its optimizer is not used).
@@ -274,12 +298,14 @@ def make_multi_train_step(
     return _looped(lane_programs(experiment, skip_non_finite).step, shared_batch)
   lane_step = make_lane_step(experiment, skip_non_finite)
   if lane_mode == "vmap":
-    return jax.vmap(lane_step, in_axes=(0, None if shared_batch else 0, 0))
+    return jax.vmap(lane_step, in_axes=(0, None if shared_batch else 0, 0, 0))
 
-  def mapped_step(states, batch, learning_rates):
+  def mapped_step(states, batch, learning_rates, choices):
     if shared_batch:
-      return jax.lax.map(lambda lane: lane_step(lane[0], batch, lane[1]), (states, learning_rates))
-    return jax.lax.map(lambda lane: lane_step(*lane), (states, batch, learning_rates))
+      return jax.lax.map(
+        lambda lane: lane_step(lane[0], batch, lane[1], lane[2]), (states, learning_rates, choices)
+      )
+    return jax.lax.map(lambda lane: lane_step(*lane), (states, batch, learning_rates, choices))
 
   return mapped_step
 
@@ -289,7 +315,7 @@ class LanePrograms(NamedTuple):
   group size) of one experiment in this process.
 
   Attributes:
-    step: `(state, batch, learning_rate) -> (state, metrics)`, jitted (`make_lane_step`).
+    step: `(state, batch, learning_rate, choice) -> (state, metrics)`, jitted (`make_lane_step`).
     evaluate: `(params, batch_stats, batch, mask) -> statistics`, jitted (`steps.make_eval_step`).
   """
 
@@ -297,8 +323,9 @@ class LanePrograms(NamedTuple):
   evaluate: Callable
 
 
-# Programs per (group_key of the config, dataset, skip_non_finite), most recently used last; the
-# dataset is held beside them, so its id is not reused while the entry lives.
+# Programs per (group_key of the config, the optimizers, dataset, skip_non_finite), most recently
+# used last (group_key leaves the optimizer's name out); the dataset is held beside them, so its
+# id is not reused while the entry lives.
 _PROGRAMS: collections.OrderedDict = collections.OrderedDict()
 _PROGRAMS_KEPT = 32
 
@@ -312,7 +339,8 @@ def lane_programs(experiment: Experiment, skip_non_finite: bool | None = None) -
   """
   if skip_non_finite is None:
     skip_non_finite = _skip_non_finite(experiment.config)
-  key = (group_key(experiment.config), id(experiment.dataset), skip_non_finite)
+  optimizers = experiment.optimizer_names or (str(experiment.config.optimizer.name),)
+  key = (group_key(experiment.config), optimizers, id(experiment.dataset), skip_non_finite)
   if key in _PROGRAMS:
     _PROGRAMS.move_to_end(key)
     return _PROGRAMS[key][1]
@@ -345,12 +373,12 @@ def _looped(lane_step, shared_batch: bool):
   program of its own for every state structure.
   """
 
-  def step(states, batch, learning_rates):
-    rates = np.asarray(learning_rates, np.float32)
+  def step(states, batch, learning_rates, choices):
+    rates, choices = np.asarray(learning_rates, np.float32), np.asarray(choices, np.int32)
     new_states, per_lane = [], []
     for index, state in enumerate(states):
       lane_batch = batch if shared_batch else _lane_of(batch, index)
-      new_state, step_metrics = lane_step(state, lane_batch, rates[index])
+      new_state, step_metrics = lane_step(state, lane_batch, rates[index], choices[index])
       new_states.append(new_state)
       per_lane.append(step_metrics)
     return new_states, _stack_on_host(per_lane)
@@ -370,6 +398,10 @@ class _GroupLanes:
     self.shared_batch = len(set(self.seeds)) == 1
     rates = [float(config.optimizer.learning_rate) for config in configs]
     self.learning_rates = jnp.asarray(rates, jnp.float32)
+    self.optimizers = [str(config.optimizer.name) for config in configs]
+    self.choices = np.asarray(
+      [optimizer_choice(experiment, config) for config in configs], np.int32
+    )
     self.batches = TrainingBatches(
       experiment, self.seeds[:1] if self.shared_batch else self.seeds, not self.shared_batch
     )
@@ -409,7 +441,7 @@ class StackedLanes(_GroupLanes):
     return int(np.max(jax.device_get(states.step)))
 
   def step(self, states: TrainState, batch) -> tuple[TrainState, dict[str, np.ndarray]]:
-    states, step_metrics = self._step(states, batch, self.learning_rates)
+    states, step_metrics = self._step(states, batch, self.learning_rates, self.choices)
     return states, jax.device_get(step_metrics)
 
   def evaluate(self, states: TrainState, split: str) -> list[dict[str, float]]:
@@ -451,7 +483,7 @@ class LoopedLanes(_GroupLanes):
     return max(int(step) for step in jax.device_get([state.step for state in states]))
 
   def step(self, states: list[TrainState], batch) -> tuple[list[TrainState], dict]:
-    return self._step(states, batch, self.learning_rates)
+    return self._step(states, batch, self.learning_rates, self.choices)
 
   def evaluate(self, states: list[TrainState], split: str) -> list[dict[str, float]]:
     single = self._programs.evaluate

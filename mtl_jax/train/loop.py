@@ -30,6 +30,7 @@ from mtl_jax.train import results as results_lib
 from mtl_jax.train import session as session_lib
 from mtl_jax.train import workdir_lock
 from mtl_jax.train.state import build_experiment
+from mtl_jax.train.state import build_group_experiment
 
 
 def train_and_evaluate(
@@ -86,8 +87,8 @@ def train_group(
   """Trains K runs as one compiled program and writes each run's results.json (or failed.json).
 
   Args:
-    configs: K run configs that agree on everything but seed, optimizer.learning_rate and
-      delta_m.baseline (see `session.group_key`).
+    configs: K run configs that agree on everything but seed, optimizer.learning_rate,
+      delta_m.baseline and optimizer.name (see `state.group_key`).
     workdirs: K run directories.
     dataset: an already loaded dataset to reuse.
     label: a prefix for progress lines.
@@ -103,7 +104,7 @@ def train_group(
   """
   session_lib.check_group(configs, workdirs)
   with workdir_lock.hold(workdirs), _guard(None) as guard:
-    experiment = build_experiment(configs[0], dataset)
+    experiment = build_group_experiment(configs, dataset)
     lanes = lanes_lib.group_lanes(experiment, configs, lane_mode)
     session = session_lib.Session.group(experiment, lanes, configs, workdirs, label)
     return train_lanes(session, guard)

@@ -29,6 +29,7 @@ from mtl_jax.train import guards
 from mtl_jax.train import preemption as preemption_lib
 from mtl_jax.train import results as results_lib
 from mtl_jax.train.state import Experiment
+from mtl_jax.train.state import OPTIMIZER_KEY
 from mtl_jax.train.state import PER_RUN_KEYS
 from mtl_jax.train.state import config_fingerprint
 from mtl_jax.train.state import group_key
@@ -43,8 +44,8 @@ def check_group(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence
   keys = {group_key(config) for config in configs}
   if len(keys) > 1:
     raise ValueError(
-      f"Configs of one group may differ only in {', '.join(PER_RUN_KEYS)}; got {len(keys)} "
-      "variants."
+      f"Configs of one group may differ only in {', '.join(PER_RUN_KEYS)} and (unless the "
+      f"method brings its own optimizer) {OPTIMIZER_KEY}; got {len(keys)} variants."
     )
   if jax.process_count() > 1:
     raise ValueError(
@@ -267,7 +268,8 @@ class Session:
     rates = ", ".join(f"{float(rate):g}" for rate in lanes.learning_rates)
     metric_writers.status(
       f"{label}training {len(runs)} runs as one compiled program ({lanes.mode}): "
-      f"{experiment.total_steps} steps each (lr {rates}; seeds {lanes.seeds})"
+      f"{experiment.total_steps} steps each (lr {rates}; seeds {lanes.seeds}"
+      + (f"; optimizers {lanes.optimizers})" if experiment.optimizer_names else ")")
     )
     return session
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax
 import jax
@@ -16,6 +16,7 @@ import numpy as np
 import optax
 
 from mtl_jax import config_validation
+from mtl_jax import optim
 from mtl_jax import models as models_lib
 from mtl_jax import tasks as tasks_lib
 from mtl_jax import weighting as weighting_lib
@@ -81,6 +82,9 @@ class Experiment:
   # The compiled `(model variables, seed) -> initial state` program, built on first use by
   # `init_state`.
   initializer: Callable[[Any, jax.Array], "TrainState"] | None = None
+  # The optimizers of a group whose runs differ in `config.optimizer.name`, in the order of
+  # their `choice` (`build_group_experiment`); empty for one optimizer.
+  optimizer_names: tuple[str, ...] = ()
 
   @property
   def task_names(self) -> list[str]:
@@ -163,6 +167,31 @@ def model_initializer(experiment: Experiment) -> Callable[[jax.Array], Any]:
   return _MODEL_INITIALIZERS[key]
 
 
+def build_group_experiment(
+  configs: Sequence[ml_collections.ConfigDict], dataset: data_registry.Dataset | None = None
+) -> Experiment:
+  """The experiment of a group of runs (configs with one `group_key`): the first config's,
+  with, when the runs' optimizers differ, an optimizer holding all of them (`optim.switched`;
+  a lane's choice is the index of its name in `optimizer_names`)."""
+  experiment = build_experiment(configs[0], dataset)
+  names = tuple(dict.fromkeys(str(config.optimizer.name) for config in configs))
+  if len(names) == 1:
+    return experiment
+  optimizers = [
+    optim.make_optimizer(config.optimizer, experiment.steps_per_epoch)
+    for config in (next(c for c in configs if c.optimizer.name == name) for name in names)
+  ]
+  return dataclasses.replace(
+    experiment, optimizer=optim.switched(optimizers, 0), optimizer_names=names
+  )
+
+
+def optimizer_choice(experiment: Experiment, config: ml_collections.ConfigDict) -> int:
+  """The index of a run's optimizer in a group's `optimizer_names` (0 with one optimizer)."""
+  names = experiment.optimizer_names
+  return names.index(str(config.optimizer.name)) if names else 0
+
+
 def _training_state(experiment: Experiment, variables: Any, seed: jax.Array) -> TrainState:
   """The initial state around the model's variables: weighting parameters and state, optimizer
   state, and the training RNG (a threefry key: RLW draws, PCGrad orders, ...)."""
@@ -213,15 +242,24 @@ def init_state(experiment: Experiment, seed: int) -> TrainState:
   )
 
 
-# Keys that may differ between the runs of one group; everything else must agree.
+# Keys that may differ between the runs of one group; everything else must agree. The optimizer's
+# name may differ too unless the method brings its own optimizer (AdaTask, MTL-IO).
 PER_RUN_KEYS = ("seed", "optimizer.learning_rate", "delta_m.baseline")
+OPTIMIZER_KEY = "optimizer.name"
+
+
+def brings_own_optimizer(config: ml_collections.ConfigDict) -> bool:
+  """Whether `config.method` replaces the configured optimizer with its own."""
+  method = weighting_lib.get(config.method.name, weighting_lib.method_options(config, 1))
+  return isinstance(method, weighting_lib.JacobianMethod) and method.make_optimizer is not None
 
 
 def group_key(config: ml_collections.ConfigDict) -> str:
-  """A string equal for configs that can be trained together (all but PER_RUN_KEYS and the
-  sweep section)."""
+  """A string equal for configs that can be trained together (all but PER_RUN_KEYS, the
+  optimizer's name (see PER_RUN_KEYS) and the sweep section)."""
   settings = json.loads(config.to_json_best_effort())
-  for key in PER_RUN_KEYS + ("sweep",):
+  per_run = PER_RUN_KEYS if brings_own_optimizer(config) else PER_RUN_KEYS + (OPTIMIZER_KEY,)
+  for key in per_run + ("sweep",):
     *parents, name = key.split(".")
     section = settings
     for parent in parents:
