@@ -14,7 +14,8 @@ def add(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       lr_grid=(0.05, 0.005, 0.0005),
       stl_lr_grid=(0.005, 0.0005),
       seeds=(0, 1),
-      # Runs that differ only in seed and learning rate train as one group, one compiled program.
+      # Runs that differ only in seed, learning rate and optimizer train as one group, one
+      # compiled program.
       group_runs=True,
       # How a group's runs share the program: 'auto' (loop on CPU, vmap on GPU/TPU), 'vmap',
       # 'map' or 'loop'; see mtl_jax.train.lanes.

@@ -1,8 +1,8 @@
 """Training: the train state, the steps of every kind of method, evaluation, and the one loop.
 
 `train_and_evaluate(config, workdir)` trains one run; `train_group(configs, workdirs)` trains
-runs that differ only in seed and learning rate with one compiled program. Both are the same
-loop (`loop.train_lanes`) over a lane strategy (`lanes`).
+runs that differ only in seed, learning rate and optimizer with one compiled program. Both are
+the same loop (`loop.train_lanes`) over a lane strategy (`lanes`).
 """
 
 from mtl_jax.train.guards import NonFiniteLossError

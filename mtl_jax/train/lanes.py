@@ -334,8 +334,9 @@ def lane_programs(experiment: Experiment, skip_non_finite: bool | None = None) -
   """The compiled one-run programs of `experiment`, built once per process.
 
   A sweep trains many groups of one experiment (a coarse grid, its refinement, a study reusing
-  runs): they differ only in seeds, learning rates and group size, so one trace and compilation
-  serves them all. `skip_non_finite` defaults to the config's `training.on_non_finite`.
+  runs) and its single runs on one device: they differ only in seeds, learning rates and group
+  size, so one trace and compilation serves them all. `skip_non_finite` defaults to the config's
+  `training.on_non_finite`.
   """
   if skip_non_finite is None:
     skip_non_finite = _skip_non_finite(experiment.config)
