@@ -105,10 +105,6 @@ def make_optimizer(
   return optax.chain(*parts)
 
 
-# ---------------------------------------------------------------------------------------------
-# One Adam per task (AdaTask-style), used by the loss-scale invariance study.
-
-
 def switched(
   optimizers: Sequence[optax.GradientTransformation], choice: Any
 ) -> optax.GradientTransformation:
@@ -116,8 +112,8 @@ def switched(
 
   The state holds every optimizer's state (a tuple, in order), so runs that differ in their
   optimizer have states of one structure and share one compiled step; an update runs the chosen
-  optimizer alone (`lax.switch`: the other states pass through unchanged) and gives exactly its
-  update.
+  optimizer alone (`lax.switch`: the other states pass through unchanged) and gives its update up
+  to float rounding (XLA fuses nothing across the switch, so it may round differently).
   """
   optimizers = tuple(optimizers)
 
@@ -137,6 +133,10 @@ def switched(
     return jax.lax.switch(choice, branches, (updates, tuple(state)))
 
   return optax.GradientTransformation(init, update)
+
+
+# ---------------------------------------------------------------------------------------------
+# One Adam per task (AdaTask-style), used by the loss-scale invariance study.
 
 
 class PerTaskAdamState(NamedTuple):

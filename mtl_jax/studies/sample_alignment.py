@@ -97,9 +97,8 @@ def step_costs(
     state = train.init_state(experiment, seed)
     batch = train.first_training_batch(experiment, seed)
     program = train.lane_programs(experiment).step
-    jax.block_until_ready(
-      program(state, batch, np.float32(rate), np.int32(0))
-    )  # Compiles unless the sweep did.
+    # Compiles unless the sweep did.
+    jax.block_until_ready(program(state, batch, np.float32(rate), np.int32(0)))
     calls[spec.label] = functools.partial(program, state, batch, np.float32(rate), np.int32(0))
   return train.interleaved_medians(calls, repeats)
 

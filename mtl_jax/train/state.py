@@ -142,8 +142,10 @@ def build_experiment(
 
 # Compiled `seed -> model variables` programs, one per model (its config, heads and input shape):
 # every method and optimizer of a sweep draws the same initial parameters from a seed, so they
-# share one program instead of compiling the model's initialisation each.
+# share one program instead of compiling the model's initialisation each. The oldest goes first
+# beyond _MODEL_INITIALIZERS_KEPT.
 _MODEL_INITIALIZERS: dict[str, Callable[[jax.Array], Any]] = {}
+_MODEL_INITIALIZERS_KEPT = 32
 
 
 def model_initializer(experiment: Experiment) -> Callable[[jax.Array], Any]:
@@ -164,6 +166,8 @@ def model_initializer(experiment: Experiment) -> Callable[[jax.Array], Any]:
       return model.init(jax.random.key(seed, impl="rbg"), images, train=False)
 
     _MODEL_INITIALIZERS[key] = jax.jit(initialize)
+    while len(_MODEL_INITIALIZERS) > _MODEL_INITIALIZERS_KEPT:
+      _MODEL_INITIALIZERS.pop(next(iter(_MODEL_INITIALIZERS)))
   return _MODEL_INITIALIZERS[key]
 
 
