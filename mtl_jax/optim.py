@@ -105,6 +105,13 @@ def make_optimizer(
   return optax.chain(*parts)
 
 
+def renamed(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """A copy of an optimizer section with another optimizer's name."""
+  copy = ml_collections.ConfigDict(config.to_dict())
+  copy.name = name
+  return copy
+
+
 def switched(
   optimizers: Sequence[optax.GradientTransformation], choice: Any
 ) -> optax.GradientTransformation:

@@ -532,7 +532,7 @@ class _Classifier:
       # One Adam per task has no SGD counterpart.
       return jax.jit(step_fn), state, [("adam", True), ("adam", False)]
     weighting = weighting_lib.get(name, self.options)
-    if getattr(weighting, "make_optimizer", None) is not None:
+    if weighting_lib.brings_own_optimizer(weighting):
       # Caught by classify_methods, which lists the method as skipped with this reason.
       raise ValueError(
         f"it brings its own optimizer (mode {weighting.mode!r}), and the classification "

@@ -229,13 +229,6 @@ def _unit_optimizer_config(config: ml_collections.ConfigDict) -> ml_collections.
   return unit
 
 
-def _with_name(optimizer_config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
-  """A copy of an optimizer section with another optimizer's name."""
-  copy = ml_collections.ConfigDict(optimizer_config.to_dict())
-  copy.name = name
-  return copy
-
-
 def make_lane_step(experiment: Experiment, skip_non_finite: bool):
   """`(state, batch, learning_rate, choice) -> (state, metrics)`: one run's step with a traced
   learning rate and, in a group of several optimizers (`state.build_group_experiment`), the
@@ -253,7 +246,9 @@ def make_lane_step(experiment: Experiment, skip_non_finite: bool):
     if experiment.optimizer_names:
       optimizer = optim.switched(
         [
-          optim.make_optimizer(_with_name(unit_config, name), experiment.steps_per_epoch, schedule)
+          optim.make_optimizer(
+            optim.renamed(unit_config, name), experiment.steps_per_epoch, schedule
+          )
           for name in experiment.optimizer_names
         ],
         choice,

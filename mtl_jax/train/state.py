@@ -181,9 +181,9 @@ def build_group_experiment(
   names = tuple(dict.fromkeys(str(config.optimizer.name) for config in configs))
   if len(names) == 1:
     return experiment
+  section = configs[0].optimizer
   optimizers = [
-    optim.make_optimizer(config.optimizer, experiment.steps_per_epoch)
-    for config in (next(c for c in configs if c.optimizer.name == name) for name in names)
+    optim.make_optimizer(optim.renamed(section, name), experiment.steps_per_epoch) for name in names
   ]
   return dataclasses.replace(
     experiment, optimizer=optim.switched(optimizers, 0), optimizer_names=names
@@ -252,17 +252,13 @@ PER_RUN_KEYS = ("seed", "optimizer.learning_rate", "delta_m.baseline")
 OPTIMIZER_KEY = "optimizer.name"
 
 
-def brings_own_optimizer(config: ml_collections.ConfigDict) -> bool:
-  """Whether `config.method` replaces the configured optimizer with its own."""
-  method = weighting_lib.get(config.method.name, weighting_lib.method_options(config, 1))
-  return isinstance(method, weighting_lib.JacobianMethod) and method.make_optimizer is not None
-
-
 def group_key(config: ml_collections.ConfigDict) -> str:
   """A string equal for configs that can be trained together (all but PER_RUN_KEYS, the
   optimizer's name (see PER_RUN_KEYS) and the sweep section)."""
   settings = json.loads(config.to_json_best_effort())
-  per_run = PER_RUN_KEYS if brings_own_optimizer(config) else PER_RUN_KEYS + (OPTIMIZER_KEY,)
+  method = weighting_lib.get(config.method.name, weighting_lib.method_options(config, 1))
+  own_optimizer = weighting_lib.brings_own_optimizer(method)
+  per_run = PER_RUN_KEYS if own_optimizer else PER_RUN_KEYS + (OPTIMIZER_KEY,)
   for key in per_run + ("sweep",):
     *parents, name = key.split(".")
     section = settings

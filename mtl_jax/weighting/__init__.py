@@ -13,6 +13,7 @@ from mtl_jax.weighting.base import LossWeighting
 from mtl_jax.weighting.base import Method
 from mtl_jax.weighting.base import NoState
 from mtl_jax.weighting.base import batch_parts
+from mtl_jax.weighting.base import brings_own_optimizer
 from mtl_jax.weighting.base import TaskGradients
 from mtl_jax.weighting.base import check_level
 from mtl_jax.weighting.base import check_method_level
@@ -37,6 +38,7 @@ __all__ = [
   "NoState",
   "TaskGradients",
   "batch_parts",
+  "brings_own_optimizer",
   "check_level",
   "check_method_level",
   "get",

@@ -330,6 +330,11 @@ def method_options(
   return options
 
 
+def brings_own_optimizer(method: Method) -> bool:
+  """Whether the method replaces the configured optimizer with its own (AdaTask, MTL-IO)."""
+  return isinstance(method, JacobianMethod) and method.make_optimizer is not None
+
+
 def make_optimizer(
   method: Method,
   optimizer_config: ml_collections.ConfigDict,
@@ -339,7 +344,7 @@ def make_optimizer(
 ) -> optax.GradientTransformation:
   """The optimizer of a run: the method's own (AdaTask, MTL-IO) or `optim.make_optimizer`'s;
   `learning_rate` (a float or an optax schedule) overrides the config's schedule when given."""
-  if isinstance(method, JacobianMethod) and method.make_optimizer is not None:
+  if brings_own_optimizer(method):
     return method.make_optimizer(
       optimizer_config, steps_per_epoch, list(task_names), learning_rate=learning_rate
     )
